@@ -1,0 +1,136 @@
+"""Sacred configuration of mdpl: every key the framework reads, grouped, with the named configs.
+
+`python run.py print_config with task_finetune_mmimdb map` shows the resolved values.
+Named configs compose left to right: a task (dataset settings of the references, METHODS.md §7.2),
+then a method preset (the hyper-parameters each paper used), then any `key=value` overrides.
+"""
+from __future__ import annotations
+
+from sacred import Experiment
+
+ex = Experiment("mdpl", save_git_info=False)
+
+DATASETS = ("mmimdb", "food101", "hatememes")
+MISSING_TYPES = ("text", "image", "both")
+
+
+@ex.config
+def base_config():
+    # --- experiment -----------------------------------------------------------------------------
+    exp_name = "mdpl"
+    seed = 0                      # seeds Lightning, the model init and every missing table
+    log_dir = "result"            # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
+
+    # --- data -----------------------------------------------------------------------------------
+    dataset = "mmimdb"            # one of mmimdb, food101, hatememes (set by the task_* configs)
+    data_root = ""                # folder holding <dataset>_{train,dev|val,test}.arrow (make_arrow.py --out)
+    num_workers = 8
+    batch_size = 256              # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
+    per_gpu_batchsize = 4         # micro-batch per device
+    image_size = 384              # ViLT 'pixelbert' shorter side (CLIP uses 224)
+    max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
+    max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
+    tokenizer = ""                # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
+    vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
+    mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only
+
+    # --- missing modalities (METHODS.md §1.4) -------------------------------------------------------
+    missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
+    missing_type = {"train": "both", "val": "both", "test": "both"}   # 'text' | 'image' | 'both'
+    both_ratio = 0.5              # for 'both': share of the missing rows that miss the image
+    missing_table_root = ""       # "" = <data_root>/missing_tables
+    simulate_missing = False      # train only: complete rows get a random type per epoch
+    test_ratio = None             # evaluation override of missing_ratio val/test
+    test_type = None              # evaluation override of missing_type val/test
+
+    # --- backbone -------------------------------------------------------------------------------
+    backbone = "vilt"             # 'vilt' (ViT-B/32 + BERT embeddings, single stream)
+    load_path = ""                # ViLT .ckpt / HF ViltModel weights, or an mdpl checkpoint with test_only
+    hidden_size = 768
+    num_layers = 12
+    num_heads = 12
+    mlp_ratio = 4
+    patch_size = 32
+    drop_rate = 0.1
+    finetune = False              # True: train the backbone too (baseline 'finetune' option)
+    frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
+
+    # --- prompt method --------------------------------------------------------------------------
+    prompt_method = "none"        # 'none' | 'map' | 'memprompt'
+    # MAP (METHODS.md §3)
+    prompt_type = "input"         # 'input' | 'attention'
+    prompt_length = 16
+    prompt_layers = [0, 1, 2, 3, 4, 5]
+    learnt_p = True
+    multi_layer_prompt = True
+    # MemPrompt (METHODS.md §4)
+    gen_prompt_length = 16
+    gen_prompt_layers = [0, 1, 2, 3, 4, 5]
+    shared_prompt_length = 16
+    shared_prompt_layers = [0, 1, 2, 3, 4, 5]
+    mem_size = 16
+    top_k = 5
+    bottleneck_dim = 48           # shared-prompt bottleneck width (reference: hidden_size // 16)
+    memprompt_mask_padding = False  # True: retrieval max-pool ignores padding (batch-invariant, D-30)
+
+    # --- optimisation (METHODS.md §7.3-7.4) -------------------------------------------------------
+    optim_type = "adamw"
+    optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
+    learning_rate = 1e-4
+    weight_decay = 0.01
+    lr_mult = 1
+    decay_power = 1               # polynomial power, or 'cosine'
+    end_lr = 0.0
+    max_epoch = 100
+    max_steps = None
+    warmup_steps = 2500           # int = steps, float < 1 = fraction of total steps
+
+    # --- trainer --------------------------------------------------------------------------------
+    num_gpus = 1                  # devices per node (0 = CPU)
+    num_nodes = 1
+    precision = "16-mixed"        # '32-true' | '16-mixed' | 'bf16-mixed' (16 / 32 accepted)
+    val_check_interval = 1.0
+    test_only = False
+    fast_dev_run = False
+
+
+@ex.named_config
+def task_finetune_mmimdb():
+    exp_name = "finetune_mmimdb"
+    dataset = "mmimdb"
+    batch_size = 256
+    max_epoch = 20
+    max_steps = None
+    warmup_steps = 0.1
+    learning_rate = 1e-2
+    weight_decay = 2e-2
+    val_check_interval = 0.2
+    max_text_len = 1024
+
+
+@ex.named_config
+def task_finetune_food101():
+    exp_name = "finetune_food101"
+    dataset = "food101"
+    batch_size = 256
+    max_epoch = 20
+    max_steps = None
+    warmup_steps = 0.1
+    learning_rate = 1e-2
+    weight_decay = 2e-2
+    val_check_interval = 0.2
+    max_text_len = 512
+
+
+@ex.named_config
+def task_finetune_hatememes():
+    exp_name = "finetune_hatememes"
+    dataset = "hatememes"
+    batch_size = 256
+    max_epoch = 20
+    max_steps = None
+    warmup_steps = 0.1
+    learning_rate = 1e-2
+    weight_decay = 2e-2
+    val_check_interval = 0.11
+    max_text_len = 128
