@@ -44,7 +44,7 @@ def base_config():
     test_type = None              # evaluation override of missing_type val/test
 
     # --- backbone -------------------------------------------------------------------------------
-    backbone = "vilt"             # 'vilt' (ViT-B/32 + BERT embeddings, single stream)
+    backbone = "vilt"             # 'vilt' (ViT-B/32 + BERT embeddings, single stream) | 'clip' (ViT-B/16, two towers)
     load_path = ""                # ViLT .ckpt / HF ViltModel weights, or an mdpl checkpoint with test_only
     hidden_size = 768
     num_layers = 12
@@ -52,6 +52,20 @@ def base_config():
     mlp_ratio = 4
     patch_size = 32
     drop_rate = 0.1
+    # CLIP (METHODS.md §5); tower sizes default to OpenAI ViT-B/16, only tests change them
+    clip_path = ""                # local ViT-B-16.pt (TorchScript archive) or OpenAI-layout state dict; "" = random init
+    clip_sha256 = ""              # optional SHA-256 check of clip_path
+    clip_embed_dim = 512
+    clip_image_size = 224
+    clip_patch_size = 16
+    clip_vision_width = 768
+    clip_vision_layers = 12
+    clip_vision_head_width = 64
+    clip_context_length = 77
+    clip_vocab_size = 49408
+    clip_text_width = 512
+    clip_text_heads = 8
+    clip_text_layers = 12
     finetune = False              # True: train the backbone too (baseline 'finetune' option)
     frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
@@ -72,6 +86,15 @@ def base_config():
     top_k = 5
     bottleneck_dim = 48           # shared-prompt bottleneck width (reference: hidden_size // 16)
     memprompt_mask_padding = False  # True: retrieval max-pool ignores padding (batch-invariant, D-30)
+
+    # DCP (METHODS.md §6); prompt_length above is the total per tower (36 for DCP)
+    prompt_depth = 6              # layers receiving correlated prompts
+    dcp_correlated = True         # off: independent per-layer per-type prompts (our definition, §6.7)
+    dcp_dynamic = True            # off: no dynamic prompts
+    dcp_common = True             # off: no modal-common prompts
+    dcp_dynamic_trainable = False # reference: dynamic queries are frozen (saved as buffers here, D-34)
+    dcp_independent_init = False  # reference: the per-layer projections start as identical copies (D-39)
+    dcp_skip_missing = True       # skip the tower whose feature half is zeroed (exact)
 
     # --- optimisation (METHODS.md §7.3-7.4) -------------------------------------------------------
     optim_type = "adamw"

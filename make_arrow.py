@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Convert a raw dataset folder into the Arrow files used for training (METHODS.md §1.1-1.2, DATA.md).
+
+Example:
+    python make_arrow.py --dataset mmimdb --root /data/raw/mmimdb --out /data/arrow/mmimdb
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mdpl.data.writers import DATASETS, SplitReport, StrictModeError, make_arrow
+
+ALIASES = {"hateful_memes": "hatememes"}  # the reference CLI's spelling
+FOOD_ONLY = ("val_fraction", "seed")
+MEMES_ONLY = ("train_file", "dev_file", "test_file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_arrow.py",
+        description="Write one Arrow IPC file per split (<dataset>_<split>.arrow) from a raw dataset folder. "
+                    "Bad samples (unreadable image, missing/malformed label json, bad jsonl line, non-UTF-8 "
+                    "text) are skipped and listed; files appear only when every split succeeded. "
+                    "Raw layouts and sources: DATA.md.",
+        epilog="example: python make_arrow.py --dataset hatememes --root RAW/hateful_memes --out ARROW/hatememes "
+               "--dev-file dev_seen.jsonl --test-file test_seen.jsonl")
+    p.add_argument("--dataset", required=True, choices=[*DATASETS, *ALIASES],
+                   help="which dataset the raw folder holds")
+    p.add_argument("--root", required=True, type=Path, metavar="RAW", help="raw dataset folder (layout in DATA.md)")
+    p.add_argument("--out", required=True, type=Path, metavar="ARROW_DIR",
+                   help="output folder for the .arrow files (use it as the config key data_root)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error (exit code 1, nothing written) at the first bad sample instead of skipping it")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="re-encode images so the longer side is <= N pixels (default: keep the original bytes)")
+    p.add_argument("--skipped-log", type=Path, default=None, metavar="FILE",
+                   help="also write every skipped sample (reason, file) to FILE")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-split progress bars")
+    food = p.add_argument_group("food101 (only used when text.json/split.json are derived from texts/*_titles.csv)")
+    food.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                      help="share of the train CSV used as val (default 0.1)")
+    food.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the train/val split (default 0)")
+    memes = p.add_argument_group("hatememes (jsonl file per split, relative to the folder holding the jsonl files)")
+    memes.add_argument("--train-file", default=None, metavar="FILE", help="default train.jsonl")
+    memes.add_argument("--dev-file", default=None, metavar="FILE", help="default dev.jsonl (e.g. dev_seen.jsonl)")
+    memes.add_argument("--test-file", default=None, metavar="FILE",
+                       help="default test.jsonl (e.g. test_seen.jsonl; needs labels)")
+    return p
+
+
+def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Writer keyword options; dataset-specific flags given for another dataset are an error."""
+    opts = {"strict": args.strict, "max_side": args.max_side, "progress": not args.no_progress}
+    own = {"food101": FOOD_ONLY, "hatememes": MEMES_ONLY}.get(args.dataset, ())
+    for name in (*FOOD_ONLY, *MEMES_ONLY):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in own:
+            parser.error(f"--{name.replace('_', '-')} does not apply to --dataset {args.dataset}")
+        opts[name] = value
+    return opts
+
+
+def _write_skipped_log(path: Path, reports: list[SplitReport]) -> None:
+    lines = [f"{r.split}\t{reason}\t{where}\t{detail}" for r in reports for reason, where, detail in r.skipped]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.dataset = ALIASES.get(args.dataset, args.dataset)
+    if args.max_side is not None and args.max_side < 1:
+        parser.error("--max-side must be a positive number of pixels")
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a folder; point it at the raw {args.dataset} dataset (see DATA.md)")
+    try:
+        reports = make_arrow(args.dataset, args.root, args.out, **_options(args, parser))
+    except StrictModeError as err:
+        print(f"make_arrow.py: error: {err} (nothing written; drop --strict to skip bad samples)", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
+        print(f"make_arrow.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.skipped_log is not None:
+        _write_skipped_log(args.skipped_log, reports)
+    for r in reports:
+        print(f"wrote {r.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Shared machinery of the raw-dataset -> Arrow writers (METHODS.md §1.1-1.2, defects D-4/D-5/D-6).
+
+Every writer turns each split into a :class:`SplitPlan` (a list of work items plus a function that
+turns one item into a row or raises :class:`SkipSample`). :func:`write_splits` then
+
+* streams the rows of each split as record batches into a temporary Arrow IPC *file* inside the
+  output folder (the split is never held in memory as a whole, D-6),
+* verifies every image decodes (PIL open + load) and optionally re-encodes it (``max_side``),
+* skips and counts bad samples, naming the offending file (or raises at the first one if ``strict``),
+* renames all temporary files to ``<stem>.arrow`` only once every split succeeded, and removes them on
+  any error, so a failed run never leaves a partial arrow file behind.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+from PIL import Image
+from tqdm import tqdm
+
+# Skip reasons (the text shown in the per-split summary line).
+MISSING_IMAGE = "missing image"
+CORRUPT_IMAGE = "corrupt image"
+MISSING_LABEL = "missing label file"
+MALFORMED_JSON = "malformed label json"
+BAD_JSONL = "bad jsonl line"
+NON_UTF8 = "non-UTF-8 text"
+NO_TEXT = "no text"
+UNKNOWN_CLASS = "unknown class"
+
+#: Rows per record batch, and a byte budget that flushes earlier when images are large.
+BATCH_ROWS = 256
+BATCH_BYTES = 64 * 1024 * 1024
+#: Skipped files listed per split in the log (all of them go to ``skipped_log`` when given).
+MAX_LISTED = 20
+
+
+class SkipSample(Exception):
+    """A bad raw sample: ``reason`` is one of the constants above, ``where`` names the file (and line)."""
+
+    def __init__(self, reason: str, where: str | os.PathLike, detail: str = "") -> None:
+        self.reason, self.where, self.detail = reason, str(where), detail
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        return f"{self.reason}: {self.where}" + (f" ({self.detail})" if self.detail else "")
+
+
+class StrictModeError(ValueError):
+    """Raised by ``strict=True`` at the first bad sample."""
+
+
+@dataclass
+class SplitPlan:
+    """Everything needed to write one split: ``make_row(item)`` returns a row dict or raises SkipSample."""
+
+    split: str
+    stem: str
+    items: Sequence[Any]
+    make_row: Callable[[Any], dict]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SplitReport:
+    """Outcome of one split: rows written and ``(reason, where, detail)`` of every skipped sample."""
+
+    split: str
+    path: Path
+    written: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(reason for reason, _, _ in self.skipped))
+
+    def summary_line(self) -> str:
+        line = f"{self.split}: written {self.written}, skipped {len(self.skipped)}"
+        if self.skipped:
+            line += " (" + ", ".join(f"{r}: {n}" for r, n in self.skip_counts().items()) + ")"
+        return line
+
+
+# ---------------------------------------------------------------------------------------- raw files
+def read_text_file(path: Path, missing_reason: str = MISSING_LABEL) -> str:
+    """Read a UTF-8 text file; missing -> ``missing_reason``, undecodable -> ``NON_UTF8`` (SkipSample)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SkipSample(missing_reason, path) from None
+    except OSError as err:
+        raise SkipSample(missing_reason, path, err.strerror or str(err)) from None
+    return decode_utf8(raw, path)
+
+
+def decode_utf8(raw: bytes, where: str | os.PathLike) -> str:
+    """Strict UTF-8 decoding (a BOM is dropped); failure -> SkipSample(NON_UTF8)."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SkipSample(NON_UTF8, where, f"byte {err.start}") from None
+
+
+def parse_json(text: str, where: str | os.PathLike, reason: str = MALFORMED_JSON) -> Any:
+    """``json.loads`` with a SkipSample naming the file on failure."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SkipSample(reason, where, f"line {err.lineno} col {err.colno}: {err.msg}") from None
+
+
+def load_json_file(path: Path, what: str) -> Any:
+    """Load a dataset-level json file (split.json, class_idx.json, ...); errors are fatal and explicit."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what}: {path} is not valid UTF-8 JSON ({err})") from None
+
+
+def load_image_bytes(path: Path, max_side: int | None = None) -> bytes:
+    """Return the image file's bytes after checking they decode (PIL open + load), D-6.
+
+    With ``max_side`` the image is re-encoded (JPEG stays JPEG at quality 95, anything else becomes
+    PNG) so that its longer side is at most ``max_side``; smaller images keep their original bytes.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SkipSample(MISSING_IMAGE, path) from None
+    except OSError as err:
+        raise SkipSample(CORRUPT_IMAGE, path, err.strerror or str(err)) from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if max_side is not None and max(img.size) > max_side:
+                return _shrink(img, max_side)
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise SkipSample(CORRUPT_IMAGE, path, f"{type(err).__name__}: {err}") from None
+    return data
+
+
+def _shrink(img: Image.Image, max_side: int) -> bytes:
+    """Resize so the longer side is ``max_side`` (bicubic) and re-encode in the source format."""
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    fmt = "JPEG" if img.format == "JPEG" else "PNG"
+    out = img.resize(size, Image.Resampling.BICUBIC)
+    if fmt == "JPEG" and out.mode not in ("RGB", "L", "CMYK"):
+        out = out.convert("RGB")
+    buf = io.BytesIO()
+    out.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ writing
+class _SplitSink:
+    """Streams rows of one split into a temporary Arrow IPC file inside ``out_dir``."""
+
+    def __init__(self, out_dir: Path, stem: str, schema: pa.Schema) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".arrow.tmp", dir=out_dir)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.schema = schema
+        self._writer = pa.ipc.new_file(str(self.tmp), schema)
+        self._cols: dict[str, list] = {name: [] for name in schema.names}
+        self._bytes = 0
+
+    def add(self, row: dict) -> None:
+        for name, col in self._cols.items():
+            col.append(row[name])
+        self._bytes += len(row.get("image", b""))
+        if len(self._cols[self.schema.names[0]]) >= BATCH_ROWS or self._bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._cols[self.schema.names[0]]:
+            return
+        arrays = [pa.array(self._cols[f.name], type=f.type) for f in self.schema]
+        self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+        self._cols = {name: [] for name in self.schema.names}
+        self._bytes = 0
+
+    def close(self) -> Path:
+        self.flush()
+        self._writer.close()
+        return self.tmp
+
+    def discard(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_one(plan: SplitPlan, out_dir: Path, schema: pa.Schema, dataset: str, strict: bool,
+               progress: bool) -> tuple[SplitReport, Path]:
+    meta = {"mdpl.dataset": dataset, "mdpl.split": plan.split, **plan.metadata}
+    sink = _SplitSink(out_dir, plan.stem, schema.with_metadata(meta))
+    report = SplitReport(plan.split, out_dir / f"{plan.stem}.arrow")
+    try:
+        for item in tqdm(plan.items, desc=plan.stem, unit="item", disable=not progress, file=sys.stderr):
+            try:
+                row = plan.make_row(item)
+            except SkipSample as bad:
+                if strict:
+                    raise StrictModeError(f"--strict: {plan.split}: {bad.message()}") from None
+                report.skipped.append((bad.reason, bad.where, bad.detail))
+                continue
+            sink.add(row)
+            report.written += 1
+        return report, sink.close()
+    except BaseException:
+        sink.discard()
+        raise
+
+
+def format_skipped(report: SplitReport, limit: int | None = MAX_LISTED) -> list[str]:
+    """Lines naming the skipped files of one split (at most ``limit``, then a count)."""
+    shown = report.skipped if limit is None else report.skipped[:limit]
+    lines = [f"  skipped [{r}] {w}" + (f" ({d})" if d else "") for r, w, d in shown]
+    if len(report.skipped) > len(shown):
+        lines.append(f"  ... and {len(report.skipped) - len(shown)} more")
+    return lines
+
+
+def write_splits(plans: list[SplitPlan], out_dir: Path, schema: pa.Schema, dataset: str, *,
+                 strict: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print) -> list[SplitReport]:
+    """Write every plan to ``out_dir/<stem>.arrow`` atomically (all splits or none), see module doc."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: list[tuple[Path, Path]] = []
+    reports: list[SplitReport] = []
+    try:
+        for plan in plans:
+            report, tmp = _write_one(plan, out_dir, schema, dataset, strict, progress)
+            done.append((tmp, report.path))
+            reports.append(report)
+            log(report.summary_line())
+            for line in format_skipped(report):
+                log(line)
+        mode = _default_file_mode()
+        for tmp, final in done:
+            os.chmod(tmp, mode)  # mkstemp creates 0600; give the usual umask-based permissions
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    return reports
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Fail with one clear line when a raw folder is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: folder {path} not found (see DATA.md for the raw layout)")
+    return path

@@ -1,0 +1,448 @@
+"""Raw -> Arrow writers and the make_arrow.py CLI (METHODS.md §1.1-1.2, defects D-3..D-6)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES
+from mdpl.data.synthetic import write_synthetic
+from mdpl.data.writers import StrictModeError, common, food101, hatememes, make_arrow, mmimdb
+
+REPO = Path(__file__).resolve().parents[1]
+N = {"n_train": 6, "n_val": 3, "n_test": 4, "image_size": 40}
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("make_arrow_cli", REPO / "make_arrow.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+def read_arrow(path: Path) -> pa.Table:
+    """Open as an Arrow IPC *file* (random access), as the datasets do (§1.2)."""
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def arrow_files(out: Path, dataset: str) -> dict[str, Path]:
+    return {split: out / f"{stem}.arrow" for split, stem in ARROW_SPLITS[dataset].items()}
+
+
+def assert_no_leftovers(out: Path) -> None:
+    """Nothing but finished .arrow files (no temp, no partial) in the output folder."""
+    if out.exists():
+        assert [p.name for p in out.iterdir() if not p.name.endswith(".arrow") or p.name.startswith(".")] == []
+
+
+def decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """One synthetic raw folder per (dataset, layout), written once; tests copy before mutating."""
+    cache: dict[tuple[str, str | None], Path] = {}
+
+    def get(dataset: str, layout: str | None = None) -> Path:
+        if (dataset, layout) not in cache:
+            root = tmp_path_factory.mktemp(f"{dataset}_{layout}")
+            cache[(dataset, layout)] = write_synthetic(dataset, root, layout=layout, **N)
+        return cache[(dataset, layout)]
+    return get
+
+
+@pytest.fixture
+def raw_copy(raw, tmp_path):
+    def get(dataset: str, layout: str | None = None) -> Path:
+        dst = tmp_path / "raw"
+        shutil.copytree(raw(dataset, layout), dst)
+        return dst
+    return get
+
+
+def run_writer(dataset: str, root: Path, out: Path, **kw):
+    lines: list[str] = []
+    reports = make_arrow(dataset, root, out, progress=False, log=lines.append, **kw)
+    return reports, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- happy paths
+@pytest.mark.parametrize("layout", ["split", "archive"])
+def test_mmimdb_rows_labels_text_images(raw, tmp_path, layout):
+    root = raw("mmimdb", layout)
+    reports, log = run_writer("mmimdb", root, tmp_path / "out")
+    assert [r.written for r in reports] == [6, 3, 4] and "train: written 6, skipped 0" in log
+    split_ids = json.loads((root / "split.json").read_text())
+    label_dir = root / ("dataset" if layout == "archive" else "labels")
+    image_dir = root / ("dataset" if layout == "archive" else "images")
+    for (split, path), key in zip(arrow_files(tmp_path / "out", "mmimdb").items(), ["train", "dev", "test"]):
+        table = read_arrow(path)
+        assert table.schema.remove_metadata() == mmimdb.SCHEMA
+        rows = table.to_pylist()
+        assert [r["image_id"] for r in rows] == split_ids[key]
+        for row in rows:
+            meta = json.loads((label_dir / f"{row['image_id']}.json").read_text())
+            assert row["plots"] == meta["plot"] and row["genres"] == meta["genres"] and row["split"] == key
+            assert row["label"] == [int(g in meta["genres"]) for g in MMIMDB_GENRES]
+            assert row["image"] == (image_dir / f"{row['image_id']}.jpeg").read_bytes()
+            assert decode(row["image"]).format == "JPEG"
+    all_rows = read_arrow(tmp_path / "out" / "mmimdb_train.arrow").to_pylist()
+    assert max(len(r["plots"]) for r in all_rows) > 1  # all plots kept (§1.1)
+
+
+def test_mmimdb_unknown_genre_ignored():
+    label = mmimdb.genre_multi_hot(["Drama", "Reality-TV", "Film-Noir"])
+    assert len(label) == 23 and label[0] == 1 and label[22] == 1 and sum(label) == 2
+
+
+def test_food101_json_files(raw, tmp_path):
+    root = raw("food101", "json")
+    reports, _ = run_writer("food101", root, tmp_path / "out")
+    assert [r.written for r in reports] == [6, 3, 4]
+    class_idx = json.loads((root / "class_idx.json").read_text())
+    texts = json.loads((root / "text.json").read_text())
+    split = json.loads((root / "split.json").read_text())
+    assert list(class_idx) != sorted(class_idx)  # verbatim copy, not alphabetical (§1.1)
+    for name, path in arrow_files(tmp_path / "out", "food101").items():
+        table = read_arrow(path)
+        assert table.schema.remove_metadata() == food101.SCHEMA
+        rows = table.to_pylist()
+        assert [r["image_id"] for r in rows] == split[name]
+        folder = "test" if name == "test" else "train"  # val reads images/train
+        for r in rows:
+            cls = r["image_id"].rsplit("_", 1)[0]
+            assert r["label"] == class_idx[cls] and r["text"] == [texts[r["image_id"]]] and r["split"] == name
+            assert r["image"] == (root / "images" / folder / cls / r["image_id"]).read_bytes()
+            decode(r["image"])
+
+
+def test_food101_csv_derivation(raw, tmp_path):
+    root = raw("food101", "csv")
+    assert not (root / "text.json").exists() and (root / "texts" / "train_titles.csv").is_file()
+    reports, _ = run_writer("food101", root, tmp_path / "out", val_fraction=0.25, seed=3)
+    assert [r.written for r in reports] == [7, 2, 4]  # 9 train-CSV rows, round(9 * 0.25) = 2 to val
+    csv_rows = {}
+    for f in ("train", "test"):
+        for line in (root / "texts" / f"{f}_titles.csv").read_text().splitlines():
+            name, text, cls = line.split(",")
+            csv_rows[name] = (text, cls)
+    classes = sorted({c for _, c in csv_rows.values()})
+    tables = {s: read_arrow(p) for s, p in arrow_files(tmp_path / "out", "food101").items()}
+    for table in tables.values():
+        for r in table.to_pylist():
+            text, cls = csv_rows[r["image_id"]]
+            assert r["text"] == [text] and r["label"] == classes.index(cls)
+    meta = tables["val"].schema.metadata
+    assert b"val_fraction=0.25, seed=3" in meta[b"mdpl.split_source"]
+    assert meta[b"mdpl.class_idx_source"] == b"sorted class names"
+    # deterministic for a seed, different for another seed
+    run_writer("food101", root, tmp_path / "again", val_fraction=0.25, seed=3)
+    assert read_arrow(tmp_path / "again" / "food101_val.arrow")["image_id"] == tables["val"]["image_id"]
+    names = set()
+    for seed in range(6):
+        run_writer("food101", root, tmp_path / f"s{seed}", val_fraction=0.25, seed=seed)
+        names.add(tuple(read_arrow(tmp_path / f"s{seed}" / "food101_val.arrow")["image_id"].to_pylist()))
+    assert len(names) > 1
+
+
+def test_food101_csv_header_and_non_utf8_title(raw_copy, tmp_path):
+    root = raw_copy("food101", "csv")
+    csv_path = root / "texts" / "test_titles.csv"
+    lines = csv_path.read_bytes().splitlines()
+    bad_name = lines[0].split(b",")[0].decode()
+    lines[0] = lines[0].replace(b",", b", caf\xe9 ,", 1)  # latin-1 byte in the title
+    csv_path.write_bytes(b"image_file_name,text,class\n" + b"\n".join(lines) + b"\n")
+    reports, log = run_writer("food101", root, tmp_path / "out")
+    assert reports[2].written == 3 and reports[2].skip_counts() == {common.NON_UTF8: 1}
+    assert "test_titles.csv:2" in log and bad_name in log
+    with pytest.raises(StrictModeError, match="non-UTF-8"):
+        run_writer("food101", root, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists() or list((tmp_path / "strict").iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["data", "flat"])
+def test_hatememes_layouts(raw, tmp_path, layout):
+    root = raw("hatememes", layout)
+    base = root / "data" if layout == "data" else root
+    reports, _ = run_writer("hatememes", root, tmp_path / "out")
+    assert [r.written for r in reports] == [6, 3, 4]
+    for (split, path), key in zip(arrow_files(tmp_path / "out", "hatememes").items(), ["train", "dev", "test"]):
+        table = read_arrow(path)
+        assert table.schema.remove_metadata() == hatememes.SCHEMA
+        src = [json.loads(line) for line in (base / f"{key}.jsonl").read_text().splitlines()]
+        rows = table.to_pylist()
+        assert [r["label"] for r in rows] == [s["label"] for s in src]
+        assert [r["text"] for r in rows] == [[s["text"]] for s in src]
+        assert all(r["image"] == (base / s["img"]).read_bytes() for r, s in zip(rows, src))
+        assert decode(rows[0]["image"]).format == "PNG"
+        expected_src = f"data/{key}.jsonl" if layout == "data" else f"{key}.jsonl"
+        assert table.schema.metadata[b"mdpl.source_file"] == expected_src.encode()
+
+
+def test_hatememes_split_file_options(raw_copy, tmp_path):
+    root = raw_copy("hatememes", "flat")
+    (root / "test.jsonl").rename(root / "test_seen.jsonl")
+    lines = (root / "dev.jsonl").read_text().splitlines()
+    (root / "dev_seen.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    reports, _ = run_writer("hatememes", root, tmp_path / "out", test_file="test_seen.jsonl",
+                            dev_file="dev_seen.jsonl")
+    assert [r.written for r in reports] == [6, 2, 4]
+    meta = read_arrow(tmp_path / "out" / "hatememes_test.arrow").schema.metadata
+    assert meta[b"mdpl.source_file"] == b"test_seen.jsonl"
+    dev_meta = read_arrow(tmp_path / "out" / "hatememes_dev.arrow").schema.metadata
+    assert dev_meta[b"mdpl.source_file"] == b"dev_seen.jsonl"
+
+
+def test_streams_record_batches(raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "BATCH_ROWS", 2)
+    run_writer("hatememes", raw("hatememes"), tmp_path / "out")
+    with pa.memory_map(str(tmp_path / "out" / "hatememes_train.arrow")) as src:
+        reader = pa.ipc.open_file(src)
+        assert reader.num_record_batches == 3 and reader.read_all().num_rows == 6
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _first_test_item(dataset: str, root: Path) -> str:
+    """First test movie id (mmimdb) or image file name (food101) from split.json."""
+    return json.loads((root / "split.json").read_text())["test"][0]
+
+
+def corrupt_image(dataset, root):
+    if dataset == "mmimdb":
+        path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
+    elif dataset == "food101":
+        name = _first_test_item(dataset, root)
+        path = root / "images" / "test" / name.rsplit("_", 1)[0] / name
+    else:
+        path = root / "data" / json.loads((root / "data" / "test.jsonl").read_text().splitlines()[0])["img"]
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated: opens, fails on load
+    return path.name
+
+
+def garbage_image(dataset, root):
+    path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
+    path.write_bytes(b"this is not an image")
+    return path.name
+
+
+def missing_image(dataset, root):
+    path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
+    path.unlink()
+    return path.name
+
+
+def missing_label(dataset, root):
+    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
+    path.unlink()
+    return path.name
+
+
+def malformed_json(dataset, root):
+    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
+    path.write_text('{"plot": ["unterminated"')
+    return path.name
+
+
+def json_without_genres(dataset, root):
+    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
+    path.write_text('{"plot": ["a plot"]}')
+    return path.name
+
+
+def non_utf8_json(dataset, root):
+    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
+    path.write_bytes(b'{"plot": ["caf\xe9"], "genres": ["Drama"]}')
+    return path.name
+
+
+def no_text(dataset, root):
+    texts = json.loads((root / "text.json").read_text())
+    name = _first_test_item(dataset, root)
+    del texts[name]
+    (root / "text.json").write_text(json.dumps(texts))
+    return name
+
+
+def _append_line(root: Path, raw_line: bytes) -> str:
+    path = root / "data" / "test.jsonl"
+    path.write_bytes(path.read_bytes() + raw_line + b"\n")
+    return f"test.jsonl:{len(path.read_bytes().splitlines())}"
+
+
+def bad_jsonl(dataset, root):
+    return _append_line(root, b'{"id": 1, "img": "img/x.png", ')
+
+
+def bad_jsonl_label(dataset, root):
+    return _append_line(root, b'{"id": 1, "img": "img/x.png", "label": 7, "text": "hi"}')
+
+
+def non_utf8_jsonl(dataset, root):
+    first = json.loads((root / "data" / "test.jsonl").read_text().splitlines()[0])
+    return _append_line(root, f'{{"id": 2, "img": "{first["img"]}", "label": 0, "text": "caf'.encode() + b'\xe9"}')
+
+
+BAD_CASES = [  # (dataset, mutation, reason, rows lost from test)
+    ("mmimdb", corrupt_image, common.CORRUPT_IMAGE, 1),
+    ("mmimdb", garbage_image, common.CORRUPT_IMAGE, 1),
+    ("mmimdb", missing_image, common.MISSING_IMAGE, 1),
+    ("mmimdb", missing_label, common.MISSING_LABEL, 1),
+    ("mmimdb", malformed_json, common.MALFORMED_JSON, 1),
+    ("mmimdb", json_without_genres, common.MALFORMED_JSON, 1),
+    ("mmimdb", non_utf8_json, common.NON_UTF8, 1),
+    ("food101", corrupt_image, common.CORRUPT_IMAGE, 1),
+    ("food101", no_text, common.NO_TEXT, 1),
+    ("hatememes", corrupt_image, common.CORRUPT_IMAGE, 1),
+    ("hatememes", bad_jsonl, common.BAD_JSONL, 0),
+    ("hatememes", bad_jsonl_label, common.BAD_JSONL, 0),
+    ("hatememes", non_utf8_jsonl, common.NON_UTF8, 0),
+]
+
+
+@pytest.mark.parametrize("dataset,mutate,reason,lost", BAD_CASES, ids=[f"{d}-{m.__name__}" for d, m, _, _ in BAD_CASES])
+def test_bad_input_skipped_reported_and_strict(raw_copy, tmp_path, dataset, mutate, reason, lost):
+    layout = {"food101": "json"}.get(dataset)
+    root = raw_copy(dataset, layout)
+    where = mutate(dataset, root)
+    reports, log = run_writer(dataset, root, tmp_path / "out")
+    assert reports[2].written == N["n_test"] - lost and reports[2].skip_counts() == {reason: 1}
+    assert f"test: written {N['n_test'] - lost}, skipped 1 ({reason}: 1)" in log
+    assert where in log  # the offending file is named
+    assert [r.written for r in reports[:2]] == [6, 3]
+    assert_no_leftovers(tmp_path / "out")
+
+    strict_out = tmp_path / "strict"
+    strict_out.mkdir()
+    (strict_out / f"{ARROW_SPLITS[dataset]['train']}.arrow").write_bytes(b"previous")
+    with pytest.raises(StrictModeError, match=reason) as err:
+        run_writer(dataset, root, strict_out, strict=True)
+    assert where in str(err.value)
+    # all-or-nothing: the failing test split leaves no train/val file, the previous file is untouched
+    assert sorted(p.name for p in strict_out.iterdir()) == [f"{ARROW_SPLITS[dataset]['train']}.arrow"]
+    assert (strict_out / f"{ARROW_SPLITS[dataset]['train']}.arrow").read_bytes() == b"previous"
+
+
+def test_interrupted_write_removes_temp(raw, tmp_path, monkeypatch):
+    def boom(self, row):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common._SplitSink, "add", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_writer("hatememes", raw("hatememes"), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- --max-side
+@pytest.mark.parametrize("dataset,fmt", [("mmimdb", "JPEG"), ("hatememes", "PNG")])
+def test_max_side_shrinks(raw, tmp_path, dataset, fmt):
+    run_writer(dataset, raw(dataset), tmp_path / "out", max_side=16)
+    rows = read_arrow(tmp_path / "out" / f"{ARROW_SPLITS[dataset]['train']}.arrow").to_pylist()
+    for r in rows:
+        img = decode(r["image"])
+        assert max(img.size) == 16 and img.format == fmt
+    run_writer(dataset, raw(dataset), tmp_path / "big", max_side=1000)  # larger: original bytes kept
+    big = read_arrow(tmp_path / "big" / f"{ARROW_SPLITS[dataset]['train']}.arrow").to_pylist()
+    assert max(decode(r["image"]).size[0] for r in big) == N["image_size"]
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_and_summarises(raw, tmp_path, capsys):
+    rc = cli.main(["--dataset", "hateful_memes", "--root", str(raw("hatememes")), "--out", str(tmp_path / "o"),
+                   "--no-progress", "--skipped-log", str(tmp_path / "skipped.tsv")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "dev: written 3, skipped 0" in out and "hatememes_dev.arrow" in out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
+        f"{s}.arrow" for s in ARROW_SPLITS["hatememes"].values())
+    assert (tmp_path / "skipped.tsv").read_text() == ""
+
+
+def test_cli_skipped_log_lists_files(raw_copy, tmp_path, capsys):
+    root = raw_copy("mmimdb")
+    name = missing_label("mmimdb", root)
+    rc = cli.main(["--dataset", "mmimdb", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress",
+                   "--skipped-log", str(tmp_path / "skipped.tsv")])
+    assert rc == 0 and name in (tmp_path / "skipped.tsv").read_text()
+    rc = cli.main(["--dataset", "mmimdb", "--root", str(root), "--out", str(tmp_path / "s"), "--strict",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and name in err and "--strict" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dataset", "cifar10", "--root", "{raw}", "--out", "{out}"], "invalid choice: 'cifar10'"),
+    (["--dataset", "mmimdb", "--root", "{raw}/nope", "--out", "{out}"], "is not a folder"),
+    (["--dataset", "mmimdb", "--root", "{raw}", "--out", "{out}", "--max-side", "0"], "--max-side"),
+    (["--dataset", "mmimdb", "--root", "{raw}", "--out", "{out}", "--test-file", "x.jsonl"], "does not apply"),
+])
+def test_cli_usage_errors(tmp_path, capsys, argv, needle):
+    (tmp_path / "raw").mkdir()
+    argv = [a.format(raw=tmp_path / "raw", out=tmp_path / "out") for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _drop_split_file(dataset: str, root: Path) -> str:
+    if dataset == "hatememes":
+        (root / "data" / "dev.jsonl").unlink()
+        return "dev.jsonl"
+    (root / "split.json").unlink()
+    if dataset == "food101":
+        (root / "text.json").unlink()
+        shutil.rmtree(root / "texts")
+    return "split.json"
+
+
+@pytest.mark.parametrize("dataset", ["mmimdb", "food101", "hatememes"])
+def test_cli_missing_split_file(raw_copy, tmp_path, capsys, dataset):
+    root = raw_copy(dataset)
+    needle = _drop_split_file(dataset, root)
+    rc = cli.main(["--dataset", dataset, "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_and_exit_code_subprocess(tmp_path):
+    help_ = subprocess.run([sys.executable, "make_arrow.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert help_.returncode == 0 and "--max-side" in help_.stdout and "--strict" in help_.stdout
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    bad = subprocess.run([sys.executable, "make_arrow.py", "--dataset", "mmimdb", "--root", str(tmp_path),
+                          "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "split.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_food101_json_split_with_csv_text(raw_copy, tmp_path):
+    """Reference split.json/class_idx.json + text rebuilt from the CSVs (the usual real-data case, D-5)."""
+    root = raw_copy("food101", "both")
+    texts = json.loads((root / "text.json").read_text())
+    (root / "text.json").unlink()
+    reports, _ = run_writer("food101", root, tmp_path / "out")
+    assert [r.written for r in reports] == [6, 3, 4]
+    table = read_arrow(tmp_path / "out" / "food101_val.arrow")
+    assert table.schema.metadata[b"mdpl.split_source"] == b"split.json"
+    assert table.schema.metadata[b"mdpl.text_source"].startswith(b"texts/train_titles.csv")
+    class_idx = json.loads((root / "class_idx.json").read_text())
+    for r in table.to_pylist():
+        assert r["text"] == [texts[r["image_id"]]] and r["label"] == class_idx[r["image_id"].rsplit("_", 1)[0]]
+
+
+def test_api_unknown_dataset(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        make_arrow("cifar", tmp_path, tmp_path / "out")
