@@ -1,0 +1,47 @@
+"""Batch collation (METHODS.md §1.7, CONTRACT.md batch format).
+
+Images are zero-padded bottom/right to the batch maximum and stacked; ``image_sizes`` keeps each
+valid (h, w). Texts are tokenised here, batched (inside the DataLoader workers). Missing-modality
+dummies are NOT applied here: the batch carries the table's ``missing_type`` and the DataModule applies
+simulation + dummies on device (mdpl/data/missing.py, ``apply_missing``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad [3, h, w] tensors bottom/right to the max (h, w) -> ([B, 3, Hmax, Wmax], sizes int64 [B, 2])."""
+    sizes = torch.tensor([[img.shape[-2], img.shape[-1]] for img in images], dtype=torch.long)
+    h_max, w_max = (int(v) for v in sizes.max(dim=0).values)
+    padded = [F.pad(img, (0, w_max - img.shape[-1], 0, h_max - img.shape[-2])) for img in images]
+    return torch.stack(padded), sizes
+
+
+class Collator:
+    """Picklable collate function: items of :class:`mdpl.data.dataset.ArrowMultimodalDataset` -> batch dict."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        image, image_sizes = pad_images([it["image"] for it in items])
+        texts = [it["text"] for it in items]
+        text_ids, text_masks = self.tokenizer.encode(texts)
+        labels = [it["label"] for it in items]
+        label = (torch.stack(labels).float() if isinstance(labels[0], torch.Tensor)
+                 else torch.tensor(labels, dtype=torch.long))
+        return {
+            "image": image,
+            "image_sizes": image_sizes,
+            "text": texts,
+            "text_ids": text_ids,
+            "text_masks": text_masks,
+            "label": label,
+            "missing_type": torch.tensor([it["missing_type"] for it in items], dtype=torch.long),
+            "row_index": torch.tensor([it["row_index"] for it in items], dtype=torch.long),
+            "item_index": torch.tensor([it["item_index"] for it in items], dtype=torch.long),
+        }

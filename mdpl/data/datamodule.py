@@ -1,0 +1,136 @@
+"""LightningDataModule of mdpl (METHODS.md §1.3-1.7; fixes D-8, D-12, D-14).
+
+* ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test), each with
+  its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
+  ``test_type`` overrides applied to copies).
+* Loaders: ``per_gpu_batchsize``, ``num_workers``, persistent workers when > 0, pinned memory on CUDA;
+  train shuffled, val/test not (no DistributedSampler here: Lightning inserts it under DDP).
+* ``on_after_batch_transfer`` (on device): optional per-split override table (``set_missing_override``,
+  for evaluation sweeps), ``simulate_missing`` for training batches (per-item hash of
+  (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from mdpl.data.collate import Collator
+from mdpl.data.dataset import ArrowMultimodalDataset, arrow_path, count_rows, check_arrow_exists
+from mdpl.data.missing import (SPLITS, MissingSpec, apply_missing, load_or_create_missing_table,
+                               missing_specs, simulated_types)
+from mdpl.data.tokenizers import build_tokenizer
+from mdpl.data.transforms import build_transform
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
+                 None: SPLITS}
+
+
+class MDPLDataModule(pl.LightningDataModule):
+    """Datasets, loaders and device-side missing-modality handling for one dataset of the config."""
+
+    def __init__(self, config: Mapping) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.dataset_name = self.config["dataset"]
+        self.data_root = self.config["data_root"]
+        self.specs: dict[str, MissingSpec] = missing_specs(self.config)
+        self.table_root = self.config.get("missing_table_root") or str(Path(self.data_root) / "missing_tables")
+        self.transform = build_transform(self.config)
+        self.tokenizer = build_tokenizer(self.config)
+        self.collator = Collator(self.tokenizer)
+        ids, masks = self.tokenizer.empty()
+        self._dummy_ids, self._dummy_masks = ids, masks
+        self.datasets: dict[str, ArrowMultimodalDataset] = {}
+        self._overrides: dict[str, torch.Tensor] = {}
+
+    # --------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        for split in _STAGE_SPLITS.get(stage, SPLITS):
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    def build_dataset(self, split: str) -> ArrowMultimodalDataset:
+        """One split with its missing table (cached under ``missing_table_root``)."""
+        return ArrowMultimodalDataset(self.data_root, self.dataset_name, split, self.transform,
+                                      missing_spec=self.specs[split], missing_table_root=self.table_root,
+                                      mmimdb_items=self.config.get("mmimdb_items", "plot"))
+
+    # ------------------------------------------------------------------------------------- loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        workers = int(self.config.get("num_workers", 0))
+        return DataLoader(self.datasets[split], batch_size=int(self.config["per_gpu_batchsize"]), shuffle=shuffle,
+                          num_workers=workers, collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # ----------------------------------------------------------------------------- missing modality
+    def dummy_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoding of "" as ([1, L] ids, [1, L] masks): the text-missing dummy (METHODS.md §1.4)."""
+        return self._dummy_ids.clone(), self._dummy_masks.clone()
+
+    def missing_table(self, split: str, spec: MissingSpec | None = None) -> torch.Tensor:
+        """Per-row missing table of ``split`` for ``spec`` (default: the split's configured spec), by row_index."""
+        if spec is None:
+            if split in self.datasets:
+                return self.datasets[split].missing_table
+            spec = self.specs[split]
+        if split in self.datasets:
+            n_rows = self.datasets[split].n_rows
+        else:
+            path = arrow_path(self.data_root, self.dataset_name, split)
+            check_arrow_exists(path, self.data_root, self.dataset_name)
+            n_rows = count_rows(path)
+        return load_or_create_missing_table(self.table_root, arrow_path(self.data_root, self.dataset_name, split).stem,
+                                            n_rows, spec, self.dataset_name, split)
+
+    def set_missing_override(self, split: str, spec: MissingSpec | None) -> None:
+        """Evaluate ``split`` under another missing spec (evaluation sweeps) without rebuilding loaders/workers:
+        the batch types become ``missing_table(split, spec)[row_index]`` on device. ``spec=None`` removes it."""
+        if spec is None:
+            self._overrides.pop(split, None)
+        else:
+            self._overrides[split] = self.missing_table(split, spec)
+
+    def batch_missing_types(self, batch: Mapping, training: bool, epoch: int, split: str | None = None) -> torch.Tensor:
+        """The batch's missing types: the split's table type (or its override), ``simulate_missing`` when training."""
+        types = batch["missing_type"]
+        if split in self._overrides:
+            rows = batch["row_index"]
+            types = self._overrides[split].to(rows.device)[rows]
+        if training and self.config.get("simulate_missing", False):
+            types = simulated_types(types, epoch, int(self.config.get("seed", 0)), batch["item_index"])
+        return types
+
+    def _current_split(self) -> str | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        if getattr(trainer, "training", False):
+            return "train"
+        if getattr(trainer, "testing", False):
+            return "test"
+        if getattr(trainer, "validating", False) or getattr(trainer, "sanity_checking", False):
+            return "val"
+        return None
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Device side of METHODS.md §1.4: missing types (override / simulation), then the dummies."""
+        split = self._current_split()
+        trainer = getattr(self, "trainer", None)
+        epoch = int(getattr(trainer, "current_epoch", 0) or 0)
+        types = self.batch_missing_types(batch, split == "train", epoch, split)
+        return apply_missing(batch, types, self._dummy_ids, self._dummy_masks)

@@ -1,0 +1,166 @@
+"""Map-style dataset over one memory-mapped Arrow split (METHODS.md §1.2-1.4).
+
+Items follow §1.3: Food-101 / Hateful Memes one item per row; MM-IMDb one item per plot by default
+(``mmimdb_items='plot'``, reference parity, D-7) or the first plot of each movie (``'movie'``).
+The missing table is per row (movie), so all plots of a movie share its missing type.
+
+``__getitem__`` returns a dict: ``image`` (transformed float tensor [3, H, W]), ``text`` (str),
+``label`` (int, or float multi-hot tensor [23] for MM-IMDb), ``row_index``, ``item_index`` and
+``missing_type`` (the table's type for the row; simulation and dummies are applied on device, see
+mdpl/data/missing.py). Tokenisation happens batched in the collate function (mdpl/data/collate.py).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES, TEXT_COLUMN
+from mdpl.data.missing import MissingSpec, load_or_create_missing_table, make_missing_table
+
+MMIMDB_ITEMS = ("plot", "movie")
+
+
+def arrow_path(data_root: str | os.PathLike, dataset: str, split: str) -> Path:
+    """``<data_root>/<stem>.arrow`` for a split (METHODS.md §1.2 file names)."""
+    if dataset not in ARROW_SPLITS:
+        raise ValueError(f"unknown dataset {dataset!r} (expected one of {sorted(ARROW_SPLITS)})")
+    if split not in ARROW_SPLITS[dataset]:
+        raise ValueError(f"unknown split {split!r} (expected train, val or test)")
+    return Path(data_root) / f"{ARROW_SPLITS[dataset][split]}.arrow"
+
+
+def check_arrow_exists(path: Path, data_root: str | os.PathLike, dataset: str) -> None:
+    if path.is_file():
+        return
+    expected = ", ".join(f"{stem}.arrow" for stem in ARROW_SPLITS[dataset].values())
+    raise FileNotFoundError(f"arrow file not found: {path}. data_root={str(data_root)!r} must hold {expected}; "
+                            f"create them with `python make_arrow.py --dataset {dataset} --root <raw data> "
+                            f"--out {data_root}`")
+
+
+def open_arrow_table(path: str | os.PathLike) -> pa.Table:
+    """Memory-map an Arrow IPC file and read it as a (zero-copy) table."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    """Number of rows of an Arrow IPC file (reads only metadata)."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+class ArrowMultimodalDataset(Dataset):
+    """One split of MM-IMDb / Food-101 / Hateful Memes read from ``<data_root>/<stem>.arrow``.
+
+    ``missing_spec`` (None = all complete) gives the split's per-row missing table, cached under
+    ``missing_table_root`` when given (mdpl/data/missing.py), else computed in memory.
+    """
+
+    def __init__(self, data_root: str | os.PathLike, dataset: str, split: str,
+                 transform: Callable[[Image.Image], torch.Tensor], missing_spec: MissingSpec | None = None,
+                 missing_table_root: str | os.PathLike | None = None, mmimdb_items: str = "plot") -> None:
+        if mmimdb_items not in MMIMDB_ITEMS:
+            raise ValueError(f"mmimdb_items must be one of {MMIMDB_ITEMS}, got {mmimdb_items!r}")
+        self.dataset, self.split, self.transform = dataset, split, transform
+        self.path = arrow_path(data_root, dataset, split)
+        check_arrow_exists(self.path, data_root, dataset)
+        self.stem = self.path.stem
+        table = open_arrow_table(self.path)
+        self.n_rows = table.num_rows
+        self._build_index(table, per_text=(dataset != "mmimdb" or mmimdb_items == "plot"))
+        self._load_labels(table)
+        self._table: pa.Table | None = None  # opened lazily per process (workers re-map the file)
+        self._pid = -1
+        self.missing_table = self._make_missing(missing_spec, missing_table_root)
+
+    # ------------------------------------------------------------------------------------ building
+    def _build_index(self, table: pa.Table, per_text: bool) -> None:
+        """Item -> (row, text) index (METHODS.md §1.3): one item per text, or the first text per row."""
+        col = table.column(TEXT_COLUMN[self.dataset]).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        if per_text:
+            rows = np.repeat(np.arange(self.n_rows, dtype=np.int64), lengths)
+            text_pos = np.arange(int(lengths.sum()), dtype=np.int64)
+        else:
+            rows = np.flatnonzero(lengths > 0).astype(np.int64)
+            text_pos = starts[rows]
+        self.texts: list[str] = pc.list_flatten(col).to_pylist()
+        self.item_rows = torch.from_numpy(rows)
+        self.item_text_pos = text_pos
+
+    def _load_labels(self, table: pa.Table) -> None:
+        labels = table.column("label").combine_chunks()
+        if self.dataset == "mmimdb":
+            flat = pc.list_flatten(labels).to_numpy().astype(np.float32)
+            self.labels = torch.from_numpy(flat.reshape(self.n_rows, NUM_CLASSES["mmimdb"]))
+        else:
+            self.labels = torch.from_numpy(labels.to_numpy().astype(np.int64))
+        ids = "image_id" if "image_id" in table.column_names else None
+        self.image_ids = table.column(ids).to_pylist() if ids else None
+
+    def _make_missing(self, spec: MissingSpec | None, root: str | os.PathLike | None) -> torch.Tensor:
+        if spec is None:
+            return torch.zeros(self.n_rows, dtype=torch.long)
+        if root:
+            return load_or_create_missing_table(root, self.stem, self.n_rows, spec, self.dataset, self.split)
+        return make_missing_table(self.n_rows, spec, self.dataset, self.split)
+
+    def set_missing_table(self, table: torch.Tensor) -> None:
+        """Replace the per-row missing table (e.g. an imported reference table)."""
+        if table.dim() != 1 or len(table) != self.n_rows:
+            raise ValueError(f"missing table has shape {tuple(table.shape)}, expected ({self.n_rows},) for {self.path}")
+        self.missing_table = table.long()
+
+    # ------------------------------------------------------------------------------------- reading
+    def _images(self) -> pa.ChunkedArray:
+        if self._table is None or self._pid != os.getpid():
+            self._table = open_arrow_table(self.path)
+            self._pid = os.getpid()
+            self._image_col = self._table.column("image")
+            self._chunk_starts = np.cumsum([0] + [len(c) for c in self._image_col.chunks])
+        return self._image_col
+
+    def _image_bytes(self, row: int) -> bytes:
+        col = self._images()
+        chunk = int(np.searchsorted(self._chunk_starts, row, side="right") - 1)
+        return col.chunks[chunk][row - int(self._chunk_starts[chunk])].as_py()
+
+    def _decode(self, row: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self._image_bytes(row))) as img:
+                return img.convert("RGB")
+        except Exception as err:
+            name = f" (image_id {self.image_ids[row]!r})" if self.image_ids else ""
+            raise ValueError(f"{self.path}: row {row}{name}: image cannot be decoded ({type(err).__name__}: "
+                             f"{err}); rebuild the arrow file with make_arrow.py") from err
+
+    def __len__(self) -> int:
+        return len(self.item_rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = int(self.item_rows[index])
+        return {
+            "image": self.transform(self._decode(row)),
+            "text": self.texts[int(self.item_text_pos[index])],
+            "label": self.labels[row] if self.dataset == "mmimdb" else int(self.labels[row]),
+            "row_index": row,
+            "item_index": int(index),
+            "missing_type": int(self.missing_table[row]),
+        }
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_table=None, _pid=-1)  # never pickle the memory-mapped table (spawned workers re-map)
+        state.pop("_image_col", None)
+        state.pop("_chunk_starts", None)
+        return state

@@ -1,0 +1,107 @@
+"""Text tokenizers of the backbones (METHODS.md §1.6), with a common batched interface.
+
+``encode(texts) -> (ids, masks)`` (LongTensor[B, L] each, masks 1 = real token), ``empty()`` (the
+encoding of "" as [1, L] tensors: the text-missing dummy of §1.4), ``max_length`` (= L).
+
+* ViLT: BERT WordPiece (bert-base-uncased, lower case), padded to ``max_text_len`` with truncation.
+  The vocabulary is read from ``config['tokenizer']`` (a folder with vocab.txt, or the vocab.txt
+  itself) or, if empty, from the local HuggingFace cache of bert-base-uncased (offline). Its size is
+  always checked against ``config['vocab_size']``: transformers 5 offline can silently return a
+  5-token tokenizer, and ``BertTokenizerFast(vocab_file=...)`` ignores the file.
+* CLIP: OpenAI byte-level BPE bundled with open_clip (offline): [SOT] + BPE + [EOT], zero-padded to
+  77; longer texts cut to 77 with the last id forced to EOT; masks = ids != 0.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used in forked DataLoader workers
+
+CLIP_CONTEXT_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
+CLIP_SOT, CLIP_EOT = 49406, 49407
+
+
+class BertTextTokenizer:
+    """BERT WordPiece for ViLT (METHODS.md §1.6): ``padding='max_length'``, truncation, lower case."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_token_type_ids=False)
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode([""])
+
+
+class ClipTextTokenizer:
+    """OpenAI CLIP BPE via open_clip's bundled vocabulary (METHODS.md §1.6); context 77."""
+
+    def __init__(self, context_length: int = CLIP_CONTEXT_LENGTH) -> None:
+        from open_clip.tokenizer import SimpleTokenizer  # heavy import, only when CLIP is used
+
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.max_length = int(context_length)
+        self.vocab_size = len(self.tokenizer.encoder)
+        if self.vocab_size != CLIP_VOCAB_SIZE:
+            raise ValueError(f"open_clip BPE vocabulary has {self.vocab_size} tokens, expected {CLIP_VOCAB_SIZE}")
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(list(texts), context_length=self.max_length).long()
+        return ids, (ids != 0).long()
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode([""])
+
+
+def read_wordpiece_vocab(path: str | os.PathLike) -> dict[str, int]:
+    """vocab.txt (one token per line, id = line number) -> {token: id}."""
+    tokens = Path(path).read_text(encoding="utf-8").splitlines()
+    vocab = {}
+    for idx, tok in enumerate(tokens):
+        vocab.setdefault(tok, idx)
+    return vocab
+
+
+def _load_bert(source: str):
+    from transformers import BertTokenizerFast
+
+    if source:
+        path = Path(source)
+        vocab_file = path / "vocab.txt" if path.is_dir() else path
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"tokenizer: no vocab.txt at {vocab_file}; set tokenizer=<folder with "
+                                    "bert-base-uncased vocab.txt>")
+        # vocab= (not vocab_file=, which transformers 5 ignores) builds the WordPiece model from the file.
+        return BertTokenizerFast(vocab=read_wordpiece_vocab(vocab_file), do_lower_case=True)
+    try:
+        return BertTokenizerFast.from_pretrained("bert-base-uncased", local_files_only=True, do_lower_case=True)
+    except Exception as err:
+        raise FileNotFoundError("tokenizer='' but bert-base-uncased is not in the local HuggingFace cache; "
+                                "set tokenizer=<folder with vocab.txt>") from err
+
+
+def build_tokenizer(config: Mapping) -> BertTextTokenizer | ClipTextTokenizer:
+    """Tokenizer for ``config['backbone']`` ('vilt' -> BERT, checked against ``vocab_size``; 'clip' -> BPE)."""
+    backbone = config.get("backbone", "vilt")
+    if backbone == "clip":
+        return ClipTextTokenizer()
+    if backbone != "vilt":
+        raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt' or 'clip')")
+    source = str(config.get("tokenizer", "") or "")
+    tok = _load_bert(source)
+    expected = int(config["vocab_size"])
+    if len(tok) != expected:
+        raise ValueError(f"tokenizer {source or 'bert-base-uncased (HF cache)'} has {len(tok)} tokens but "
+                         f"vocab_size={expected}; point tokenizer= at the right vocab.txt folder "
+                         "(an offline transformers may silently load an empty vocabulary)")
+    return BertTextTokenizer(tok, int(config["max_text_len"]))

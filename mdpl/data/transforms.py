@@ -1,0 +1,84 @@
+"""Image transforms of the backbones (METHODS.md §1.5): ViLT 'pixelbert' and OpenAI CLIP.
+
+Both take an RGB PIL image (the dataset decodes and converts to RGB) and return a float32 tensor
+[3, H, W]; no augmentation, identical for train and evaluation (as in the references).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIXELBERT_MEAN = (0.5, 0.5, 0.5)
+PIXELBERT_STD = (0.5, 0.5, 0.5)
+
+
+def minmax_size(width: int, height: int, shorter: int, longer: int, multiple: int = 32) -> tuple[int, int]:
+    """Target ``(width, height)`` of the ViLT min-max resize (METHODS.md §1.5 step 2).
+
+    Scale the shorter side to ``shorter``; if the longer side then exceeds ``longer`` scale both down
+    so it equals ``longer``; round half up; floor each side to a multiple of ``multiple``.
+    """
+    scale = shorter / min(width, height)
+    new_w, new_h = width * scale, height * scale
+    if height < width:
+        new_h = float(shorter)
+    else:
+        new_w = float(shorter)
+    biggest = max(new_w, new_h)
+    if biggest > longer:
+        new_w, new_h = new_w * longer / biggest, new_h * longer / biggest
+    new_w, new_h = int(new_w + 0.5), int(new_h + 0.5)
+    return new_w // multiple * multiple, new_h // multiple * multiple
+
+
+class MinMaxResize:
+    """PIL bicubic resize to :func:`minmax_size` (ViLT's 'pixelbert' geometry)."""
+
+    def __init__(self, shorter: int = 384, longer: int | None = None, multiple: int = 32) -> None:
+        self.shorter = shorter
+        self.longer = longer if longer is not None else math.floor(1333 / 800 * shorter)
+        self.multiple = multiple
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        size = minmax_size(image.width, image.height, self.shorter, self.longer, self.multiple)
+        if min(size) <= 0:
+            raise ValueError(f"image {image.width}x{image.height} too small for min-max resize to "
+                             f"multiples of {self.multiple}")
+        return image.resize(size, resample=Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"MinMaxResize(shorter={self.shorter}, longer={self.longer}, multiple={self.multiple})"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def pixelbert_transform(image_size: int = 384, multiple: int = 32) -> Callable[[Image.Image], torch.Tensor]:
+    """ViLT 'pixelbert' (METHODS.md §1.5): min-max resize (shorter=image_size, longer<=1333/800*image_size,
+    sides floored to ``multiple``), to tensor, normalise mean=std=0.5 (range [-1, 1])."""
+    return T.Compose([T.Lambda(_to_rgb), MinMaxResize(image_size, multiple=multiple), T.ToTensor(),
+                      T.Normalize(PIXELBERT_MEAN, PIXELBERT_STD)])
+
+
+def clip_transform(image_size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
+    """OpenAI CLIP preprocessing (METHODS.md §1.5): shorter side -> image_size (PIL bicubic), centre crop,
+    RGB, to tensor, normalise with the OpenAI mean/std."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
+                      T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def build_transform(config: Mapping) -> Callable[[Image.Image], torch.Tensor]:
+    """Transform for ``config['backbone']``: 'vilt' -> pixelbert, 'clip' -> CLIP (both use ``image_size``)."""
+    backbone = config.get("backbone", "vilt")
+    if backbone == "vilt":
+        return pixelbert_transform(int(config["image_size"]))
+    if backbone == "clip":
+        return clip_transform(int(config["image_size"]))
+    raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt' or 'clip')")
