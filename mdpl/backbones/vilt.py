@@ -1,0 +1,303 @@
+"""ViLT single-stream backbone (Kim et al., ICML 2021) as used by MAP and MemPrompt (METHODS.md §2).
+
+Module names match the ViLT checkpoint keys of METHODS.md §2.2 (``text_embeddings.*``,
+``token_type_embeddings.*``, ``transformer.{cls_token,pos_embed,patch_embed.proj,blocks.i.*,norm}``,
+``pooler.dense.*``), so that checkpoint loads directly (see `mdpl.backbones.vilt_weights`).
+
+Differences from the reference that do not change outputs (§2.3, D-24): the visual embedding is
+vectorised (no per-image loop) and deterministic — valid patches in row-major order, then padding
+patches (the bottom-right patch of the padded grid, which is a zero patch like every padding patch).
+With a positive ``max_image_len`` cap the first ``cap`` valid patches are kept (the reference keeps a
+random subset).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
+
+from mdpl.prompts.base import BackboneInfo
+from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
+
+if TYPE_CHECKING:
+    from mdpl.prompts.base import PromptMethod
+
+VIT_LN_EPS = 1e-6   # timm ViT LayerNorm (§2.1)
+BERT_LN_EPS = 1e-12  # BERT embeddings LayerNorm (§2.1)
+
+
+def _init_linear_embedding(module: nn.Module, std: float = 0.02) -> None:
+    """Reference `init_weights`: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class Pooler(nn.Module):
+    """ViLT pooler: tanh(W h + b) of one token (§2.1)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(token))
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding, kernel = stride = patch size, with bias."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(image)
+
+
+class ViLTVisionTransformer(nn.Module):
+    """The ViT part of ViLT (``transformer.*`` keys): patch embed, CLS, position grid, blocks, norm."""
+
+    def __init__(self, *, hidden_size: int, num_layers: int, num_heads: int, mlp_ratio: float,
+                 patch_size: int, image_size: int, drop_rate: float):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, hidden_size))
+        self.pos_drop = nn.Dropout(drop_rate)
+        norm = partial(nn.LayerNorm, eps=VIT_LN_EPS)
+        self.blocks = nn.ModuleList(
+            Block(hidden_size, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=drop_rate,
+                  attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=norm)
+            for _ in range(num_layers)
+        )
+        self.norm = norm(hidden_size)
+
+    def reset_parameters(self) -> None:
+        """timm-style init used when no checkpoint is loaded (reference `_init_weights`)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+@dataclass
+class BackboneOutput:
+    """Final hidden states (after `transformer.norm`), key mask and token layout."""
+
+    hidden: torch.Tensor   # [B, N, D]
+    mask: torch.Tensor     # bool [B, N]
+    layout: TokenLayout
+
+
+def _align_corners_source(dst: torch.Tensor, out_size: torch.Tensor, in_size: int):
+    """Bilinear align_corners=True source taps for output index `dst` of a resize in_size -> out_size.
+
+    Mirrors PyTorch's upsample kernel: scale = (in-1)/(out-1) (0 if out == 1), src = scale*dst,
+    i0 = floor(src), i1 = min(i0+1, in-1), weight of i1 = src - i0.
+    """
+    denom = (out_size - 1).clamp(min=1).to(torch.float32)
+    scale = torch.where(out_size > 1, float(in_size - 1) / denom, torch.zeros_like(denom))
+    src = scale * dst.to(torch.float32)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    lam = src - i0.to(torch.float32)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, lam
+
+
+class ViLTBackbone(nn.Module):
+    """ViLT: BERT text embeddings + ViT-B/32 joint encoder + pooler (METHODS.md §2)."""
+
+    def __init__(self, *, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4, patch_size: int = 32, image_size: int = 384,
+                 max_text_len: int = 40, drop_rate: float = 0.1, max_image_len: int = -1):
+        super().__init__()
+        self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
+        self.max_text_len = max_text_len
+        self.max_image_len = max_image_len
+        bert = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                          num_attention_heads=num_heads, intermediate_size=int(hidden_size * mlp_ratio),
+                          max_position_embeddings=max_text_len, hidden_dropout_prob=drop_rate,
+                          attention_probs_dropout_prob=drop_rate, layer_norm_eps=BERT_LN_EPS)
+        self.text_embeddings = BertEmbeddings(bert)
+        _init_linear_embedding(self.text_embeddings)
+        self.token_type_embeddings = nn.Embedding(2, hidden_size)
+        _init_linear_embedding(self.token_type_embeddings)
+        self.transformer = ViLTVisionTransformer(
+            hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            patch_size=patch_size, image_size=image_size, drop_rate=drop_rate)
+        self.transformer.reset_parameters()
+        self.pooler = Pooler(hidden_size)
+        _init_linear_embedding(self.pooler)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ViLTBackbone":
+        """Sizes from the resolved config (keys of CONTRACT.md)."""
+        return cls(
+            vocab_size=config.get("vocab_size", 30522), hidden_size=config.get("hidden_size", 768),
+            num_layers=config.get("num_layers", 12), num_heads=config.get("num_heads", 12),
+            mlp_ratio=config.get("mlp_ratio", 4), patch_size=config.get("patch_size", 32),
+            image_size=config.get("image_size", 384), max_text_len=config.get("max_text_len", 40),
+            drop_rate=config.get("drop_rate", 0.1), max_image_len=config.get("max_image_len", -1),
+        )
+
+    @property
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(self.hidden_size, self.num_layers, self.num_heads)
+
+    # --- embeddings -------------------------------------------------------------------------------
+    def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """BERT embeddings + modality embedding 0: [B, Lt, D] (§2.4)."""
+        if text_ids.shape[1] > self.max_text_len:
+            raise ValueError(f"text length {text_ids.shape[1]} exceeds max_text_len {self.max_text_len}")
+        return self.text_embeddings(input_ids=text_ids) + self.token_type_embeddings.weight[0]
+
+    def patch_grid(self, image: torch.Tensor, image_sizes: torch.Tensor | None = None):
+        """Valid patch rows h and columns w per image (§2.3 step 2), each int64 [B].
+
+        From `image_sizes` (valid pixel h, w): ceil(pixels / patch). Otherwise the reference rule:
+        a patch is valid iff its top-left pixel has a non-zero channel sum; h counts valid patch
+        rows down the first column, w valid columns along the first row.
+        """
+        p = self.transformer.patch_size
+        hp, wp = image.shape[-2] // p, image.shape[-1] // p
+        if image_sizes is not None:
+            sizes = image_sizes.to(image.device).long()
+            h = torch.div(sizes[:, 0] + p - 1, p, rounding_mode="floor").clamp(1, hp)
+            w = torch.div(sizes[:, 1] + p - 1, p, rounding_mode="floor").clamp(1, wp)
+            return h, w
+        valid = (image.sum(dim=1) != 0).float()[:, None]
+        valid = F.interpolate(valid, size=(hp, wp), mode="nearest").long()[:, 0]
+        h = valid[:, :, 0].sum(dim=1).clamp(min=1)
+        w = valid[:, 0, :].sum(dim=1).clamp(min=1)
+        return h, w
+
+    def _grid_positions(self, rows: torch.Tensor, cols: torch.Tensor, h: torch.Tensor, w: torch.Tensor):
+        """Position embeddings at (rows, cols) of the G×G grid resized to h×w, bilinear align_corners=True.
+
+        rows/cols [B, M], h/w [B]; returns [B, M, D] — the gather of the reference's per-image
+        `F.interpolate` (§2.3 step 3) without a loop over images.
+        """
+        g = self.transformer.grid
+        table = self.transformer.pos_embed[0, 1:].view(g, g, -1)
+        y0, y1, ly = _align_corners_source(rows, h[:, None], g)
+        x0, x1, lx = _align_corners_source(cols, w[:, None], g)
+        ly, lx = ly[..., None].to(table.dtype), lx[..., None].to(table.dtype)
+        top = (1 - lx) * table[y0, x0] + lx * table[y0, x1]
+        bottom = (1 - lx) * table[y1, x0] + lx * table[y1, x1]
+        return (1 - ly) * top + ly * bottom
+
+    def embed_image(self, image: torch.Tensor, image_sizes: torch.Tensor | None = None):
+        """Visual tokens [B, 1+M, D] (with modality embedding 1) and bool mask [B, 1+M] (§2.3)."""
+        patches = self.transformer.patch_embed(image)  # [B, D, Hp, Wp]
+        b, d, hp, wp = patches.shape
+        h, w = self.patch_grid(image, image_sizes)
+        n_valid = h * w
+        m = int(n_valid.max())
+        if self.max_image_len is not None and self.max_image_len > 0:
+            m = min(m, int(self.max_image_len))
+        slot = torch.arange(m, device=image.device)[None]            # [1, M]
+        valid = slot < n_valid[:, None]                               # [B, M]
+        rows = torch.div(slot, w[:, None], rounding_mode="floor")
+        cols = slot - rows * w[:, None]
+        flat = torch.where(valid, rows * wp + cols, torch.full_like(rows, hp * wp - 1))
+        tokens = patches.flatten(2).transpose(1, 2).gather(1, flat[..., None].expand(-1, -1, d))
+        pos = self._grid_positions(rows.clamp(max=hp - 1), cols, h, w) * valid[..., None].to(tokens.dtype)
+        vit = self.transformer
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(b, -1, -1)
+        x = torch.cat([cls, tokens + pos], dim=1)
+        x = vit.pos_drop(x) + self.token_type_embeddings.weight[1]
+        mask = torch.cat([valid.new_ones(b, 1), valid], dim=1)
+        return x, mask
+
+    def embed(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
+              image_sizes: torch.Tensor | None = None):
+        """Joint input [text ; image], bool key mask and its layout (§2.4)."""
+        text = self.embed_text(text_ids)
+        img, img_mask = self.embed_image(image, image_sizes)
+        x = torch.cat([text, img.to(text.dtype)], dim=1)
+        mask = torch.cat([text_masks.bool(), img_mask], dim=1)
+        return x, mask, TokenLayout([(TEXT, text.shape[1]), (IMAGE, img.shape[1])])
+
+    # --- encoder ------------------------------------------------------------------------------------
+    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
+                  extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pre-LN block `index` with a key-padding mask; optional prompt K/V after projection (§3.3)."""
+        blk = self.transformer.blocks[index]
+        if extra_kv is None:
+            return blk(x, attn_mask=mask[:, None, None, :])
+        x = x + _attention_with_prompts(blk.attn, blk.norm1(x), mask, *extra_kv)
+        return x + blk.mlp(blk.norm2(x))
+
+    def forward_features(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
+                         image_sizes: torch.Tensor | None = None, method: "PromptMethod | None" = None,
+                         missing_type: torch.Tensor | None = None) -> BackboneOutput:
+        """Embed, run the blocks (calling the prompt method before each), final LayerNorm."""
+        x, mask, layout = self.embed(text_ids, text_masks, image, image_sizes)
+        if missing_type is None:
+            missing_type = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        missing_type = missing_type.to(x.device).long()
+        for i in range(len(self.transformer.blocks)):
+            extra_kv = None
+            if method is not None:
+                x, mask, layout = method.before_block(i, x, mask, layout, missing_type)
+                extra_kv = method.attention_prompts(i, x, missing_type)
+            x = self.run_block(i, x, mask, extra_kv)
+        return BackboneOutput(hidden=self.transformer.norm(x), mask=mask, layout=layout)
+
+    def pool(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Pooled feature [B, D] = tanh(W h[position] + b)."""
+        return self.pooler(hidden[:, position])
+
+    def forward(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
+                image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain ViLT pooled output (text [CLS]) without prompts."""
+        out = self.forward_features(text_ids, text_masks, image, image_sizes)
+        return self.pool(out.hidden, out.layout.offset(TEXT))
+
+
+def _attention_with_prompts(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor,
+                            k_prompt: torch.Tensor, v_prompt: torch.Tensor) -> torch.Tensor:
+    """timm `Attention` with extra keys/values prepended after the K/V projection (MAP §3.3, D-17).
+
+    The prompts are used raw as projected keys/values, split into the model's heads; their key-mask
+    entries are ones. Queries come from the sequence only.
+    """
+    b, n, c = h.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(h).reshape(b, n, 3, c).unbind(2)
+    k = torch.cat([k_prompt.to(k.dtype), k], dim=1)
+    v = torch.cat([v_prompt.to(v.dtype), v], dim=1)
+    key_mask = torch.cat([mask.new_ones(b, k_prompt.shape[1]), mask], dim=1)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :],
+        dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = out.transpose(1, 2).reshape(b, n, c)
+    return attn.proj_drop(attn.proj(out))

@@ -1,0 +1,249 @@
+"""Loading ViLT weights (METHODS.md §2.2, §12) and reference fine-tuned MAP / MemPrompt checkpoints.
+
+Accepted sources for the backbone (`load_vilt_checkpoint`):
+
+* the original ViLT Lightning checkpoint (``vilt_200k_mlm_itm.ckpt``; weights under
+  ``ckpt['state_dict']``, keys of §2.2) or the same keys as a plain state dict;
+* a Hugging Face ``ViltModel`` state dict (``embeddings.*``, ``encoder.layer.{i}.*``, ``layernorm.*``,
+  ``pooler.*``; optionally prefixed ``vilt.``), as a ``.bin``/``.pt``/``.safetensors`` file or a
+  directory holding ``model.safetensors`` / ``pytorch_model.bin``. Query/key/value are concatenated
+  into ``qkv``. Note: HF ViLT configs use LayerNorm eps 1e-12 in the encoder; mdpl keeps the
+  original ViLT's 1e-6 (§2.1).
+
+The text position table is resized to the model's ``max_text_len`` by bilinear interpolation with
+align_corners=False over the position axis (source length and width read from the tensor; D-20).
+
+`load_reference_finetuned` maps a MAP / MemPrompt fine-tuned Lightning state dict onto
+`mdpl.models.MultimodalClassifier`: backbone keys get the prefix ``backbone.``, prompt-method keys
+(``complete_prompt``, ``gen_t_prompt_memory.*``, …) the prefix ``prompt.``, head keys
+(``{dataset}_classifier.*``) are unchanged. Loading is strict (D-22) except for an allow-list of
+legacy keys (``text_embeddings.position_ids``).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKBONE_PREFIXES = ("text_embeddings.", "token_type_embeddings.", "transformer.", "pooler.")
+TEXT_POS_KEY = "text_embeddings.position_embeddings.weight"
+# Keys of the ViLT checkpoint that are not part of the backbone (pre-training heads, legacy buffer).
+IGNORED_VILT_KEYS = re.compile(r"^(text_embeddings\.position_ids$|mlm_score\.|itm_score\.|mpp_score\.)")
+LEGACY_ALLOWED_KEYS = ("text_embeddings.position_ids",)
+
+
+@dataclass
+class LoadReport:
+    """What a loader did: keys loaded, ignored by rule, unexpected (not loaded), missing in the source."""
+
+    loaded: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    source_format: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# --- reading files ----------------------------------------------------------------------------------
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        warnings.warn(f"{path}: checkpoint holds non-tensor Python objects; loading it with "
+                      "weights_only=False (only do this for files you trust)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensor dict of a checkpoint file/directory (Lightning ``state_dict`` unwrapped)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; set load_path to the ViLT .ckpt "
+                                "(vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel weight file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return dict(load_file(str(path)))
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not contain a state dict (got {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# --- key mapping ------------------------------------------------------------------------------------
+_HF_LAYER = {
+    "attention.output.dense": "attn.proj",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_FIXED = {
+    "embeddings.patch_embeddings.projection.weight": "transformer.patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "transformer.patch_embed.proj.bias",
+    "embeddings.cls_token": "transformer.cls_token",
+    "embeddings.position_embeddings": "transformer.pos_embed",
+    "embeddings.token_type_embeddings.weight": "token_type_embeddings.weight",
+    "layernorm.weight": "transformer.norm.weight",
+    "layernorm.bias": "transformer.norm.bias",
+    "pooler.dense.weight": "pooler.dense.weight",
+    "pooler.dense.bias": "pooler.dense.bias",
+}
+
+
+def is_hf_vilt(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("embeddings.", "vilt.embeddings.")) for k in state)
+
+
+def hf_vilt_to_vilt(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a Hugging Face ViltModel state dict to ViLT checkpoint keys (§2.2). Returns (mapped, unmapped)."""
+    state = {k[len("vilt."):] if k.startswith("vilt.") else k: v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    layer = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+    for key, value in state.items():
+        if key.startswith("embeddings.text_embeddings."):
+            out["text_embeddings." + key[len("embeddings.text_embeddings."):]] = value
+        elif key in _HF_FIXED:
+            out[_HF_FIXED[key]] = value
+        elif (m := layer.match(key)) is not None:
+            i, name, kind = int(m.group(1)), m.group(2), m.group(3)
+            if name in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
+                qkv.setdefault((i, kind), {})[name.rsplit(".", 1)[1]] = value
+            elif name in _HF_LAYER:
+                out[f"transformer.blocks.{i}.{_HF_LAYER[name]}.{kind}"] = value
+            else:
+                unmapped.append(key)
+        else:
+            unmapped.append(key)
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"HF ViLT layer {i} lacks some of query/key/value {kind}")
+        out[f"transformer.blocks.{i}.attn.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0)
+    return out, unmapped
+
+
+def interpolate_text_positions(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Resize a [L0, D] position table to [length, D]: bilinear, align_corners=False (§2.2).
+
+    Along the position axis row j blends rows floor(s) and floor(s)+1 with s = (j+0.5)·L0/length − 0.5
+    (clamped at 0); along the feature axis it is the identity.
+    """
+    l0, d = table.shape
+    if l0 == length:
+        return table.clone()
+    out = F.interpolate(table.float()[None, None], size=(length, d), mode="bilinear", align_corners=False)
+    return out[0, 0].to(table.dtype)
+
+
+# --- backbone loader --------------------------------------------------------------------------------
+def _backbone_of(model: nn.Module) -> nn.Module:
+    return getattr(model, "backbone", model)
+
+
+def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> LoadReport:
+    """Load ViLT weights into a `ViLTBackbone` (or a classifier's ``.backbone``). Returns a `LoadReport`.
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the keys) when backbone keys are
+    missing or shapes do not fit. Unexpected keys are reported with a warning.
+    """
+    backbone = _backbone_of(model)
+    raw = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    report = LoadReport()
+    if is_hf_vilt(raw):
+        state, unmapped = hf_vilt_to_vilt(raw)
+        report.source_format = "huggingface-vilt"
+        report.unexpected.extend(k for k in unmapped if not k.endswith("position_ids"))
+        report.ignored.extend(k for k in unmapped if k.endswith("position_ids"))
+    else:
+        state, report.source_format = dict(raw), "vilt-lightning"
+    own = backbone.state_dict()
+    for key in list(state):
+        if IGNORED_VILT_KEYS.match(key):
+            report.ignored.append(key)
+            del state[key]
+        elif key not in own:
+            report.unexpected.append(key)
+            del state[key]
+    if TEXT_POS_KEY in state:
+        table, target = state[TEXT_POS_KEY], own[TEXT_POS_KEY].shape
+        if table.ndim != 2 or table.shape[1] != target[1]:
+            raise ValueError(f"{TEXT_POS_KEY}: checkpoint shape {tuple(table.shape)} has width "
+                             f"{table.shape[-1]}, the model needs {target[1]} (check hidden_size)")
+        if table.shape[0] != target[0]:
+            state[TEXT_POS_KEY] = interpolate_text_positions(table, target[0])
+            report.notes.append(f"text positions interpolated {table.shape[0]} -> {target[0]}")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError("ViLT checkpoint does not fit the model config (sizes from hidden_size, num_layers, "
+                         "patch_size, image_size, vocab_size): " + "; ".join(bad[:8]))
+    missing = [k for k in own if k not in state]
+    hard_missing = [k for k in missing if not k.startswith("pooler.")]
+    if hard_missing:
+        raise ValueError(f"ViLT checkpoint lacks {len(hard_missing)} backbone keys, e.g. {hard_missing[:5]}; "
+                         "is load_path a ViLT / HF ViltModel checkpoint?")
+    backbone.load_state_dict(state, strict=False)
+    report.loaded = sorted(state)
+    report.missing = missing
+    if missing:
+        warnings.warn(f"ViLT checkpoint has no {missing}; these keep their random init")
+    if report.unexpected:
+        warnings.warn(f"ViLT checkpoint keys not used: {report.unexpected[:10]}"
+                      + (f" (+{len(report.unexpected) - 10} more)" if len(report.unexpected) > 10 else ""))
+    return report
+
+
+# --- reference fine-tuned checkpoints -----------------------------------------------------------------
+def reference_key_to_mdpl(key: str) -> str:
+    """Reference (MAP / MemPrompt LightningModule) key -> `MultimodalClassifier` key."""
+    if key.startswith(BACKBONE_PREFIXES):
+        return "backbone." + key
+    if re.match(r"^[a-z0-9]+_classifier\.", key):
+        return key
+    return "prompt." + key
+
+
+def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
+                             allow: tuple[str, ...] = LEGACY_ALLOWED_KEYS) -> LoadReport:
+    """Strictly load a MAP / MemPrompt fine-tuned checkpoint (reference key names) into a classifier.
+
+    Every model key must be present and every checkpoint key used, except the keys in `allow`
+    (legacy ``text_embeddings.position_ids``); otherwise ValueError listing the offending keys (D-22).
+    """
+    raw = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else dict(state_dict)
+    report = LoadReport(source_format="reference-finetuned")
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if key in allow:
+            report.ignored.append(key)
+        else:
+            mapped[reference_key_to_mdpl(key)] = value
+    own = model.state_dict()
+    report.unexpected = sorted(k for k in mapped if k not in own)
+    report.missing = sorted(k for k in own if k not in mapped)
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in mapped.items() if k in own and v.shape != own[k].shape]
+    if report.unexpected or report.missing or bad:
+        raise ValueError(
+            "fine-tuned checkpoint does not match this model (method/dataset/sizes): "
+            f"missing {report.missing[:6]}, unexpected {report.unexpected[:6]}, shape mismatch {bad[:4]}")
+    model.load_state_dict(mapped, strict=True)
+    report.loaded = sorted(mapped)
+    return report
