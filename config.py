@@ -115,6 +115,8 @@ def base_config():
     val_check_interval = 1.0
     test_only = False
     fast_dev_run = False
+    deterministic = "warn"        # Lightning `deterministic`: True | 'warn' (deterministic kernels where they exist) | False
+    find_unused_parameters = False  # DDP: True only for methods whose forward skips trainable parameters
 
 
 @ex.named_config

@@ -1,0 +1,186 @@
+"""Task metrics with torchmetrics-0.9.3 semantics (METHODS.md §8, defect D-51).
+
+All metrics accumulate over a whole epoch and are `torchmetrics.Metric`s, so their tensor states are
+reduced across DDP ranks when `compute()` is called:
+
+* `MultilabelF1` (MM-IMDb): per-class TP/FP/FN sums (micro, macro, weighted) and a running
+  sum/count of per-sample F1 (samples) -- all "sum" states, constant memory.
+* `Accuracy` (Food-101, Hateful Memes): correct/total sums.
+* `BinaryAUROC` (Hateful Memes): "cat" states of softmax[:, 1] and targets (ROC needs all scores).
+
+`build_task_metrics(dataset)` returns a `TaskMetrics` bundle with the metric names logged by the
+engine and the name of the primary metric (`the_metric`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
+
+F1_NAMES = ("F1_Micro", "F1_Macro", "F1_Samples", "F1_Weighted")
+IGNORE_INDEX = -100
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with 0/0 (and x/0) := 0, as torchmetrics 0.9.3's `_safe_divide`."""
+    den = den.to(num.dtype)
+    return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, torch.ones_like(den), den))
+
+
+def _f1_from_pr(precision: Tensor, recall: Tensor) -> Tensor:
+    """F1 = 2PR/(P+R), 0 where P+R = 0 (torchmetrics 0.9.3 `_fbeta_compute` with beta=1)."""
+    denom = precision + recall
+    return _safe_div(2 * precision * recall, denom)
+
+
+def multilabel_f1_from_stats(tp: Tensor, fp: Tensor, fn: Tensor) -> dict[str, Tensor]:
+    """Micro, macro and weighted F1 from per-class counts [C] (METHODS.md §8).
+
+    Macro drops classes with TP+FP+FN = 0 (torchmetrics 0.9.3); weighted uses support TP+FN.
+    """
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    micro = _f1_from_pr(_safe_div(tp.sum(), tp.sum() + fp.sum()), _safe_div(tp.sum(), tp.sum() + fn.sum()))
+    per_class = _f1_from_pr(_safe_div(tp, tp + fp), _safe_div(tp, tp + fn))
+    present = (tp + fp + fn) > 0
+    macro = per_class[present].mean() if bool(present.any()) else per_class.new_zeros(())
+    support = tp + fn
+    weighted = _safe_div((per_class * support).sum(), support.sum())
+    return {"F1_Micro": micro, "F1_Macro": macro, "F1_Weighted": weighted}
+
+
+def samplewise_f1(preds: Tensor, target: Tensor) -> Tensor:
+    """Per-sample F1 over the labels of each row [N]; 0 when P+R = 0 (no positives predicted or true)."""
+    tp = (preds & target).sum(dim=1).double()
+    fp = (preds & ~target).sum(dim=1).double()
+    fn = (~preds & target).sum(dim=1).double()
+    return _f1_from_pr(_safe_div(tp, tp + fp), _safe_div(tp, tp + fn))
+
+
+class MultilabelF1(Metric):
+    """MM-IMDb F1 (micro, macro, samples, weighted) at p = sigmoid(logit) >= threshold (METHODS.md §8)."""
+
+    full_state_update = False
+
+    def __init__(self, num_labels: int, threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_labels, self.threshold = num_labels, threshold
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("samples_f1_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        """logits [N, C] (raw), target [N, C] multi-hot (0/1, any dtype)."""
+        if logits.shape != target.shape or logits.shape[-1] != self.num_labels:
+            raise ValueError(f"MultilabelF1 expects logits and targets [N, {self.num_labels}], got "
+                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        preds = torch.sigmoid(logits.detach().float()) >= self.threshold
+        target = target.detach() > 0.5
+        self.tp += (preds & target).sum(dim=0)
+        self.fp += (preds & ~target).sum(dim=0)
+        self.fn += (~preds & target).sum(dim=0)
+        self.samples_f1_sum += samplewise_f1(preds, target).sum()
+        self.n_samples += preds.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        out = multilabel_f1_from_stats(self.tp, self.fp, self.fn)
+        out["F1_Samples"] = _safe_div(self.samples_f1_sum, self.n_samples.double())
+        return {k: out[k].float() for k in F1_NAMES}
+
+
+class Accuracy(Metric):
+    """mean(argmax(logits) == label) over targets != -100 (METHODS.md §8, Food-101 / Hateful Memes)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        keep = target != IGNORE_INDEX
+        pred = logits.detach().argmax(dim=-1)
+        self.correct += (pred[keep] == target[keep]).sum()
+        self.total += keep.sum()
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        return _safe_div(self.correct.double(), self.total.double()).float()
+
+
+class BinaryAUROC(Metric):
+    """ROC-AUC of softmax(logits)[:, 1] vs label (trapezoidal ROC, exact thresholds; METHODS.md §8).
+
+    Equals torchmetrics 0.9.3's 2-class macro one-vs-rest AUROC. With a single class present the
+    AUC is undefined; torchmetrics returns 0 (with a warning) and so do we.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("probs", [], dist_reduce_fx="cat")
+        self.add_state("targets", [], dist_reduce_fx="cat")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ValueError(f"BinaryAUROC expects 2-class logits [N, 2], got {tuple(logits.shape)}")
+        keep = target != IGNORE_INDEX
+        self.probs.append(torch.softmax(logits.detach().float(), dim=-1)[keep, 1])
+        self.targets.append(target[keep].long())
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
+        return binary_auroc(probs, targets, thresholds=None).float()
+
+
+class TaskMetrics(nn.Module):
+    """The metrics of one task and phase: `update(logits, target)`, `compute() -> {name: value}`, `reset()`.
+
+    `primary` names the value used as `the_metric` (METHODS.md §8).
+    """
+
+    def __init__(self, dataset: str, num_classes: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        if dataset == "mmimdb":
+            self.metrics = nn.ModuleDict({"f1": MultilabelF1(num_classes)})
+            self.primary = "F1_Macro"
+        elif dataset == "food101":
+            self.metrics = nn.ModuleDict({"accuracy": Accuracy()})
+            self.primary = "accuracy"
+        elif dataset == "hatememes":
+            self.metrics = nn.ModuleDict({"AUROC": BinaryAUROC(), "accuracy": Accuracy()})
+            self.primary = "AUROC"
+        else:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of mmimdb, food101, hatememes")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        for metric in self.metrics.values():
+            metric.update(logits, target)
+
+    @property
+    def has_updates(self) -> bool:
+        return any(m.update_called for m in self.metrics.values())
+
+    def compute(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            out.update(value if isinstance(value, dict) else {name: value})
+        return out
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+
+def build_task_metrics(dataset: str) -> TaskMetrics:
+    """Metrics of `dataset` (mmimdb: F1 x4, primary F1_Macro; food101: accuracy; hatememes: AUROC + accuracy)."""
+    from mdpl.data.constants import NUM_CLASSES
+
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(NUM_CLASSES)}")
+    return TaskMetrics(dataset, NUM_CLASSES[dataset])

@@ -1,0 +1,193 @@
+"""`MDPLModule`: the LightningModule that trains and evaluates one classifier (METHODS.md §7-§8, §10.5).
+
+Logged keys (D-50: test runs log under `test/`, not `val/` as the references did):
+* every training step: `{dataset}/train/loss`;
+* every train epoch end: `{dataset}/train/{metric}`, `train/the_metric`;
+* every validation/test epoch end: `{dataset}/{val|test}/{metric}`, `{dataset}/{val|test}/loss`,
+  `{val|test}/the_metric` (= the primary metric of the task; checkpoints monitor `val/the_metric`).
+Metric names: mmimdb F1_Micro, F1_Macro, F1_Samples, F1_Weighted; food101 accuracy; hatememes AUROC, accuracy.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from mdpl.engine.losses import task_loss
+from mdpl.engine.metrics import build_task_metrics
+from mdpl.engine.optim import build_optimizer
+from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
+
+PHASES = ("train", "val", "test")
+# Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them.
+MODEL_KEYS = {
+    "*": ("dataset", "backbone", "prompt_method", "hidden_size", "num_layers", "num_heads", "patch_size"),
+    "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
+    "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
+                  "mem_size", "top_k", "bottleneck_dim"),
+}
+
+
+def to_plain(obj):
+    """Recursive copy of a (Sacred read-only) config into plain dicts/lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def parameter_report(model: nn.Module) -> str:
+    """'parameters: total T, trainable N (P %)' from `trainable_parameters_report()` or by counting."""
+    if hasattr(model, "trainable_parameters_report"):
+        total, trainable = model.trainable_parameters_report()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pct = 100.0 * trainable / max(1, total)
+    return f"parameters: total {total:,}, trainable {trainable:,} ({pct:.3f} %)"
+
+
+def config_mismatches(ckpt_config: Mapping, config: Mapping) -> list[str]:
+    """Model-defining keys (MODEL_KEYS) whose checkpoint value differs from `config`'s."""
+    keys = MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("prompt_method")), ())
+    return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
+            for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
+
+
+class MDPLModule(pl.LightningModule):
+    """Classifier + loss (§7.5) + metrics (§8) + optimizer (§7.3) + schedule (§7.4).
+
+    `model` injects a prebuilt classifier (tests, test_only); by default `mdpl.models.build_classifier(config)`.
+    The config is stored (as a plain copy) in `hparams.config` and therefore in every checkpoint.
+    """
+
+    def __init__(self, config: Mapping, model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = to_plain(config)
+        self.save_hyperparameters({"config": self.config})
+        self.dataset = self.config["dataset"]
+        if model is None:
+            from mdpl.models import build_classifier  # lazy: tests inject stub models
+            model = build_classifier(self.config)
+        self.model = model
+        # ModuleDict keys may not shadow nn.Module attributes ('train'), hence the '_phase' suffix.
+        self.metrics = nn.ModuleDict({f"{p}_phase": build_task_metrics(self.dataset) for p in PHASES})
+        self.loss_means = nn.ModuleDict({f"{p}_phase": MeanMetric() for p in PHASES})
+        self.total_steps: int | None = None
+
+    # ------------------------------------------------------------------ forward / steps
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def _shared_step(self, batch: dict, phase: str) -> Tensor:
+        logits = self.model(batch)["logits"]
+        label = batch["label"]
+        loss = task_loss(self.dataset, logits, label)
+        self.metrics[f"{phase}_phase"].update(logits.detach(), label)
+        self.loss_means[f"{phase}_phase"].update(loss.detach(), weight=label.shape[0])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step} "
+                                     f"(epoch {self.current_epoch}, batch {batch_idx}); lower learning_rate, "
+                                     f"or use precision=32 / bf16 to rule out fp16 overflow")
+        self.log(f"{self.dataset}/train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=batch["label"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    # ------------------------------------------------------------------ epoch ends
+    def _log_epoch(self, phase: str) -> dict[str, float]:
+        """Compute (DDP-reduced), log and reset the epoch metrics of `phase`."""
+        metrics = self.metrics[f"{phase}_phase"]
+        if not metrics.has_updates:
+            return {}
+        values = metrics.compute()
+        values["loss"] = self.loss_means[f"{phase}_phase"].compute()
+        for name, value in values.items():
+            self.log(f"{self.dataset}/{phase}/{name}", value, prog_bar=False)
+        self.log(f"{phase}/the_metric", values[metrics.primary], prog_bar=phase != "train")
+        metrics.reset()
+        self.loss_means[f"{phase}_phase"].reset()
+        return {k: float(v) for k, v in values.items()}
+
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.model, "set_frozen_modes"):
+            self.model.set_frozen_modes()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"[mdpl] {parameter_report(self.model)}")
+
+    # ------------------------------------------------------------------ optimisation
+    def _schedule_total_steps(self) -> int:
+        """Reference formula T = floor(len(train_loader) * max_epochs / accumulate) unless max_steps > 0 (D-47).
+
+        len(train_loader) = `trainer.num_training_batches` (per-device batches per epoch, after
+        limit_train_batches). Lightning runs ceil(batches / accumulate) * epochs optimizer steps (it steps
+        on an incomplete accumulation at each epoch end), so a few final steps run at end_lr, as in the references.
+        """
+        trainer = self.trainer
+        _ = trainer.estimated_stepping_batches  # makes Lightning set up the train dataloader
+        batches = trainer.num_training_batches
+        max_steps = trainer.max_steps  # -1 = not set (config max_steps None)
+        if batches == float("inf"):
+            if max_steps is None or max_steps <= 0:
+                raise ValueError("the train dataloader has no length; set max_steps for the LR schedule")
+            return int(max_steps)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config["max_epoch"]
+        return total_steps(int(batches), int(epochs), int(trainer.accumulate_grad_batches), max_steps)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.config)
+        self.total_steps = self._schedule_total_steps()
+        scheduler = build_scheduler(optimizer, self.config, self.total_steps)
+        rank_zero_info(f"[mdpl] LR schedule: {self.total_steps} optimizer steps, warmup "
+                       f"{warmup_steps(self.config['warmup_steps'], self.total_steps)}, decay_power "
+                       f"{self.config.get('decay_power', 1)}, optimizer {type(optimizer).__name__}")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Parity mode (optimizer_impl='legacy_hf'): zero-filled grads, so untouched params still decay (D-48)."""
+        optimizer.zero_grad(set_to_none=self.config.get("optimizer_impl", "legacy_hf") != "legacy_hf")
+
+
+def load_for_test(module: MDPLModule, checkpoint: Mapping) -> None:
+    """Load an mdpl checkpoint's state_dict strictly after checking its config agrees with the module's.
+
+    Raises ValueError naming the mismatched keys (e.g. a checkpoint of another method or dataset).
+    """
+    ckpt_config = checkpoint.get("hyper_parameters", {}).get("config")
+    if ckpt_config is None:
+        raise ValueError("not an mdpl checkpoint (no hyper_parameters.config)")
+    mismatches = config_mismatches(ckpt_config, module.config)
+    if mismatches:
+        raise ValueError("checkpoint does not match the config: " + "; ".join(mismatches))
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+def is_mdpl_checkpoint(checkpoint: Mapping) -> bool:
+    """True if `checkpoint` was written by MDPLModule (has hyper_parameters.config and a state_dict)."""
+    hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    return isinstance(hp, Mapping) and isinstance(hp.get("config"), Mapping) and "state_dict" in checkpoint
+

@@ -1,0 +1,124 @@
+"""Train and/or evaluate one mdpl run (Sacred entry point; METHODS.md §7, §9, D-54).
+
+    python run.py with task_finetune_mmimdb data_root=... load_path=vilt_200k_mlm_itm.ckpt per_gpu_batchsize=32
+    python run.py with task_finetune_mmimdb load_path=<run>/checkpoints/last.ckpt test_only=True test_ratio=0.5
+    python run.py print_config with task_finetune_mmimdb
+
+Run directory: log_dir/<exp_name>_seed<seed>_from_<Path(load_path).stem or 'scratch'>/version_<n>/ with
+checkpoints/ (best by val/the_metric + last), tensorboard/, csv/ and test_metrics.json. A new version_<n> is
+made for every run, so an earlier run's checkpoints are never overwritten.
+Training runs end with `trainer.test` on the best checkpoint. `test_only=True` loads an mdpl checkpoint from
+load_path strictly (its config must agree on dataset, backbone and method; see mdpl.engine.module.MODEL_KEYS).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from sacred import SETTINGS
+
+from config import ex
+
+SETTINGS.CAPTURE_MODE = "no"   # let Lightning's progress bar and DDP child processes own stdout/stderr
+RUN_DIR_ENV = "MDPL_RUN_DIR"  # set by rank 0 so that DDP child processes reuse its run directory
+_OWN_RUN_DIRS: set[str] = set()
+
+
+def run_base_dir(config: Mapping) -> Path:
+    """log_dir/<exp_name>_seed<seed>_from_<stem of load_path | 'scratch'> (D-54: Path.stem, not name[:-5])."""
+    source = Path(config["load_path"]).stem if config.get("load_path") else "scratch"
+    return Path(config["log_dir"]) / f"{config['exp_name']}_seed{config['seed']}_from_{source}"
+
+
+def new_run_dir(config: Mapping) -> Path:
+    """A fresh base/version_<n> (first unused n), exported as $MDPL_RUN_DIR.
+
+    A $MDPL_RUN_DIR not set by this process (inherited by the DDP child processes that Lightning's launcher
+    starts by re-running this script, or set by the user for torchrun/SLURM jobs) is used as is.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and inherited not in _OWN_RUN_DIRS:
+        return Path(inherited)
+    base = run_base_dir(config)
+    version = 0
+    while (base / f"version_{version}").exists():
+        version += 1
+    run_dir = base / f"version_{version}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    _OWN_RUN_DIRS.add(str(run_dir))
+    return run_dir
+
+
+def build_test_module(config: dict, model=None):
+    """MDPLModule with the weights of load_path (test_only).
+
+    An mdpl checkpoint is loaded strictly after the config check (mismatch -> ValueError naming the keys);
+    the classifier is then built with load_path='' (all weights come from the checkpoint). Any other file is
+    handed to build_classifier(config) as load_path (its loader handles reference checkpoints, METHODS §12).
+    """
+    import torch
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    from mdpl.engine.module import MDPLModule, is_mdpl_checkpoint, load_for_test
+
+    if not config.get("load_path"):
+        raise ValueError("test_only=True needs load_path=<checkpoint.ckpt> (e.g. <run_dir>/checkpoints/last.ckpt)")
+    path = Path(config["load_path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"load_path {path} does not exist; pass the .ckpt written by a training run")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
+    if not is_mdpl_checkpoint(checkpoint):
+        rank_zero_warn(f"{path} is not an mdpl checkpoint; its weights are loaded by build_classifier(load_path)")
+        return MDPLModule(config, model=model)
+    if model is None:
+        from mdpl.models import build_classifier
+        model = build_classifier({**config, "load_path": ""})
+    module = MDPLModule(config, model=model)
+    try:
+        load_for_test(module, checkpoint)
+    except ValueError as err:
+        raise ValueError(f"cannot evaluate {path}: {err}") from None
+    return module
+
+
+def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> dict:
+    """Train then test (best checkpoint), or only test (test_only). Returns run_dir, best checkpoint, test metrics.
+
+    `datamodule` / `model` / `trainer_overrides` let tests inject stubs; by default
+    `mdpl.data.datamodule.MDPLDataModule(config)` and `mdpl.models.build_classifier(config)`.
+    """
+    import pytorch_lightning as pl
+
+    from mdpl.engine.module import MDPLModule, to_plain
+    from mdpl.engine.trainer import build_trainer
+
+    config = to_plain(config)
+    pl.seed_everything(int(config["seed"]), workers=True)
+    if datamodule is None:
+        from mdpl.data.datamodule import MDPLDataModule
+        datamodule = MDPLDataModule(config)
+    run_dir = new_run_dir(config)
+    if config.get("test_only"):
+        module = build_test_module(config, model)
+        trainer = build_trainer(config, run_dir, **trainer_overrides)
+        results = trainer.test(module, datamodule=datamodule)
+        best = config["load_path"]
+    else:
+        module = MDPLModule(config, model=model)
+        trainer = build_trainer(config, run_dir, **trainer_overrides)
+        trainer.fit(module, datamodule=datamodule)
+        callback = trainer.checkpoint_callback
+        best = callback.best_model_path if callback is not None and callback.best_model_path else None
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if trainer.is_global_zero:
+        (run_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2))
+    return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics}
+
+
+@ex.automain
+def main(_config):
+    return run(_config)["test"]
