@@ -167,14 +167,14 @@ def task_finetune_hatememes():
 
 @ex.named_config
 def baseline():
-    """Frozen ViLT, trainable pooler + head (the reference point of every table, D-25)."""
+    # Frozen ViLT, trainable pooler + head (the reference point of every table, D-25).
     backbone = "vilt"
     prompt_method = "none"
 
 
 @ex.named_config
 def map():
-    """MAP (CVPR 2023): input-level missing-aware prompts, 16 tokens on layers 0-5, seed 0."""
+    # MAP (CVPR 2023): input-level missing-aware prompts, 16 tokens on layers 0-5, seed 0.
     backbone = "vilt"
     prompt_method = "map"
     prompt_type = "input"
@@ -185,9 +185,9 @@ def map():
 
 @ex.named_config
 def memprompt():
-    """MemPrompt (IJCAI 2025): lr 5e-3 for MM-IMDb/Food-101 (use learning_rate=1e-3 for Hateful
-    Memes, as the reference config does), seed 42. The reference trains with missing_type 'image' on
-    every split (D-32); the task configs keep 'both', so pass missing_type explicitly to match it."""
+    # MemPrompt (IJCAI 2025): lr 5e-3 for MM-IMDb/Food-101 (use learning_rate=1e-3 for Hateful
+    # Memes, as the reference config does), seed 42. The reference trains with missing_type 'image' on
+    # every split (D-32); the task configs keep 'both', so pass missing_type explicitly to match it.
     backbone = "vilt"
     prompt_method = "memprompt"
     gen_prompt_length = 16
@@ -203,7 +203,7 @@ def memprompt():
 
 @ex.named_config
 def dcp():
-    """DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2."""
+    # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2.
     backbone = "clip"
     prompt_method = "dcp"
     prompt_length = 36
@@ -211,3 +211,46 @@ def dcp():
     image_size = 224
     learning_rate = 1e-2
     seed = 0
+
+
+# --- tiny sizes: tests and the demo (random-initialised backbones, CPU) --------------------------
+
+
+@ex.named_config
+def tiny():
+    # A 2-layer, 64-wide ViLT / CLIP and short prompts, for CPU tests on synthetic data.
+    hidden_size = 64
+    num_layers = 2
+    num_heads = 2
+    mlp_ratio = 2
+    patch_size = 16
+    image_size = 64
+    max_text_len = 24
+    prompt_length = 4
+    prompt_layers = [0, 1]
+    gen_prompt_length = 4
+    gen_prompt_layers = [0, 1]
+    shared_prompt_length = 4
+    shared_prompt_layers = [0, 1]
+    mem_size = 4
+    top_k = 2
+    bottleneck_dim = 8
+    prompt_depth = 2
+    clip_embed_dim = 32
+    clip_image_size = 64
+    clip_vision_width = 64
+    clip_vision_layers = 2
+    clip_vision_head_width = 32
+    clip_text_width = 64
+    clip_text_heads = 2
+    clip_text_layers = 2
+    num_gpus = 0
+    num_workers = 0
+    precision = "32-true"
+    per_gpu_batchsize = 8
+    batch_size = 8
+    max_epoch = 3
+    max_steps = None
+    warmup_steps = 0.1
+    learning_rate = 1e-3
+    val_check_interval = 1.0
