@@ -113,17 +113,21 @@ class BackboneOutput:
     layout: TokenLayout
 
 
-def _align_corners_source(dst: torch.Tensor, out_size: torch.Tensor, in_size: int):
+def _align_corners_source(dst: torch.Tensor, out_size: torch.Tensor, in_size: int,
+                          dtype: torch.dtype = torch.float32):
     """Bilinear align_corners=True source taps for output index `dst` of a resize in_size -> out_size.
 
     Mirrors PyTorch's upsample kernel: scale = (in-1)/(out-1) (0 if out == 1), src = scale*dst,
-    i0 = floor(src), i1 = min(i0+1, in-1), weight of i1 = src - i0.
+    i0 = floor(src), i1 = min(i0+1, in-1), weight of i1 = src - i0 — computed in `dtype` (the
+    table's: the kernel's accumulation type is float for float32 and double for float64 inputs).
     """
-    denom = (out_size - 1).clamp(min=1).to(torch.float32)
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # half/bfloat16 tables: the kernel computes taps in float
+    denom = (out_size - 1).clamp(min=1).to(dtype)
     scale = torch.where(out_size > 1, float(in_size - 1) / denom, torch.zeros_like(denom))
-    src = scale * dst.to(torch.float32)
+    src = scale * dst.to(dtype)
     i0 = src.floor().long().clamp(max=in_size - 1)
-    lam = src - i0.to(torch.float32)
+    lam = src - i0.to(dtype)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     return i0, i1, lam
 
@@ -203,8 +207,8 @@ class ViLTBackbone(nn.Module):
         """
         g = self.transformer.grid
         table = self.transformer.pos_embed[0, 1:].view(g, g, -1)
-        y0, y1, ly = _align_corners_source(rows, h[:, None], g)
-        x0, x1, lx = _align_corners_source(cols, w[:, None], g)
+        y0, y1, ly = _align_corners_source(rows, h[:, None], g, table.dtype)
+        x0, x1, lx = _align_corners_source(cols, w[:, None], g, table.dtype)
         ly, lx = ly[..., None].to(table.dtype), lx[..., None].to(table.dtype)
         top = (1 - lx) * table[y0, x0] + lx * table[y0, x1]
         bottom = (1 - lx) * table[y1, x0] + lx * table[y1, x1]
