@@ -1,0 +1,727 @@
+#!/usr/bin/env python
+"""Throughput / memory / MFU benchmark of the mdpl models and the input pipeline (issue 6).
+
+For every method x dataset x precision it builds the classifier with random weights
+(``mdpl.models.build_classifier``, ``load_path=''`` / ``clip_path=''``) from the Sacred presets of
+``config.py`` (task config, method preset, and ``tiny`` under ``--small``), feeds synthetic batches in
+the CONTRACT.md batch format (mixed missing types, dummies applied with ``apply_missing``) and times
+
+* a training step: forward + task loss + backward + optimizer step (``mdpl.engine.optim.build_optimizer``;
+  fp16-mixed uses ``torch.amp.GradScaler``),
+* an evaluation step: forward under ``torch.inference_mode``,
+
+reporting samples/s, peak memory (CUDA ``max_memory_allocated``; on CPU the peak-RSS increase, via
+``/proc/self/clear_refs``) and an MFU estimate. Then it times the DataModule's train loader (decode +
+transform + tokenise + collate) on an arrow file (``--data-root``, or a synthetic one written with
+``mdpl.data.synthetic`` + ``make_arrow``).
+
+FLOPs (executed FLOPs, multiply-add = 2; elementwise ops, norms, softmax, embeddings lookups and the
+batch-independent prompt-generation matmuls are not counted):
+  per transformer layer with Nq query tokens, Nk key tokens, width D, MLP ratio r:
+    matmul  M = 2 * Nq * (4 + 2r) * D^2        (qkv 3D^2 + proj D^2 + MLP 2rD^2)
+    attn    A = 4 * Nq * Nk * D                (QK^T and AV; padding and causal masks are executed, so counted)
+  forward = sum_layers (M + A) + patch conv (2 * patches * 3p^2 * D) + pooler/proj + head.
+  training = forward + backward on the gradient path: layers at or after the first layer where a trainable
+    input enters (first prompt layer; all layers with finetune) cost M + 2A for activation gradients,
+    + M for weight gradients only if the layer's weights are trainable (finetune); at a first layer that
+    only gets K/V prompts (MAP 'attention') there are no input grads through qkv and no dQ
+    (2*N*(1+2r)*D^2 + 1.5A); trainable small modules (pooler, head, DCP proj) cost 2x their forward, DCP's
+    block-0 prompt attention its weight grads + 2x its attention. (A fully trainable model gives the
+    familiar 3 x forward; frozen backbone + prompts at layer 0 gives ~2 x.) DCP with dcp_skip_missing counts
+    each tower only for the samples that run it. tests/test_bench.py checks all of this against
+    torch.utils.flop_counter (math SDPA) to 1 %.
+  MFU = FLOPs per step / step time / peak FLOP/s (--peak-tflops, or a table for H100/H200/A100 dense).
+
+Examples:
+  python scripts/bench.py --small                                     # CPU, < 2 min on 2 cores
+  python scripts/bench.py --device cuda --json bench_h100.json        # full size, all methods/precisions
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+METHODS = ("none", "map", "memprompt", "dcp")
+DATASETS = ("mmimdb", "food101", "hatememes")
+PRECISIONS = {"fp32": "fp32", "32": "fp32", "32-true": "fp32",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+              "fp16": "fp16-mixed", "16": "fp16-mixed", "16-mixed": "fp16-mixed", "fp16-mixed": "fp16-mixed"}
+METHOD_PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
+BACKBONE = {"none": "vilt", "map": "vilt", "memprompt": "vilt", "dcp": "clip"}
+
+# Dense peak TFLOP/s by (GPU name fragment, precision); fp32 = plain FP32 (TF32 off, the PyTorch default).
+PEAK_TFLOPS = {
+    ("H200", "bf16-mixed"): 989.0, ("H200", "fp16-mixed"): 989.0, ("H200", "fp32"): 67.0, ("H200", "tf32"): 494.5,
+    ("H100 PCIe", "bf16-mixed"): 756.0, ("H100 PCIe", "fp16-mixed"): 756.0, ("H100 PCIe", "fp32"): 51.0,
+    ("H100 PCIe", "tf32"): 378.0,
+    ("H100", "bf16-mixed"): 989.0, ("H100", "fp16-mixed"): 989.0, ("H100", "fp32"): 67.0, ("H100", "tf32"): 494.5,
+    ("A100", "bf16-mixed"): 312.0, ("A100", "fp16-mixed"): 312.0, ("A100", "fp32"): 19.5, ("A100", "tf32"): 156.0,
+}
+
+# Valid image sizes (rows, cols) in patches, cycled over the batch: realistic aspects after the ViLT
+# 'pixelbert' resize (shorter side 384 = 12 patches of 32, longer <= 640). MM-IMDb: portrait posters
+# (384x576); Food-101: landscape photos (512x384) and squares; Hateful Memes: mixed.
+VILT_PATCH_SIZES = {
+    "full": {"mmimdb": [(18, 12), (17, 12), (18, 12), (16, 12)],
+             "food101": [(12, 16), (12, 12), (12, 16), (12, 15)],
+             "hatememes": [(12, 12), (12, 16), (15, 12), (12, 14)]},
+    "small": {"mmimdb": [(6, 4), (5, 4)], "food101": [(4, 5), (4, 4)], "hatememes": [(4, 4), (4, 5), (5, 4)]},
+}
+# Real text tokens per sample (incl. [CLS]/[SEP]): (min, max), padded to max_text_len.
+TEXT_FILL = {
+    "full": {"mmimdb": (60, 700), "food101": (80, 512), "hatememes": (8, 48)},
+    "small": {"mmimdb": (8, 48), "food101": (6, 32), "hatememes": (3, 12)},
+}
+SMALL_TEXT_LEN = {"mmimdb": 48, "food101": 32, "hatememes": 16}
+MISSING_PROBS = (0.3, 0.35, 0.35)  # complete / text missing / image missing: missing_ratio 0.7, 'both'
+VILT_CLS, VILT_SEP = 101, 102
+CLIP_SOT, CLIP_EOT = 49406, 49407
+
+
+# ----------------------------------------------------------------------------------------- config
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def resolve_config(method: str, dataset: str, small: bool, overrides: dict | None = None) -> dict:
+    """Base config + task_finetune_<dataset> + method preset (+ tiny) + bench overrides, as a plain dict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from config import ex
+    cfg = _plain(dict(ex.configurations[0]()))
+    presets = [f"task_finetune_{dataset}", METHOD_PRESET[method]] + (["tiny"] if small else [])
+    for name in presets:
+        cfg.update(_plain(dict(ex.named_configs[name]())))
+    cfg.update({"load_path": "", "clip_path": "", "dataset": dataset, "test_only": False})
+    if small:
+        cfg["max_text_len"] = SMALL_TEXT_LEN[dataset]
+    cfg.update(overrides or {})
+    return cfg
+
+
+def build_model(cfg: dict) -> torch.nn.Module:
+    """Random-weight classifier; the 'randomly initialised' warnings are silenced."""
+    from mdpl.models import build_classifier
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message="(load_path|clip_path) is empty.*")
+        return build_classifier(cfg)
+
+
+# ------------------------------------------------------------------------------------------ batches
+def _missing_types(batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    types = torch.multinomial(torch.tensor(MISSING_PROBS), batch_size, replacement=True, generator=gen)
+    types[: min(3, batch_size)] = torch.arange(min(3, batch_size))  # every type present
+    return types.long()
+
+
+def _labels(dataset: str, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    from mdpl.data.constants import NUM_CLASSES
+
+    if dataset == "mmimdb":
+        return (torch.rand(batch_size, NUM_CLASSES["mmimdb"], generator=gen) < 0.15).float()
+    return torch.randint(0, NUM_CLASSES[dataset], (batch_size,), generator=gen)
+
+
+def _text(batch_size: int, length: int, fill: tuple[int, int], vocab: tuple[int, int], start: int, end: int,
+          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start] + random ids + [end] + zero padding, with per-sample real lengths drawn from ``fill``."""
+    lo, hi = min(fill[0], length), min(fill[1], length)
+    n = torch.randint(max(2, lo), max(2, hi) + 1, (batch_size,), generator=gen)
+    pos = torch.arange(length)[None]
+    ids = torch.randint(vocab[0], vocab[1], (batch_size, length), generator=gen)
+    ids = torch.where(pos < n[:, None], ids, torch.zeros_like(ids))
+    ids[:, 0] = start
+    ids[torch.arange(batch_size), n - 1] = end
+    return ids.long(), (pos < n[:, None]).long()
+
+
+def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.device, seed: int = 0) -> dict:
+    """One batch in the CONTRACT.md format (on ``device``, dummies applied) for the config's backbone."""
+    from mdpl.data.missing import apply_missing
+
+    gen = torch.Generator().manual_seed(seed)
+    dataset = cfg["dataset"]
+    fill = TEXT_FILL[size_key][dataset]
+    if cfg["backbone"] == "clip":
+        side = int(cfg["clip_image_size"])
+        sizes = torch.full((batch_size, 2), side, dtype=torch.long)
+        image = torch.randn(batch_size, 3, side, side, generator=gen)
+        ids, masks = _text(batch_size, int(cfg["clip_context_length"]), fill, (1, CLIP_SOT), CLIP_SOT, CLIP_EOT, gen)
+        dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
+        dummy_ids[0, :2] = torch.tensor([CLIP_SOT, CLIP_EOT])
+    else:
+        p = int(cfg["patch_size"])
+        cycle = VILT_PATCH_SIZES[size_key][dataset]
+        sizes = torch.tensor([cycle[i % len(cycle)] for i in range(batch_size)], dtype=torch.long) * p
+        h, w = (int(v) for v in sizes.max(dim=0).values)
+        image = torch.randn(batch_size, 3, h, w, generator=gen)
+        valid = ((torch.arange(h)[None, :, None] < sizes[:, 0, None, None])
+                 & (torch.arange(w)[None, None, :] < sizes[:, 1, None, None]))
+        image = image * valid[:, None]
+        vocab = (1000, int(cfg["vocab_size"]))
+        ids, masks = _text(batch_size, int(cfg["max_text_len"]), fill, vocab, VILT_CLS, VILT_SEP, gen)
+        dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
+        dummy_ids[0, :2] = torch.tensor([VILT_CLS, VILT_SEP])
+    dummy_masks = (dummy_ids != 0).long()
+    batch = {"image": image, "image_sizes": sizes, "text_ids": ids, "text_masks": masks,
+             "label": _labels(dataset, batch_size, gen), "missing_type": _missing_types(batch_size, gen),
+             "row_index": torch.arange(batch_size), "item_index": torch.arange(batch_size)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return apply_missing(batch, batch["missing_type"], dummy_ids, dummy_masks)
+
+
+# -------------------------------------------------------------------------------------------- FLOPs
+@dataclass
+class Flops:
+    """FLOPs of one batch: forward and training step (see the module docstring)."""
+
+    forward: float
+    train: float
+
+
+def _layer(nq: int, nk: int, d: int, r: float) -> tuple[float, float]:
+    return 2.0 * nq * (4 + 2 * r) * d * d, 4.0 * nq * nk * d
+
+
+def _prompt_schedule(cfg: dict, num_layers: int) -> tuple[list[int], list[int], int | None]:
+    """Per layer: tokens inserted before it (input prompts), extra keys (attention prompts); first grad layer."""
+    inserted, extra_k = [0] * num_layers, [0] * num_layers
+    method = cfg["prompt_method"]
+    first: int | None = None
+    if method == "map":
+        layers = list(cfg["prompt_layers"])
+        p = int(cfg["prompt_length"])
+        for l in layers:
+            if cfg["prompt_type"] == "input":
+                inserted[l] += p
+            else:
+                extra_k[l] += p // 2 if cfg["learnt_p"] else p
+        if cfg["learnt_p"] and layers:
+            first = min(layers)
+    elif method == "memprompt":
+        for l in cfg["shared_prompt_layers"]:
+            inserted[l] += 2 * int(cfg["shared_prompt_length"])
+        for l in cfg["gen_prompt_layers"]:
+            inserted[l] += 2 * int(cfg["gen_prompt_length"])
+        used = list(cfg["shared_prompt_layers"]) + list(cfg["gen_prompt_layers"])
+        first = min(used) if used else None
+    if cfg.get("finetune"):
+        first = 0
+    return inserted, extra_k, first
+
+
+def _memprompt_extra(cfg: dict, b: int) -> float:
+    """MemPrompt: key scores (2 banks x B x mem x D per generative layer) + per-type bottlenecks (batch-free)."""
+    if cfg["prompt_method"] != "memprompt":
+        return 0.0
+    d, mem, width = int(cfg["hidden_size"]), int(cfg["mem_size"]), int(cfg["bottleneck_dim"])
+    scores = len(cfg["gen_prompt_layers"]) * 2 * 2.0 * b * mem * d
+    bottleneck = len(cfg["shared_prompt_layers"]) * 2 * 3 * int(cfg["shared_prompt_length"]) * 2 * 2.0 * d * width
+    return scores + bottleneck
+
+
+def vilt_flops(cfg: dict, batch: dict) -> Flops:
+    """Executed FLOPs of one ViLT batch (joint sequence incl. accumulated prompts)."""
+    from mdpl.data.constants import NUM_CLASSES
+
+    d, n_layers, r, p = int(cfg["hidden_size"]), int(cfg["num_layers"]), float(cfg["mlp_ratio"]), int(cfg["patch_size"])
+    b, _, h, w = batch["image"].shape
+    sizes = batch["image_sizes"].cpu()
+    patches = ((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)
+    m = int(patches.max())
+    if int(cfg.get("max_image_len", -1) or -1) > 0:
+        m = min(m, int(cfg["max_image_len"]))
+    n = batch["text_ids"].shape[1] + 1 + m
+    inserted, extra_k, first = _prompt_schedule(cfg, n_layers)
+    finetune = bool(cfg.get("finetune"))
+    conv = b * 2.0 * (h // p) * (w // p) * 3 * p * p * d
+    small = 2.0 * d * d + 4.0 * d * d + 4.0 * d * NUM_CLASSES[cfg["dataset"]]  # pooler + MLP head, per sample
+    fwd, bwd = conv + _memprompt_extra(cfg, b), 2 * b * small + (conv if finetune else 0.0)
+    for l in range(n_layers):
+        n += inserted[l]
+        mm, att = _layer(n, n + extra_k[l], d, r)
+        fwd += b * (mm + att)
+        if first is not None and l >= first:
+            if l == first and not inserted[l] and not finetune:
+                # only K/V prompts need grad here: no input grads through qkv, no dQ (3 of 4 attention matmuls)
+                bwd += b * (2.0 * n * (1 + 2 * r) * d * d + 1.5 * att)
+            else:
+                bwd += b * (mm + 2 * att + (mm if finetune else 0.0))
+    fwd += b * small
+    return Flops(fwd, fwd + bwd)
+
+
+def _tower(n_data: int, n_prompt: int, width: int, layers: int, r: float) -> tuple[float, float]:
+    """(forward, backward on the grad path) per sample of one CLIP tower with prompts from block 0."""
+    n = n_data + n_prompt
+    mm, att = _layer(n, n, width, r)
+    return layers * (mm + att), layers * (mm + 2 * att)
+
+
+def clip_flops(cfg: dict, batch: dict, model: torch.nn.Module) -> Flops:
+    """Executed FLOPs of one DCP batch (two towers, prompts of all types, skip of the missing half)."""
+    from mdpl.data.constants import NUM_CLASSES
+
+    net = model.model
+    lay = net.layout
+    mt = batch["missing_type"].cpu()
+    b = mt.shape[0]
+    skip = bool(cfg.get("dcp_skip_missing", True))
+    n_img = int((mt != 2).sum()) if skip else b
+    n_txt = int((mt != 1).sum()) if skip else b
+    vis, txt = net.image_encoder, net.text_encoder
+    dv, dt, e = vis.width, txt.width, net.embed_dim
+    side, patch = batch["image"].shape[-1], int(cfg["clip_patch_size"])
+    grid = (side // patch) ** 2
+    mlp_v = vis.blocks[0].mlp.c_fc.out_features / dv
+    mlp_t = txt.blocks[0].mlp.c_fc.out_features / dt
+    v_fwd, v_bwd = _tower(grid + 1, lay.num_tokens, dv, len(vis.blocks), mlp_v)
+    t_fwd, t_bwd = _tower(batch["text_ids"].shape[1], lay.num_tokens, dt, len(txt.blocks), mlp_t)
+    v_fwd += 2.0 * grid * 3 * patch * patch * dv
+    v_small, t_small = 2.0 * dv * e, 2.0 * dt * e
+    dyn_v, dyn_t = (_dynamic(lay.n, grid + 1, dv), _dynamic(lay.n, batch["text_ids"].shape[1], dt)) \
+        if lay.dynamic else ((0.0, 0.0), (0.0, 0.0))
+    head = 2.0 * 2 * e * NUM_CLASSES[cfg["dataset"]]
+    fwd = n_img * (v_fwd + v_small + dyn_v[0]) + n_txt * (t_fwd + t_small + dyn_t[0]) + b * head
+    grad = lay.depth > 0
+    bwd = (n_img * ((v_bwd if grad else 0.0) + 2 * v_small + dyn_v[1])
+           + n_txt * ((t_bwd if grad else 0.0) + dyn_t[1]) + 2 * b * head)
+    if grad:
+        bwd += n_txt * t_small  # text projection is frozen: input grads only
+    return Flops(fwd, fwd + bwd)
+
+
+def _dynamic(nq: int, nk: int, d: int) -> tuple[float, float]:
+    """(forward, backward) per sample of DCP's block-0 single-head MHA (queries nq, keys/values nk data tokens).
+
+    Its inputs need no grad: backward = in/out-projection weight grads + out-projection input grads + 2x attention.
+    """
+    mm, att = 2.0 * (2 * nq + 2 * nk) * d * d, 4.0 * nq * nk * d
+    return mm + att, mm + 2.0 * nq * d * d + 2 * att
+
+
+def batch_flops(cfg: dict, batch: dict, model: torch.nn.Module) -> Flops:
+    return clip_flops(cfg, batch, model) if cfg["backbone"] == "clip" else vilt_flops(cfg, batch)
+
+
+def sequence_length(cfg: dict, batch: dict) -> int:
+    """Longest joint sequence (ViLT, after all prompt insertions) or vision-tower length (CLIP)."""
+    if cfg["backbone"] == "clip":
+        side, patch = batch["image"].shape[-1], int(cfg["clip_patch_size"])
+        return (side // patch) ** 2 + 1 + int(cfg["prompt_length"])
+    p = int(cfg["patch_size"])
+    sizes = batch["image_sizes"].cpu()
+    m = int((((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)).max())
+    inserted, _, _ = _prompt_schedule(cfg, int(cfg["num_layers"]))
+    return batch["text_ids"].shape[1] + 1 + m + sum(inserted)
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None, tf32: bool) -> float | None:
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    key = "tf32" if precision == "fp32" and tf32 else precision
+    for (frag, prec), value in PEAK_TFLOPS.items():  # dict order: specific fragments first
+        if frag in name and prec == key:
+            return value
+    return None
+
+
+# ------------------------------------------------------------------------------------------- memory
+class MemoryMeter:
+    """Peak memory of a region: CUDA max_memory_allocated, else the peak-RSS increase (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_peak_delta"
+        self.base = 0
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.base = -1
+            return
+        self.base = self._status("VmRSS") or -1
+
+    def peak_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        hwm = self._status("VmHWM")
+        if self.base < 0 or hwm is None:
+            return None
+        return max(0, hwm - self.base) / 2**20
+
+
+# -------------------------------------------------------------------------------------------- steps
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_train_step(model, cfg: dict, device: torch.device, precision: str) -> tuple[Callable, Any]:
+    """forward + loss + backward + optimizer step (GradScaler for fp16-mixed)."""
+    from mdpl.engine.losses import task_loss
+    from mdpl.engine.optim import build_optimizer
+
+    opt = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+    dataset = cfg["dataset"]
+
+    def step(batch: dict) -> torch.Tensor:
+        with _autocast(device, precision):
+            loss = task_loss(dataset, model(batch)["logits"], batch["label"])
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        return loss
+
+    return step, opt
+
+
+def make_eval_step(model, device: torch.device, precision: str) -> Callable:
+    def step(batch: dict) -> torch.Tensor:
+        with torch.inference_mode(), _autocast(device, precision):
+            return model(batch)["logits"]
+
+    return step
+
+
+def time_loop(step: Callable, batches: list[dict], warmup: int, steps: int, device: torch.device,
+              meter: MemoryMeter) -> tuple[float, float | None]:
+    """Seconds per step (mean over ``steps`` after ``warmup``) and the peak memory of the timed steps."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+    meter.start()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    _sync(device)
+    return (time.perf_counter() - t0) / steps, meter.peak_mib()
+
+
+# --------------------------------------------------------------------------------------------- rows
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, device: torch.device) -> dict:
+    """One table row: build, train-time, eval-time, memory and MFU."""
+    size_key = "small" if args.small else "full"
+    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size})
+    row: dict[str, Any] = {"method": method, "backbone": BACKBONE[method], "dataset": dataset,
+                           "precision": precision, "batch": batch_size, "status": "ok"}
+    if device.type == "cpu" and precision == "fp16-mixed":
+        row["status"] = "skipped: fp16-mixed needs CUDA"
+        return row
+    torch.manual_seed(0)
+    raw = build_model(cfg).to(device)
+    model = torch.compile(raw) if args.compile else raw
+    row["params_total"], row["params_trainable"] = raw.trainable_parameters_report()
+    batches = [synthetic_batch(cfg, batch_size, size_key, device, seed=s) for s in range(2)]
+    flops = [batch_flops(cfg, b, raw) for b in batches]
+    row["seq_len"] = sequence_length(cfg, batches[0])
+    row["text_len"] = int(batches[0]["text_ids"].shape[1])
+    row["image_hw"] = list(batches[0]["image"].shape[-2:])
+    meter = MemoryMeter(device)
+    row["mem_kind"] = meter.kind
+    peak = peak_tflops(device, precision, args.peak_tflops, args.tf32)
+    try:
+        model.train()
+        if hasattr(raw, "set_frozen_modes"):
+            raw.set_frozen_modes()
+        step, opt = make_train_step(model, cfg, device, precision)
+        t_train, row["train_peak_mib"] = time_loop(step, batches, args.warmup, args.steps, device, meter)
+        opt.zero_grad(set_to_none=True)
+        del step, opt
+        _free(device)
+        model.eval()
+        t_eval, row["eval_peak_mib"] = time_loop(make_eval_step(model, device, precision), batches,
+                                                 args.warmup, args.steps, device, meter)
+    except RuntimeError as err:
+        if not _is_oom(err):
+            raise
+        row["status"] = "oom"
+        return row
+    fl_train = sum(f.train for f in flops) / len(flops)
+    fl_eval = sum(f.forward for f in flops) / len(flops)
+    row.update({
+        "train_step_ms": 1e3 * t_train, "eval_step_ms": 1e3 * t_eval,
+        "train_samples_per_s": batch_size / t_train, "eval_samples_per_s": batch_size / t_eval,
+        "train_gflops_per_sample": fl_train / batch_size / 1e9, "eval_gflops_per_sample": fl_eval / batch_size / 1e9,
+        "train_tflops_per_s": fl_train / t_train / 1e12, "eval_tflops_per_s": fl_eval / t_eval / 1e12,
+        "peak_tflops": peak,
+        "train_mfu": fl_train / t_train / 1e12 / peak if peak else None,
+        "eval_mfu": fl_eval / t_eval / 1e12 / peak if peak else None,
+    })
+    return row
+
+
+# ------------------------------------------------------------------------------------------- loader
+def _synthetic_arrow(dataset: str, root: Path, rows: int, image_px: int) -> Path:
+    from mdpl.data.synthetic import write_synthetic
+    from mdpl.data.writers import make_arrow
+
+    raw, out = root / f"raw_{dataset}", root / f"arrow_{dataset}"
+    if not out.is_dir():
+        with contextlib.redirect_stdout(sys.stderr):  # the writers print per-split counts
+            write_synthetic(dataset, raw, n_train=rows, n_val=4, n_test=4, image_size=image_px)
+            make_arrow(dataset, raw, out, progress=False)
+    return out
+
+
+def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) -> dict:
+    """Train-loader images/s: decode + transform + tokenise + collate (+ pinned memory on CUDA)."""
+    from mdpl.data.datamodule import MDPLDataModule
+    from mdpl.data.synthetic import write_wordpiece_vocab
+
+    method = "dcp" if backbone == "clip" else "none"
+    batch_size = args.loader_batch_size or (8 if args.small else 32)
+    rows = args.loader_rows or (48 if args.small else 512)
+    overrides: dict[str, Any] = {"num_workers": workers, "per_gpu_batchsize": batch_size,
+                                 "missing_table_root": str(work / "missing_tables")}
+    if args.data_root:
+        overrides["data_root"] = args.data_root
+        if args.tokenizer:
+            overrides["tokenizer"] = args.tokenizer
+    else:
+        overrides["data_root"] = str(_synthetic_arrow(dataset, work, rows, 128 if args.small else 512))
+        vocab = write_wordpiece_vocab(work / "vocab" / "vocab.txt")
+        overrides["tokenizer"] = str(vocab.parent)
+        overrides["vocab_size"] = len(vocab.read_text(encoding="utf-8").splitlines())
+    cfg = resolve_config(method, dataset, args.small, overrides)
+    dm = MDPLDataModule(cfg)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    n_target = args.loader_batches or (6 if args.small else 40)
+    seen, images, t0 = 0, 0, None
+    while seen <= n_target:
+        for batch in loader:
+            if t0 is None:  # the first batch pays for worker start-up
+                t0 = time.perf_counter()
+            else:
+                images += batch["image"].shape[0]
+            seen += 1
+            if seen > n_target:
+                break
+    elapsed = time.perf_counter() - t0
+    del loader, dm
+    gc.collect()
+    return {"dataset": dataset, "backbone": backbone, "workers": workers, "batch": batch_size,
+            "batches_timed": seen - 1, "images_per_s": images / elapsed if elapsed > 0 else None,
+            "source": args.data_root or "synthetic"}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny widths/layers, short texts (CPU, < 2 min)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of none,map,memprompt,dcp")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma list of mmimdb,food101,hatememes")
+    p.add_argument("--precisions", default=None,
+                   help="comma list of fp32,bf16-mixed,fp16-mixed (default: all on CUDA, fp32,bf16-mixed on CPU)")
+    p.add_argument("--batch-size", default=None, help="comma list of batch sizes (default 16 full, 8 small)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10 full, 3 small)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 full, 1 small)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: GPU table)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 rows (peak becomes TF32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --small, where tiny ops gain nothing from more)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--no-loader", action="store_true", help="skip the dataloader benchmark")
+    p.add_argument("--data-root", default=None, help="arrow folder for the loader benchmark (default: synthetic)")
+    p.add_argument("--tokenizer", default=None, help="vocab.txt folder for --data-root (ViLT)")
+    p.add_argument("--loader-workers", default=None, help="comma list of worker counts (default 2 small, 8 full)")
+    p.add_argument("--loader-datasets", default=None, help="datasets for the loader (default: --datasets)")
+    p.add_argument("--loader-batch-size", type=int, default=None)
+    p.add_argument("--loader-batches", type=int, default=None, help="timed loader batches")
+    p.add_argument("--loader-rows", type=int, default=None, help="rows of the synthetic train arrow")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    args.method_list = _csv(args.methods)
+    args.dataset_list = _csv(args.datasets)
+    for m in args.method_list:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {','.join(METHODS)}")
+    for d in args.dataset_list:
+        if d not in DATASETS:
+            p.error(f"unknown dataset {d!r}; choose from {','.join(DATASETS)}")
+    return args
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict], loader: list[dict]) -> str:
+    head = (f"{'method':<10}{'backbone':<9}{'dataset':<10}{'precision':<11}{'batch':>6}{'seq':>6}"
+            f"{'train/s':>10}{'eval/s':>10}{'mem tr MiB':>11}{'mem ev MiB':>11}{'GF/smp':>9}{'MFU tr':>8}{'MFU ev':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['method']:<10}{r['backbone']:<9}{r['dataset']:<10}{r['precision']:<11}"
+                         f"{r['batch']:>6}  {r['status']}")
+            continue
+        mfu_t = None if r["train_mfu"] is None else 100 * r["train_mfu"]
+        mfu_e = None if r["eval_mfu"] is None else 100 * r["eval_mfu"]
+        lines.append(
+            f"{r['method']:<10}{r['backbone']:<9}{r['dataset']:<10}{r['precision']:<11}{r['batch']:>6}{r['seq_len']:>6}"
+            f"{r['train_samples_per_s']:>10.4g}{r['eval_samples_per_s']:>10.4g}{_fmt(r['train_peak_mib'], '>11.1f')}"
+            f"{_fmt(r['eval_peak_mib'], '>11.1f')}{r['train_gflops_per_sample']:>9.3g}"
+            f"{_fmt(mfu_t, '>7.1f') + ('%' if mfu_t is not None else ''):>8}"
+            f"{_fmt(mfu_e, '>7.1f') + ('%' if mfu_e is not None else ''):>8}")
+    if loader:
+        lines += ["", f"{'loader':<10}{'backbone':<9}{'workers':>8}{'batch':>6}{'images/s':>10}"]
+        lines += [f"{r['dataset']:<10}{r['backbone']:<9}{r['workers']:>8}{r['batch']:>6}"
+                  f"{_fmt(r['images_per_s'], '>10.1f')}" for r in loader]
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    threads_before = torch.get_num_threads()
+    threads = args.threads or (1 if args.small and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict:
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    default_prec = "fp32,bf16-mixed,fp16-mixed" if device.type == "cuda" else "fp32,bf16-mixed"
+    precisions = []
+    for name in _csv(args.precisions or default_prec):
+        if name not in PRECISIONS:
+            raise SystemExit(f"unknown precision {name!r}; use fp32, bf16-mixed or fp16-mixed")
+        precisions.append(PRECISIONS[name])
+    batch_sizes = [int(b) for b in _csv(args.batch_size or ("8" if args.small else "16"))]
+    args.steps = args.steps if args.steps is not None else (5 if args.small else 10)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.small else 3)
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+
+    rows = []
+    for method in args.method_list:
+        for dataset in args.dataset_list:
+            for precision in precisions:
+                for bs in batch_sizes:
+                    rows.append(bench_row(method, dataset, precision, bs, args, device))
+                    _free(device)  # the row's model, optimizer state and batches are garbage now
+                    r = rows[-1]
+                    print(f"[bench] {method}/{dataset}/{precision}/B{bs}: {r['status']}"
+                          + (f" train {r['train_samples_per_s']:.1f}/s eval {r['eval_samples_per_s']:.1f}/s"
+                             if r["status"] == "ok" else ""), file=sys.stderr, flush=True)
+    loader_rows = []
+    if not args.no_loader:
+        workers = [int(w) for w in _csv(args.loader_workers or ("2" if args.small else "8"))]
+        backbones = sorted({BACKBONE[m] for m in args.method_list}, reverse=True)  # vilt first
+        datasets = _csv(args.loader_datasets) if args.loader_datasets else args.dataset_list
+        with tempfile.TemporaryDirectory(prefix="mdpl_bench_") as tmp:
+            for backbone in backbones:
+                for dataset in (datasets if backbone == "vilt" else datasets[:1]):
+                    for w in workers:
+                        loader_rows.append(bench_loader(dataset, backbone, w, args, Path(tmp)))
+    result = {
+        "meta": {
+            "command": "python scripts/bench.py " + " ".join(args.argv),
+            "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                                   else platform.processor() or platform.machine()),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
+            "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
+            "flops": "executed FLOPs; forward = sum_l [M=2*Nq*(4+2r)*D^2 + A=4*Nq*Nk*D] + patch conv + "
+                     "pooler/proj + head; train = forward + grad-path backward (M + 2A per layer from the first "
+                     "layer with a trainable input, + M if the layer's weights train; small trainable modules 2x); "
+                     "MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
+            "mem": "cuda: torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state + "
+                   "activations); cpu: increase of peak RSS over the timed steps (allocator reuse hides most)",
+            "wall_s": time.perf_counter() - started,
+        },
+        "rows": rows,
+        "loader": loader_rows,
+    }
+    print(format_table(rows, loader_rows))
+    print(f"[bench] wall time {result['meta']['wall_s']:.1f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
