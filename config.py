@@ -42,6 +42,8 @@ def base_config():
     simulate_missing = False      # train only: complete rows get a random type per epoch
     test_ratio = None             # evaluation override of missing_ratio val/test
     test_type = None              # evaluation override of missing_type val/test
+    test_types = None             # evaluation sweep: list of types, e.g. [text,image,both] (mdpl/engine/sweep.py)
+    test_ratios = None            # evaluation sweep: list of ratios, e.g. [0.1,0.3,0.5,0.7,0.9]; every type x ratio in one pass
 
     # --- backbone -------------------------------------------------------------------------------
     backbone = "vilt"             # 'vilt' (ViT-B/32 + BERT embeddings, single stream) | 'clip' (ViT-B/16, two towers)
@@ -117,6 +119,20 @@ def base_config():
     fast_dev_run = False
     deterministic = "warn"        # Lightning `deterministic`: True | 'warn' (deterministic kernels where they exist) | False
     find_unused_parameters = False  # DDP: True only for methods whose forward skips trainable parameters
+    resume_from = ""              # a last.ckpt/any .ckpt of a killed run: restores model, optimizer, scheduler, step, RNG
+    resume = False                # True: resume from <latest version of this run's base dir>/checkpoints/last.ckpt
+    checkpoint_every_n_steps = 0  # > 0: also save last.ckpt every n optimizer steps (mid-epoch resume); 0 = epoch ends only
+
+    # --- demo (mdpl/demo.py; `make demo` = `python run.py with demo`) ---------------------------------
+    demo = False                  # True: run the embedded demo instead of one training run
+    demo_dir = "datasets/demo"    # synthetic raw + arrow + vocab (reused when present)
+    demo_samples = [240, 60, 120]  # synthetic train / val / test items
+    demo_pretrain_epochs = 6      # tiny ViLT trained on complete data, everything trainable
+    demo_pretrain_lr = 2e-3
+    demo_epochs = 4               # epochs of each prompt method on the frozen backbone
+    demo_methods = ["none", "map", "memprompt"]
+    demo_test_types = ["text", "image", "both"]   # evaluation scenarios: types x ratios (one pass, sweep)
+    demo_test_ratios = [0.0, 0.3, 0.7, 1.0]
 
 
 @ex.named_config
@@ -226,7 +242,7 @@ def tiny():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    prompt_length = 4
+    prompt_length = 6             # a multiple of 3, so that `dcp tiny` works too (DCP: 2 layer + 2 common + 2 dynamic)
     prompt_layers = [0, 1]
     gen_prompt_length = 4
     gen_prompt_layers = [0, 1]
@@ -253,4 +269,39 @@ def tiny():
     max_steps = None
     warmup_steps = 0.1
     learning_rate = 1e-3
+    val_check_interval = 1.0
+
+
+@ex.named_config
+def demo():
+    # The embedded demo (mdpl/demo.py): synthetic Food-101 under demo_dir, a tiny ViLT pre-trained on complete
+    # data, then baseline / MAP / MemPrompt trained with 70 % 'both' missing, swept over missing scenarios.
+    demo = True
+    exp_name = "demo"
+    dataset = "food101"
+    missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
+    missing_type = {"train": "both", "val": "both", "test": "both"}
+    hidden_size = 64
+    num_layers = 2
+    num_heads = 2
+    mlp_ratio = 2
+    patch_size = 16
+    image_size = 64
+    max_text_len = 24
+    prompt_length = 6
+    prompt_layers = [0, 1]
+    gen_prompt_length = 4
+    gen_prompt_layers = [0, 1]
+    shared_prompt_length = 4
+    shared_prompt_layers = [0, 1]
+    mem_size = 4
+    top_k = 2
+    bottleneck_dim = 8
+    num_gpus = 0
+    num_workers = 0
+    precision = "32-true"
+    per_gpu_batchsize = 16
+    batch_size = 16
+    warmup_steps = 0.1
+    learning_rate = 5e-3
     val_check_interval = 1.0

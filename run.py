@@ -93,32 +93,54 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     import pytorch_lightning as pl
 
     from mdpl.engine.module import MDPLModule, to_plain
+    from mdpl.engine.sweep import attach_sweep, sweep_specs, write_outputs
     from mdpl.engine.trainer import build_trainer
+    from mdpl.validate import validate_config
 
     config = to_plain(config)
+    validate_config(config, check_data=datamodule is None)   # one clear ValueError before any work
+    sweep_specs(config)   # test_types / test_ratios checked before any work (issue 5)
     pl.seed_everything(int(config["seed"]), workers=True)
     if datamodule is None:
         from mdpl.data.datamodule import MDPLDataModule
         datamodule = MDPLDataModule(config)
+    from mdpl.engine.resume import check_resume_config, resolve_resume_path
+    resume_path = None if config.get("test_only") else resolve_resume_path(config, run_base_dir(config))
+    if resume_path:
+        check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone)
     run_dir = new_run_dir(config)
     if config.get("test_only"):
         module = build_test_module(config, model)
+        sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
         trainer = build_trainer(config, run_dir, **trainer_overrides)
         results = trainer.test(module, datamodule=datamodule)
         best = config["load_path"]
     else:
         module = MDPLModule(config, model=model)
         trainer = build_trainer(config, run_dir, **trainer_overrides)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True
         callback = trainer.checkpoint_callback
         best = callback.best_model_path if callback is not None and callback.best_model_path else None
+        sweep = attach_sweep(module, datamodule, config)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    swept = None
     if trainer.is_global_zero:
         (run_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2))
-    return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics}
+        if sweep is not None:
+            swept = write_outputs(sweep, config, run_dir, best)   # results.csv / results.md / robustness PNG
+    return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics, "sweep": swept}
 
 
 @ex.automain
 def main(_config):
+    from mdpl.validate import validate_config
+
+    if _config.get("demo"):  # `python run.py with demo` (make demo): the embedded end-to-end demo
+        from mdpl.demo import run_demo
+        return run_demo(_config)["table"]
+    try:
+        validate_config(_config)
+    except ValueError as err:  # CLI: one line on stderr, exit status 1, no traceback
+        raise SystemExit(f"mdpl: invalid config: {err}") from None
     return run(_config)["test"]

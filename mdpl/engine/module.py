@@ -29,6 +29,9 @@ MODEL_KEYS = {
     "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
     "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
                   "mem_size", "top_k", "bottleneck_dim"),
+    "dcp": ("prompt_length", "prompt_depth", "dcp_correlated", "dcp_dynamic", "dcp_common", "dcp_dynamic_trainable",
+            "clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+            "clip_text_width", "clip_text_layers"),
 }
 
 
@@ -106,6 +109,8 @@ class MDPLModule(pl.LightningModule):
         self._shared_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "sweep", None) is not None:  # every missing scenario per batch (mdpl/engine/sweep.py)
+            return self.sweep.step(self.model, batch)
         self._shared_step(batch, "test")
 
     # ------------------------------------------------------------------ epoch ends
@@ -134,6 +139,8 @@ class MDPLModule(pl.LightningModule):
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
+        if getattr(self, "sweep", None) is not None:
+            return self.sweep.log_to(self)
         self._log_epoch("test")
 
     def on_fit_start(self) -> None:
@@ -183,6 +190,11 @@ def load_for_test(module: MDPLModule, checkpoint: Mapping) -> None:
     mismatches = config_mismatches(ckpt_config, module.config)
     if mismatches:
         raise ValueError("checkpoint does not match the config: " + "; ".join(mismatches))
+    own, given = set(module.state_dict()), set(checkpoint["state_dict"])
+    missing, unexpected = sorted(own - given), sorted(given - own)
+    if missing or unexpected:  # e.g. DCP dynamic queries (prompts_dynamic_*) stripped from the file (D-34)
+        raise ValueError(f"checkpoint state_dict lacks {len(missing)} keys {missing[:6]} and has {len(unexpected)} "
+                         f"unexpected keys {unexpected[:6]}; it was not written by this model's mdpl version")
     module.load_state_dict(checkpoint["state_dict"], strict=True)
 
 

@@ -25,6 +25,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from mdpl.engine.resume import resume_callbacks
+
 MONITOR = "val/the_metric"
 PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "32": "32-true", "32-true": "32-true",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "64": "64-true",
@@ -66,8 +68,9 @@ def accumulation(config: dict, devices: int, num_nodes: int) -> int:
     rank_zero_info(f"[mdpl] effective batch {effective} = per_gpu_batchsize {per_gpu} x devices {devices} x "
                    f"nodes {num_nodes} x accumulate {accumulate} (batch_size {batch_size})")
     if effective != batch_size:
-        rank_zero_warn(f"effective batch {effective} differs from batch_size {batch_size} "
-                       f"(batch_size is not a multiple of per_gpu_batchsize x devices x nodes = {per_step})")
+        reason = "exceeds" if per_step > batch_size else "is not a multiple of"
+        rank_zero_warn(f"effective batch {effective} differs from batch_size {batch_size} (per_gpu_batchsize x "
+                       f"devices x nodes = {per_step} {reason} batch_size)")
     return accumulate
 
 
@@ -80,11 +83,15 @@ def determinism(config: dict, accelerator: str):
 
 
 def build_callbacks(run_dir: Path, progress_bar: bool = True) -> list[pl.Callback]:
-    """Best (by val/the_metric, max) + last checkpoints in run_dir/checkpoints, LR monitor, progress bar."""
+    """Best (by val/the_metric, max; first, = trainer.checkpoint_callback) + last checkpoints in run_dir/checkpoints,
+    LR monitor, progress bar."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:02d}-step{step}",
-                                 auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
-                                 save_last=True)
-    callbacks: list[pl.Callback] = [checkpoint, LearningRateMonitor(logging_interval="step")]
+                                 auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1)
+    # Lightning >= 2.6 writes save_last=True's last.ckpt only when a best file is written (then last == best);
+    # a monitor-less callback rewrites last.ckpt at every validation, so it holds the latest weights.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    callbacks: list[pl.Callback] = [checkpoint, last, LearningRateMonitor(logging_interval="step")]
     if progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
@@ -108,7 +115,8 @@ def build_trainer(config: dict, run_dir: str | Path, **overrides) -> pl.Trainer:
         accumulate_grad_batches=accumulation(config, devices, num_nodes),
         max_epochs=int(config["max_epoch"]), max_steps=-1 if max_steps is None else int(max_steps),
         val_check_interval=config.get("val_check_interval", 1.0),
-        callbacks=build_callbacks(run_dir, progress_bar=overrides.get("enable_progress_bar", True)),
+        callbacks=build_callbacks(run_dir, progress_bar=overrides.get("enable_progress_bar", True))
+        + resume_callbacks(config, run_dir),  # RNG/epoch-position state, mid-epoch last.ckpt (resume.py)
         logger=[TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
                 CSVLogger(save_dir=str(run_dir), name="csv", version="")],
         deterministic=determinism(config, accelerator), benchmark=False,

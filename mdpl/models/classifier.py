@@ -90,8 +90,16 @@ class MultimodalClassifier(nn.Module):
 
 
 def build_classifier(config: Mapping[str, Any]) -> nn.Module:
-    """Classifier for the resolved config: ViLT methods here; ``backbone='clip'`` → DCP (mdpl.prompts.dcp)."""
-    if config.get("backbone", "vilt") == "clip" or config.get("prompt_method") == "dcp":
+    """Classifier for the resolved config; ``backbone`` and ``prompt_method`` are independent.
+
+    ViLT + any method → `MultimodalClassifier` (DCP on ViLT: `mdpl.prompts.dcp.DCPViLT`); CLIP + 'dcp' →
+    DCP's own model (mdpl.prompts.dcp); CLIP + another method → `TwoTowerClassifier` (tower hooks).
+    """
+    backbone = config.get("backbone", "vilt")
+    if backbone == "clip" and config.get("prompt_method", "none") == "dcp":
         from mdpl.prompts.dcp import build_dcp_classifier
         return build_dcp_classifier(config)
+    if backbone == "clip":
+        from mdpl.models.clip_classifier import build_two_tower_classifier
+        return build_two_tower_classifier(config)
     return MultimodalClassifier(config)

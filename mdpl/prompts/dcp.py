@@ -14,6 +14,7 @@ Missing types (§0): 0 complete, 1 text missing, 2 image missing.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -24,6 +25,9 @@ from torch import nn
 
 from mdpl.data.constants import NUM_CLASSES
 from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, build_clip_backbone, check_state_dict
+from mdpl.prompts.base import BackboneInfo, PromptMethod
+from mdpl.prompts.layout import TokenLayout, splice_tokens
+from mdpl.prompts.registry import register_prompt_method
 
 DYNAMIC_NAMES = ("prompts_dynamic_complete", "prompts_dynamic_image", "prompts_dynamic_text")
 """Dynamic query sets in missing-type order 0, 1, 2 (§6.2)."""
@@ -355,9 +359,46 @@ class DCPClassifier(nn.Module):
         return absent
 
 
+def check_image_size(config: Mapping[str, Any]) -> None:
+    """The CLIP transform resizes to ``image_size``; the vision tower's positions fit ``clip_image_size``."""
+    if "image_size" in config and "clip_image_size" in config \
+            and int(config["image_size"]) != int(config["clip_image_size"]):
+        raise ValueError(f"image_size={config['image_size']} (CLIP transform) differs from clip_image_size="
+                         f"{config['clip_image_size']} (CLIP model); set both to the same value (224 for ViT-B/16)")
+
+
+def read_dcp_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Model state dict (keys of §6.6) of a reference DCP .ckpt, an mdpl .ckpt or a plain state dict file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_path {path!r} not found; pass a DCP checkpoint (.ckpt) or leave it empty")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint the user provides
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds no state dict (expected a DCP checkpoint)")
+    hp = ckpt.get("hyper_parameters")
+    if isinstance(hp, Mapping) and isinstance(hp.get("config"), Mapping):  # mdpl: MDPLModule.model.<keys>
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return dict(state)
+
+
 def build_dcp_classifier(config: Mapping[str, Any]) -> DCPClassifier:
-    """DCP classifier on a CLIP backbone built and loaded from the config (``clip_path``, ``clip_*`` sizes)."""
-    return DCPClassifier(config, build_clip_backbone(config))
+    """DCP classifier on a CLIP backbone built and loaded from the config (``clip_path``, ``clip_*`` sizes).
+
+    ``load_path`` (a DCP checkpoint) is loaded over it with :meth:`DCPClassifier.load_dcp_state_dict`.
+    With ``test_only`` the backbone is not read from ``clip_path``: every weight comes from the checkpoint.
+    """
+    check_image_size(config)
+    if config.get("test_only", False):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="clip_path is empty")
+            backbone = build_clip_backbone({**config, "clip_path": ""})
+    else:
+        backbone = build_clip_backbone(config)
+    model = DCPClassifier(config, backbone)
+    path = str(config.get("load_path", "") or "")
+    if path:
+        model.load_dcp_state_dict(read_dcp_checkpoint(path))
+    return model
 
 
 def dcp_loss(logits: torch.Tensor, label: torch.Tensor, dataset: str) -> torch.Tensor:
@@ -365,3 +406,68 @@ def dcp_loss(logits: torch.Tensor, label: torch.Tensor, dataset: str) -> torch.T
     if dataset == "mmimdb":
         return F.binary_cross_entropy_with_logits(logits, label.float())
     return F.cross_entropy(logits, label.long())
+
+
+# ------------------------------------------------------------------------------------ DCP on ViLT
+@register_prompt_method("dcp")
+class DCPViLT(PromptMethod):
+    """DCP on the single-stream ViLT (``backbone='vilt'``) — our mapping, not defined by the DCP paper.
+
+    * Both "streams" have the ViLT width D: :class:`DCPPromptLearner` is built with image width =
+      text width = D, so the correlated chain (§6.3) still generates each layer's image-side and
+      text-side prompts from both sides' prompts of the previous layer (LN + bottleneck on [2D]).
+    * Common prompts (§6.3): ``C_v``, ``C_t`` from the per-type common prompt, as on CLIP.
+    * Dynamic prompts: one ``attn_prompt`` (1-head MHA, width D) with the three query sets
+      ``prompts_dynamic_*`` (buffers unless ``dcp_dynamic_trainable``), attending over the block-0
+      joint [text ; image] sequence with its key-padding mask (CLIP's text tower had no padding mask).
+    * Insertion before block 0, in front of the joint sequence:
+      ``[R_t^0 ; R_v^0 (2n) ; C_t ; C_v (2 n_common) ; Dyn (n_dynamic) ; text ; image]``, mask ones;
+      before blocks 1..depth-1 the first 2n tokens are **replaced** by ``[R_t^l ; R_v^l]`` (§6.4).
+    * Pooled = ViLT pooler on the text [CLS] (at offset 2n + 2 n_common + n_dynamic); ViLT MLP head;
+      no feature zeroing (one joint feature). Trainable: prompt learner, ``attn_prompt``, pooler,
+      head (ViLT frozen as for MAP, §3.4).
+    """
+
+    def __init__(self, info: BackboneInfo, layout: DCPLayout, independent_init: bool = False,
+                 dynamic_trainable: bool = False) -> None:
+        super().__init__(info)
+        if layout.depth > info.num_layers:
+            raise ValueError(f"prompt_depth={layout.depth} exceeds the {info.num_layers} ViLT blocks")
+        self.layout = layout
+        self.prompt_learner = DCPPromptLearner(layout, info.hidden_size, info.hidden_size, independent_init)
+        if layout.dynamic:
+            attach_dynamic_prompts(self, layout.n, info.hidden_size, dynamic_trainable)
+        self._prompts: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "DCPViLT":
+        return cls(info, DCPLayout.from_config(config), bool(_cfg(config, "dcp_independent_init")),
+                   bool(_cfg(config, "dcp_dynamic_trainable")))
+
+    def _dynamic(self, x: torch.Tensor, mask: torch.Tensor, missing_type: torch.Tensor) -> torch.Tensor:
+        """Dyn [B, n, D]: the sample's query set attending over the joint sequence (padding masked)."""
+        queries = torch.stack([getattr(self, name)[:, 0] for name in DYNAMIC_NAMES])  # [3, n, D]
+        q = queries[missing_type].to(x.dtype)
+        return self.attn_prompt(q, x, x, key_padding_mask=~mask, need_weights=False)[0]
+
+    def before_block(self, index: int, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
+                     missing_type: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        lay = self.layout
+        if index >= lay.depth:
+            return x, mask, layout
+        if index == 0:
+            self._prompts = self.prompt_learner.per_type()
+        img, txt = self._prompts
+        layer = torch.cat([txt[index][:, :lay.n], img[index][:, :lay.n]], dim=1)[missing_type]  # [B, 2n, D]
+        if index == lay.depth - 1:
+            self._prompts = None
+        if index > 0:  # replace the evolved layer prompts, keep everything else (§6.4)
+            span = layout.span("dcp.layer")
+            return torch.cat([x[:, :span.start], layer.to(x.dtype), x[:, span.stop:]], dim=1), mask, layout
+        new = [("dcp.layer", layer)]
+        if lay.common:
+            new.append(("dcp.common", torch.cat([txt[0][:, lay.n:], img[0][:, lay.n:]], dim=1)[missing_type]))
+        if lay.dynamic:
+            new.append(("dcp.dynamic", self._dynamic(x, mask, missing_type)))
+        x, mask = splice_tokens(x, mask, 0, [t for _, t in new])
+        return x, mask, layout.prepend([(n, t.shape[1]) for n, t in new])

@@ -19,7 +19,8 @@ from torch import nn
 
 from mdpl.prompts.base import BackboneInfo, PromptMethod, check_layers, check_positive
 from mdpl.prompts.layout import TokenLayout, splice_tokens
-from mdpl.prompts.registry import register_prompt_method
+from mdpl.prompts.registry import register_prompt_method, register_two_tower_method
+from mdpl.prompts.towers import TwoTowerInfo, TwoTowerPromptMethod
 
 PROMPT_TYPES = ("input", "attention")
 # Token set to ones at init, per missing type (complete, text missing, image missing) — §3.1.
@@ -117,3 +118,50 @@ class MissingAwarePrompts(PromptMethod):
             return prompts, prompts
         half = self.prompt_length // 2
         return prompts[:, :half], prompts[:, half:]
+
+
+@register_two_tower_method("map")
+class MissingAwarePromptsTwoTower(TwoTowerPromptMethod):
+    """MAP on CLIP (two towers) — our mapping, not defined by the MAP paper (METHODS.md §3 → §5).
+
+    * One ViLT-style MAP prompt set per tower: ``image_prompts.*`` with the image width and
+      ``text_prompts.*`` with the text width (keys ``{image,text}_prompts.{complete_prompt,
+      missing_text_prompt,missing_img_prompt}``, each [P, L, width], same deterministic init, §3.1).
+    * ``prompt_type='input'``: before block ``prompt_layers[j]`` the L prompts are prepended to that
+      tower's sequence and accumulate (§3.2); the text tower's causal mask grows with them (as DCP's,
+      §6.4), so text tokens see every prompt and prompts see only earlier prompts.
+    * ``prompt_type='attention'``: raw extra K/V per tower (§3.3), split into that tower's heads.
+    * Features: image CLS / text EOT at their shifted positions; the classifier concatenates
+      [f_v ; f_t] with **no zeroing** of the missing half — MAP's missing-aware prompts are its
+      only missing-type signal, so both towers encode the (dummy) inputs, as MAP does on ViLT.
+    """
+
+    def __init__(self, info: TwoTowerInfo, **options: Any):
+        super().__init__(info)
+        self.image_prompts = MissingAwarePrompts(info.image, **options)
+        self.text_prompts = MissingAwarePrompts(info.text, **options)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], info: TwoTowerInfo) -> "MissingAwarePromptsTwoTower":
+        return cls(
+            info,
+            prompt_type=config.get("prompt_type", "input"),
+            prompt_length=config.get("prompt_length", 16),
+            prompt_layers=config.get("prompt_layers", [0, 1, 2, 3, 4, 5]),
+            learnt_p=config.get("learnt_p", True),
+            multi_layer_prompt=config.get("multi_layer_prompt", True),
+        )
+
+    def _tower(self, tower: str) -> MissingAwarePrompts:
+        return self.image_prompts if tower == "image" else self.text_prompts
+
+    def tower_before_block(
+        self, tower: str, index: int, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
+        missing_type: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        return self._tower(tower).before_block(index, x, mask, layout, missing_type)
+
+    def tower_attention_prompts(
+        self, tower: str, index: int, x: torch.Tensor, missing_type: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._tower(tower).attention_prompts(index, x, missing_type)

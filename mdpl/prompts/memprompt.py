@@ -27,7 +27,8 @@ from torch import nn
 
 from mdpl.prompts.base import BackboneInfo, PromptMethod, check_layers, check_positive
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout, splice_tokens
-from mdpl.prompts.registry import register_prompt_method
+from mdpl.prompts.registry import register_prompt_method, register_two_tower_method
+from mdpl.prompts.towers import TwoTowerInfo, TwoTowerPromptMethod
 
 
 class PromptMemory(nn.Module):
@@ -181,3 +182,108 @@ class MemPrompt(PromptMethod):
         layout = layout.insert_after(TEXT, [(n, t.shape[1]) for n, t in image_new])
         layout = layout.prepend([(n, t.shape[1]) for n, t in text_new])
         return x, mask, layout
+
+
+def _projection(d_in: int, width: int, d_out: int) -> nn.Sequential:
+    """Linear(d_in, width) -> GELU -> Linear(width, d_out), N(0, 0.02) weights, zero biases."""
+    module = nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, d_out))
+    _init_bottleneck(module)
+    return module
+
+
+@register_two_tower_method("memprompt")
+class MemPromptTwoTower(TwoTowerPromptMethod):
+    """MemPrompt on CLIP (two towers) — our mapping, not defined by the MemPrompt paper (§4 → §5).
+
+    * Text memory ``gen_t_prompt_memory.{j}`` (text width) feeds the text tower, with query = the
+      element-wise max over the text tower's 77 token positions (padding included unless
+      ``memprompt_mask_padding``); image memory ``gen_v_prompt_memory.{j}`` (image width) feeds the
+      image tower, query = max over its CLS + patch tokens (§4.2, §4.3 steps 1-2).
+    * Shared prompts: ``shared_missing_t`` / ``shared_missing_v`` live in one space (the text width,
+      so complete samples can sum them as in §4.3 step 3); ``bottleneck_texts`` maps it to the text
+      width, ``bottleneck_images`` to the image width (Linear → GELU → Linear, ``bottleneck_dim``).
+    * Insertion: per tower ``[S, G, <tower sequence>]``, accumulating as on ViLT (§4.3 step 4);
+      the text tower's causal mask grows with them.
+    * Features: image CLS / text EOT at their shifted positions; [f_v ; f_t] with no zeroing (as on
+      ViLT, both towers encode the dummy inputs; the shared prompts carry the missing type).
+    """
+
+    def __init__(
+        self,
+        info: TwoTowerInfo,
+        *,
+        gen_prompt_length: int = 16,
+        gen_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
+        shared_prompt_length: int = 16,
+        shared_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
+        mem_size: int = 16,
+        top_k: int = 5,
+        bottleneck_dim: int = 48,
+        mask_padding: bool = False,
+    ):
+        super().__init__(info)
+        n_layers = info.num_layers
+        check_positive("gen_prompt_length", gen_prompt_length)
+        check_positive("shared_prompt_length", shared_prompt_length)
+        for key, value in (("mem_size", mem_size), ("top_k", top_k), ("bottleneck_dim", bottleneck_dim)):
+            check_positive(key, value)
+        gen = check_layers("gen_prompt_layers", gen_prompt_layers, n_layers, True)
+        shared = check_layers("shared_prompt_layers", shared_prompt_layers, n_layers, True)
+        if not gen and not shared:
+            raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
+        self.mask_padding = bool(mask_padding)
+        self._gen_slot = {l: j for j, l in enumerate(gen)}
+        self._shared_slot = {l: j for j, l in enumerate(shared)}
+        dv, dt = info.image.hidden_size, info.text.hidden_size
+        self.gen_v_prompt_memory = nn.ModuleList(
+            PromptMemory(mem_size, gen_prompt_length, dv, top_k) for _ in gen)
+        self.gen_t_prompt_memory = nn.ModuleList(
+            PromptMemory(mem_size, gen_prompt_length, dt, top_k) for _ in gen)
+        self.shared_missing_t = nn.ParameterList(
+            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, dt), std=0.02)) for _ in shared)
+        self.shared_missing_v = nn.ParameterList(
+            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, dt), std=0.02)) for _ in shared)
+        self.bottleneck_texts = nn.ModuleList(_projection(dt, bottleneck_dim, dt) for _ in shared)
+        self.bottleneck_images = nn.ModuleList(_projection(dt, bottleneck_dim, dv) for _ in shared)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], info: TwoTowerInfo) -> "MemPromptTwoTower":
+        prompt_type = config.get("prompt_type", "input")
+        if prompt_type != "input":
+            raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
+        return cls(
+            info,
+            gen_prompt_length=config.get("gen_prompt_length", 16),
+            gen_prompt_layers=config.get("gen_prompt_layers", [0, 1, 2, 3, 4, 5]),
+            shared_prompt_length=config.get("shared_prompt_length", 16),
+            shared_prompt_layers=config.get("shared_prompt_layers", [0, 1, 2, 3, 4, 5]),
+            mem_size=config.get("mem_size", 16),
+            top_k=config.get("top_k", 5),
+            bottleneck_dim=config.get("bottleneck_dim", info.text.hidden_size // 16),
+            mask_padding=config.get("memprompt_mask_padding", False),
+        )
+
+    def shared_prompt(self, tower: str, layer: int, missing_type: torch.Tensor) -> torch.Tensor:
+        """S for `tower`: [B, Ls, width], per-type variants gathered by missing type (§4.3 step 3)."""
+        j = self._shared_slot[layer]
+        t, v = self.shared_missing_t[j], self.shared_missing_v[j]
+        per_type = torch.stack([t + v, t, v])  # complete, text missing, image missing
+        proj = self.bottleneck_images[j] if tower == IMAGE else self.bottleneck_texts[j]
+        return proj(per_type)[missing_type.long()]
+
+    def tower_before_block(
+        self, tower: str, index: int, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
+        missing_type: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        side = "v" if tower == IMAGE else "t"
+        new: list[tuple[str, torch.Tensor]] = []
+        if index in self._shared_slot:
+            new.append((f"mem.shared_{side}.{index}", self.shared_prompt(tower, index, missing_type)))
+        if index in self._gen_slot:
+            memory = (self.gen_v_prompt_memory if tower == IMAGE else self.gen_t_prompt_memory)[self._gen_slot[index]]
+            query = _segment_max(x, mask, layout.span(tower), self.mask_padding)
+            new.append((f"mem.gen_{side}.{index}", memory(query)))
+        if not new:
+            return x, mask, layout
+        x, mask = splice_tokens(x, mask, 0, [t for _, t in new])
+        return x, mask, layout.prepend([(n, t.shape[1]) for n, t in new])

@@ -1,0 +1,264 @@
+"""Evaluation sweeps: every (missing type, missing ratio) scenario in one pass over the test set (issue 5).
+
+    python run.py with task_finetune_food101 map load_path=CKPT test_only=True \
+        test_types=[text,image,both] test_ratios=[0.1,0.3,0.5,0.7,0.9]
+
+How (METHODS.md §1.4 missing tables and dummies, §8 metrics):
+* The DataModule delivers the *complete* test batch (its test split is overridden by a ratio-0 spec, i.e. no
+  dummies), so each batch is read and decoded once.
+* For scenario s the batch's missing types are ``missing_table('test', spec_s)[row_index]`` -- the same
+  deterministic table a single ``test_type=... test_ratio=...`` run uses -- and the dummies are applied on
+  the device with :func:`mdpl.data.missing.apply_missing`; then forward, loss and that scenario's own
+  metric collection. The numbers therefore equal those of one ``test_only`` run per scenario exactly.
+* Outputs (rank 0) in the run directory: ``results.csv`` (one row per scenario), ``results.md`` (paper-style
+  table: rows = missing type, columns = ratio, primary metric x100; plus all metrics) and
+  ``robustness_<dataset>.png`` (primary metric vs missing rate, one line per missing type).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
+from mdpl.engine.losses import task_loss
+from mdpl.engine.metrics import build_task_metrics
+
+#: Leading columns of results.csv; the metrics (primary first, then the others, then loss) follow.
+ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
+
+
+# ----------------------------------------------------------------------------------------- config
+def _as_list(value, key: str) -> list:
+    """A list from a list/tuple, a scalar, or the CLI string form '[text,image]' / 'text,image'."""
+    if isinstance(value, str):
+        items = [v.strip().strip("'\"") for v in value.strip().strip("[]()").split(",")]
+        items = [v for v in items if v]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ValueError(f"{key} is empty; give e.g. {key}=[text,image,both] or {key}=[0.1,0.5,0.9]")
+    return items
+
+
+def _unique(items: list) -> list:
+    out: list = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def sweep_specs(config: Mapping) -> list[MissingSpec] | None:
+    """Scenarios of the sweep (type-major order), or None when neither ``test_types`` nor ``test_ratios`` is set.
+
+    A missing list falls back to the single value: ``test_type`` / ``test_ratio``, else ``missing_type['test']`` /
+    ``missing_ratio['test']``. Raises ValueError on unknown types or ratios outside [0, 1].
+    """
+    types_value, ratios_value = config.get("test_types"), config.get("test_ratios")
+    if types_value is None and ratios_value is None:
+        return None
+    if types_value is None:
+        types_value = config.get("test_type") or dict(config["missing_type"])["test"]
+    if ratios_value is None:
+        ratios_value = config["test_ratio"] if config.get("test_ratio") is not None else dict(config["missing_ratio"])["test"]
+    types = _unique([str(t) for t in _as_list(types_value, "test_types")])
+    bad = [t for t in types if t not in MISSING_TYPES]
+    if bad:
+        raise ValueError(f"test_types has unknown missing types {bad}; use a list of {list(MISSING_TYPES)}")
+    try:
+        ratios = _unique([float(r) for r in _as_list(ratios_value, "test_ratios")])
+    except (TypeError, ValueError):
+        raise ValueError(f"test_ratios={ratios_value!r} must be a list of numbers in [0, 1], e.g. [0.1,0.5,0.9]") from None
+    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"test_ratios has values outside [0, 1]: {bad}")
+    both, seed = float(config.get("both_ratio", 0.5)), int(config.get("seed", 0))
+    return [MissingSpec(t, r, both, seed) for t in types for r in ratios]
+
+
+def scenario_tag(spec: MissingSpec) -> str:
+    """Log-key part of a scenario, e.g. 'both_r0.7'."""
+    return f"{spec.type}_r{spec.ratio:g}"
+
+
+# ----------------------------------------------------------------------------------------- engine
+class MissingSweep(nn.Module):
+    """Per-scenario missing tables, dummies and metric collections; driven by MDPLModule's test hooks.
+
+    ``tables`` [S, N] (row_index -> type) and the dummy text are non-persistent buffers (they follow the
+    module to its device and never enter checkpoints); metric states are non-persistent too.
+    """
+
+    def __init__(self, dataset: str, specs: Sequence[MissingSpec], tables: Sequence[Tensor],
+                 dummy_ids: Tensor, dummy_masks: Tensor) -> None:
+        super().__init__()
+        if len(specs) != len(tables) or not specs:
+            raise ValueError(f"need one missing table per scenario (got {len(specs)} specs, {len(tables)} tables)")
+        self.dataset, self.specs = dataset, list(specs)
+        self.register_buffer("tables", torch.stack([t.long() for t in tables]), persistent=False)
+        self.register_buffer("dummy_ids", dummy_ids.reshape(1, -1).clone(), persistent=False)
+        self.register_buffer("dummy_masks", dummy_masks.reshape(1, -1).clone(), persistent=False)
+        self.metrics = nn.ModuleList([build_task_metrics(dataset) for _ in self.specs])
+        self.losses = nn.ModuleList([MeanMetric() for _ in self.specs])
+        self.primary: str = self.metrics[0].primary
+        self.results: list[dict[str, float]] = []
+
+    def step(self, model: nn.Module, batch: Mapping) -> None:
+        """Evaluate one complete batch under every scenario (dummies applied here, on the batch's device)."""
+        types = self.tables[:, batch["row_index"].to(self.tables.device)]          # [S, B]
+        label = batch["label"]
+        for i in range(len(self.specs)):
+            scenario_batch = apply_missing(batch, types[i], self.dummy_ids, self.dummy_masks)
+            logits = model(scenario_batch)["logits"]
+            loss = task_loss(self.dataset, logits, label)
+            self.metrics[i].update(logits.detach(), label)
+            self.losses[i].update(loss.detach(), weight=label.shape[0])
+
+    def compute(self) -> list[dict[str, float]]:
+        """Metrics (DDP-reduced) + loss of every scenario, in ``specs`` order; resets the states."""
+        results = []
+        for metrics, loss in zip(self.metrics, self.losses):
+            values = {k: float(v) for k, v in metrics.compute().items()} if metrics.has_updates else {}
+            ordered = {self.primary: values.pop(self.primary, math.nan), **values}
+            ordered["loss"] = float(loss.compute()) if loss.update_called else math.nan
+            results.append(ordered)
+            metrics.reset()
+            loss.reset()
+        self.results = results
+        return results
+
+    def log_to(self, module) -> None:
+        """compute() and log every scenario as ``{dataset}/test/<type>_r<ratio>/<metric>`` (LightningModule.log)."""
+        for spec, values in zip(self.specs, self.compute()):
+            for name, value in values.items():
+                module.log(f"{self.dataset}/test/{scenario_tag(spec)}/{name}", value)
+
+
+def attach_sweep(module: nn.Module, datamodule, config: Mapping) -> MissingSweep | None:
+    """Set ``module.sweep`` and make ``datamodule`` deliver complete test batches; None if no sweep is configured.
+
+    The scenario tables are ``datamodule.missing_table('test', spec)`` (deterministic, cached like the
+    single-scenario ones), the dummies ``datamodule.dummy_text()``.
+    """
+    specs = sweep_specs(config)
+    if specs is None:
+        return None
+    for name in ("missing_table", "set_missing_override", "dummy_text"):
+        if not hasattr(datamodule, name):
+            raise ValueError(f"test_types/test_ratios need the mdpl DataModule ({type(datamodule).__name__} lacks {name})")
+    tables = [datamodule.missing_table("test", spec) for spec in specs]
+    complete = MissingSpec("both", 0.0, float(config.get("both_ratio", 0.5)), int(config.get("seed", 0)))
+    datamodule.set_missing_override("test", complete)   # ratio 0 -> all rows complete, no dummies
+    ids, masks = datamodule.dummy_text()
+    sweep = MissingSweep(config["dataset"], specs, tables, ids, masks)
+    module.sweep = sweep
+    print(f"[mdpl] evaluation sweep: {len(specs)} scenarios ({_describe(specs)}) in one pass over the test set")
+    return sweep
+
+
+def _describe(specs: Sequence[MissingSpec]) -> str:
+    types = _unique([s.type for s in specs])
+    ratios = _unique([s.ratio for s in specs])
+    return f"types {types} x ratios {ratios}"
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def result_rows(sweep: MissingSweep, config: Mapping, checkpoint: str | None) -> list[dict]:
+    """One dict per scenario: ID_COLUMNS then every metric (primary first) and loss."""
+    ident = {"dataset": config["dataset"], "method": config.get("prompt_method", "none"),
+             "backbone": config.get("backbone", "vilt"), "checkpoint": checkpoint or ""}
+    return [{**ident, "type": spec.type, "ratio": spec.ratio, "seed": int(config.get("seed", 0)), **values}
+            for spec, values in zip(sweep.specs, sweep.results)]
+
+
+def write_csv(rows: Sequence[Mapping], path: Path) -> Path:
+    """results.csv; floats written with repr (round-trips exactly)."""
+    columns = list(rows[0].keys())
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    return path
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def markdown_table(rows: Sequence[Mapping], primary: str) -> str:
+    """Paper-style table (rows = missing type, columns = missing rate, ``primary`` x 100) + the full table."""
+    types = _unique([r["type"] for r in rows])
+    ratios = sorted(_unique([float(r["ratio"]) for r in rows]))
+    cell = {(r["type"], float(r["ratio"])): r[primary] for r in rows}
+    first = rows[0]
+    lines = [f"## {first['dataset']} — {first['method']} ({first['backbone']}), seed {first['seed']}", "",
+             f"checkpoint: `{first['checkpoint']}`", "", f"{primary} (×100) by missing type and missing rate:", "",
+             "| missing type | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " |",
+             "|---|" + "---:|" * len(ratios)]
+    for t in types:
+        lines.append(f"| {t} | " + " | ".join(_pct(cell.get((t, r), math.nan)) for r in ratios) + " |")
+    metric_names = [k for k in first if k not in ID_COLUMNS]
+    header = [f"{m} (×100)" if m != "loss" else "loss" for m in metric_names]
+    lines += ["", "All metrics:", "", "| type | ratio | " + " | ".join(header) + " |",
+              "|---|---:|" + "---:|" * len(metric_names)]
+    for r in rows:
+        vals = [f"{r[m]:.4f}" if m == "loss" else _pct(r[m]) for m in metric_names]
+        lines.append(f"| {r['type']} | {float(r['ratio']):g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def robustness_figure(rows: Sequence[Mapping], primary: str):
+    """Figure of ``primary`` (x100) vs missing rate (%), one line per missing type (matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for k, t in enumerate(_unique([r["type"] for r in rows])):   # distinct markers: coinciding lines stay visible
+        pts = sorted((float(r["ratio"]), r[primary]) for r in rows if r["type"] == t)
+        ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="os^Dv"[k % 5],
+                linestyle=("-", "--", ":")[k % 3], markersize=7 - k, label=t)
+    ax.set_xlabel("missing rate (%)")
+    ax.set_ylabel(f"{primary} (×100)")
+    ax.set_title(f"{first['dataset']}: {first['method']} ({first['backbone']}), seed {first['seed']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="missing type")
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
+    """Save :func:`robustness_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = robustness_figure(rows, primary)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(sweep: MissingSweep, config: Mapping, run_dir: str | Path, checkpoint: str | None) -> dict:
+    """results.csv, results.md, robustness_<dataset>.png in ``run_dir``; prints the summary.
+
+    Returns ``{"csv", "md", "png": path, "rows": result_rows(...)}``.
+    """
+    run_dir = Path(run_dir)
+    rows = result_rows(sweep, config, checkpoint)
+    paths = {"csv": write_csv(rows, run_dir / "results.csv")}
+    table = markdown_table(rows, sweep.primary)
+    paths["md"] = run_dir / "results.md"
+    paths["md"].write_text(table)
+    paths["png"] = plot_robustness(rows, sweep.primary, run_dir / f"robustness_{config['dataset']}.png")
+    print("\n" + table)
+    print("[mdpl] sweep results: " + ", ".join(str(p) for p in paths.values()))
+    return {**{k: str(v) for k, v in paths.items()}, "rows": rows}

@@ -1,0 +1,163 @@
+"""DCP through the engine and run.py on synthetic data (raw -> make_arrow -> run.run -> checkpoint -> test_only), CPU.
+
+* `task_finetune_<ds> dcp tiny` resolves to a consistent tiny model (prompt_length multiple of 3, transform size =
+  clip_image_size); the reverse order `tiny dcp` (224 px transform, 64 px model) is a clear error;
+* learning: a randomly initialised, frozen tiny CLIP with DCP's trainable set (prompt learner, attn_prompt,
+  ln_post, visual proj, ln_final, head; METHODS.md §6.6) separates synthetic Hateful Memes (30 % missing) far above
+  chance (AUROC 0.5);
+* persistence (D-34): the Lightning checkpoint holds the six dynamic-query buffers; the module rebuilt by run.py's
+  test_only path gives the trained module's logits exactly (all three missing types) and the same test metrics;
+* a checkpoint with the dynamic buffers stripped: an mdpl checkpoint -> ValueError naming them; a reference-style
+  state dict (no hyper_parameters, given as load_path) -> warning, the model's own queries are kept.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+import run as run_script
+from mdpl.data.datamodule import MDPLDataModule
+from mdpl.data.synthetic import write_synthetic
+from mdpl.data.writers import make_arrow
+from mdpl.engine.trainer import build_trainer
+
+QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
+COUNTS = dict(n_train=192, n_val=48, n_test=48)
+MISSING = {"train": 0.3, "val": 0.3, "test": 0.3}
+TRAIN = dict(learning_rate=2e-2, max_epoch=8, per_gpu_batchsize=16, batch_size=16, val_check_interval=1.0,
+             missing_ratio=MISSING)
+
+
+def resolve(*named: str, **updates) -> dict:
+    """Resolved Sacred config of the named configs (left to right) plus `updates`."""
+    from config import ex
+    return dict(ex.run("print_config", named_configs=list(named), config_updates=updates).config)
+
+
+def run_quiet(config: dict, **overrides) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_script.run(config, **QUIET, **overrides)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is far faster single-threaded on a shared 2-core machine (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixed_batch(cfg: dict) -> dict:
+    """The whole val split as one batch, after the device-side dummies (METHODS.md §1.4)."""
+    dm = MDPLDataModule(cfg)
+    dm.setup("validate")
+    batch = next(iter(DataLoader(dm.datasets["val"], batch_size=64, collate_fn=dm.collator)))
+    return dm.on_after_batch_transfer(batch, 0)
+
+
+@torch.no_grad()
+def logits_of(module: torch.nn.Module, batch: dict) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    logits = module(batch)["logits"].detach().clone()
+    module.train(was_training)
+    return logits
+
+
+class LogitsAtFitEnd(pl.Callback):
+    """Logits of the in-memory module on `batch` when fit ends (final weights = last.ckpt, before the test reload)."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch, self.logits = batch, None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.logits = logits_of(pl_module, self.batch)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One DCP training run (run.run) on synthetic hatememes, 30 % missing (both types)."""
+    base = tmp_path_factory.mktemp("dcp_engine")
+    write_synthetic("hatememes", base / "raw", **COUNTS)
+    make_arrow("hatememes", base / "raw", base / "arrow", progress=False)
+    cfg = resolve("task_finetune_hatememes", "dcp", "tiny", data_root=str(base / "arrow"),
+                  log_dir=str(base / "result"), **TRAIN)
+    batch = fixed_batch(cfg)
+    assert sorted(batch["missing_type"].unique().tolist()) == [0, 1, 2]
+    probe = LogitsAtFitEnd(batch)
+
+    def build_trainer_with_probe(*args, **kwargs) -> pl.Trainer:
+        trainer = build_trainer(*args, **kwargs)
+        trainer.callbacks.append(probe)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mdpl.engine.trainer.build_trainer", build_trainer_with_probe)
+        out = run_quiet(cfg)
+    assert probe.logits is not None
+    return {"cfg": cfg, "batch": batch, "out": out, "fit_logits": probe.logits, "base": base,
+            "last": str(Path(out["run_dir"]) / "checkpoints" / "last.ckpt")}
+
+
+def test_dcp_tiny_config_is_consistent_and_reverse_order_fails(tmp_path) -> None:
+    from mdpl.models import build_classifier
+    cfg = resolve("task_finetune_food101", "dcp", "tiny")
+    assert (cfg["backbone"], cfg["prompt_method"], cfg["prompt_length"] % 3) == ("clip", "dcp", 0)
+    assert cfg["image_size"] == cfg["clip_image_size"] == 64
+    bad = resolve("task_finetune_food101", "tiny", "dcp")        # dcp's 224 px transform, tiny's 64 px CLIP
+    with pytest.raises(ValueError, match="image_size=224 .* clip_image_size=64"):
+        build_classifier(bad)
+
+
+def test_dcp_learns_above_chance(trained) -> None:
+    """Frozen random tiny CLIP + DCP: test AUROC and accuracy well above chance (0.5) after 8 epochs."""
+    metrics = trained["out"]["test"]
+    assert metrics["test/the_metric"] == metrics["hatememes/test/AUROC"]
+    assert metrics["hatememes/test/AUROC"] >= 0.8, metrics
+    assert metrics["hatememes/test/accuracy"] >= 0.7, metrics
+
+
+def test_checkpoint_holds_dynamic_buffers_and_test_only_reproduces(trained) -> None:
+    cfg, batch = trained["cfg"], trained["batch"]
+    ckpt = torch.load(trained["last"], map_location="cpu", weights_only=False)
+    dynamic = sorted(k for k in ckpt["state_dict"] if ".prompts_dynamic_" in k)
+    assert len(dynamic) == 6 and all(k.startswith("model.model.") for k in dynamic)
+    # run.py's test_only loading path rebuilds the module from the checkpoint alone (fresh random init first)
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rebuilt = run_script.build_test_module({**cfg, "test_only": True, "load_path": trained["last"]})
+    assert torch.equal(logits_of(rebuilt, batch), trained["fit_logits"])
+    # and the full test_only run on the best checkpoint reproduces the training run's test metrics exactly
+    out = trained["out"]
+    again = run_quiet({**cfg, "test_only": True, "load_path": out["best_model_path"]})
+    assert again["test"] == out["test"]
+
+
+def test_checkpoint_without_dynamic_buffers(trained, tmp_path) -> None:
+    cfg = {**trained["cfg"], "test_only": True}
+    ckpt = torch.load(trained["last"], map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    stripped = {k: v for k, v in state.items() if ".prompts_dynamic_" not in k}
+    # an mdpl checkpoint lacking them is damaged: a clear error naming the keys, never random queries
+    torch.save({**ckpt, "state_dict": stripped}, tmp_path / "stripped.ckpt")
+    with pytest.raises(ValueError, match="prompts_dynamic_"):
+        run_script.build_test_module({**cfg, "load_path": str(tmp_path / "stripped.ckpt")})
+    # a reference-style DCP checkpoint (no mdpl config, keys of §6.6) lacks them by design (D-34): warning,
+    # every other weight is loaded, the queries are this model's own
+    reference = {k[len("model."):]: v for k, v in stripped.items()}
+    torch.save({"state_dict": reference}, tmp_path / "reference.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = run_script.build_test_module({**cfg, "load_path": str(tmp_path / "reference.ckpt")})
+    assert any("dynamic prompt queries" in str(w.message) for w in caught)
+    own = module.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in reference.items())
+    assert all(k[len("model."):] in own for k in state if ".prompts_dynamic_" in k)
