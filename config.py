@@ -30,6 +30,10 @@ def base_config():
     image_size = 384              # ViLT 'pixelbert' shorter side (CLIP uses 224)
     max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
     max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
+    dynamic_text_padding = False  # ViLT: pad each batch to its longest text, not max_text_len (faster on MM-IMDb/Food-101).
+                                  # MemPrompt then max-pools its text query over real tokens only (the reference pools over
+                                  # [PAD] too): results differ from the reference but do not depend on the batch. MAP, DCP and
+                                  # the baseline mask padded keys, so their outputs are unchanged (up to rounding).
     tokenizer = ""                # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
     vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
     mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only
@@ -72,7 +76,7 @@ def base_config():
     frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
     # --- prompt method --------------------------------------------------------------------------
-    prompt_method = "none"        # 'none' | 'map' | 'memprompt'
+    prompt_method = "none"        # 'none' | 'map' | 'memprompt' | 'dcp', any backbone (on_vilt / on_clip)
     # MAP (METHODS.md §3)
     prompt_type = "input"         # 'input' | 'attention'
     prompt_length = 16
@@ -113,7 +117,9 @@ def base_config():
     # --- trainer --------------------------------------------------------------------------------
     num_gpus = 1                  # devices per node (0 = CPU)
     num_nodes = 1
-    precision = "16-mixed"        # '32-true' | '16-mixed' | 'bf16-mixed' (16 / 32 accepted)
+    num_cpu_processes = 1         # num_gpus=0: CPU processes per node; > 1 = Lightning DDP on CPU (gloo backend)
+    precision = "bf16-mixed"      # '32-true' | '16-mixed' | 'bf16-mixed' (16 / 32 accepted); the references used fp16 ('16-mixed')
+    compile = False               # True: torch.compile the classifier (opt-in; first steps are slow while it compiles)
     val_check_interval = 1.0
     test_only = False
     fast_dev_run = False
@@ -227,6 +233,25 @@ def dcp():
     image_size = 224
     learning_rate = 1e-2
     seed = 0
+
+
+# --- backbone switches: after a method preset, run it on the other backbone (issue 8) -------------
+# `python run.py with task_finetune_food101 map on_clip` / `... dcp on_vilt`. Only the backbone and its
+# transform size change; the method's hyper-parameters stay those of its preset. Put `tiny` after them.
+
+
+@ex.named_config
+def on_clip():
+    # CLIP ViT-B/16 two towers (METHODS.md §5): 224 px CLIP transform, text always 77 BPE tokens.
+    backbone = "clip"
+    image_size = 224
+
+
+@ex.named_config
+def on_vilt():
+    # ViLT ViT-B/32 single stream (METHODS.md §2): 384 px 'pixelbert' shorter side.
+    backbone = "vilt"
+    image_size = 384
 
 
 # --- tiny sizes: tests and the demo (random-initialised backbones, CPU) --------------------------

@@ -108,9 +108,10 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     resume_path = None if config.get("test_only") else resolve_resume_path(config, run_base_dir(config))
     if resume_path:
         check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone)
+    # test_only: the checkpoint is checked (other method / backbone -> ValueError) before the run directory exists
+    module = build_test_module(config, model) if config.get("test_only") else None
     run_dir = new_run_dir(config)
     if config.get("test_only"):
-        module = build_test_module(config, model)
         sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
         trainer = build_trainer(config, run_dir, **trainer_overrides)
         results = trainer.test(module, datamodule=datamodule)

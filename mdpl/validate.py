@@ -115,6 +115,8 @@ def check_batch(config: Mapping) -> None:
     for key in ("per_gpu_batchsize", "batch_size"):
         if key in config and not (_is_int(config[key]) and config[key] > 0):
             _fail(f"{key} must be a positive integer, got {config[key]!r} (e.g. {key}=32)")
+    if not config.get("test_only") and "learning_rate" in config and not float(config["learning_rate"]) > 0:
+        _fail(f"learning_rate must be > 0, got {config['learning_rate']!r} (the warmup/decay schedule scales it)")
 
 
 def _check_ratio(key: str, value: Any) -> None:

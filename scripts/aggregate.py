@@ -10,7 +10,9 @@ mean ± std over the runs (seeds) of the group (sample std, ddof=1; 0 for a sing
 * ``comparison.md``   -- per dataset, the primary metric (x100, mean ± std) with rows = method x missing type,
   columns = missing rate;
 * ``comparison_<dataset>.png`` -- one subplot per missing type, one line per method (± std band), primary
-  metric vs missing rate: the form of DCP's figure comparing methods across missing rates.
+  metric vs missing rate: the form of DCP's figure comparing methods across missing rates;
+* with ``--method-backbone``: ``method_backbone.md`` -- per dataset and missing scenario (type, rate), the primary
+  metric (x100, mean ± std) with rows = method, columns = backbone (issue 8: every method on every backbone).
 """
 from __future__ import annotations
 
@@ -143,6 +145,26 @@ def markdown(agg_rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def method_backbone_markdown(agg_rows: Sequence[dict]) -> str:
+    """Per dataset and scenario (type, rate): primary metric x100, rows = method, columns = backbone."""
+    lines: list[str] = []
+    for dataset in sorted({r["dataset"] for r in agg_rows}):
+        rows = [r for r in agg_rows if r["dataset"] == dataset]
+        metric = primary_metric(dataset, rows)
+        backbones = sorted({r["backbone"] for r in rows})
+        methods = list(dict.fromkeys(sorted(r["method"] for r in rows)))
+        cells = {(r["type"], r["ratio"], r["method"], r["backbone"]): r for r in rows}
+        for mtype, ratio in dict.fromkeys((r["type"], r["ratio"]) for r in rows):   # rows are sorted by _sort_key
+            lines += [f"## {dataset}: {metric} (×100, mean ± std over seeds), missing {mtype} {100 * ratio:g}%", "",
+                      "| method | " + " | ".join(backbones) + " |", "|---|" + "---:|" * len(backbones)]
+            for method in methods:
+                vals = [_cell(c[f"{metric}_mean"], c[f"{metric}_std"]) if (c := cells.get((mtype, ratio, method, b)))
+                        else "–" for b in backbones]
+                lines.append(f"| {method} | " + " | ".join(vals) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def comparison_figure(agg_rows: Sequence[dict], dataset: str):
     """One subplot per missing type, one line per method (± std band): primary metric x100 vs missing rate."""
     import matplotlib
@@ -196,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="run directories, results.csv files or globs of either")
     parser.add_argument("--out", default="comparison", help="output folder (default: ./comparison)")
+    parser.add_argument("--method-backbone", action="store_true",
+                        help="also write method_backbone.md: rows = method, columns = backbone, per scenario")
     args = parser.parse_args(argv)
     try:
         paths = find_csvs(args.inputs)
@@ -205,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     written = write_outputs(agg_rows, Path(args.out))
     print(markdown(agg_rows))
+    if args.method_backbone:
+        table = method_backbone_markdown(agg_rows)
+        written["method_backbone"] = str(Path(args.out) / "method_backbone.md")
+        Path(written["method_backbone"]).write_text(table)
+        print(table)
     print(f"aggregated {len(paths)} results.csv files into " + ", ".join(written.values()))
     return 0
 

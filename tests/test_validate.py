@@ -56,6 +56,7 @@ BAD = [
     ({"prompt_method": "memprompt", "top_k": 5, "mem_size": 4}, r"top_k=5 exceeds mem_size=4"),
     ({"backbone": "clip", "prompt_method": "dcp", "prompt_depth": 3}, r"prompt_depth=3 must be an integer in 0\.\.2"),
     ({"per_gpu_batchsize": 0}, r"per_gpu_batchsize must be a positive integer, got 0"),
+    ({"learning_rate": 0.0}, r"learning_rate must be > 0, got 0.0"),
     ({"missing_ratio": {"train": 0.7, "val": 1.5, "test": 0.7}}, r"missing_ratio\.val=1\.5 must be a number in \[0, 1\]"),
     ({"missing_ratio": {"train": 0.7}}, r"missing_ratio must be a dict with keys train, val, test"),
     ({"missing_type": {"train": "both", "val": "audio", "test": "both"}},

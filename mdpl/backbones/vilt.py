@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,13 +214,26 @@ class ViLTBackbone(nn.Module):
         bottom = (1 - lx) * table[y1, x0] + lx * table[y1, x1]
         return (1 - ly) * top + ly * bottom
 
-    def embed_image(self, image: torch.Tensor, image_sizes: torch.Tensor | None = None):
-        """Visual tokens [B, 1+M, D] (with modality embedding 1) and bool mask [B, 1+M] (§2.3)."""
+    def max_valid_patches(self, host_sizes: Sequence[Sequence[int]], hp: int, wp: int) -> int:
+        """max_b h_b * w_b of `patch_grid` computed on the host from Python (h, w) pixel sizes (no device sync)."""
+        p = self.transformer.patch_size
+        return max(min(max(-(-int(h) // p), 1), hp) * min(max(-(-int(w) // p), 1), wp) for h, w in host_sizes)
+
+    def embed_image(self, image: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                    host_sizes: Sequence[Sequence[int]] | None = None):
+        """Visual tokens [B, 1+M, D] (with modality embedding 1) and bool mask [B, 1+M] (§2.3).
+
+        `host_sizes` (optional, with `image_sizes`): the same sizes as Python ints (the collator's
+        ``image_sizes_host``), so M = max valid patches is known without a host-device sync.
+        """
         patches = self.transformer.patch_embed(image)  # [B, D, Hp, Wp]
         b, d, hp, wp = patches.shape
         h, w = self.patch_grid(image, image_sizes)
         n_valid = h * w
-        m = int(n_valid.max())
+        if image_sizes is not None and host_sizes is not None and len(host_sizes) == b:
+            m = self.max_valid_patches(host_sizes, hp, wp)
+        else:
+            m = int(n_valid.max())
         if self.max_image_len is not None and self.max_image_len > 0:
             m = min(m, int(self.max_image_len))
         slot = torch.arange(m, device=image.device)[None]            # [1, M]
@@ -238,10 +251,10 @@ class ViLTBackbone(nn.Module):
         return x, mask
 
     def embed(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
-              image_sizes: torch.Tensor | None = None):
+              image_sizes: torch.Tensor | None = None, host_sizes: Sequence[Sequence[int]] | None = None):
         """Joint input [text ; image], bool key mask and its layout (§2.4)."""
         text = self.embed_text(text_ids)
-        img, img_mask = self.embed_image(image, image_sizes)
+        img, img_mask = self.embed_image(image, image_sizes, host_sizes)
         x = torch.cat([text, img.to(text.dtype)], dim=1)
         mask = torch.cat([text_masks.bool(), img_mask], dim=1)
         return x, mask, TokenLayout([(TEXT, text.shape[1]), (IMAGE, img.shape[1])])
@@ -258,9 +271,10 @@ class ViLTBackbone(nn.Module):
 
     def forward_features(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
                          image_sizes: torch.Tensor | None = None, method: "PromptMethod | None" = None,
-                         missing_type: torch.Tensor | None = None) -> BackboneOutput:
+                         missing_type: torch.Tensor | None = None,
+                         host_sizes: Sequence[Sequence[int]] | None = None) -> BackboneOutput:
         """Embed, run the blocks (calling the prompt method before each), final LayerNorm."""
-        x, mask, layout = self.embed(text_ids, text_masks, image, image_sizes)
+        x, mask, layout = self.embed(text_ids, text_masks, image, image_sizes, host_sizes)
         if missing_type is None:
             missing_type = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         missing_type = missing_type.to(x.device).long()

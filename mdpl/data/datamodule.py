@@ -4,7 +4,8 @@
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
   ``test_type`` overrides applied to copies).
 * Loaders: ``per_gpu_batchsize``, ``num_workers``, persistent workers when > 0, pinned memory on CUDA;
-  train shuffled, val/test not (no DistributedSampler here: Lightning inserts it under DDP).
+  train shuffled, val/test not. Under DDP Lightning inserts the train DistributedSampler; val/test get an
+  unpadded one here (rank r reads items r, r+W, ...: no sample is evaluated twice, D-46).
 * ``on_after_batch_transfer`` (on device): optional per-split override table (``set_missing_override``,
   for evaluation sweeps), ``simulate_missing`` for training batches (per-item hash of
   (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
@@ -29,6 +30,18 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
                  None: SPLITS}
 
 
+def eval_sampler(dataset) -> torch.utils.data.Sampler | None:
+    """Under DDP (world size > 1): a sampler that shards ``dataset`` over the ranks without padding, so that
+    torchmetrics' cross-rank sync sees every item exactly once (torch's DistributedSampler repeats items to
+    even out the ranks, D-46). It subclasses DistributedSampler, so Lightning does not replace it. None otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
 class MDPLDataModule(pl.LightningDataModule):
     """Datasets, loaders and device-side missing-modality handling for one dataset of the config."""
 
@@ -41,7 +54,8 @@ class MDPLDataModule(pl.LightningDataModule):
         self.table_root = self.config.get("missing_table_root") or str(Path(self.data_root) / "missing_tables")
         self.transform = build_transform(self.config)
         self.tokenizer = build_tokenizer(self.config)
-        self.collator = Collator(self.tokenizer)
+        self.collator = Collator(self.tokenizer, dynamic_text_padding=bool(self.config.get("dynamic_text_padding", False))
+                                 and self.config.get("backbone", "vilt") == "vilt")  # CLIP keeps its 77 positions
         ids, masks = self.tokenizer.empty()
         self._dummy_ids, self._dummy_masks = ids, masks
         self.datasets: dict[str, ArrowMultimodalDataset] = {}
@@ -64,9 +78,10 @@ class MDPLDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
         workers = int(self.config.get("num_workers", 0))
+        sampler = None if shuffle else eval_sampler(self.datasets[split])
         return DataLoader(self.datasets[split], batch_size=int(self.config["per_gpu_batchsize"]), shuffle=shuffle,
-                          num_workers=workers, collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0, drop_last=False)
+                          sampler=sampler, num_workers=workers, collate_fn=self.collator,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

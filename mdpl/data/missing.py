@@ -265,8 +265,11 @@ def apply_missing(batch: Mapping, missing_type: torch.Tensor, dummy_text_ids: to
     out["image"] = torch.where(img_missing[:, None], torch.ones((), dtype=image.dtype, device=device), image)
 
     ids, masks = batch["text_ids"], batch["text_masks"]
-    d_ids = dummy_text_ids.reshape(1, -1).to(device=ids.device, dtype=ids.dtype)
-    d_masks = dummy_text_masks.reshape(1, -1).to(device=masks.device, dtype=masks.dtype)
+    d_ids, d_masks = dummy_text_ids.reshape(1, -1), dummy_text_masks.reshape(1, -1)
+    if d_ids.shape[1] > ids.shape[1] >= 2:  # dynamic text padding: the dummy ([CLS][SEP] + padding) is cut too
+        d_ids, d_masks = d_ids[:, :ids.shape[1]], d_masks[:, :ids.shape[1]]
+    d_ids = d_ids.to(device=ids.device, dtype=ids.dtype)
+    d_masks = d_masks.to(device=masks.device, dtype=masks.dtype)
     if d_ids.shape[1] != ids.shape[1] or d_masks.shape[1] != masks.shape[1]:
         raise ValueError(f"dummy text length {d_ids.shape[1]} != batch text length {ids.shape[1]}")
     txt_missing = (mt == MISSING_TEXT).to(ids.device)[:, None]

@@ -101,9 +101,9 @@ class Accuracy(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        keep = target != IGNORE_INDEX
+        keep = target != IGNORE_INDEX  # mask arithmetic, not boolean indexing: no host sync per step
         pred = logits.detach().argmax(dim=-1)
-        self.correct += (pred[keep] == target[keep]).sum()
+        self.correct += ((pred == target) & keep).sum()
         self.total += keep.sum()
 
     def compute(self) -> Tensor:  # type: ignore[override]
@@ -127,13 +127,15 @@ class BinaryAUROC(Metric):
     def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
         if logits.ndim != 2 or logits.shape[1] != 2:
             raise ValueError(f"BinaryAUROC expects 2-class logits [N, 2], got {tuple(logits.shape)}")
-        keep = target != IGNORE_INDEX
-        self.probs.append(torch.softmax(logits.detach().float(), dim=-1)[keep, 1])
-        self.targets.append(target[keep].long())
+        # All rows are stored (no boolean indexing, hence no host sync per step); ignored targets
+        # (-100) are dropped in `compute`.
+        self.probs.append(torch.softmax(logits.detach().float(), dim=-1)[:, 1])
+        self.targets.append(target.detach().long())
 
     def compute(self) -> Tensor:  # type: ignore[override]
         probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
-        return binary_auroc(probs, targets, thresholds=None).float()
+        keep = targets != IGNORE_INDEX
+        return binary_auroc(probs[keep], targets[keep], thresholds=None).float()
 
 
 class TaskMetrics(nn.Module):

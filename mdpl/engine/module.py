@@ -25,13 +25,14 @@ from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
 PHASES = ("train", "val", "test")
 # Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them.
 MODEL_KEYS = {
-    "*": ("dataset", "backbone", "prompt_method", "hidden_size", "num_layers", "num_heads", "patch_size"),
+    "*": ("dataset", "backbone", "prompt_method"),
+    "vilt": ("hidden_size", "num_layers", "num_heads", "patch_size"),
+    "clip": ("clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+             "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"),
     "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
     "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
                   "mem_size", "top_k", "bottleneck_dim"),
-    "dcp": ("prompt_length", "prompt_depth", "dcp_correlated", "dcp_dynamic", "dcp_common", "dcp_dynamic_trainable",
-            "clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
-            "clip_text_width", "clip_text_layers"),
+    "dcp": ("prompt_length", "prompt_depth", "dcp_correlated", "dcp_dynamic", "dcp_common", "dcp_dynamic_trainable"),
 }
 
 
@@ -57,7 +58,8 @@ def parameter_report(model: nn.Module) -> str:
 
 def config_mismatches(ckpt_config: Mapping, config: Mapping) -> list[str]:
     """Model-defining keys (MODEL_KEYS) whose checkpoint value differs from `config`'s."""
-    keys = MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("prompt_method")), ())
+    keys = (MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("backbone", "vilt")), ())
+            + MODEL_KEYS.get(str(config.get("prompt_method")), ()))
     return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
             for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
 
@@ -69,6 +71,8 @@ class MDPLModule(pl.LightningModule):
     The config is stored (as a plain copy) in `hparams.config` and therefore in every checkpoint.
     """
 
+    SYNC_FREE_DEVICES: tuple[str, ...] = ("cpu",)  # reading a tensor here costs no device sync: check every step
+
     def __init__(self, config: Mapping, model: nn.Module | None = None) -> None:
         super().__init__()
         self.config = to_plain(config)
@@ -77,6 +81,8 @@ class MDPLModule(pl.LightningModule):
         if model is None:
             from mdpl.models import build_classifier  # lazy: tests inject stub models
             model = build_classifier(self.config)
+        if self.config.get("compile", False):  # opt-in; in place, so state-dict keys (checkpoints) are unchanged
+            model.compile()
         self.model = model
         # ModuleDict keys may not shadow nn.Module attributes ('train'), hence the '_phase' suffix.
         self.metrics = nn.ModuleDict({f"{p}_phase": build_task_metrics(self.dataset) for p in PHASES})
@@ -87,20 +93,55 @@ class MDPLModule(pl.LightningModule):
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
 
-    def _shared_step(self, batch: dict, phase: str) -> Tensor:
+    def _forward_loss(self, batch: dict) -> tuple[Tensor, Tensor]:
         logits = self.model(batch)["logits"]
-        label = batch["label"]
-        loss = task_loss(self.dataset, logits, label)
+        return logits, task_loss(self.dataset, logits, batch["label"])
+
+    def _update_metrics(self, phase: str, logits: Tensor, label: Tensor, loss: Tensor) -> None:
         self.metrics[f"{phase}_phase"].update(logits.detach(), label)
         self.loss_means[f"{phase}_phase"].update(loss.detach(), weight=label.shape[0])
+
+    def _shared_step(self, batch: dict, phase: str) -> Tensor:
+        logits, loss = self._forward_loss(batch)
+        self._update_metrics(phase, logits, batch["label"], loss)
         return loss
 
+    # ------------------------------------------------------------------ non-finite loss guard (no per-step sync)
+    def _track_nonfinite(self, loss: Tensor) -> None:
+        """Remember the first non-finite training loss and its global step in device tensors (no host sync)."""
+        loss = loss.detach().float()
+        if getattr(self, "_nf_step", None) is None or self._nf_step.device != loss.device:
+            self._nf_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._nf_loss = torch.zeros((), device=loss.device)
+            self._nf_checked_step = int(self.global_step)
+        first = (self._nf_step < 0) & ~torch.isfinite(loss)
+        self._nf_step = torch.where(first, torch.full_like(self._nf_step, int(self.global_step)), self._nf_step)
+        self._nf_loss = torch.where(first, loss, self._nf_loss)
+        self._nf_pending = getattr(self, "_nf_pending", 0) + 1
+
+    def _check_nonfinite(self, force: bool = False) -> None:
+        """Raise on a recorded non-finite loss: every step on the CPU or without a trainer (a sync is free there),
+        else every `log_every_n_steps` training steps and at validation / epoch ends (`force`): one sync per check."""
+        if getattr(self, "_nf_step", None) is None:
+            return
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer is not None else 1
+        if not (force or self._nf_step.device.type in self.SYNC_FREE_DEVICES or self._nf_pending >= every):
+            return
+        self._nf_pending = 0
+        step, since = int(self._nf_step), self._nf_checked_step
+        self._nf_checked_step = int(self.global_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss {float(self._nf_loss)} at global step {step} (checked over global steps "
+                f"{since}-{self.global_step}, epoch {self.current_epoch}); lower learning_rate, "
+                f"or use precision=32 / bf16 to rule out fp16 overflow")
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = self._shared_step(batch, "train")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at global step {self.global_step} "
-                                     f"(epoch {self.current_epoch}, batch {batch_idx}); lower learning_rate, "
-                                     f"or use precision=32 / bf16 to rule out fp16 overflow")
+        logits, loss = self._forward_loss(batch)
+        self._track_nonfinite(loss)
+        self._check_nonfinite()
+        self._update_metrics("train", logits, batch["label"], loss)
         self.log(f"{self.dataset}/train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=batch["label"].shape[0])
         return loss
@@ -133,7 +174,12 @@ class MDPLModule(pl.LightningModule):
             self.model.set_frozen_modes()
 
     def on_train_epoch_end(self) -> None:
+        self._check_nonfinite(force=True)
         self._log_epoch("train")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":  # before a checkpoint of this validation can be written
+            self._check_nonfinite(force=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

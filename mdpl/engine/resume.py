@@ -153,8 +153,7 @@ def resume_callbacks(config: Mapping, run_dir: Path) -> list[pl.Callback]:
     every = int(config.get("checkpoint_every_n_steps") or 0)
     resuming = bool(config.get("resume_from") or config.get("resume"))
     callbacks: list[pl.Callback] = [ResumeState(int(config.get("seed", 0)), seeded_sampler=every > 0 or resuming)]
-    if every > 0:
-        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir) / "checkpoints", filename="step{step}",
-                                         auto_insert_metric_name=False, every_n_train_steps=every,
-                                         save_top_k=0, save_last=True))
+    if every > 0:   # monitor-less 'last' file: save_last=True would write last-v1.ckpt once the epoch-end last.ckpt exists
+        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir) / "checkpoints", filename="last", monitor=None,
+                                         save_top_k=1, every_n_train_steps=every, enable_version_counter=False))
     return callbacks

@@ -1,8 +1,9 @@
 """`build_trainer(config, run_dir)`: the Lightning Trainer of a run (METHODS.md §7.4, defects D-47, D-49, D-55).
 
 Decisions:
-* Devices: num_gpus = 0 -> CPU (1 process); num_gpus > 0 -> that many GPUs per node (error if CUDA is absent).
-  DDP (find_unused_parameters=False) when devices * num_nodes > 1.
+* Devices: num_gpus = 0 -> CPU with num_cpu_processes processes (default 1); num_gpus > 0 -> that many GPUs per
+  node (error if CUDA is absent). DDP (find_unused_parameters=False; gloo backend on CPU) when
+  devices * num_nodes > 1; val/test loaders then shard without padding (MDPLDataModule, D-46).
 * Precision: 16 / '16' / '16-mixed' -> '16-mixed' (AMP fp16 + grad scaler), 32 -> '32-true', 'bf16' -> 'bf16-mixed'.
   On CPU fp16 AMP is unavailable: '16-mixed' falls back to '32-true' with a warning (bf16-mixed would change
   the numerics more; fp32 is the reference's numerics up to rounding).
@@ -34,12 +35,15 @@ PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "32": "32-true", "32-tru
 
 
 def resolve_devices(config: dict) -> tuple[str, int, int]:
-    """(accelerator, devices per node, num_nodes) from num_gpus / num_nodes."""
+    """(accelerator, devices per node, num_nodes) from num_gpus / num_cpu_processes / num_nodes."""
     num_gpus, num_nodes = int(config.get("num_gpus", 0)), int(config.get("num_nodes", 1))
     if num_gpus < 0 or num_nodes < 1:
         raise ValueError(f"num_gpus must be >= 0 and num_nodes >= 1, got {num_gpus} and {num_nodes}")
     if num_gpus == 0:
-        return "cpu", 1, num_nodes
+        processes = int(config.get("num_cpu_processes", 1))
+        if processes < 1:
+            raise ValueError(f"num_cpu_processes must be >= 1, got {processes}")
+        return "cpu", processes, num_nodes
     if not torch.cuda.is_available():
         raise ValueError(f"num_gpus={num_gpus} but CUDA is not available; pass num_gpus=0 to run on the CPU")
     return "gpu", num_gpus, num_nodes
@@ -106,7 +110,8 @@ def build_trainer(config: dict, run_dir: str | Path, **overrides) -> pl.Trainer:
     run_dir = Path(run_dir)
     pl.seed_everything(int(config["seed"]), workers=True)
     accelerator, devices, num_nodes = resolve_devices(config)
-    strategy = DDPStrategy(find_unused_parameters=bool(config.get("find_unused_parameters", False))) \
+    strategy = DDPStrategy(find_unused_parameters=bool(config.get("find_unused_parameters", False)),
+                           process_group_backend="gloo" if accelerator == "cpu" else None) \
         if devices * num_nodes > 1 else "auto"
     max_steps = config.get("max_steps")
     kwargs = dict(

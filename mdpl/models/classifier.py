@@ -84,7 +84,7 @@ class MultimodalClassifier(nn.Module):
         """Logits [B, C] and pooled feature [B, D] (text [CLS] through the pooler)."""
         out = self.backbone.forward_features(
             batch["text_ids"], batch["text_masks"], batch["image"], batch.get("image_sizes"),
-            method=self.prompt, missing_type=batch.get("missing_type"))
+            method=self.prompt, missing_type=batch.get("missing_type"), host_sizes=batch.get("image_sizes_host"))
         pooled = self.backbone.pool(out.hidden, self.prompt.pooled_position(out.layout))
         return {"logits": self.head(pooled), "pooled": pooled}
 

@@ -95,6 +95,7 @@ class MemPrompt(PromptMethod):
         top_k: int = 5,
         bottleneck_dim: int = 48,
         mask_padding: bool = False,
+        mask_text_padding: bool = False,
     ):
         super().__init__(info)
         self.gen_prompt_length = check_positive("gen_prompt_length", gen_prompt_length)
@@ -107,6 +108,8 @@ class MemPrompt(PromptMethod):
         if not self.gen_prompt_layers and not self.shared_prompt_layers:
             raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
         self.mask_padding = bool(mask_padding)
+        # text-side masking only (set with dynamic_text_padding, whose padding length varies per batch)
+        self.mask_text_padding = self.mask_padding or bool(mask_text_padding)
         self._gen_slot = {l: j for j, l in enumerate(self.gen_prompt_layers)}
         self._shared_slot = {l: j for j, l in enumerate(self.shared_prompt_layers)}
         d, n_gen, n_sh = info.hidden_size, len(self.gen_prompt_layers), len(self.shared_prompt_layers)
@@ -140,6 +143,7 @@ class MemPrompt(PromptMethod):
             top_k=config.get("top_k", 5),
             bottleneck_dim=config.get("bottleneck_dim", info.hidden_size // 16),
             mask_padding=config.get("memprompt_mask_padding", False),
+            mask_text_padding=config.get("dynamic_text_padding", False),
         )
 
     # --- prompt construction ------------------------------------------------------------------------
@@ -156,7 +160,7 @@ class MemPrompt(PromptMethod):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(G_t, G_v), each [B, Lg, D], retrieved with max-pooled segment queries (§4.3 steps 1-2)."""
         j = self._gen_slot[layer]
-        q_text = _segment_max(x, mask, layout.span(TEXT), self.mask_padding)
+        q_text = _segment_max(x, mask, layout.span(TEXT), self.mask_text_padding)
         q_image = _segment_max(x, mask, layout.span(IMAGE), self.mask_padding)
         return self.gen_t_prompt_memory[j](q_text), self.gen_v_prompt_memory[j](q_image)
 

@@ -1,0 +1,168 @@
+"""Bad input gives one clear error and writes nothing partial (issue 7).
+
+Wrong data_root, a checkpoint of another method / backbone, a tokenizer whose vocabulary does not match
+vocab_size, a non-finite training loss (stops with the step number; the previous last.ckpt stays intact and
+loadable) and the run directory of a previous run (never overwritten: the next run goes to version_1).
+CPU, tiny ViLT, synthetic Food-101 (32 / 8 / 9 items).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import run as run_script
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
+BASE = "finetune_food101_seed0_from_scratch"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
+    from mdpl.data.writers import make_arrow
+
+    root = tmp_path_factory.mktemp("bad_input_data")
+    write_synthetic("food101", root / "raw", 32, 8, 9, seed=0)
+    make_arrow("food101", root / "raw", root / "arrow", progress=False)
+    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
+    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+
+
+def make_config(data: dict, log_dir: Path, method: str = "map", **updates) -> dict:
+    from config import ex
+    updates = {"data_root": str(data["arrow"]), "tokenizer": str(data["tok"]), "vocab_size": data["vocab_size"],
+               "log_dir": str(log_dir), "per_gpu_batchsize": 4, "batch_size": 4, "max_epoch": 1,
+               "deterministic": True, **updates}
+    return dict(ex.run("print_config", named_configs=["task_finetune_food101", method, "tiny"],
+                       config_updates=updates).config)
+
+
+def run_quiet(config: dict, **kwargs) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_script.run(config, **QUIET, **kwargs)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict:
+    """A finished 1-epoch MAP run: {'config', 'log_dir', 'run_dir', 'last'}."""
+    log_dir = tmp_path_factory.mktemp("trained") / "result"
+    cfg = make_config(data, log_dir)
+    out = run_quiet(cfg)
+    run_dir = Path(out["run_dir"])
+    return {"config": cfg, "log_dir": log_dir, "run_dir": run_dir, "last": run_dir / "checkpoints" / "last.ckpt"}
+
+
+# ------------------------------------------------------------------------------------------ data_root
+def test_wrong_data_root_lists_expected_files_and_command(data, tmp_path) -> None:
+    log_dir = tmp_path / "result"
+    with pytest.raises(ValueError) as err:
+        run_quiet(make_config(data, log_dir, data_root=str(tmp_path / "no_such_folder")))
+    msg = str(err.value)
+    assert "\n" not in msg and "no_such_folder" in msg
+    for name in ("food101_train.arrow", "food101_val.arrow", "food101_test.arrow", "python make_arrow.py --dataset food101"):
+        assert name in msg, msg
+    # a folder with only some of the files names the missing one
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for stem in ("food101_train", "food101_val"):
+        (partial / f"{stem}.arrow").write_bytes((data["arrow"] / f"{stem}.arrow").read_bytes())
+    with pytest.raises(ValueError, match=r"lacks food101_test\.arrow.*make_arrow\.py --dataset food101"):
+        run_quiet(make_config(data, log_dir, data_root=str(partial)))
+    assert not log_dir.exists() and not (partial / "missing_tables").exists()
+
+
+def test_wrong_data_root_cli_is_one_line_without_traceback(data, tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
+    cmd = [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", f"data_root={tmp_path / 'nope'}",
+           f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={tmp_path / 'result'}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("mdpl: invalid config:")]
+    assert len(lines) == 1 and "food101_test.arrow" in lines[0] and "make_arrow.py" in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "result").exists()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_of_another_method_names_the_mismatch(data, trained, tmp_path) -> None:
+    log_dir = tmp_path / "result"
+    cfg = make_config(data, log_dir, method="memprompt", test_only=True, load_path=str(trained["last"]))
+    with pytest.raises(ValueError, match=r"prompt_method: checkpoint='map' vs config='memprompt'") as err:
+        run_quiet(cfg)
+    assert str(trained["last"]) in str(err.value)
+    assert not log_dir.exists()
+
+
+def test_resume_from_checkpoint_of_another_backbone_names_the_mismatch(data, trained, tmp_path) -> None:
+    log_dir = tmp_path / "result"
+    cfg = make_config(data, log_dir, backbone="clip", resume_from=str(trained["last"]))
+    with pytest.raises(ValueError, match=r"cannot resume from .*backbone: checkpoint='vilt' vs config='clip'"):
+        run_quiet(cfg)
+    assert not log_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_vocabulary_must_match_vocab_size(data, tmp_path) -> None:
+    log_dir = tmp_path / "result"
+    with pytest.raises(ValueError) as err:
+        run_quiet(make_config(data, log_dir, vocab_size=30522))
+    msg = str(err.value)
+    assert f"has {data['vocab_size']} tokens" in msg and "vocab_size=30522" in msg and str(data["tok"]) in msg, msg
+    assert not log_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------- NaN loss
+def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(data, tmp_path) -> None:
+    from mdpl.engine.module import MDPLModule, load_for_test
+    from mdpl.models import build_classifier
+
+    bad_step, every = 5, 2   # 8 optimizer steps per epoch; last.ckpt at steps 2 and 4, NaN loss at step 5
+    cfg = make_config(data, tmp_path / "result", checkpoint_every_n_steps=every, max_epoch=2)
+    model = build_classifier(cfg)
+    forward, calls = model.forward, {"train": 0}
+
+    def poisoned(batch: dict) -> dict:   # same module (state-dict keys unchanged), NaN logits from step `bad_step`
+        out = forward(batch)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] > bad_step:
+                out = {**out, "logits": out["logits"] * float("nan")}
+        return out
+
+    model.forward = poisoned
+    with pytest.raises(FloatingPointError, match=rf"non-finite training loss nan at global step {bad_step}\b"):
+        run_quiet(cfg, model=model)
+
+    run_dir = tmp_path / "result" / BASE / "version_0"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt"], ckpts                       # no best (no validation ran), no partial files
+    assert not (run_dir / "test_metrics.json").exists()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    load_for_test(MDPLModule(cfg), ckpt)                        # loads strictly into a fresh module
+
+
+# ------------------------------------------------------------------------------------- previous runs
+def test_existing_run_directory_is_never_overwritten(trained) -> None:
+    first = trained["run_dir"]
+    assert first.name == "version_0" and (first / "test_metrics.json").is_file() and trained["last"].is_file()
+    before = tree_digest(first)
+    out = run_quiet(trained["config"])
+    second = Path(out["run_dir"])
+    assert second == first.parent / "version_1" and (second / "checkpoints" / "last.ckpt").is_file()
+    assert tree_digest(first) == before                        # byte-identical
