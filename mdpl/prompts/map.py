@@ -41,6 +41,17 @@ def map_initial_prompts(num_slices: int, length: int, dim: int, prompt_type: str
     return init
 
 
+def map_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor options of both MAP variants from the config (METHODS.md §3.1 defaults)."""
+    return dict(
+        prompt_type=config.get("prompt_type", "input"),
+        prompt_length=config.get("prompt_length", 16),
+        prompt_layers=config.get("prompt_layers", [0, 1, 2, 3, 4, 5]),
+        learnt_p=config.get("learnt_p", True),
+        multi_layer_prompt=config.get("multi_layer_prompt", True),
+    )
+
+
 @register_prompt_method("map")
 class MissingAwarePrompts(PromptMethod):
     """MAP prompts (METHODS.md §3)."""
@@ -79,14 +90,7 @@ class MissingAwarePrompts(PromptMethod):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "MissingAwarePrompts":
-        return cls(
-            info,
-            prompt_type=config.get("prompt_type", "input"),
-            prompt_length=config.get("prompt_length", 16),
-            prompt_layers=config.get("prompt_layers", [0, 1, 2, 3, 4, 5]),
-            learnt_p=config.get("learnt_p", True),
-            multi_layer_prompt=config.get("multi_layer_prompt", True),
-        )
+        return cls(info, **map_options(config))
 
     # --- selection -----------------------------------------------------------------------------
     def stacked(self) -> torch.Tensor:
@@ -143,14 +147,7 @@ class MissingAwarePromptsTwoTower(TwoTowerPromptMethod):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: TwoTowerInfo) -> "MissingAwarePromptsTwoTower":
-        return cls(
-            info,
-            prompt_type=config.get("prompt_type", "input"),
-            prompt_length=config.get("prompt_length", 16),
-            prompt_layers=config.get("prompt_layers", [0, 1, 2, 3, 4, 5]),
-            learnt_p=config.get("learnt_p", True),
-            multi_layer_prompt=config.get("multi_layer_prompt", True),
-        )
+        return cls(info, **map_options(config))
 
     def _tower(self, tower: str) -> MissingAwarePrompts:
         return self.image_prompts if tower == "image" else self.text_prompts

@@ -79,6 +79,23 @@ def _segment_max(x: torch.Tensor, mask: torch.Tensor, span: slice, mask_padding:
     return seg.max(dim=1).values
 
 
+def memprompt_options(config: Mapping[str, Any], hidden_size: int) -> dict[str, Any]:
+    """Constructor options of both MemPrompt variants from the config (METHODS.md §4.1 defaults)."""
+    prompt_type = config.get("prompt_type", "input")
+    if prompt_type != "input":
+        raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
+    return dict(
+        gen_prompt_length=config.get("gen_prompt_length", 16),
+        gen_prompt_layers=config.get("gen_prompt_layers", [0, 1, 2, 3, 4, 5]),
+        shared_prompt_length=config.get("shared_prompt_length", 16),
+        shared_prompt_layers=config.get("shared_prompt_layers", [0, 1, 2, 3, 4, 5]),
+        mem_size=config.get("mem_size", 16),
+        top_k=config.get("top_k", 5),
+        bottleneck_dim=config.get("bottleneck_dim", hidden_size // 16),
+        mask_padding=config.get("memprompt_mask_padding", False),
+    )
+
+
 @register_prompt_method("memprompt")
 class MemPrompt(PromptMethod):
     """MemPrompt (METHODS.md §4)."""
@@ -130,21 +147,8 @@ class MemPrompt(PromptMethod):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "MemPrompt":
-        prompt_type = config.get("prompt_type", "input")
-        if prompt_type != "input":
-            raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
-        return cls(
-            info,
-            gen_prompt_length=config.get("gen_prompt_length", 16),
-            gen_prompt_layers=config.get("gen_prompt_layers", [0, 1, 2, 3, 4, 5]),
-            shared_prompt_length=config.get("shared_prompt_length", 16),
-            shared_prompt_layers=config.get("shared_prompt_layers", [0, 1, 2, 3, 4, 5]),
-            mem_size=config.get("mem_size", 16),
-            top_k=config.get("top_k", 5),
-            bottleneck_dim=config.get("bottleneck_dim", info.hidden_size // 16),
-            mask_padding=config.get("memprompt_mask_padding", False),
-            mask_text_padding=config.get("dynamic_text_padding", False),
-        )
+        return cls(info, **memprompt_options(config, info.hidden_size),
+                   mask_text_padding=config.get("dynamic_text_padding", False))
 
     # --- prompt construction ------------------------------------------------------------------------
     def shared_prompts(self, layer: int, missing_type: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,20 +256,7 @@ class MemPromptTwoTower(TwoTowerPromptMethod):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: TwoTowerInfo) -> "MemPromptTwoTower":
-        prompt_type = config.get("prompt_type", "input")
-        if prompt_type != "input":
-            raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
-        return cls(
-            info,
-            gen_prompt_length=config.get("gen_prompt_length", 16),
-            gen_prompt_layers=config.get("gen_prompt_layers", [0, 1, 2, 3, 4, 5]),
-            shared_prompt_length=config.get("shared_prompt_length", 16),
-            shared_prompt_layers=config.get("shared_prompt_layers", [0, 1, 2, 3, 4, 5]),
-            mem_size=config.get("mem_size", 16),
-            top_k=config.get("top_k", 5),
-            bottleneck_dim=config.get("bottleneck_dim", info.text.hidden_size // 16),
-            mask_padding=config.get("memprompt_mask_padding", False),
-        )
+        return cls(info, **memprompt_options(config, info.text.hidden_size))
 
     def shared_prompt(self, tower: str, layer: int, missing_type: torch.Tensor) -> torch.Tensor:
         """S for `tower`: [B, Ls, width], per-type variants gathered by missing type (§4.3 step 3)."""
