@@ -31,6 +31,23 @@ from mdpl.prompts.registry import register_prompt_method, register_two_tower_met
 from mdpl.prompts.towers import TwoTowerInfo, TwoTowerPromptMethod
 
 
+def _kaiming_normal_fan_in(*shape: int) -> torch.Tensor:
+    """A tensor drawn like the reference's memories: Kaiming-normal, a=sqrt(5), fan-in mode (§4.1)."""
+    tensor = torch.empty(shape)
+    nn.init.kaiming_normal_(tensor, a=math.sqrt(5))
+    return tensor
+
+
+def _memories(n: int, mem_size: int, length: int, width: int, top_k: int) -> nn.ModuleList:
+    """One PromptMemory per prompted layer."""
+    return nn.ModuleList(PromptMemory(mem_size, length, width, top_k) for _ in range(n))
+
+
+def _shared_prompts(n: int, length: int, width: int) -> nn.ParameterList:
+    """One shared prompt [length, width] ~ N(0, 0.02) per prompted layer (§4.1)."""
+    return nn.ParameterList(nn.Parameter(nn.init.normal_(torch.empty(length, width), std=0.02)) for _ in range(n))
+
+
 class PromptMemory(nn.Module):
     """Key-addressed prompt bank (METHODS.md §4.2): cosine top-k, softmax, weighted sum."""
 
@@ -38,10 +55,8 @@ class PromptMemory(nn.Module):
         super().__init__()
         self.top_k = min(top_k, mem_size)
         # Creation order memory -> keys matters for RNG parity with the reference (§4.1).
-        self.prompt_memory = nn.Parameter(torch.empty(mem_size, prompt_length, dim))
-        nn.init.kaiming_normal_(self.prompt_memory, a=math.sqrt(5))
-        self.prompt_keys = nn.Parameter(torch.empty(mem_size, dim))
-        nn.init.kaiming_normal_(self.prompt_keys, a=math.sqrt(5))
+        self.prompt_memory = nn.Parameter(_kaiming_normal_fan_in(mem_size, prompt_length, dim))
+        self.prompt_keys = nn.Parameter(_kaiming_normal_fan_in(mem_size, dim))
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Cosine similarities [B, mem] between queries [B, D] and the keys."""
@@ -132,14 +147,10 @@ class MemPrompt(PromptMethod):
         d, n_gen, n_sh = info.hidden_size, len(self.gen_prompt_layers), len(self.shared_prompt_layers)
 
         # Construction order follows the reference (§4.1) for RNG parity.
-        self.gen_v_prompt_memory = nn.ModuleList(
-            PromptMemory(mem_size, gen_prompt_length, d, top_k) for _ in range(n_gen))
-        self.gen_t_prompt_memory = nn.ModuleList(
-            PromptMemory(mem_size, gen_prompt_length, d, top_k) for _ in range(n_gen))
-        self.shared_missing_t = nn.ParameterList(
-            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, d), std=0.02)) for _ in range(n_sh))
-        self.shared_missing_v = nn.ParameterList(
-            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, d), std=0.02)) for _ in range(n_sh))
+        self.gen_v_prompt_memory = _memories(n_gen, mem_size, gen_prompt_length, d, top_k)
+        self.gen_t_prompt_memory = _memories(n_gen, mem_size, gen_prompt_length, d, top_k)
+        self.shared_missing_t = _shared_prompts(n_sh, shared_prompt_length, d)
+        self.shared_missing_v = _shared_prompts(n_sh, shared_prompt_length, d)
         self.bottleneck_texts = nn.ModuleList(_bottleneck(d, bottleneck_dim) for _ in range(n_sh))
         self.bottleneck_images = nn.ModuleList(_bottleneck(d, bottleneck_dim) for _ in range(n_sh))
         _init_bottleneck(self.bottleneck_images)
@@ -243,14 +254,10 @@ class MemPromptTwoTower(TwoTowerPromptMethod):
         self._gen_slot = {l: j for j, l in enumerate(gen)}
         self._shared_slot = {l: j for j, l in enumerate(shared)}
         dv, dt = info.image.hidden_size, info.text.hidden_size
-        self.gen_v_prompt_memory = nn.ModuleList(
-            PromptMemory(mem_size, gen_prompt_length, dv, top_k) for _ in gen)
-        self.gen_t_prompt_memory = nn.ModuleList(
-            PromptMemory(mem_size, gen_prompt_length, dt, top_k) for _ in gen)
-        self.shared_missing_t = nn.ParameterList(
-            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, dt), std=0.02)) for _ in shared)
-        self.shared_missing_v = nn.ParameterList(
-            nn.Parameter(nn.init.normal_(torch.empty(shared_prompt_length, dt), std=0.02)) for _ in shared)
+        self.gen_v_prompt_memory = _memories(len(gen), mem_size, gen_prompt_length, dv, top_k)
+        self.gen_t_prompt_memory = _memories(len(gen), mem_size, gen_prompt_length, dt, top_k)
+        self.shared_missing_t = _shared_prompts(len(shared), shared_prompt_length, dt)
+        self.shared_missing_v = _shared_prompts(len(shared), shared_prompt_length, dt)
         self.bottleneck_texts = nn.ModuleList(_projection(dt, bottleneck_dim, dt) for _ in shared)
         self.bottleneck_images = nn.ModuleList(_projection(dt, bottleneck_dim, dv) for _ in shared)
 
