@@ -16,14 +16,13 @@ backbone parts); ``finetune=True`` trains everything.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, build_clip_backbone, check_state_dict
+from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, check_state_dict
 from mdpl.data.constants import NUM_CLASSES
 from mdpl.prompts.base import BackboneInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
@@ -153,16 +152,9 @@ def build_two_tower_classifier(config: Mapping[str, Any]) -> TwoTowerClassifier:
     is an mdpl checkpoint (or plain state dict) of this classifier, loaded strictly; with ``test_only``
     every weight comes from it and ``clip_path`` is not read.
     """
-    from mdpl.prompts.dcp import check_image_size, read_dcp_checkpoint  # shared CLIP checks / ckpt reader
+    from mdpl.prompts.dcp import clip_backbone_for_run, read_dcp_checkpoint  # shared CLIP setup / ckpt reader
 
-    check_image_size(config)
-    if config.get("test_only", False):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="clip_path is empty")
-            backbone = build_clip_backbone({**config, "clip_path": ""})
-    else:
-        backbone = build_clip_backbone(config)
-    model = TwoTowerClassifier(config, backbone)
+    model = TwoTowerClassifier(config, clip_backbone_for_run(config))
     path = str(config.get("load_path", "") or "")
     if path:
         state = read_dcp_checkpoint(path)

@@ -381,20 +381,24 @@ def read_dcp_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def clip_backbone_for_run(config: Mapping[str, Any]) -> ClipBackbone:
+    """The CLIP backbone of a run: sizes checked against the transform; with ``test_only`` every weight
+    comes from the checkpoint loaded afterwards, so ``clip_path`` is not read."""
+    check_image_size(config)
+    if not config.get("test_only", False):
+        return build_clip_backbone(config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="clip_path is empty")
+        return build_clip_backbone({**config, "clip_path": ""})
+
+
 def build_dcp_classifier(config: Mapping[str, Any]) -> DCPClassifier:
     """DCP classifier on a CLIP backbone built and loaded from the config (``clip_path``, ``clip_*`` sizes).
 
     ``load_path`` (a DCP checkpoint) is loaded over it with :meth:`DCPClassifier.load_dcp_state_dict`.
     With ``test_only`` the backbone is not read from ``clip_path``: every weight comes from the checkpoint.
     """
-    check_image_size(config)
-    if config.get("test_only", False):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="clip_path is empty")
-            backbone = build_clip_backbone({**config, "clip_path": ""})
-    else:
-        backbone = build_clip_backbone(config)
-    model = DCPClassifier(config, backbone)
+    model = DCPClassifier(config, clip_backbone_for_run(config))
     path = str(config.get("load_path", "") or "")
     if path:
         model.load_dcp_state_dict(read_dcp_checkpoint(path))
