@@ -58,7 +58,8 @@ def resolve_precision(precision, accelerator: str) -> str:
     if accelerator == "cpu" and resolved == "16-mixed":
         warnings.warn("precision 16-mixed (fp16 AMP) is not available on the CPU; using 32-true", stacklevel=2)
         return "32-true"
-    if accelerator == "gpu" and resolved.startswith("bf16") and not torch.cuda.is_bf16_supported():
+    if (accelerator == "gpu" and resolved.startswith("bf16") and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
         warnings.warn(f"this GPU has no bf16 support; precision {resolved} -> 16-mixed (fp16 AMP)", stacklevel=2)
         return "16-mixed"
     return resolved
