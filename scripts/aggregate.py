@@ -25,6 +25,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python scripts/aggregate.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from mdpl.engine.sweep import write_csv  # noqa: E402  (results.csv writer, also for comparison.csv)
+
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
 GROUP_KEYS = ("dataset", "method", "backbone", "type", "ratio")
 #: primary metric per dataset (METHODS.md §8); the first metric column otherwise.
@@ -103,18 +109,6 @@ def primary_metric(dataset: str, agg_rows: Sequence[dict]) -> str:
     if dataset in PRIMARY and f"{PRIMARY[dataset]}_mean" in agg_rows[0]:
         return PRIMARY[dataset]
     return next(k[:-5] for k in agg_rows[0] if k.endswith("_mean"))
-
-
-def write_csv(agg_rows: Sequence[dict], path: Path) -> Path:
-    columns: list[str] = []
-    for row in agg_rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in agg_rows:
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
-    return path
 
 
 def _cell(mean: float, std: float) -> str:

@@ -180,8 +180,11 @@ def result_rows(sweep: MissingSweep, config: Mapping, checkpoint: str | None) ->
 
 
 def write_csv(rows: Sequence[Mapping], path: Path) -> Path:
-    """results.csv; floats written with repr (round-trips exactly)."""
-    columns = list(rows[0].keys())
+    """A CSV of `rows` (columns: the union of their keys, in first-seen order); floats written with repr
+    so they read back exactly. Used for results.csv and by scripts/aggregate.py."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()

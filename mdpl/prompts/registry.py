@@ -23,17 +23,24 @@ _REGISTRY: dict[str, type[PromptMethod]] = {}
 _TOWER_REGISTRY: dict[str, type] = {}
 
 
-def register_prompt_method(name: str) -> Callable[[type[PromptMethod]], type[PromptMethod]]:
-    """Class decorator registering a `PromptMethod` under `name` (the config's `prompt_method`)."""
+def _registrar(registry: dict[str, type], what: str) -> Callable[[str], Callable[[type], type]]:
+    """A class decorator factory adding classes to `registry` under a name (refusing a second class)."""
 
-    def deco(cls: type[PromptMethod]) -> type[PromptMethod]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"prompt method {name!r} registered twice ({_REGISTRY[name]} and {cls})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+    def register(name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if name in registry and registry[name] is not cls:
+                raise ValueError(f"{what} {name!r} registered twice ({registry[name]} and {cls})")
+            cls.name = name
+            registry[name] = cls
+            return cls
 
-    return deco
+        return deco
+
+    return register
+
+
+#: Class decorator registering a `PromptMethod` under `name` (the config's `prompt_method`).
+register_prompt_method = _registrar(_REGISTRY, "prompt method")
 
 
 def _load_builtins() -> None:
@@ -57,17 +64,8 @@ def build_prompt_method(config: Mapping[str, Any], info: BackboneInfo) -> Prompt
     return _REGISTRY[name].from_config(config, info)
 
 
-def register_two_tower_method(name: str) -> Callable[[type], type]:
-    """Class decorator registering a `TwoTowerPromptMethod` (CLIP variant) under `name`."""
-
-    def deco(cls: type) -> type:
-        if name in _TOWER_REGISTRY and _TOWER_REGISTRY[name] is not cls:
-            raise ValueError(f"two-tower method {name!r} registered twice ({_TOWER_REGISTRY[name]} and {cls})")
-        cls.name = name
-        _TOWER_REGISTRY[name] = cls
-        return cls
-
-    return deco
+#: Class decorator registering a `TwoTowerPromptMethod` (CLIP variant) under `name`.
+register_two_tower_method = _registrar(_TOWER_REGISTRY, "two-tower method")
 
 
 def clip_prompt_methods() -> list[str]:
