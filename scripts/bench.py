@@ -35,6 +35,7 @@ batch-independent prompt-generation matmuls are not counted):
 Examples:
   python scripts/bench.py --small                                     # CPU, < 2 min on 2 cores
   python scripts/bench.py --device cuda --json bench_h100.json        # full size, all methods/precisions
+  python scripts/bench.py --device cuda --dynamic-text-padding --methods none,map,memprompt  # ViLT, cut padding
 """
 from __future__ import annotations
 
@@ -184,6 +185,9 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
         image = image * valid[:, None]
         vocab = (1000, int(cfg["vocab_size"]))
         ids, masks = _text(batch_size, int(cfg["max_text_len"]), fill, vocab, VILT_CLS, VILT_SEP, gen)
+        if cfg.get("dynamic_text_padding"):  # as the collator: cut to the longest real text of the batch
+            length = max(2, int(masks.sum(dim=1).max()))
+            ids, masks = ids[:, :length].contiguous(), masks[:, :length].contiguous()
         dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
         dummy_ids[0, :2] = torch.tensor([VILT_CLS, VILT_SEP])
     dummy_masks = (dummy_ids != 0).long()
@@ -191,6 +195,8 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
              "label": _labels(dataset, batch_size, gen), "missing_type": _missing_types(batch_size, gen),
              "row_index": torch.arange(batch_size), "item_index": torch.arange(batch_size)}
     batch = {k: v.to(device) for k, v in batch.items()}
+    # as the collator does: the sizes as Python ints too, so ViLT sizes its patch tensor without a device sync
+    batch["image_sizes_host"] = tuple((int(h), int(w)) for h, w in sizes.tolist())
     return apply_missing(batch, batch["missing_type"], dummy_ids, dummy_masks)
 
 
@@ -442,11 +448,14 @@ def make_eval_step(model, device: torch.device, precision: str) -> Callable:
 
 def time_loop(step: Callable, batches: list[dict], warmup: int, steps: int, device: torch.device,
               meter: MemoryMeter) -> tuple[float, float | None]:
-    """Seconds per step (mean over ``steps`` after ``warmup``) and the peak memory of the timed steps."""
+    """Seconds per step (mean over ``steps`` after ``warmup``) and the peak memory of all the steps.
+
+    The meter starts before the warm-up: the first training step allocates the gradients and the
+    optimizer state, and on CPU the allocator keeps that memory, so a meter started later sees ~0."""
+    meter.start()
     for i in range(warmup):
         step(batches[i % len(batches)])
     _sync(device)
-    meter.start()
     t0 = time.perf_counter()
     for i in range(steps):
         step(batches[i % len(batches)])
@@ -468,9 +477,12 @@ def _is_oom(err: BaseException) -> bool:
 def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, device: torch.device) -> dict:
     """One table row: build, train-time, eval-time, memory and MFU."""
     size_key = "small" if args.small else "full"
-    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size})
+    dynamic = bool(args.dynamic_text_padding) and BACKBONE[method] == "vilt"
+    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size,
+                                                       "dynamic_text_padding": dynamic})
     row: dict[str, Any] = {"method": method, "backbone": BACKBONE[method], "dataset": dataset,
-                           "precision": precision, "batch": batch_size, "status": "ok"}
+                           "precision": precision, "batch": batch_size, "dynamic_text_padding": dynamic,
+                           "status": "ok"}
     if device.type == "cpu" and precision == "fp16-mixed":
         row["status"] = "skipped: fp16-mixed needs CUDA"
         return row
@@ -592,6 +604,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: GPU table)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 rows (peak becomes TF32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    p.add_argument("--dynamic-text-padding", action="store_true",
+                   help="ViLT rows: pad each batch to its longest text (config dynamic_text_padding=True)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --small, where tiny ops gain nothing from more)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -704,12 +718,14 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
                                                    else platform.processor() or platform.machine()),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
             "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
+            "dynamic_text_padding": bool(args.dynamic_text_padding),
             "flops": "executed FLOPs; forward = sum_l [M=2*Nq*(4+2r)*D^2 + A=4*Nq*Nk*D] + patch conv + "
                      "pooler/proj + head; train = forward + grad-path backward (M + 2A per layer from the first "
                      "layer with a trainable input, + M if the layer's weights train; small trainable modules 2x); "
                      "MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
-            "mem": "cuda: torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state + "
-                   "activations); cpu: increase of peak RSS over the timed steps (allocator reuse hides most)",
+            "mem": "cuda: torch.cuda.max_memory_allocated over warm-up + timed steps (weights + optimizer "
+                   "state + activations); cpu: peak RSS minus RSS before the first step (activations + gradients + "
+                   "optimizer state; memory the allocator kept from the training steps hides most of the eval figure)",
             "wall_s": time.perf_counter() - started,
         },
         "rows": rows,

@@ -88,3 +88,25 @@ def test_synthetic_batch_follows_the_contract():
     h, w = batch["image_sizes"][image_missing][0].tolist()
     assert torch.all(batch["image"][image_missing][0, :, :h, :w] == 1.0)
     assert batch["label"].shape == (6, 23)
+    assert batch["image_sizes_host"] == tuple(tuple(s) for s in batch["image_sizes"].tolist())
+
+
+def test_dynamic_text_padding_cuts_the_batch_to_its_longest_text():
+    full = bench.synthetic_batch(bench.resolve_config("map", "mmimdb", True), 6, "small", torch.device("cpu"))
+    cfg = bench.resolve_config("map", "mmimdb", True, {"dynamic_text_padding": True})
+    cut = bench.synthetic_batch(cfg, 6, "small", torch.device("cpu"))
+    longest = int(full["text_masks"].sum(dim=1).max())
+    assert longest < cfg["max_text_len"]
+    assert cut["text_ids"].shape == (6, longest)
+    assert torch.equal(cut["text_ids"], full["text_ids"][:, :longest])
+    assert torch.equal(cut["text_masks"], full["text_masks"][:, :longest])
+
+
+def test_training_memory_counts_the_first_step():
+    """The meter starts before the warm-up, so gradients + optimizer state (allocated once) are seen on CPU."""
+    args = bench.parse_args(["--small", "--steps", "1", "--warmup", "1", "--dynamic-text-padding"])
+    row = bench.bench_row("memprompt", "hatememes", "fp32", 4, args, torch.device("cpu"))
+    assert row["status"] == "ok" and row["dynamic_text_padding"] is True
+    assert row["text_len"] < bench.SMALL_TEXT_LEN["hatememes"]
+    if row["mem_kind"] == "rss_peak_delta" and row["train_peak_mib"] is not None:
+        assert row["train_peak_mib"] > 0
