@@ -10,7 +10,7 @@ import torch
 from mdpl.models import build_classifier
 from mdpl.prompts import BackboneInfo, TokenLayout, build_prompt_method, splice_tokens
 from mdpl.prompts.map import MissingAwarePrompts
-from mdpl.prompts.memprompt import MemPrompt, PromptMemory
+from mdpl.prompts.memprompt import MemPrompt, MemPromptOptions, PromptMemory
 
 TINY = dict(vocab_size=60, hidden_size=32, num_layers=3, num_heads=4, mlp_ratio=4, patch_size=8,
             image_size=32, max_text_len=10, drop_rate=0.1, load_path="", dataset="mmimdb")
@@ -140,8 +140,8 @@ def test_prompt_memory_matches_unsorted_reference_formula():
 
 
 def test_shared_prompts_gather_equals_per_sample_loop():
-    mod = MemPrompt(INFO, gen_prompt_length=2, shared_prompt_length=3, gen_prompt_layers=[0, 1],
-                    shared_prompt_layers=[1, 2], mem_size=4, top_k=2, bottleneck_dim=5)
+    mod = MemPrompt(INFO, MemPromptOptions(gen_prompt_length=2, shared_prompt_length=3, gen_prompt_layers=(0, 1),
+                                           shared_prompt_layers=(1, 2), mem_size=4, top_k=2, bottleneck_dim=5))
     mt = torch.tensor([1, 0, 2, 2, 0])
     st, sv = mod.shared_prompts(2, mt)  # layer 2 = position 1 in the shared list (D-28)
     t, v = mod.shared_missing_t[1], mod.shared_missing_v[1]

@@ -19,6 +19,7 @@ State-dict keys follow the reference (`gen_t_prompt_memory.{j}.prompt_memory`, `
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -94,72 +95,77 @@ def _segment_max(x: torch.Tensor, mask: torch.Tensor, span: slice, mask_padding:
     return seg.max(dim=1).values
 
 
-def memprompt_options(config: Mapping[str, Any], hidden_size: int) -> dict[str, Any]:
-    """Constructor options of both MemPrompt variants from the config (METHODS.md §4.1 defaults)."""
-    prompt_type = config.get("prompt_type", "input")
-    if prompt_type != "input":
-        raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
-    return dict(
-        gen_prompt_length=config.get("gen_prompt_length", 16),
-        gen_prompt_layers=config.get("gen_prompt_layers", [0, 1, 2, 3, 4, 5]),
-        shared_prompt_length=config.get("shared_prompt_length", 16),
-        shared_prompt_layers=config.get("shared_prompt_layers", [0, 1, 2, 3, 4, 5]),
-        mem_size=config.get("mem_size", 16),
-        top_k=config.get("top_k", 5),
-        bottleneck_dim=config.get("bottleneck_dim", hidden_size // 16),
-        mask_padding=config.get("memprompt_mask_padding", False),
-    )
+@dataclass(frozen=True)
+class MemPromptOptions:
+    """MemPrompt's sizes (METHODS.md §4.1 defaults), shared by the ViLT and the two-tower variant."""
+
+    gen_prompt_length: int = 16
+    gen_prompt_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    shared_prompt_length: int = 16
+    shared_prompt_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    mem_size: int = 16
+    top_k: int = 5
+    bottleneck_dim: int = 48
+    mask_padding: bool = False  # max-pool the queries over real tokens only (D-30; reference: padding included)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], hidden_size: int) -> "MemPromptOptions":
+        """The options from the config; ``bottleneck_dim`` defaults to ``hidden_size // 16``."""
+        prompt_type = config.get("prompt_type", "input")
+        if prompt_type != "input":
+            raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
+        return cls(
+            gen_prompt_length=config.get("gen_prompt_length", cls.gen_prompt_length),
+            gen_prompt_layers=tuple(config.get("gen_prompt_layers", cls.gen_prompt_layers)),
+            shared_prompt_length=config.get("shared_prompt_length", cls.shared_prompt_length),
+            shared_prompt_layers=tuple(config.get("shared_prompt_layers", cls.shared_prompt_layers)),
+            mem_size=config.get("mem_size", cls.mem_size),
+            top_k=config.get("top_k", cls.top_k),
+            bottleneck_dim=config.get("bottleneck_dim", hidden_size // 16),
+            mask_padding=bool(config.get("memprompt_mask_padding", False)),
+        )
+
+    def checked_layers(self, num_layers: int) -> tuple[list[int], list[int]]:
+        """Validate every size; return the (generative, shared) prompt layers."""
+        for key in ("gen_prompt_length", "shared_prompt_length", "mem_size", "top_k", "bottleneck_dim"):
+            check_positive(key, getattr(self, key))
+        gen = check_layers("gen_prompt_layers", self.gen_prompt_layers, num_layers, True)
+        shared = check_layers("shared_prompt_layers", self.shared_prompt_layers, num_layers, True)
+        if not gen and not shared:
+            raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
+        return gen, shared
 
 
 @register_prompt_method("memprompt")
 class MemPrompt(PromptMethod):
     """MemPrompt (METHODS.md §4)."""
 
-    def __init__(
-        self,
-        info: BackboneInfo,
-        *,
-        gen_prompt_length: int = 16,
-        gen_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
-        shared_prompt_length: int = 16,
-        shared_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
-        mem_size: int = 16,
-        top_k: int = 5,
-        bottleneck_dim: int = 48,
-        mask_padding: bool = False,
-        mask_text_padding: bool = False,
-    ):
+    def __init__(self, info: BackboneInfo, options: MemPromptOptions = MemPromptOptions(),
+                 mask_text_padding: bool = False):
+        """``mask_text_padding``: mask the text query's padding only (set with ``dynamic_text_padding``,
+        whose padding length varies per batch)."""
         super().__init__(info)
-        self.gen_prompt_length = check_positive("gen_prompt_length", gen_prompt_length)
-        self.shared_prompt_length = check_positive("shared_prompt_length", shared_prompt_length)
-        check_positive("mem_size", mem_size)
-        check_positive("top_k", top_k)
-        check_positive("bottleneck_dim", bottleneck_dim)
-        self.gen_prompt_layers = check_layers("gen_prompt_layers", gen_prompt_layers, info.num_layers, True)
-        self.shared_prompt_layers = check_layers("shared_prompt_layers", shared_prompt_layers, info.num_layers, True)
-        if not self.gen_prompt_layers and not self.shared_prompt_layers:
-            raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
-        self.mask_padding = bool(mask_padding)
-        # text-side masking only (set with dynamic_text_padding, whose padding length varies per batch)
+        self.gen_prompt_layers, self.shared_prompt_layers = options.checked_layers(info.num_layers)
+        self.mask_padding = options.mask_padding
         self.mask_text_padding = self.mask_padding or bool(mask_text_padding)
         self._gen_slot = {l: j for j, l in enumerate(self.gen_prompt_layers)}
         self._shared_slot = {l: j for j, l in enumerate(self.shared_prompt_layers)}
         d, n_gen, n_sh = info.hidden_size, len(self.gen_prompt_layers), len(self.shared_prompt_layers)
-
+        o = options
         # Construction order follows the reference (§4.1) for RNG parity.
-        self.gen_v_prompt_memory = _memories(n_gen, mem_size, gen_prompt_length, d, top_k)
-        self.gen_t_prompt_memory = _memories(n_gen, mem_size, gen_prompt_length, d, top_k)
-        self.shared_missing_t = _shared_prompts(n_sh, shared_prompt_length, d)
-        self.shared_missing_v = _shared_prompts(n_sh, shared_prompt_length, d)
-        self.bottleneck_texts = nn.ModuleList(_bottleneck(d, bottleneck_dim) for _ in range(n_sh))
-        self.bottleneck_images = nn.ModuleList(_bottleneck(d, bottleneck_dim) for _ in range(n_sh))
+        self.gen_v_prompt_memory = _memories(n_gen, o.mem_size, o.gen_prompt_length, d, o.top_k)
+        self.gen_t_prompt_memory = _memories(n_gen, o.mem_size, o.gen_prompt_length, d, o.top_k)
+        self.shared_missing_t = _shared_prompts(n_sh, o.shared_prompt_length, d)
+        self.shared_missing_v = _shared_prompts(n_sh, o.shared_prompt_length, d)
+        self.bottleneck_texts = nn.ModuleList(_bottleneck(d, o.bottleneck_dim) for _ in range(n_sh))
+        self.bottleneck_images = nn.ModuleList(_bottleneck(d, o.bottleneck_dim) for _ in range(n_sh))
         _init_bottleneck(self.bottleneck_images)
         _init_bottleneck(self.bottleneck_texts)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "MemPrompt":
-        return cls(info, **memprompt_options(config, info.hidden_size),
-                   mask_text_padding=config.get("dynamic_text_padding", False))
+        return cls(info, MemPromptOptions.from_config(config, info.hidden_size),
+                   mask_text_padding=bool(config.get("dynamic_text_padding", False)))
 
     # --- prompt construction ------------------------------------------------------------------------
     def shared_prompts(self, layer: int, missing_type: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,43 +233,23 @@ class MemPromptTwoTower(TwoTowerPromptMethod):
       ViLT, both towers encode the dummy inputs; the shared prompts carry the missing type).
     """
 
-    def __init__(
-        self,
-        info: TwoTowerInfo,
-        *,
-        gen_prompt_length: int = 16,
-        gen_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
-        shared_prompt_length: int = 16,
-        shared_prompt_layers: list[int] | tuple[int, ...] = (0, 1, 2, 3, 4, 5),
-        mem_size: int = 16,
-        top_k: int = 5,
-        bottleneck_dim: int = 48,
-        mask_padding: bool = False,
-    ):
+    def __init__(self, info: TwoTowerInfo, options: MemPromptOptions = MemPromptOptions()):
         super().__init__(info)
-        n_layers = info.num_layers
-        check_positive("gen_prompt_length", gen_prompt_length)
-        check_positive("shared_prompt_length", shared_prompt_length)
-        for key, value in (("mem_size", mem_size), ("top_k", top_k), ("bottleneck_dim", bottleneck_dim)):
-            check_positive(key, value)
-        gen = check_layers("gen_prompt_layers", gen_prompt_layers, n_layers, True)
-        shared = check_layers("shared_prompt_layers", shared_prompt_layers, n_layers, True)
-        if not gen and not shared:
-            raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
-        self.mask_padding = bool(mask_padding)
+        gen, shared = options.checked_layers(info.num_layers)
+        self.mask_padding = options.mask_padding
         self._gen_slot = {l: j for j, l in enumerate(gen)}
         self._shared_slot = {l: j for j, l in enumerate(shared)}
-        dv, dt = info.image.hidden_size, info.text.hidden_size
-        self.gen_v_prompt_memory = _memories(len(gen), mem_size, gen_prompt_length, dv, top_k)
-        self.gen_t_prompt_memory = _memories(len(gen), mem_size, gen_prompt_length, dt, top_k)
-        self.shared_missing_t = _shared_prompts(len(shared), shared_prompt_length, dt)
-        self.shared_missing_v = _shared_prompts(len(shared), shared_prompt_length, dt)
-        self.bottleneck_texts = nn.ModuleList(_projection(dt, bottleneck_dim, dt) for _ in shared)
-        self.bottleneck_images = nn.ModuleList(_projection(dt, bottleneck_dim, dv) for _ in shared)
+        dv, dt, o = info.image.hidden_size, info.text.hidden_size, options
+        self.gen_v_prompt_memory = _memories(len(gen), o.mem_size, o.gen_prompt_length, dv, o.top_k)
+        self.gen_t_prompt_memory = _memories(len(gen), o.mem_size, o.gen_prompt_length, dt, o.top_k)
+        self.shared_missing_t = _shared_prompts(len(shared), o.shared_prompt_length, dt)
+        self.shared_missing_v = _shared_prompts(len(shared), o.shared_prompt_length, dt)
+        self.bottleneck_texts = nn.ModuleList(_projection(dt, o.bottleneck_dim, dt) for _ in shared)
+        self.bottleneck_images = nn.ModuleList(_projection(dt, o.bottleneck_dim, dv) for _ in shared)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], info: TwoTowerInfo) -> "MemPromptTwoTower":
-        return cls(info, **memprompt_options(config, info.text.hidden_size))
+        return cls(info, MemPromptOptions.from_config(config, info.text.hidden_size))
 
     def shared_prompt(self, tower: str, layer: int, missing_type: torch.Tensor) -> torch.Tensor:
         """S for `tower`: [B, Ls, width], per-type variants gathered by missing type (§4.3 step 3)."""
