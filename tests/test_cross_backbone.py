@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mdpl.models import build_classifier
-from mdpl.models.clip_classifier import TwoTowerClassifier, block_with_prompts
+from mdpl.models.clip_classifier import TwoTowerClassifier
 from mdpl.prompts.dcp import DCPClassifier
 
 METHODS = ("none", "map", "memprompt", "dcp")
@@ -132,11 +132,13 @@ def test_clip_attention_prompts_extend_keys(tiny) -> None:
     block = model.backbone.text_encoder.blocks[0]
     x = torch.randn(2, 77, tiny["clip_text_width"])
     mask = model.backbone.text_encoder.causal_mask(77, x.device)
-    ref = model.backbone.text_encoder.run_block(0, x, mask)
+    tower = model.backbone.text_encoder
+    ref = block(x, attn_mask=mask)  # open_clip's own forward (nn.MultiheadAttention)
+    torch.testing.assert_close(tower.run_block(0, x, mask), ref, atol=1e-5, rtol=0)
     zeros = torch.zeros(2, 0, x.shape[-1])
-    assert torch.allclose(block_with_prompts(block, x, mask, zeros, zeros), ref, atol=1e-5)
+    torch.testing.assert_close(tower.run_block(0, x, mask, (zeros, zeros)), ref, atol=1e-5, rtol=0)
     k = torch.randn(2, 3, x.shape[-1])
-    assert not torch.allclose(block_with_prompts(block, x, mask, k, k), ref, atol=1e-4)
+    assert not torch.allclose(tower.run_block(0, x, mask, (k, k)), ref, atol=1e-4)
     out = model(batch("clip", torch.tensor([0, 1, 1]), types_for(3)))
     assert out["logits"].shape == (3, 2)
 

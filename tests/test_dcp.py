@@ -84,18 +84,20 @@ def test_parity_with_reference_dcp(ref, task, skip):
 
 # ---------------------------------------------------------------------------------------------- layout
 def _record_block_inputs(model: DCPClassifier, batch) -> dict[str, list]:
-    """Per tower, the (input, attn_mask) of every block."""
+    """Per tower, the (input, attn_mask) of every block (recorded by wrapping the towers' ``run_block``)."""
     seen: dict[str, list] = {"image": [], "text": []}
-    handles = []
-    for key, tower in (("image", model.model.image_encoder), ("text", model.model.text_encoder)):
-        for blk in tower.blocks:
-            def hook(mod, args, kwargs, key=key):
-                seen[key].append((args[0].detach().clone(), kwargs.get("attn_mask")))
-            handles.append(blk.register_forward_pre_hook(hook, with_kwargs=True))
-    with torch.no_grad():
-        model(batch)
-    for h in handles:
-        h.remove()
+    towers = (("image", model.model.image_encoder), ("text", model.model.text_encoder))
+    for key, tower in towers:
+        def run_block(index, x, attn_mask=None, kv_prefix=None, key=key, inner=tower.run_block):
+            seen[key].append((x.detach().clone(), attn_mask))
+            return inner(index, x, attn_mask, kv_prefix)
+        tower.run_block = run_block
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for _, tower in towers:
+            del tower.run_block
     return seen
 
 
@@ -125,15 +127,19 @@ def test_block_insertion_and_replacement():
     n = model.model.layout.n
     recorded = {}
     tower = model.model.image_encoder
-    hooks = [tower.blocks[i].register_forward_hook(lambda m, a, o, i=i: recorded.__setitem__(("out", i), o))
-             for i in range(3)]
-    hooks += [tower.blocks[i].register_forward_pre_hook(lambda m, a, kw, i=i: recorded.__setitem__(("in", i), a[0]),
-                                                        with_kwargs=True) for i in range(3)]
-    with torch.no_grad():
-        model(batch)
-        img, _ = model.model.prompt_learner(batch["missing_type"])
-    for h in hooks:
-        h.remove()
+
+    def run_block(index, x, attn_mask=None, kv_prefix=None, inner=tower.run_block):
+        recorded["in", index] = x
+        recorded["out", index] = inner(index, x, attn_mask, kv_prefix)
+        return recorded["out", index]
+
+    tower.run_block = run_block
+    try:
+        with torch.no_grad():
+            model(batch)
+            img, _ = model.model.prompt_learner(batch["missing_type"])
+    finally:
+        del tower.run_block
     kept = batch["missing_type"] != 2                      # image tower runs on these rows only
     assert torch.equal(recorded[("in", 1)][:, :n], img[1][kept])
     assert torch.equal(recorded[("in", 1)][:, n:], recorded[("out", 0)][:, n:])

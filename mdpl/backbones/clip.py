@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -83,13 +84,49 @@ class _Tower(nn.Module):
     def width(self) -> int:
         return int(self.transformer.width)
 
-    def run_block(self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply block ``index`` to batch-first ``x`` [B, L, D] (open_clip may be sequence-first inside)."""
-        batch_first = getattr(self.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        x = self.blocks[index](x, attn_mask=attn_mask)
-        return x if batch_first else x.transpose(0, 1)
+    def run_block(self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Apply block ``index`` to batch-first ``x`` [B, L, D] (see `residual_block`)."""
+        return residual_block(self.blocks[index], x, attn_mask, kv_prefix)
+
+
+def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """open_clip ``ResidualAttentionBlock`` on batch-first ``x`` [B, L, D] with fused SDPA.
+
+    Computes ``block(x, attn_mask=attn_mask)``: x + ls_1(MHA(ln_1 x)), then + ls_2(MLP(ln_2 x)), with the
+    block's own weights. It does not call ``block.attn`` (``nn.MultiheadAttention``): that module moves
+    the sequence first with a transpose, and when ``x`` needs gradients (prompt tokens in the
+    sequence) ``torch.matmul`` then runs the QKV projection as a batched matmul over L copies of the
+    weight; here the projection is one matmul on the contiguous input (DCP's CPU training step: 48 % of
+    its time was that batched matmul).
+
+    ``attn_mask``: additive [L, L] (the text tower's causal mask) or boolean (True = attend).
+    ``kv_prefix``: raw keys / values [B, P, D] (after the in-projection) put in front of the sequence's
+    and visible to every query — MAP's attention-level prompts (METHODS.md §3.3).
+    """
+    attn = block.attn
+    if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
+        raise ValueError("residual_block supports open_clip's plain self-attention only")
+    b, n, d = x.shape
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    mask = attn_mask
+    if kv_prefix is not None:
+        k = torch.cat([kv_prefix[0].to(k.dtype), k], dim=1)
+        v = torch.cat([kv_prefix[1].to(v.dtype), v], dim=1)
+        if mask is not None:
+            visible = torch.ones((), dtype=mask.dtype, device=mask.device) if mask.dtype == torch.bool \
+                else torch.zeros((), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([visible.expand(n, kv_prefix[0].shape[1]), mask], dim=1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (attn.num_heads, d // attn.num_heads)).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class ClipVisionTower(_Tower):

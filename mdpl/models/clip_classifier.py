@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, check_state_dict
@@ -33,30 +32,6 @@ from mdpl.prompts.towers import TwoTowerInfo, TwoTowerPromptMethod
 def tower_info(tower: _Tower) -> BackboneInfo:
     """Width, depth and heads of one CLIP tower."""
     return BackboneInfo(tower.width, len(tower.blocks), int(tower.blocks[0].attn.num_heads))
-
-
-def block_with_prompts(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                       k_prompt: torch.Tensor, v_prompt: torch.Tensor) -> torch.Tensor:
-    """open_clip residual block on batch-first ``x`` with raw extra K/V after the in-projection (MAP §3.3).
-
-    Queries come from the sequence only; prompt keys are visible to every query (mask entry 0).
-    """
-    attn = block.attn
-    b, n, d = x.shape
-    heads = attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    k = torch.cat([k_prompt.to(k.dtype), k], dim=1)
-    v = torch.cat([v_prompt.to(v.dtype), v], dim=1)
-    mask = None
-    if attn_mask is not None:
-        mask = torch.cat([attn_mask.new_zeros(n, k_prompt.shape[1]), attn_mask.to(x.dtype)], dim=1)
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class TwoTowerClassifier(nn.Module):
@@ -114,8 +89,7 @@ class TwoTowerClassifier(nn.Module):
             x, mask, layout = self.prompt.tower_before_block(name, i, x, mask, layout, missing_type)
             attn_mask = tower.causal_mask(x.shape[1], x.device, x.dtype) if causal else None
             kv = self.prompt.tower_attention_prompts(name, i, x, missing_type)
-            x = tower.run_block(i, x, attn_mask) if kv is None else block_with_prompts(
-                tower.blocks[i], x, attn_mask, *kv)
+            x = tower.run_block(i, x, attn_mask, kv)
         return x, layout
 
     def encode_image(self, image: torch.Tensor, missing_type: torch.Tensor) -> torch.Tensor:
