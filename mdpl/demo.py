@@ -192,7 +192,7 @@ def comparison(rows: Sequence[Mapping], primary: str) -> tuple[list[str], dict[s
 
 def format_table(columns: Sequence[str], table: Mapping[str, Mapping[str, float]], primary: str) -> str:
     """Markdown table: rows = methods, columns = scenarios, ``primary`` x 100."""
-    head = f"| method | " + " | ".join(columns) + " |"
+    head = "| method | " + " | ".join(columns) + " |"
     lines = [f"{primary} (x100) on the synthetic Food-101 test split, by missing scenario:", "",
              head, "|---|" + "---:|" * len(columns)]
     for method, values in table.items():

@@ -43,8 +43,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
-import os
 import platform
 import sys
 import tempfile

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES, NUM_CLASSES
@@ -126,3 +127,12 @@ def data_config():
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster single-threaded on a shared 2-core machine (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,16 +11,14 @@ import hashlib
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-import run as run_script
+from runs import resolved_config, run_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 BASE = "finetune_food101_seed0_from_scratch"
 
 
@@ -37,18 +35,10 @@ def data(tmp_path_factory) -> dict:
 
 
 def make_config(data: dict, log_dir: Path, method: str = "map", **updates) -> dict:
-    from config import ex
     updates = {"data_root": str(data["arrow"]), "tokenizer": str(data["tok"]), "vocab_size": data["vocab_size"],
                "log_dir": str(log_dir), "per_gpu_batchsize": 4, "batch_size": 4, "max_epoch": 1,
                "deterministic": True, **updates}
-    return dict(ex.run("print_config", named_configs=["task_finetune_food101", method, "tiny"],
-                       config_updates=updates).config)
-
-
-def run_quiet(config: dict, **kwargs) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_script.run(config, **QUIET, **kwargs)
+    return resolved_config(["task_finetune_food101", method, "tiny"], updates)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import run as run_script
+from runs import resolved_config, run_quiet
 from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
 from mdpl.data.writers import make_arrow
 
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
 SWITCH = {"clip": "on_clip", "vilt": "on_vilt"}
 MISSING = {"train": 0.3, "val": 0.3, "test": 0.3}
@@ -32,23 +32,10 @@ CELLS = [("map", "clip", "hatememes", 4), ("memprompt", "clip", "hatememes", 4),
 
 def resolve(*named: str, **updates) -> dict:
     """Resolved Sacred config of the named configs (left to right) plus `updates`."""
-    from config import ex
-    return dict(ex.run("print_config", named_configs=list(named), config_updates=updates).config)
+    return resolved_config(named, updates)
 
 
-def run_quiet(config: dict) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_script.run(config, **QUIET)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are far faster single-threaded on a shared 2-core machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import run as run_script
+from runs import resolved_config, run_quiet
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.synthetic import write_synthetic
 from mdpl.data.writers import make_arrow
 from mdpl.engine.trainer import build_trainer
 
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 COUNTS = dict(n_train=192, n_val=48, n_test=48)
 MISSING = {"train": 0.3, "val": 0.3, "test": 0.3}
 TRAIN = dict(learning_rate=2e-2, max_epoch=8, per_gpu_batchsize=16, batch_size=16, val_check_interval=1.0,
@@ -35,23 +35,10 @@ TRAIN = dict(learning_rate=2e-2, max_epoch=8, per_gpu_batchsize=16, batch_size=1
 
 def resolve(*named: str, **updates) -> dict:
     """Resolved Sacred config of the named configs (left to right) plus `updates`."""
-    from config import ex
-    return dict(ex.run("print_config", named_configs=list(named), config_updates=updates).config)
+    return resolved_config(named, updates)
 
 
-def run_quiet(config: dict, **overrides) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_script.run(config, **QUIET, **overrides)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far faster single-threaded on a shared 2-core machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_batch(cfg: dict) -> dict:

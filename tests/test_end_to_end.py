@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-import run as run_script
+from runs import resolved_config, run_quiet
 from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
 from mdpl.data.writers import make_arrow
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 DATASETS = ("food101", "mmimdb", "hatememes")
 LEARN_COUNTS = dict(n_train=240, n_val=60, n_test=60)   # food101 learning data (6 balanced classes)
 CHANCE = 1 / 6
@@ -45,18 +43,11 @@ def data(tmp_path_factory) -> dict:
 
 def make_config(data: dict, dataset: str, method: str, log_dir: Path, root: str | None = None, **updates) -> dict:
     """Resolved Sacred config of `task_finetune_<dataset> <method> tiny` plus `updates` (data_root: data[root])."""
-    from config import ex
     vocab = data["vocab"]
     updates = {"data_root": str(data[root or dataset]), "tokenizer": str(vocab), "log_dir": str(log_dir),
                "vocab_size": len((vocab / "vocab.txt").read_text().split()), "val_check_interval": 1.0, **updates}
     named = [f"task_finetune_{dataset}", "baseline" if method == "none" else method, "tiny"]
-    return dict(ex.run("print_config", named_configs=named, config_updates=updates).config)
-
-
-def run_quiet(config: dict) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_script.run(config, **QUIET)
+    return resolved_config(named, updates)
 
 
 def best_val_score(checkpoint_path: str) -> float:
