@@ -138,7 +138,10 @@ def test_clip_attention_prompts_extend_keys(tiny) -> None:
     zeros = torch.zeros(2, 0, x.shape[-1])
     torch.testing.assert_close(tower.run_block(0, x, mask, (zeros, zeros)), ref, atol=1e-5, rtol=0)
     k = torch.randn(2, 3, x.shape[-1])
-    assert not torch.allclose(tower.run_block(0, x, mask, (k, k)), ref, atol=1e-4)
+    with_prompts = tower.run_block(0, x, mask, (k, k))
+    assert not torch.allclose(with_prompts, ref, atol=1e-4)
+    allowed = torch.ones(77, 77, dtype=torch.bool).tril()  # the same causal mask as booleans (True = attend)
+    torch.testing.assert_close(tower.run_block(0, x, allowed, (k, k)), with_prompts, atol=1e-5, rtol=0)
     out = model(batch("clip", torch.tensor([0, 1, 1]), types_for(3)))
     assert out["logits"].shape == (3, 2)
 

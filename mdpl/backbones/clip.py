@@ -115,9 +115,8 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
         k = torch.cat([kv_prefix[0].to(k.dtype), k], dim=1)
         v = torch.cat([kv_prefix[1].to(v.dtype), v], dim=1)
         if mask is not None:
-            visible = torch.ones((), dtype=mask.dtype, device=mask.device) if mask.dtype == torch.bool \
-                else torch.zeros((), dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([visible.expand(n, kv_prefix[0].shape[1]), mask], dim=1)
+            visible = True if mask.dtype == torch.bool else 0.0  # every query sees every prompt key
+            mask = torch.cat([mask.new_full((n, kv_prefix[0].shape[1]), visible), mask], dim=1)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
 
