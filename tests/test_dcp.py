@@ -83,14 +83,16 @@ def test_parity_with_reference_dcp(ref, task, skip):
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def _record_block_inputs(model: DCPClassifier, batch) -> dict[str, list]:
-    """Per tower, the (input, attn_mask) of every block (recorded by wrapping the towers' ``run_block``)."""
+def _record_blocks(model: DCPClassifier, batch) -> dict[str, list]:
+    """Run ``model(batch)``; per tower, (input, attn_mask, output) of every block, in order (recorded by
+    wrapping the towers' ``run_block``)."""
     seen: dict[str, list] = {"image": [], "text": []}
     towers = (("image", model.model.image_encoder), ("text", model.model.text_encoder))
     for key, tower in towers:
         def run_block(index, x, attn_mask=None, kv_prefix=None, key=key, inner=tower.run_block):
-            seen[key].append((x.detach().clone(), attn_mask))
-            return inner(index, x, attn_mask, kv_prefix)
+            out = inner(index, x, attn_mask, kv_prefix)
+            seen[key].append((x.detach().clone(), attn_mask, out))
+            return out
         tower.run_block = run_block
     try:
         with torch.no_grad():
@@ -108,11 +110,11 @@ def _record_block_inputs(model: DCPClassifier, batch) -> dict[str, list]:
 def test_sequence_lengths_follow_layout(flags, tokens):
     model = _model(**flags)
     assert model.model.layout.num_tokens == tokens
-    seen = _record_block_inputs(model, _batch((0, 0, 0)))
+    seen = _record_blocks(model, _batch((0, 0, 0)))
     # prompts are inserted before block 0's attention and stay (replaced or inherited) in every later block
-    assert [x.shape[1] for x, _ in seen["image"]] == [N_DATA_V + tokens] * 3
-    assert [x.shape[1] for x, _ in seen["text"]] == [77 + tokens] * 3
-    for x, mask in seen["text"]:
+    assert [x.shape[1] for x, _, _ in seen["image"]] == [N_DATA_V + tokens] * 3
+    assert [x.shape[1] for x, _, _ in seen["text"]] == [77 + tokens] * 3
+    for x, mask, _ in seen["text"]:
         assert mask.shape == (77 + tokens, 77 + tokens) and torch.isinf(mask[0, 1])
     assert hasattr(model.model.image_encoder.blocks[0], "attn_prompt") == flags.get("dcp_dynamic", True)
     names = dict(model.model.prompt_learner.named_parameters())
@@ -125,26 +127,15 @@ def test_block_insertion_and_replacement():
     model = _model()
     batch = _batch()
     n = model.model.layout.n
-    recorded = {}
-    tower = model.model.image_encoder
-
-    def run_block(index, x, attn_mask=None, kv_prefix=None, inner=tower.run_block):
-        recorded["in", index] = x
-        recorded["out", index] = inner(index, x, attn_mask, kv_prefix)
-        return recorded["out", index]
-
-    tower.run_block = run_block
-    try:
-        with torch.no_grad():
-            model(batch)
-            img, _ = model.model.prompt_learner(batch["missing_type"])
-    finally:
-        del tower.run_block
+    blocks = _record_blocks(model, batch)["image"]
+    with torch.no_grad():
+        img, _ = model.model.prompt_learner(batch["missing_type"])
+    (_, _, out_0), (in_1, _, out_1), (in_2, _, _) = blocks
     kept = batch["missing_type"] != 2                      # image tower runs on these rows only
-    assert torch.equal(recorded[("in", 1)][:, :n], img[1][kept])
-    assert torch.equal(recorded[("in", 1)][:, n:], recorded[("out", 0)][:, n:])
-    assert torch.equal(recorded[("in", 2)], recorded[("out", 1)])
-    assert recorded[("in", 1)].shape[1] == 6 + N_DATA_V
+    assert torch.equal(in_1[:, :n], img[1][kept])
+    assert torch.equal(in_1[:, n:], out_0[:, n:])
+    assert torch.equal(in_2, out_1)
+    assert in_1.shape[1] == 6 + N_DATA_V
 
 
 def test_invalid_layouts():
