@@ -135,13 +135,14 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
 
 @ex.automain
 def main(_config):
-    from mdpl.validate import validate_config
+    from mdpl.errors import UserInputError, debug_enabled, exit_with
 
-    if _config.get("demo"):  # `python run.py with demo` (make demo): the embedded end-to-end demo
-        from mdpl.demo import run_demo
-        return run_demo(_config)["table"]
     try:
-        validate_config(_config)
-    except ValueError as err:  # CLI: one line on stderr, exit status 1, no traceback
-        raise SystemExit(f"mdpl: invalid config: {err}") from None
-    return run(_config)["test"]
+        if _config.get("demo"):  # `python run.py with demo` (make demo): the embedded end-to-end demo
+            from mdpl.demo import run_demo
+            return run_demo(_config)["table"]
+        return run(_config)["test"]
+    except UserInputError as err:   # one line on stderr, exit status 2 (MDPL_DEBUG=1: the traceback)
+        if debug_enabled():
+            raise
+        exit_with(err)

@@ -1,6 +1,6 @@
 """Config validation before any work starts (METHODS.md §7, §9): one clear line per mistake.
 
-`validate_config(config)` raises ValueError naming the key, the bad value and what to do, for:
+`validate_config(config)` raises UserInputError (a ValueError, mdpl.errors) naming the key, the bad value and what to do, for:
 unknown dataset / backbone / prompt_method (or a method without a variant for the backbone), prompt layers outside
 ``[0, num_layers)``, non-positive prompt lengths, ``top_k`` > ``mem_size``, ``per_gpu_batchsize`` <= 0,
 missing ratios outside [0, 1], unknown missing types, ``test_only`` without ``load_path``, a ``load_path``
@@ -18,6 +18,7 @@ from typing import Any
 from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES
 from mdpl.data.dataset import arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
+from mdpl.errors import UserInputError
 
 BACKBONES = ("vilt", "clip")
 
@@ -34,7 +35,7 @@ def _clip_methods() -> list[str]:
 
 
 def _fail(message: str) -> None:
-    raise ValueError(message)
+    raise UserInputError(message)
 
 
 def _is_int(value: Any) -> bool:
@@ -174,7 +175,7 @@ def check_data_root(config: Mapping) -> None:
 
 # ------------------------------------------------------------------------------------------ entry
 def validate_config(config: Mapping, check_data: bool = True) -> None:
-    """Raise ValueError (one line) for the first invalid setting; see the module docstring.
+    """Raise UserInputError (one line) for the first invalid setting; see the module docstring.
 
     ``check_data=False`` skips the data_root checks (a DataModule is injected by the caller).
     """

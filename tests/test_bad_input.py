@@ -80,9 +80,9 @@ def test_wrong_data_root_cli_is_one_line_without_traceback(data, tmp_path) -> No
     cmd = [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", f"data_root={tmp_path / 'nope'}",
            f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={tmp_path / 'result'}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("mdpl: invalid config:")]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "food101_test.arrow" in lines[0] and "make_arrow.py" in lines[0], out.stderr[-2000:]
     assert not (tmp_path / "result").exists()
 

@@ -97,8 +97,8 @@ def test_run_validates_before_any_work(good, tmp_path) -> None:
 def test_cli_bad_method_exits_with_one_line() -> None:
     proc = subprocess.run([sys.executable, "run.py", "with", "prompt_method=bogus"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if "invalid config" in ln]
-    assert lines == ["mdpl: invalid config: unknown prompt_method 'bogus'; registered methods: dcp, map, memprompt, "
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == ["error: unknown prompt_method 'bogus'; registered methods: dcp, map, memprompt, "
                      "none (backbone 'vilt': dcp, map, memprompt, none; backbone 'clip': dcp, map, memprompt, none)"]
     assert "Traceback" not in proc.stderr
