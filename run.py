@@ -32,24 +32,40 @@ def run_base_dir(config: Mapping) -> Path:
     return Path(config["log_dir"]) / f"{config['exp_name']}_seed{config['seed']}_from_{source}"
 
 
-def new_run_dir(config: Mapping) -> Path:
-    """A fresh base/version_<n> (first unused n), exported as $MDPL_RUN_DIR.
+def new_run_dir(config: Mapping, resume_path: str | None = None) -> tuple[Path, bool]:
+    """(run directory, whether this call created it), exported as $MDPL_RUN_DIR.
 
-    A $MDPL_RUN_DIR not set by this process (inherited by the DDP child processes that Lightning's launcher
-    starts by re-running this script, or set by the user for torchrun/SLURM jobs) is used as is.
+    A resumed run continues in its checkpoint's run directory; any other run gets a fresh base/version_<n>
+    (first unused n). A $MDPL_RUN_DIR not set by this process (inherited by the DDP child processes that
+    Lightning's launcher starts by re-running this script, or set by the user for torchrun/SLURM jobs) is used as is.
     """
+    from mdpl.engine.resume import resume_run_dir
+
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and inherited not in _OWN_RUN_DIRS:
-        return Path(inherited)
-    base = run_base_dir(config)
-    version = 0
-    while (base / f"version_{version}").exists():
-        version += 1
-    run_dir = base / f"version_{version}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+        return Path(inherited), False
+    if resume_path:
+        run_dir, created = resume_run_dir(resume_path), False
+    else:
+        base = run_base_dir(config)
+        version = 0
+        while (base / f"version_{version}").exists():
+            version += 1
+        run_dir, created = base / f"version_{version}", True
+        run_dir.mkdir(parents=True, exist_ok=False)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     _OWN_RUN_DIRS.add(str(run_dir))
-    return run_dir
+    return run_dir, created
+
+
+def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
+    """Delete a run directory this process created when the run failed before training (no step, no checkpoint)."""
+    import shutil
+
+    if trained_steps == 0 and not any(run_dir.rglob("*.ckpt")) and not (run_dir / "test_metrics.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
 
 
 def build_test_module(config: dict, model=None):
@@ -107,23 +123,29 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     from mdpl.engine.resume import check_resume_config, resolve_resume_path
     resume_path = None if config.get("test_only") else resolve_resume_path(config, run_base_dir(config))
     if resume_path:
-        check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone)
-    # test_only: the checkpoint is checked (other method / backbone -> ValueError) before the run directory exists
+        check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone, seed, ...)
+    # test_only: the checkpoint is checked (other method / backbone -> error) before the run directory exists
     module = build_test_module(config, model) if config.get("test_only") else None
-    run_dir = new_run_dir(config)
-    if config.get("test_only"):
-        sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
-        trainer = build_trainer(config, run_dir, **trainer_overrides)
-        results = trainer.test(module, datamodule=datamodule)
-        best = config["load_path"]
-    else:
-        module = MDPLModule(config, model=model)
-        trainer = build_trainer(config, run_dir, **trainer_overrides)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True
-        callback = trainer.checkpoint_callback
-        best = callback.best_model_path if callback is not None and callback.best_model_path else None
-        sweep = attach_sweep(module, datamodule, config)
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    run_dir, created = new_run_dir(config, resume_path)
+    trainer = None
+    try:
+        if config.get("test_only"):
+            sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
+            trainer = build_trainer(config, run_dir, **trainer_overrides)
+            results = trainer.test(module, datamodule=datamodule)
+            best = config["load_path"]
+        else:
+            module = MDPLModule(config, model=model)
+            trainer = build_trainer(config, run_dir, **trainer_overrides)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True
+            callback = trainer.checkpoint_callback
+            best = callback.best_model_path if callback is not None and callback.best_model_path else None
+            sweep = attach_sweep(module, datamodule, config)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    except BaseException:
+        if created:
+            remove_if_empty_run(run_dir, trainer.global_step if trainer is not None else 0)
+        raise
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     swept = None
     if trainer.is_global_zero:

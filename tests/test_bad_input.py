@@ -156,3 +156,19 @@ def test_existing_run_directory_is_never_overwritten(trained) -> None:
     second = Path(out["run_dir"])
     assert second == first.parent / "version_1" and (second / "checkpoints" / "last.ckpt").is_file()
     assert tree_digest(first) == before                        # byte-identical
+
+
+# ------------------------------------------------------------------------------- failure before training
+def test_failure_before_the_first_step_leaves_no_run_directory(data, tmp_path) -> None:
+    from mdpl.data.datamodule import MDPLDataModule
+    from mdpl.errors import UserInputError
+
+    cfg = make_config(data, tmp_path / "result")
+
+    class FailingSetup(MDPLDataModule):   # an error found once the trainer has started (after the run dir exists)
+        def setup(self, stage=None) -> None:
+            raise UserInputError("bad split")
+
+    with pytest.raises(UserInputError, match="bad split"):
+        run_quiet(cfg, datamodule=FailingSetup(cfg))
+    assert not (tmp_path / "result" / BASE).exists()

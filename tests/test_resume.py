@@ -1,7 +1,9 @@
-"""Kill a training run mid-epoch with SIGKILL, resume it, and reach the uninterrupted run's weights (issue 7).
+"""A killed run, resumed, ends exactly where the uninterrupted run ends: same weights, same best checkpoint, same
+test metrics; and neither resuming, mid-epoch checkpoints, loader workers nor DDP changes the result.
 
-CPU, fp32, deterministic, MAP (dropout on: the RNG states must be restored too). The run saves last.ckpt every
-`checkpoint_every_n_steps` optimizer steps (mdpl/engine/resume.py), the test polls for it and kills the process.
+Every kill is placed by the run itself (``tests/killed_run.py``: SIGKILL at the first batch after optimizer step
+K), never by a timer. CPU, fp32, deterministic, MAP with dropout on (the RNG states must be restored too), tiny
+ViLT, synthetic Food-101 with 32 training items: 8 optimizer steps per epoch at batch 4.
 """
 from __future__ import annotations
 
@@ -10,102 +12,165 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-N_TRAIN, BATCH, EVERY, EPOCHS = 32, 4, 3, 2          # 8 steps per epoch, last.ckpt at steps 3, 6, 8 (epoch end), 9, ...
+N_TRAIN, BATCH, EPOCHS = 32, 4, 4
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+BASE = "finetune_food101_seed0_from_scratch"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
-    from mdpl.demo import _make_arrow
+    from mdpl.data.writers import make_arrow
 
     root = tmp_path_factory.mktemp("resume_data")
     write_synthetic("food101", root / "raw", N_TRAIN, 8, 8, seed=0)
+    make_arrow("food101", root / "raw", root / "arrow", progress=False)
     vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
-    _make_arrow(root / "raw", root / "arrow")
     return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
 
 
-def _cmd(data: dict, log_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", f"data_root={data['arrow']}",
-            f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={log_dir}",
-            f"per_gpu_batchsize={BATCH}", f"batch_size={BATCH}", f"max_epoch={EPOCHS}", "deterministic=True",
-            f"checkpoint_every_n_steps={EVERY}", *extra]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
+def _run(data: dict, log_dir: Path, *extra: str, kill_after: int | None = None, processes: int = 1,
+         batch_size: int = BATCH, epochs: int = EPOCHS) -> subprocess.CompletedProcess:
+    """``run.py`` (or, with ``kill_after``, ``tests/killed_run.py``) in its own process group."""
+    script = "tests/killed_run.py" if kill_after is not None else "run.py"
+    cmd = [sys.executable, script, "with", "task_finetune_food101", "map", "tiny", f"data_root={data['arrow']}",
+           f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={log_dir}",
+           f"per_gpu_batchsize={BATCH}", f"batch_size={batch_size}", f"max_epoch={epochs}", "deterministic=True",
+           f"num_cpu_processes={processes}", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("MDPL_RUN_DIR", "MDPL_TEST_KILL_AFTER_STEP")}
     env["OMP_NUM_THREADS"] = "1"
-    return env
+    if kill_after is not None:
+        env["MDPL_TEST_KILL_AFTER_STEP"] = str(kill_after)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
-def _version(log_dir: Path, n: int) -> Path:
-    return log_dir / "finetune_food101_seed0_from_scratch" / f"version_{n}"
-
-
-def _weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
-
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data: dict, tmp_path: Path) -> None:
-    # 1. uninterrupted reference
-    ref_log = tmp_path / "ref"
-    subprocess.run(_cmd(data, ref_log), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
-    ref = _version(ref_log, 0)
-
-    # 2. the same run, SIGKILLed as soon as its first mid-epoch last.ckpt is on disk
-    log = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(data, log), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = _version(log, 0) / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not (last.is_file() and last.stat().st_size > 0) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)   # let the write finish
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    state = torch.load(last, map_location="cpu", weights_only=False)["mdpl_resume"]
-    assert 0 < state["batches_done"] < state["num_batches"], f"not a mid-epoch checkpoint: {state}"
-    assert not (_version(log, 0) / "test_metrics.json").exists()
-
-    # 3. resume (resume=True picks the newest version's last.ckpt) into a new version directory
-    out = subprocess.run(_cmd(data, log, "resume=True"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+def _finished(data: dict, log_dir: Path, *extra: str, **kwargs) -> Path:
+    out = _run(data, log_dir, *extra, **kwargs)
     assert out.returncode == 0, out.stderr[-3000:]
-    resumed = _version(log, 1)
-    assert (resumed / "test_metrics.json").is_file() and last.is_file()   # the killed run's files are kept
-
-    ref_w, res_w = _weights(ref / "checkpoints" / "last.ckpt"), _weights(resumed / "checkpoints" / "last.ckpt")
-    assert ref_w.keys() == res_w.keys()
-    different = [k for k in ref_w if not torch.equal(ref_w[k], res_w[k])]
-    assert not different, f"weights differ after resume: {different[:5]}"
-    ref_ckpt = torch.load(ref / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    res_ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ref_ckpt["global_step"] == res_ckpt["global_step"] == EPOCHS * N_TRAIN // BATCH
-    assert ref_ckpt["lr_schedulers"] == res_ckpt["lr_schedulers"]
-    ref_metrics = json.loads((ref / "test_metrics.json").read_text())["metrics"]
-    res_metrics = json.loads((resumed / "test_metrics.json").read_text())["metrics"]
-    assert ref_metrics == res_metrics
+    return log_dir / BASE / "version_0"
 
 
-def test_resume_from_missing_file_is_one_clear_error(data: dict, tmp_path: Path) -> None:
-    out = subprocess.run(_cmd(data, tmp_path, f"resume_from={tmp_path / 'nope.ckpt'}"), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "resume_from=" in out.stderr and "does not exist" in out.stderr
-    assert not (tmp_path / "finetune_food101_seed0_from_scratch").exists()   # nothing partial written
+def _killed(data: dict, log_dir: Path, step: int, *extra: str, **kwargs) -> Path:
+    out = _run(data, log_dir, *extra, kill_after=step, **kwargs)
+    assert out.returncode == -signal.SIGKILL, f"not killed (rc {out.returncode}): {out.stderr[-3000:]}"
+    run_dir = log_dir / BASE / "version_0"
+    assert not (run_dir / "test_metrics.json").exists()
+    return run_dir
 
 
-def test_epoch_seeded_sampler_skip() -> None:
-    from mdpl.engine.resume import EpochSeededSampler
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
 
-    s = EpochSeededSampler(10, seed=3)
-    s.set_epoch(1)
-    full = list(s)
-    s.skip = 4
-    assert list(s) == full[4:] and list(s) == full       # skip applies to one iteration only
-    s.set_epoch(2)
-    assert sorted(s) == list(range(10)) and list(s) != full
+
+def _assert_same_run(ref: Path, resumed: Path) -> None:
+    """Same final weights, step and schedule; the same best checkpoint tested with the same metrics."""
+    ref_last, res_last = _load(ref / "checkpoints" / "last.ckpt"), _load(resumed / "checkpoints" / "last.ckpt")
+    assert ref_last["global_step"] == res_last["global_step"]
+    assert ref_last["lr_schedulers"] == res_last["lr_schedulers"]
+    assert ref_last["state_dict"].keys() == res_last["state_dict"].keys()
+    different = [k for k, v in ref_last["state_dict"].items() if not torch.equal(v, res_last["state_dict"][k])]
+    assert not different, f"weights differ: {different[:5]}"
+    ref_out = json.loads((ref / "test_metrics.json").read_text())
+    res_out = json.loads((resumed / "test_metrics.json").read_text())
+    assert Path(ref_out["checkpoint"]).name == Path(res_out["checkpoint"]).name    # the same "best" epoch
+    assert ref_out["metrics"] == res_out["metrics"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    """The reference: one run of EPOCHS epochs, no mid-epoch checkpoints, no workers."""
+    return _finished(data, tmp_path_factory.mktemp("uninterrupted"))
+
+
+def _best_step(run_dir: Path) -> int:
+    name = Path(json.loads((run_dir / "test_metrics.json").read_text())["checkpoint"]).stem
+    return int(name.rsplit("step", 1)[1])
+
+
+@pytest.mark.parametrize("every, kill_after", [(0, 3 * STEPS_PER_EPOCH), (3, 3 * STEPS_PER_EPOCH + 3)],
+                         ids=["epoch-end-checkpoints", "mid-epoch-checkpoints"])
+def test_kill_after_the_best_epoch_then_resume_matches_uninterrupted(data, uninterrupted, tmp_path, every,
+                                                                     kill_after) -> None:
+    # premise: the best validation is before the kill, so a resume that forgot it would test a later epoch
+    assert _best_step(uninterrupted) <= kill_after
+    run_dir = _killed(data, tmp_path, kill_after, f"checkpoint_every_n_steps={every}")
+    state = _load(run_dir / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == kill_after                         # the kill landed where it was placed
+    done = state["mdpl_resume"]["batches_done"]
+    assert done == (kill_after % STEPS_PER_EPOCH or STEPS_PER_EPOCH)  # mid-epoch (3 of 8) or the epoch end
+
+    out = _run(data, tmp_path, f"checkpoint_every_n_steps={every}", "resume=True")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / BASE).iterdir()) == ["version_0"]   # continued in its own folder
+    _assert_same_run(uninterrupted, run_dir)
+
+
+def test_loader_workers_do_not_change_the_result(data, uninterrupted, tmp_path) -> None:
+    _assert_same_run(uninterrupted, _finished(data, tmp_path, "num_workers=2"))
+
+
+def test_ddp_mid_epoch_resume_matches_uninterrupted_ddp(data, tmp_path) -> None:
+    # 2 gloo processes, 2 x 4 items per optimizer step: 4 steps per epoch; last.ckpt after every step
+    ddp = dict(processes=2, batch_size=2 * BATCH, epochs=2)
+    ref = _finished(data, tmp_path / "ref", "checkpoint_every_n_steps=1", **ddp)
+    run_dir = _killed(data, tmp_path / "killed", 6, "checkpoint_every_n_steps=1", **ddp)
+    state = _load(run_dir / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 6 and state["mdpl_resume"]["batches_done"] == 2    # mid-epoch 1
+    out = _run(data, tmp_path / "killed", "checkpoint_every_n_steps=1", "resume=True", **ddp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_run(ref, run_dir)
+
+
+def test_resume_from_missing_file_is_one_line_and_writes_nothing(data, tmp_path) -> None:
+    out = _run(data, tmp_path, f"resume_from={tmp_path / 'nope.ckpt'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "resume_from=" in errors[0] and "does not exist" in errors[0]
+    assert not (tmp_path / BASE).exists()
+
+
+def test_resume_from_a_checkpoint_outside_its_run_directory_is_refused(data, uninterrupted, tmp_path) -> None:
+    moved = tmp_path / "moved.ckpt"
+    moved.write_bytes((uninterrupted / "checkpoints" / "last.ckpt").read_bytes())
+    out = _run(data, tmp_path, f"resume_from={moved}")
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "checkpoints/ folder of an mdpl run directory" in errors[0], errors
+
+
+def test_resume_with_another_seed_or_batch_is_refused(data, uninterrupted, tmp_path) -> None:
+    last = uninterrupted / "checkpoints" / "last.ckpt"
+    out = _run(data, tmp_path, f"resume_from={last}", "seed=1", "per_gpu_batchsize=2")
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "seed: checkpoint=0 vs config=1" in errors[0], errors
+
+
+def test_seeded_train_sampler_shards_skips_and_reshuffles() -> None:
+    from mdpl.data.sampler import SeededTrainSampler
+
+    ranks = [SeededTrainSampler(range(10), seed=3, num_replicas=3, rank=r) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    shards = [list(s) for s in ranks]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert sorted(set(sum(shards, []))) == list(range(10))             # every item, two repeated as padding
+    one = SeededTrainSampler(range(10), seed=3, num_replicas=1, rank=0)
+    one.set_epoch(1)
+    full = list(one)
+    assert shards[0] == (full + full[:2])[0::3]                        # rank r reads r, r + W, ... of the order
+    one.skip(4)
+    assert list(one) == full[4:] and list(one) == full                 # a skip applies to one iteration only
+    assert len(one) == 10
+    one.set_epoch(2)
+    assert sorted(one) == list(range(10)) and list(one) != full
+    assert list(SeededTrainSampler(range(10), seed=4, num_replicas=1, rank=0)) != list(SeededTrainSampler(
+        range(10), seed=3, num_replicas=1, rank=0))
+    with pytest.raises(ValueError, match="cannot skip 11"):
+        one.skip(11)

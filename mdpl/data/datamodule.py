@@ -4,8 +4,9 @@
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
   ``test_type`` overrides applied to copies).
 * Loaders: ``per_gpu_batchsize``, ``num_workers``, persistent workers when > 0, pinned memory on CUDA;
-  train shuffled, val/test not. Under DDP Lightning inserts the train DistributedSampler; val/test get an
-  unpadded one here (rank r reads items r, r+W, ...: no sample is evaluated twice, D-46).
+  train in the order of :class:`mdpl.data.sampler.SeededTrainSampler` (a function of seed and epoch, sharded
+  over DDP ranks), val/test in order; under DDP val/test get an unpadded sampler (rank r reads items r, r+W,
+  ...: no sample is evaluated twice).
 * ``on_after_batch_transfer`` (on device): optional per-split override table (``set_missing_override``,
   for evaluation sweeps), ``simulate_missing`` for training batches (per-item hash of
   (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from mdpl.data.collate import Collator
 from mdpl.data.dataset import ArrowMultimodalDataset, arrow_path, count_rows, check_arrow_exists
+from mdpl.data.sampler import SeededTrainSampler
 from mdpl.data.missing import (SPLITS, MissingSpec, apply_missing, load_or_create_missing_table,
                                missing_specs, simulated_types)
 from mdpl.data.tokenizers import build_tokenizer
@@ -60,6 +62,7 @@ class MDPLDataModule(pl.LightningDataModule):
         self._dummy_ids, self._dummy_masks = ids, masks
         self.datasets: dict[str, ArrowMultimodalDataset] = {}
         self._overrides: dict[str, torch.Tensor] = {}
+        self._pending_skip_batches = 0
 
     # --------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -75,13 +78,29 @@ class MDPLDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------- loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Loader of ``split``; train: :class:`SeededTrainSampler`, val/test: in order (unpadded under DDP).
+
+        Every loader has its own generator, so iterating a loader never draws from the global RNG that
+        dropout uses: the result does not depend on ``num_workers`` or on how often validation runs.
+        """
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
-        workers = int(self.config.get("num_workers", 0))
-        sampler = None if shuffle else eval_sampler(self.datasets[split])
-        return DataLoader(self.datasets[split], batch_size=int(self.config["per_gpu_batchsize"]), shuffle=shuffle,
-                          sampler=sampler, num_workers=workers, collate_fn=self.collator,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
+        dataset, seed = self.datasets[split], int(self.config.get("seed", 0))
+        batch_size, workers = int(self.config["per_gpu_batchsize"]), int(self.config.get("num_workers", 0))
+        if shuffle:
+            sampler = SeededTrainSampler(dataset, seed)
+            sampler.skip(self._pending_skip_batches * batch_size)
+            self._pending_skip_batches = 0
+        else:
+            sampler = eval_sampler(dataset)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def skip_train_batches(self, batches: int) -> None:
+        """The next train loader starts after its first ``batches`` batches (a mid-epoch resume)."""
+        self._pending_skip_batches = int(batches)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -1,25 +1,32 @@
-"""Resuming killed runs exactly, mid-epoch included (issue 7).
+"""Resuming killed runs exactly, mid-epoch included.
 
 * ``resume_from=<ckpt>`` or ``resume=True`` (the newest ``version_<n>/checkpoints/last.ckpt`` of the run's base
   directory) is handed to ``Trainer.fit(ckpt_path=...)``: Lightning restores model, optimizer, scheduler, global
-  step and loop progress. The resumed run writes to a new ``version_<n>`` (the killed run's files stay).
-* :class:`ResumeState` adds what Lightning does not restore: the Python / NumPy / torch RNG states at save time,
-  and the position in the epoch. With ``checkpoint_every_n_steps > 0`` (or when resuming) the train loader
-  uses :class:`EpochSeededSampler` (permutation = f(seed, epoch), own loader generator: no global RNG is
-  consumed by the data order), so a mid-epoch resume skips exactly the batches already trained on.
+  step, loop progress and the checkpoint callbacks' state (which checkpoint is best so far).
+* The resumed run continues in the run directory of that checkpoint (:func:`resume_run_dir`). Lightning keeps
+  the best-checkpoint record only when the checkpoint folder is unchanged; in a new folder the first
+  validation after the resume would count as "best" and the final test would use a worse epoch.
+* :class:`ResumeState` adds what Lightning does not restore: the Python / NumPy / torch RNG states at save time
+  and the position in the epoch. The data order is a function of (seed, epoch) (:mod:`mdpl.data.sampler`), so a
+  mid-epoch resume skips exactly the batches already trained on, in every run, with or without
+  ``checkpoint_every_n_steps``, under DDP too.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+
+from mdpl.errors import UserInputError
 
 STATE_KEY = "mdpl_resume"
+# Keys that decide the data and the optimisation: a resumed run must keep them to continue the same run.
+RUN_KEYS = ("seed", "per_gpu_batchsize", "batch_size", "missing_ratio", "missing_type", "both_ratio",
+            "simulate_missing", "learning_rate", "weight_decay", "warmup_steps", "decay_power", "end_lr")
 
 
 def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
@@ -27,52 +34,43 @@ def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
     path = config.get("resume_from") or ""
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"resume_from={path} does not exist; pass a .ckpt of a previous run "
-                                    f"(e.g. {base_dir}/version_0/checkpoints/last.ckpt)")
+            raise UserInputError(f"resume_from={path} does not exist; pass a .ckpt of a previous run "
+                                 f"(e.g. {base_dir}/version_0/checkpoints/last.ckpt)")
         return str(path)
     if not config.get("resume"):
         return None
     versions = sorted((p for p in base_dir.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
                       key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
     if not versions:
-        raise FileNotFoundError(f"resume=True but no {base_dir}/version_*/checkpoints/last.ckpt exists; "
-                                "start without resume, or pass resume_from=<ckpt>")
+        raise UserInputError(f"resume=True but no {base_dir}/version_*/checkpoints/last.ckpt exists; "
+                             "start without resume, or pass resume_from=<ckpt>")
     return str(versions[-1] / "checkpoints" / "last.ckpt")
 
 
+def resume_run_dir(checkpoint_path: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run_dir>/checkpoints/<name>.ckpt``): the resumed run goes on there."""
+    path = Path(checkpoint_path).resolve()
+    if path.parent.name != "checkpoints":
+        raise UserInputError(f"cannot resume from {checkpoint_path}: it is not in the checkpoints/ folder of an mdpl run "
+                             "directory, where the resumed run continues (and finds its best checkpoint so far); "
+                             "move it back or pass load_path=<ckpt> to start a new run from its weights")
+    return path.parent.parent
+
+
 def check_resume_config(checkpoint_path: str, config: Mapping) -> None:
-    """ValueError naming the model keys where the checkpoint's config differs from this run's."""
-    from mdpl.engine.module import config_mismatches
+    """UserInputError naming the keys where the checkpoint's config differs from this run's."""
+    from mdpl.engine.module import config_mismatches, to_plain
 
     ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    ckpt_config = ckpt.get("hyper_parameters", {}).get("config")
-    if ckpt_config is None:
-        raise ValueError(f"resume_from {checkpoint_path} is not an mdpl training checkpoint (no hyper_parameters.config)")
+    ckpt_config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    if ckpt_config is None or STATE_KEY not in ckpt:
+        raise UserInputError(f"resume_from {checkpoint_path} is not an mdpl training checkpoint (no config or resume "
+                             "state); resume from <run_dir>/checkpoints/last.ckpt")
     bad = config_mismatches(ckpt_config, config)
+    bad += [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}" for k in RUN_KEYS
+            if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
     if bad:
-        raise ValueError(f"cannot resume from {checkpoint_path}: " + "; ".join(bad))
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Random permutation of ``range(n)`` drawn from ``seed`` and the epoch (``set_epoch``, called by Lightning).
-
-    ``skip`` items are dropped from the start of the next iteration only (mid-epoch resume).
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        raise UserInputError(f"cannot resume from {checkpoint_path}: " + "; ".join(bad))
 
 
 def rng_states() -> dict:
@@ -96,35 +94,14 @@ def set_rng_states(states: Mapping) -> None:
 
 
 class ResumeState(pl.Callback):
-    """Saves RNG states + epoch position in every checkpoint; on resume restores them (module docstring).
+    """Saves the global RNG states and the position in the epoch in every checkpoint; restores them on resume.
 
-    ``seeded_sampler``: replace the datamodule's shuffled train loader by one with :class:`EpochSeededSampler`.
+    The data order itself needs no state: it is a function of (seed, epoch) (:mod:`mdpl.data.sampler`), so a
+    resumed run only has to skip the batches of the current epoch that were already trained on.
     """
 
-    def __init__(self, seed: int, seeded_sampler: bool) -> None:
-        self.seed, self.seeded_sampler = int(seed), seeded_sampler
-        self._skip_batches, self._rng = 0, None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if stage != "fit" or not self.seeded_sampler or datamodule is None or getattr(datamodule, "_mdpl_seeded", False):
-            return
-        original = datamodule.train_dataloader
-
-        def train_dataloader() -> DataLoader:
-            return self._seeded_loader(original())
-
-        datamodule.train_dataloader = train_dataloader
-        datamodule._mdpl_seeded = True
-
-    def _seeded_loader(self, loader: DataLoader) -> DataLoader:
-        sampler = EpochSeededSampler(len(loader.dataset), self.seed)
-        sampler.skip, self._skip_batches = self._skip_batches * int(loader.batch_size), 0
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                          drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
-                          worker_init_fn=loader.worker_init_fn,
-                          generator=torch.Generator().manual_seed(self.seed))
+    def __init__(self) -> None:
+        self._rng: Mapping | None = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         loop = trainer.fit_loop.epoch_loop
@@ -135,10 +112,15 @@ class ResumeState(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         state = checkpoint.get(STATE_KEY)
         if not state:
-            return
+            raise UserInputError("this checkpoint has no mdpl resume state (RNG, epoch position); resume from the "
+                                 "last.ckpt or best-*.ckpt of an mdpl training run")
         self._rng = state["rng"]
         done, total = int(state["batches_done"]), state["num_batches"]
-        self._skip_batches = done if 0 < done < total else 0
+        if 0 < done < total:
+            skip = getattr(trainer.datamodule, "skip_train_batches", None)
+            if skip is None:
+                raise RuntimeError("a mid-epoch resume needs a datamodule with skip_train_batches (MDPLDataModule)")
+            skip(done)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rng is not None:
@@ -151,8 +133,7 @@ def resume_callbacks(config: Mapping, run_dir: Path) -> list[pl.Callback]:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     every = int(config.get("checkpoint_every_n_steps") or 0)
-    resuming = bool(config.get("resume_from") or config.get("resume"))
-    callbacks: list[pl.Callback] = [ResumeState(int(config.get("seed", 0)), seeded_sampler=every > 0 or resuming)]
+    callbacks: list[pl.Callback] = [ResumeState()]
     if every > 0:   # monitor-less 'last' file: save_last=True would write last-v1.ckpt once the epoch-end last.ckpt exists
         callbacks.append(ModelCheckpoint(dirpath=Path(run_dir) / "checkpoints", filename="last", monitor=None,
                                          save_top_k=1, every_n_train_steps=every, enable_version_counter=False))
