@@ -110,6 +110,8 @@ class ResumeState(pl.Callback):
                                  "num_batches": trainer.num_training_batches}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != "fit":   # trainer.test(ckpt_path=best) loads weights only
+            return
         state = checkpoint.get(STATE_KEY)
         if not state:
             raise UserInputError("this checkpoint has no mdpl resume state (RNG, epoch position); resume from the "
