@@ -53,7 +53,9 @@ def test_parity_with_reference_dcp(ref, task, skip):
     meta, rec = ref["meta"], ref["tasks"][task]
     state = {k: hashed_tensor(k, s) for k, s in rec["shapes"].items()}
     sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
-    assert torch.equal(sums, rec["checksums"]), "regenerated reference weights differ from the fixture's"
+    # float64 sums: their summation order (so their last bits) follows the thread count; 1e-12 is far below
+    # what any different weight would change
+    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated reference weights differ from the fixture's"
     sizes = ClipSizes(embed_dim=meta["embed_dim"], image_size=meta["image_size"], vision_width=meta["vision_width"],
                       vision_layers=meta["layers"], text_width=meta["text_width"], text_layers=meta["layers"],
                       vocab_size=meta["vocab_size"])

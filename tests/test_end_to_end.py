@@ -5,13 +5,17 @@
 * learning: a tiny ViLT is first trained on complete food101 data (prompt_method none, finetune=True), its
   backbone saved in the ViLT checkpoint layout ({'state_dict': {transformer.*, text_embeddings.*, ...}}) and
   loaded through load_path, as a pretrained ViLT is in real use; then each method (none, map, memprompt)
-  trains on the frozen backbone and must reach at least twice chance accuracy on the validation split;
+  trains on the frozen backbone and must reach at least twice chance accuracy on the validation split (which the
+  no-prompt baseline also does, so for map and memprompt: training changed every method tensor and no frozen
+  backbone tensor, and the trained checkpoint with the method's tensors reset to their initial values has a
+  clearly higher test loss);
 * `python run.py print_config with task_finetune_mmimdb map` works.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ import torch
 from runs import resolved_config, run_quiet
 from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
 from mdpl.data.writers import make_arrow
+from mdpl.models import build_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("food101", "mmimdb", "hatememes")
@@ -88,15 +93,51 @@ def pretrained_backbone(data, tmp_path_factory) -> Path:
     return path
 
 
+def method_tensors(state: dict) -> dict:
+    """The prompt method's tensors of a classifier state dict (keys ``prompt.*``), by name."""
+    return {k: v for k, v in state.items() if k.startswith("prompt.")}
+
+
 @pytest.mark.parametrize("method", ["none", "map", "memprompt"])
 def test_method_learns_on_frozen_pretrained_backbone(data, pretrained_backbone, method, tmp_path) -> None:
+    """Above chance (the baseline is too), and for a prompt method: training moved every one of its tensors and
+    left the frozen backbone alone; with its tensors put back to their initial values (trained head and pooler
+    kept), the test metrics change and the test loss is higher: the trained prompts carry what was learnt."""
     cfg = make_config(data, "food101", method, tmp_path / "result", root="learn", load_path=str(pretrained_backbone),
                       learning_rate=1e-2, max_epoch=4, per_gpu_batchsize=16, batch_size=16,
-                      missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0})
-    out = run_quiet(cfg)
+                      missing_ratio=NO_MISSING)
+    torch.manual_seed(cfg["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_classifier(cfg)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = run_quiet(cfg, model=model)
     val = best_val_score(out["best_model_path"])
     print(f"{method}: best val accuracy {val:.3f}, test {out['test']['test/the_metric']:.3f}")
     assert val >= 2 * CHANCE, f"{method}: val accuracy {val:.3f} < 2 x chance"
+
+    ckpt = torch.load(out["best_model_path"], map_location="cpu", weights_only=False)
+    trained = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()}
+    assert set(trained) == set(initial)
+    frozen = [k for k in initial if k.startswith(("backbone.transformer.", "backbone.text_embeddings."))]
+    assert frozen and all(torch.equal(trained[k], initial[k]) for k in frozen), "the frozen backbone changed"
+    assert not torch.equal(trained["food101_classifier.0.weight"], initial["food101_classifier.0.weight"])
+    prompts = method_tensors(initial)
+    if method == "none":
+        assert not prompts
+        return
+    assert prompts
+    unchanged = sorted(k for k in prompts if torch.equal(trained[k], initial[k]))
+    assert not unchanged, f"{method}: training did not change {unchanged}"
+
+    ckpt["state_dict"].update({f"model.{k}": v for k, v in prompts.items()})
+    reset_path = tmp_path / "untrained_prompts.ckpt"
+    torch.save(ckpt, reset_path)
+    reset = run_quiet({**cfg, "test_only": True, "load_path": str(reset_path)})["test"]
+    loss, reset_loss = out["test"]["food101/test/loss"], reset["food101/test/loss"]
+    print(f"{method}: test loss {loss:.4f} trained, {reset_loss:.4f} with the initial prompts; "
+          f"accuracy {out['test']['food101/test/accuracy']:.3f} / {reset['food101/test/accuracy']:.3f}")
+    assert reset_loss > loss + 0.01, f"{method}: the trained prompts do not matter to the test loss"
 
 
 def test_print_config_shows_method() -> None:

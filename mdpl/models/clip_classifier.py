@@ -12,7 +12,7 @@ methods carry the missing type in their prompts and encode the dummy inputs (as 
 Head: ``{dataset}_classifier`` = Linear(2E, C), N(0, 0.02) / 0.
 Trainable: the method's parameters, the head and CLIP's ``ln_post``, ``ln_final`` and visual ``proj``
 (the backbone parts DCP trains, §6.6, so that methods on CLIP are compared with the same trainable
-backbone parts); ``finetune=True`` trains everything.
+backbone parts); ``finetune=True`` trains everything but the unused ``logit_scale``.
 """
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ class TwoTowerClassifier(nn.Module):
         return [enc.image_encoder.ln_post, enc.text_encoder.ln_final, enc.image_encoder.proj]
 
     def _apply_freezing(self) -> None:
+        # CLIP's contrastive temperature is used by no classifier: trainable, it would never get a gradient (and
+        # DDP stops on such a parameter), so it stays frozen even with finetune
+        self.backbone.logit_scale.requires_grad_(False)
         if self.finetune:
             return
         self.backbone.requires_grad_(False)

@@ -306,6 +306,7 @@ class DCPClassifier(nn.Module):
     def _freeze(self, finetune: bool) -> None:
         for p in self.parameters():
             p.requires_grad_(finetune)
+        self.model.logit_scale.requires_grad_(False)   # unused by the classifier: no gradient, even with finetune
         for item in self.trainable_modules():
             params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
             for p in params:
