@@ -3,6 +3,10 @@
 
 Example:
     python make_arrow.py --dataset mmimdb --root /data/raw/mmimdb --out /data/arrow/mmimdb
+
+Every mistake in the input (raw layout, output folder, a ``--strict`` stop, a split without rows) is printed
+as one line ``make_arrow.py: error: ...`` with exit status 2, like argparse's own usage errors; set
+``MDPL_DEBUG=1`` to see the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import sys
 from pathlib import Path
 
 from mdpl.data.writers import DATASETS, SplitReport, StrictModeError, make_arrow
+from mdpl.errors import EXIT_USER_ERROR, UserInputError, debug_enabled
+
+PROG = "make_arrow.py"
 
 ALIASES = {"hateful_memes": "hatememes"}  # the reference CLI's spelling
 FOOD_ONLY = ("val_fraction", "seed")
@@ -19,7 +26,7 @@ MEMES_ONLY = ("train_file", "dev_file", "test_file")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="make_arrow.py",
+        prog=PROG,
         description="Write one Arrow IPC file per split (<dataset>_<split>.arrow) from a raw dataset folder. "
                     "Bad samples (unreadable image, missing/malformed label json, bad jsonl line, non-UTF-8 "
                     "text) are skipped and listed; files appear only when every split succeeded. "
@@ -32,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="ARROW_DIR",
                    help="output folder for the .arrow files (use it as the config key data_root)")
     p.add_argument("--strict", action="store_true",
-                   help="stop with an error (exit code 1, nothing written) at the first bad sample instead of skipping it")
+                   help="stop with an error (exit code 2, nothing written) at the first bad sample instead of "
+                        "skipping it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace arrow files of this dataset already in --out (atomically, once every split is "
+                        "written); without it such files are refused")
     p.add_argument("--max-side", type=int, default=None, metavar="N",
                    help="re-encode images so the longer side is <= N pixels (default: keep the original bytes)")
     p.add_argument("--skipped-log", type=Path, default=None, metavar="FILE",
@@ -52,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Writer keyword options; dataset-specific flags given for another dataset are an error."""
-    opts = {"strict": args.strict, "max_side": args.max_side, "progress": not args.no_progress}
+    opts = {"strict": args.strict, "max_side": args.max_side, "progress": not args.no_progress,
+            "overwrite": args.overwrite}
     own = {"food101": FOOD_ONLY, "hatememes": MEMES_ONLY}.get(args.dataset, ())
     for name in (*FOOD_ONLY, *MEMES_ONLY):
         value = getattr(args, name)
@@ -66,7 +78,27 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
 def _write_skipped_log(path: Path, reports: list[SplitReport]) -> None:
     lines = [f"{r.split}\t{reason}\t{where}\t{detail}" for r in reports for reason, where, detail in r.skipped]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    try:
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    except OSError as err:
+        raise UserInputError(f"--skipped-log {path}: cannot write it ({err.strerror or err}); the arrow files "
+                             "were written") from None
+
+
+def _error_line(err: UserInputError) -> str:
+    """The one line printed for a user error (the strict stop says how to continue)."""
+    message = str(err)
+    if isinstance(err, StrictModeError):
+        message += " (nothing written; drop --strict to skip bad samples)"
+    return f"{PROG}: error: {message}"
+
+
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[SplitReport]:
+    """Run the writer and the skipped-sample log; user errors propagate as UserInputError."""
+    reports = make_arrow(args.dataset, args.root, args.out, **_options(args, parser))
+    if args.skipped_log is not None:
+        _write_skipped_log(args.skipped_log, reports)
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a folder; point it at the raw {args.dataset} dataset (see DATA.md)")
     try:
-        reports = make_arrow(args.dataset, args.root, args.out, **_options(args, parser))
-    except StrictModeError as err:
-        print(f"make_arrow.py: error: {err} (nothing written; drop --strict to skip bad samples)", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:
-        print(f"make_arrow.py: error: {err}", file=sys.stderr)
-        return 2
-    if args.skipped_log is not None:
-        _write_skipped_log(args.skipped_log, reports)
+        reports = _convert(args, parser)
+    except UserInputError as err:
+        if debug_enabled():
+            raise
+        print(_error_line(err), file=sys.stderr)
+        return EXIT_USER_ERROR
     for r in reports:
         print(f"wrote {r.path}")
     return 0

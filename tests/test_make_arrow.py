@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES
 from mdpl.data.synthetic import write_synthetic
 from mdpl.data.writers import StrictModeError, common, food101, hatememes, make_arrow, mmimdb
+from mdpl.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 N = {"n_train": 6, "n_val": 3, "n_test": 4, "image_size": 40}
@@ -330,7 +332,7 @@ def test_bad_input_skipped_reported_and_strict(raw_copy, tmp_path, dataset, muta
     strict_out.mkdir()
     (strict_out / f"{ARROW_SPLITS[dataset]['train']}.arrow").write_bytes(b"previous")
     with pytest.raises(StrictModeError, match=reason) as err:
-        run_writer(dataset, root, strict_out, strict=True)
+        run_writer(dataset, root, strict_out, strict=True, overwrite=True)
     assert where in str(err.value)
     # all-or-nothing: the failing test split leaves no train/val file, the previous file is untouched
     assert sorted(p.name for p in strict_out.iterdir()) == [f"{ARROW_SPLITS[dataset]['train']}.arrow"]
@@ -379,7 +381,8 @@ def test_cli_skipped_log_lists_files(raw_copy, tmp_path, capsys):
     rc = cli.main(["--dataset", "mmimdb", "--root", str(root), "--out", str(tmp_path / "s"), "--strict",
                    "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and name in err and "--strict" in err and "Traceback" not in err
+    assert rc == 2 and name in err and "--strict" in err and "Traceback" not in err
+    assert err.startswith("make_arrow.py: error: --strict: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -446,3 +449,111 @@ def test_food101_json_split_with_csv_text(raw_copy, tmp_path):
 def test_api_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         make_arrow("cifar", tmp_path, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------- empty splits, output folder
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_split_listing_no_item_is_refused(raw_copy, tmp_path):
+    root = raw_copy("mmimdb")
+    ids = json.loads((root / "split.json").read_text())
+    (root / "split.json").write_text(json.dumps({**ids, "dev": []}))
+    with pytest.raises(UserInputError) as err:
+        run_writer("mmimdb", root, tmp_path / "out")
+    msg = str(err.value)
+    assert msg == ("mmimdb split 'dev' yields 0 rows: the raw folder lists no item for it; check --root against "
+                   "the raw layout in DATA.md (nothing was written)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_whose_items_are_all_skipped_is_refused(raw_copy, tmp_path):
+    root = raw_copy("hatememes")
+    for line in (root / "data" / "dev.jsonl").read_text().splitlines():
+        (root / "data" / json.loads(line)["img"]).write_bytes(b"not an image")
+    with pytest.raises(UserInputError) as err:
+        run_writer("hatememes", root, tmp_path / "out")
+    msg = str(err.value)
+    assert "hatememes split 'dev' yields 0 rows: all 3 listed items were skipped (corrupt image: 3; " in msg
+    assert "nothing was written" in msg and "\n" not in msg
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_arrow_files_need_overwrite(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--dataset", "hatememes", "--root", str(raw("hatememes")), "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    (out / "hatememes_dev.arrow").write_bytes(b"old dev")
+    before = _digest(out)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"make_arrow.py: error: --out {out} already holds ")
+    assert "hatememes_train.arrow, hatememes_dev.arrow, hatememes_test.arrow of hatememes" in err
+    assert "--overwrite" in err and _digest(out) == before
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert read_arrow(out / "hatememes_dev.arrow").num_rows == 3 and sorted(_digest(out)) == sorted(before)
+    assert_no_leftovers(out)
+
+
+def test_overwrite_failing_midway_keeps_the_old_files(raw, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    for stem in ARROW_SPLITS["food101"].values():
+        (out / f"{stem}.arrow").write_bytes(f"old {stem}".encode())
+    before = _digest(out)
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        if str(src).endswith(".arrow.tmp"):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", flaky_replace)
+    with pytest.raises(UserInputError) as err:
+        run_writer("food101", raw("food101"), out, overwrite=True)
+    assert len(calls) == 2 and "No space left on device" in str(err.value) and str(out) in str(err.value)
+    assert _digest(out) == before                          # the first renamed split was put back
+    assert_no_leftovers(out)
+
+
+def test_unusable_output_folder_is_one_line(raw, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc = cli.main(["--dataset", "hatememes", "--root", str(raw("hatememes")), "--out", str(blocker / "out"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"make_arrow.py: error: --out {blocker / 'out'}: cannot create the output folder")
+
+
+def test_writers_raise_user_input_errors(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(UserInputError, match="MM-IMDb: expected .*images"):
+        mmimdb.make_arrow(tmp_path / "raw", tmp_path / "out", progress=False)
+    with pytest.raises(UserInputError, match="Food-101 --root: folder .*nope not found"):
+        food101.make_arrow(tmp_path / "nope", tmp_path / "out", progress=False)
+    with pytest.raises(UserInputError, match="Hateful Memes: no train.jsonl"):
+        hatememes.make_arrow(tmp_path / "raw", tmp_path / "out", progress=False)
+    with pytest.raises(UserInputError, match="unknown dataset 'cifar'"):
+        make_arrow("cifar", tmp_path, tmp_path / "out")
+
+
+def test_cli_user_error_subprocess_one_line_and_debug_traceback(raw, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mmimdb_test.arrow").write_bytes(b"previous")
+    cmd = [sys.executable, "make_arrow.py", "--dataset", "mmimdb", "--root", str(raw("mmimdb")), "--out", str(out),
+           "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_DEBUG"}
+    plain = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.splitlines() == [f"make_arrow.py: error: --out {out} already holds mmimdb_test.arrow of "
+                                         "mmimdb; pass --overwrite to replace them (the new files replace the old "
+                                         "ones only once every split is written) or choose another --out"]
+    debug = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**env, "MDPL_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserInputError" in debug.stderr
+    assert (out / "mmimdb_test.arrow").read_bytes() == b"previous"

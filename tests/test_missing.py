@@ -10,7 +10,8 @@ import torch
 
 from mdpl.data.missing import (MissingSpec, apply_missing, import_reference_table, load_or_create_missing_table,
                                make_missing_table, missing_counts, missing_specs, missing_table_path,
-                               reference_table_name, simulated_types)
+                               reference_table_name, simulated_types, table_sha256)
+from mdpl.errors import UserInputError
 
 
 @pytest.mark.parametrize("n_rows", [10, 97, 1000])
@@ -82,38 +83,92 @@ def test_cache_roundtrip_and_payload(tmp_path):
     path = missing_table_path(tmp_path, "food101_val", spec)
     payload = torch.load(path, weights_only=True)
     assert payload["n_rows"] == 40 and payload["spec"] == spec.to_dict() and "version" in payload
-    assert torch.equal(payload["table"], table)
+    assert torch.equal(payload["table"], table) and payload["sha256"] == table_sha256(table)
     assert not list(tmp_path.glob("*.tmp"))
-    # a valid cached file is loaded (mark it to prove it is read, not regenerated)
-    payload["table"] = torch.zeros(40, dtype=torch.long)
-    torch.save(payload, path)
+    # a valid cached file is loaded (another valid table with its own hash proves it is read, not regenerated)
+    flipped = table.flip(0)
+    assert not torch.equal(flipped, table)
+    torch.save({**payload, "table": flipped, "sha256": table_sha256(flipped)}, path)
     loaded = load_or_create_missing_table(tmp_path, "food101_val", 40, spec, "food101", "val")
-    assert int(loaded.sum()) == 0
+    assert torch.equal(loaded, flipped)
 
 
-def test_length_mismatch_regenerates_with_warning(tmp_path, capsys):
+def _refusal(tmp_path, spec, n_rows=20, stem="mmimdb_test", dataset="mmimdb", split="test") -> str:
+    """The one-line error of loading the cached table; the file must be left as it was."""
+    path = missing_table_path(tmp_path, stem, spec)
+    before = path.read_bytes()
+    with pytest.raises(UserInputError) as err:
+        load_or_create_missing_table(tmp_path, stem, n_rows, spec, dataset, split)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "delete the file to regenerate" in msg and "fix the config" in msg
+    assert path.read_bytes() == before
+    return msg
+
+
+def _save_table(tmp_path, spec, table, overrides=None, stem="mmimdb_test"):
+    """Save a payload as the writer does (20 rows of mmimdb test), with some fields overridden."""
+    payload = {"table": table, "n_rows": 20, "spec": spec.to_dict(), "version": 1, "dataset": "mmimdb",
+               "split": "test", "sha256": table_sha256(table), **(overrides or {})}
+    torch.save(payload, missing_table_path(tmp_path, stem, spec))
+    return payload
+
+
+def test_length_mismatch_is_refused_not_regenerated(tmp_path):
     spec = MissingSpec("text", 0.5)
     load_or_create_missing_table(tmp_path, "hatememes_dev", 30, spec, "hatememes", "val")
-    with pytest.warns(UserWarning, match="n_rows"):
-        table = load_or_create_missing_table(tmp_path, "hatememes_dev", 31, spec, "hatememes", "val")
-    assert "stale" in capsys.readouterr().out
-    assert table.shape == (31,) and torch.equal(table, make_missing_table(31, spec, "hatememes", "val"))
-    payload = torch.load(missing_table_path(tmp_path, "hatememes_dev", spec), weights_only=True)
-    assert payload["n_rows"] == 31
+    msg = _refusal(tmp_path, spec, 31, "hatememes_dev", "hatememes", "val")
+    assert "30 rows but the arrow split has 31" in msg
 
 
-def test_spec_mismatch_and_garbage_regenerate(tmp_path):
+def test_spec_mismatch_and_garbage_are_refused(tmp_path):
     spec = MissingSpec("image", 0.5, 0.5, 0)
-    path = missing_table_path(tmp_path, "mmimdb_test", spec)
-    torch.save({"table": torch.zeros(20, dtype=torch.long), "n_rows": 20, "spec": {**spec.to_dict(), "seed": 9},
-                "version": 1, "dataset": "mmimdb", "split": "test"}, path)
-    with pytest.warns(UserWarning, match="spec"):
-        table = load_or_create_missing_table(tmp_path, "mmimdb_test", 20, spec, "mmimdb", "test")
-    assert int((table == 2).sum()) == 10
-    path.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="unreadable"):
-        table = load_or_create_missing_table(tmp_path, "mmimdb_test", 20, spec, "mmimdb", "test")
-    assert int((table == 2).sum()) == 10
+    table = make_missing_table(20, spec, "mmimdb", "test")
+    _save_table(tmp_path, spec, table, {"spec": {**spec.to_dict(), "seed": 9}})
+    assert "'seed': 9" in _refusal(tmp_path, spec)
+    missing_table_path(tmp_path, "mmimdb_test", spec).write_bytes(b"not a torch file")
+    assert "cannot be read" in _refusal(tmp_path, spec)
+    torch.save(table, missing_table_path(tmp_path, "mmimdb_test", spec))  # a bare tensor (reference format)
+    assert "not an mdpl missing-table file" in _refusal(tmp_path, spec)
+
+
+def test_values_outside_type_codes_are_refused(tmp_path):
+    spec = MissingSpec("image", 0.5)
+    table = make_missing_table(20, spec, "mmimdb", "test")
+    table[table == 0] = 3
+    _save_table(tmp_path, spec, table)
+    assert "values [3] outside the type codes" in _refusal(tmp_path, spec)
+
+
+def test_counts_that_do_not_match_ratio_and_type_are_refused(tmp_path):
+    spec = MissingSpec("both", 0.5, 0.5)                 # 20 rows: 5 text-missing, 5 image-missing
+    table = make_missing_table(20, spec, "mmimdb", "test")
+    table[table == 2] = 1                                # still valid codes, but 10 text / 0 image
+    _save_table(tmp_path, spec, table)
+    msg = _refusal(tmp_path, spec)
+    assert "10 text-missing and 0 image-missing rows" in msg and "means 5 and 5" in msg
+
+
+def test_content_hash_mismatch_is_refused(tmp_path):
+    spec = MissingSpec("text", 0.5)
+    table = make_missing_table(20, spec, "mmimdb", "test")
+    payload = _save_table(tmp_path, spec, table)
+    swapped = table.clone()
+    one, zero = int((table == 1).nonzero()[0]), int((table == 0).nonzero()[0])
+    swapped[one], swapped[zero] = 0, 1                   # same counts, other rows
+    torch.save({**payload, "table": swapped}, missing_table_path(tmp_path, "mmimdb_test", spec))
+    assert "content hash differs" in _refusal(tmp_path, spec)
+
+
+def test_table_without_hash_is_accepted_only_if_valid(tmp_path):
+    spec = MissingSpec("both", 0.5, 0.5)
+    table = make_missing_table(20, spec, "mmimdb", "test").flip(0)
+    payload = _save_table(tmp_path, spec, table)
+    del payload["sha256"]                                # a file written before the hash existed
+    torch.save(payload, missing_table_path(tmp_path, "mmimdb_test", spec))
+    assert torch.equal(load_or_create_missing_table(tmp_path, "mmimdb_test", 20, spec, "mmimdb", "test"), table)
+    zeros = torch.zeros(20, dtype=torch.long)
+    torch.save({**payload, "table": zeros}, missing_table_path(tmp_path, "mmimdb_test", spec))
+    assert "0 text-missing and 0 image-missing rows" in _refusal(tmp_path, spec)
 
 
 def test_ratio_zero_writes_nothing(tmp_path):

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import VOCAB
+from mdpl.data.synthetic import write_wordpiece_vocab
 from mdpl.data.tokenizers import CLIP_EOT, CLIP_SOT, build_tokenizer
+from mdpl.errors import UserInputError
 
 PAD, UNK, CLS, SEP = (VOCAB.index(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
 
@@ -77,3 +79,50 @@ def test_clip_long_text_cut_with_eot(clip_tok):
     ids, masks = clip_tok.encode(["word " * 200])
     assert ids.shape == (1, 77) and ids[0, 0].item() == CLIP_SOT and ids[0, -1].item() == CLIP_EOT
     assert int(masks.sum()) == 77
+
+
+# ------------------------------------------------------------------------------------- bad vocabularies
+def _vocab_dir(tmp_path, tokens: list[str]):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def _bert_config(folder, n_tokens: int, max_text_len: int = 8) -> dict:
+    return {"backbone": "vilt", "tokenizer": str(folder), "vocab_size": n_tokens, "max_text_len": max_text_len}
+
+
+def test_vocabulary_needs_one_common_word(tmp_path):
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    with pytest.raises(UserInputError) as err:
+        build_tokenizer(_bert_config(_vocab_dir(tmp_path / "specials", specials), len(specials)))
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "specials") in msg and "the, a, of, and, is all to [UNK]" in msg
+    assert "5-token vocabulary" in msg and "tokenizer=" in msg
+    # one known common word is enough, and the synthetic test vocabulary passes
+    tok = build_tokenizer(_bert_config(_vocab_dir(tmp_path / "is", specials + ["is"]), len(specials) + 1))
+    assert tok.encode(["is the"])[0][0, :4].tolist() == [2, 5, 1, 3]
+    vocab = write_wordpiece_vocab(tmp_path / "synthetic" / "vocab.txt")
+    tok = build_tokenizer(_bert_config(vocab.parent, len(vocab.read_text().split())))
+    assert tok.encode(["the"])[0][0, 1].item() != 1
+
+
+def test_vocabulary_without_unk_token_is_refused(tmp_path):
+    tokens = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "pizza"]   # transformers appends the absent [UNK]: 6 tokens
+    with pytest.raises(UserInputError, match=r"cannot encode text .*\[UNK\]"):
+        build_tokenizer(_bert_config(_vocab_dir(tmp_path, tokens), len(tokens) + 1))
+
+
+def test_max_text_len_below_three_is_refused(bert_vocab_dir):
+    for max_text_len in (0, 2, -5):
+        with pytest.raises(UserInputError) as err:
+            build_tokenizer(_bert_config(bert_vocab_dir, len(VOCAB), max_text_len))
+        msg = str(err.value)
+        assert f"max_text_len={max_text_len} is too short" in msg and ">= 3" in msg and "[CLS]" in msg
+    tok = build_tokenizer(_bert_config(bert_vocab_dir, len(VOCAB), 3))   # [CLS] + one token + [SEP]
+    assert tok.encode(["pizza cake"])[0].tolist() == [[CLS, VOCAB.index("pizza"), SEP]]
+
+
+def test_vocab_size_mismatch_is_a_user_error(bert_vocab_dir):
+    with pytest.raises(UserInputError, match=f"has {len(VOCAB)} tokens but vocab_size=99"):
+        build_tokenizer(_bert_config(bert_vocab_dir, 99))

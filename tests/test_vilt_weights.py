@@ -10,6 +10,7 @@ import torch
 from mdpl.backbones.vilt import ViLTBackbone
 from mdpl.backbones.vilt_weights import (interpolate_text_positions, load_reference_finetuned,
                                          load_vilt_checkpoint)
+from mdpl.errors import UserInputError
 from mdpl.models import build_classifier
 
 TINY = dict(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4, patch_size=8,
@@ -32,7 +33,7 @@ def _save_vilt_ckpt(tmp_path, max_text_len=8, **over):
 def test_lightning_ckpt_round_trip_with_position_interpolation(tmp_path):
     src, path = _save_vilt_ckpt(tmp_path, max_text_len=8)
     dst = ViLTBackbone(**TINY, max_text_len=20)
-    report = load_vilt_checkpoint(dst, path)
+    report = load_vilt_checkpoint(dst, path, interpolate_text_positions=True)
     assert sorted(report.ignored) == ["itm_score.fc.weight", "mlm_score.decoder.weight",
                                       "text_embeddings.position_ids"]
     assert report.unexpected == [] and report.missing == []
@@ -47,6 +48,35 @@ def test_lightning_ckpt_round_trip_with_position_interpolation(tmp_path):
         i0 = math.floor(s)
         i1, lam = min(i0 + 1, 7), s - i0
         torch.testing.assert_close(new[j], (1 - lam) * old[i0] + lam * old[i1], atol=1e-6, rtol=0)
+
+
+def test_longer_max_text_len_needs_the_interpolation_key(tmp_path, monkeypatch):
+    src, path = _save_vilt_ckpt(tmp_path, max_text_len=8)
+    dst = ViLTBackbone(**TINY, max_text_len=20)
+    before = dst.state_dict()[POS].clone()
+    with pytest.raises(UserInputError) as err:
+        load_vilt_checkpoint(dst, path)
+    msg = str(err.value)
+    assert "\n" not in msg and "max_text_len=20" in msg and "8 text positions" in msg
+    assert "interpolate_text_positions=True" in msg
+    assert torch.equal(dst.state_dict()[POS], before)                    # nothing loaded
+    lines: list[str] = []
+    monkeypatch.setattr("pytorch_lightning.utilities.rank_zero_info", lines.append)
+    report = load_vilt_checkpoint(dst, path, interpolate_text_positions=True)
+    assert lines == ["[mdpl] text positions interpolated 8 -> 20"] and report.notes == [lines[0][7:]]
+    # a shorter max_text_len needs no key; equal lengths are loaded as they are, without a log line
+    short = load_vilt_checkpoint(ViLTBackbone(**TINY, max_text_len=4), path)
+    same = load_vilt_checkpoint(ViLTBackbone(**TINY, max_text_len=8), path)
+    assert short.notes == ["text positions interpolated 8 -> 4"] and same.notes == [] and len(lines) == 2
+
+
+def test_task_configs_set_the_interpolation_key():
+    from runs import resolved_config
+
+    assert resolved_config([], {})["interpolate_text_positions"] is False
+    for task in ("mmimdb", "food101", "hatememes"):
+        cfg = resolved_config([f"task_finetune_{task}"], {})
+        assert cfg["interpolate_text_positions"] is True and cfg["max_text_len"] > 40
 
 
 def test_interpolation_is_identity_at_same_length():

@@ -8,6 +8,11 @@ The missing table is per row (movie), so all plots of a movie share its missing 
 ``label`` (int, or float multi-hot tensor [23] for MM-IMDb), ``row_index``, ``item_index`` and
 ``missing_type`` (the table's type for the row; simulation and dummies are applied on device, see
 mdpl/data/missing.py). Tokenisation happens batched in the collate function (mdpl/data/collate.py).
+
+Every Arrow file is checked when it is opened (:func:`check_arrow_file`): a truncated or non-Arrow file,
+a missing column or a column of another type than the writer's schema (``mdpl.data.writers.SCHEMAS``), no
+rows, or labels outside the dataset's classes raise :class:`~mdpl.errors.UserInputError` naming the file,
+what was expected and found, and the ``make_arrow.py`` command that rebuilds it. Extra columns are ignored.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from torch.utils.data import Dataset
 
 from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES, TEXT_COLUMN
 from mdpl.data.missing import MissingSpec, load_or_create_missing_table, make_missing_table
+from mdpl.data.writers import SCHEMAS
+from mdpl.errors import UserInputError
 
 MMIMDB_ITEMS = ("plot", "movie")
 
@@ -38,24 +45,98 @@ def arrow_path(data_root: str | os.PathLike, dataset: str, split: str) -> Path:
     return Path(data_root) / f"{ARROW_SPLITS[dataset][split]}.arrow"
 
 
+class ArrowFileNotFoundError(UserInputError, FileNotFoundError):
+    """An arrow file of the run does not exist (a user error that is also a FileNotFoundError)."""
+
+
+def rebuild_command(dataset: str, data_root: str | os.PathLike) -> str:
+    """The make_arrow.py command that (re)creates the arrow files of ``dataset`` in ``data_root``."""
+    return f"python make_arrow.py --dataset {dataset} --root <raw {dataset} folder> --out {data_root}"
+
+
 def check_arrow_exists(path: Path, data_root: str | os.PathLike, dataset: str) -> None:
     if path.is_file():
         return
     expected = ", ".join(f"{stem}.arrow" for stem in ARROW_SPLITS[dataset].values())
-    raise FileNotFoundError(f"arrow file not found: {path}. data_root={str(data_root)!r} must hold {expected}; "
-                            f"create them with `python make_arrow.py --dataset {dataset} --root <raw data> "
-                            f"--out {data_root}`")
+    raise ArrowFileNotFoundError(f"arrow file not found: {path}. data_root={str(data_root)!r} must hold {expected}; "
+                                 f"create them with `{rebuild_command(dataset, data_root)}`")
 
 
-def open_arrow_table(path: str | os.PathLike) -> pa.Table:
-    """Memory-map an Arrow IPC file and read it as a (zero-copy) table."""
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+def dataset_of(path: str | os.PathLike) -> str | None:
+    """The dataset whose split file name ``path`` has (``food101_val.arrow`` -> 'food101'), else None."""
+    stem = Path(path).stem
+    return next((d for d, stems in ARROW_SPLITS.items() if stem in stems.values()), None)
+
+
+def _format_schema(fields: list[pa.Field]) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in fields) or "no columns"
+
+
+def schema_problems(found: pa.Schema, expected: pa.Schema) -> list[str]:
+    """Missing columns and columns of another type (extra columns are allowed)."""
+    problems = []
+    for field in expected:
+        index = found.get_field_index(field.name)
+        if index < 0:
+            problems.append(f"column {field.name!r} ({field.type}) is missing")
+        elif found.field(index).type != field.type:
+            problems.append(f"column {field.name!r} is {found.field(index).type}, expected {field.type}")
+    return problems
+
+
+def _bad_file(path: Path, dataset: str, problem: str) -> UserInputError:
+    return UserInputError(f"arrow file {path}: {problem}; rebuild it with "
+                          f"`{rebuild_command(dataset, path.parent)}`")
+
+
+def _open_reader(path: Path, dataset: str) -> pa.ipc.RecordBatchFileReader:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    except (pa.ArrowException, OSError) as err:
+        raise _bad_file(path, dataset, f"expected an Arrow IPC file, found an unreadable one (truncated or "
+                                       f"not arrow: {err})") from None
+
+
+def check_arrow_file(path: str | os.PathLike, dataset: str | None = None) -> int:
+    """Open ``path`` (metadata only), check it against the writer schema of ``dataset``; return its rows.
+
+    ``dataset`` defaults to the one named by the file name; unknown names skip the schema check.
+    Raises UserInputError naming the file, the expected vs found columns and the rebuild command.
+    """
+    path = Path(path)
+    dataset = dataset or dataset_of(path)
+    reader = _open_reader(path, dataset or "<dataset>")
+    if dataset in SCHEMAS:
+        problems = schema_problems(reader.schema, SCHEMAS[dataset])
+        if problems:
+            raise _bad_file(path, dataset, f"{'; '.join(problems)} (expected columns "
+                                           f"{_format_schema(list(SCHEMAS[dataset]))}; found "
+                                           f"{_format_schema(list(reader.schema))})")
+    try:
+        n_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (pa.ArrowException, OSError) as err:
+        raise _bad_file(path, dataset or "<dataset>", f"its record batches cannot be read ({err})") from None
+    if n_rows == 0 and dataset in SCHEMAS:
+        raise _bad_file(path, dataset, "expected rows, found none")
+    return n_rows
+
+
+def open_arrow_table(path: str | os.PathLike, dataset: str | None = None) -> pa.Table:
+    """Check (:func:`check_arrow_file`), memory-map and read an Arrow IPC file as a (zero-copy) table."""
+    path = Path(path)
+    check_arrow_file(path, dataset)
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        table.validate()
+    except (pa.ArrowException, OSError) as err:
+        raise _bad_file(path, dataset or dataset_of(path) or "<dataset>",
+                        f"its data cannot be read ({err})") from None
+    return table
 
 
 def count_rows(path: str | os.PathLike) -> int:
-    """Number of rows of an Arrow IPC file (reads only metadata)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    """Number of rows of an Arrow IPC file (reads only metadata; the schema is checked, see above)."""
+    return check_arrow_file(path)
 
 
 class ArrowMultimodalDataset(Dataset):
@@ -74,7 +155,7 @@ class ArrowMultimodalDataset(Dataset):
         self.path = arrow_path(data_root, dataset, split)
         check_arrow_exists(self.path, data_root, dataset)
         self.stem = self.path.stem
-        table = open_arrow_table(self.path)
+        table = open_arrow_table(self.path, dataset)
         self.n_rows = table.num_rows
         self._build_index(table, per_text=(dataset != "mmimdb" or mmimdb_items == "plot"))
         self._load_labels(table)
@@ -101,12 +182,38 @@ class ArrowMultimodalDataset(Dataset):
     def _load_labels(self, table: pa.Table) -> None:
         labels = table.column("label").combine_chunks()
         if self.dataset == "mmimdb":
+            self._check_multi_hot(labels)
             flat = pc.list_flatten(labels).to_numpy().astype(np.float32)
             self.labels = torch.from_numpy(flat.reshape(self.n_rows, NUM_CLASSES["mmimdb"]))
         else:
-            self.labels = torch.from_numpy(labels.to_numpy().astype(np.int64))
+            self.labels = torch.from_numpy(self._checked_classes(labels))
         ids = "image_id" if "image_id" in table.column_names else None
         self.image_ids = table.column(ids).to_pylist() if ids else None
+
+    def _label_error(self, problem: str) -> UserInputError:
+        return _bad_file(self.path, self.dataset, f"column 'label': {problem}")
+
+    def _check_multi_hot(self, labels: pa.Array) -> None:
+        """MM-IMDb: every row a 23-long 0/1 list."""
+        lengths = pc.fill_null(pc.list_value_length(labels), 0).to_numpy()
+        bad = np.flatnonzero(lengths != NUM_CLASSES["mmimdb"])
+        if len(bad):
+            raise self._label_error(f"row {int(bad[0])} has {int(lengths[bad[0]])} values, expected "
+                                    f"{NUM_CLASSES['mmimdb']} (multi-hot genres)")
+        flat = pc.list_flatten(labels)
+        if flat.null_count or not pc.all(pc.is_in(flat, pa.array([0, 1], flat.type))).as_py():
+            raise self._label_error("expected 0/1 multi-hot values, found others")
+
+    def _checked_classes(self, labels: pa.Array) -> np.ndarray:
+        """Food-101 / Hateful Memes: class indices in 0..C-1, no nulls."""
+        n_classes = NUM_CLASSES[self.dataset]
+        if labels.null_count:
+            raise self._label_error(f"{labels.null_count} rows have no label")
+        values = labels.to_numpy().astype(np.int64)
+        bad = np.flatnonzero((values < 0) | (values >= n_classes))
+        if len(bad):
+            raise self._label_error(f"row {int(bad[0])} has class {int(values[bad[0]])}, expected 0..{n_classes - 1}")
+        return values
 
     def _make_missing(self, spec: MissingSpec | None, root: str | os.PathLike | None) -> torch.Tensor:
         if spec is None:
@@ -124,7 +231,7 @@ class ArrowMultimodalDataset(Dataset):
     # ------------------------------------------------------------------------------------- reading
     def _images(self) -> pa.ChunkedArray:
         if self._table is None or self._pid != os.getpid():
-            self._table = open_arrow_table(self.path)
+            self._table = open_arrow_table(self.path, self.dataset)
             self._pid = os.getpid()
             self._image_col = self._table.column("image")
             self._chunk_starts = np.cumsum([0] + [len(c) for c in self._image_col.chunks])

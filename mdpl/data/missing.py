@@ -9,8 +9,12 @@ Differences from the references (METHODS.md §10.2, D-11..D-15), all deliberate:
   for ``'both'``, ``round(n_missing * both_ratio)`` of them miss the image (2), the rest the text (1).
   The references used ``floor`` and the global ``random.sample``; reference tables can be imported
   with :func:`import_reference_table` for exact parity.
-* Cached files carry every parameter in a readable name and in their payload; a mismatch is reported
-  and the table regenerated, never silently reused (D-11, D-13). Files are written atomically.
+* Cached files carry every parameter in a readable name and in their payload, plus a SHA-256 of the
+  table; they are written atomically. A table is generated (and saved) only when its file is absent: a
+  file that cannot be read, or whose metadata, values, counts or hash do not match, is a
+  :class:`~mdpl.errors.UserInputError` naming the file (delete it to regenerate, or fix the config), never
+  silently reused nor replaced (D-11, D-13). Files written before the hash existed (no ``sha256`` key)
+  are accepted when every other check passes.
 * ``simulate_missing`` (train only) is applied on device after the batch transfer, with a stateless
   per-item hash of ``(seed, epoch, item_index)`` (:func:`simulated_types`): deterministic, independent
   of workers, batch composition and global RNGs (D-15 keeps the semantics: complete rows get a type
@@ -22,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -30,11 +33,14 @@ from typing import Mapping
 import torch
 
 from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT
+from mdpl.errors import UserInputError
 
 MISSING_TYPES = ("text", "image", "both")
 SPLITS = ("train", "val", "test")
-#: Bump when the generation algorithm changes: older cached files are then regenerated.
+#: Bump when the generation algorithm changes: older cached files are then refused (delete them to regenerate).
 TABLE_VERSION = 1
+#: The valid per-row type codes: complete, text missing, image missing.
+TYPE_CODES = (MISSING_COMPLETE, MISSING_TEXT, MISSING_IMAGE)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -116,19 +122,65 @@ def reference_table_name(stem: str, missing_type: str, ratio: float) -> str:
     return f"{stem}_missing_{missing_type}_{str(ratio).replace('.', '')}.pt"
 
 
-def _payload_problem(payload: object, n_rows: int, spec: MissingSpec, dataset: str, split: str) -> str:
-    """Why a cached payload cannot be used ('' if it can)."""
-    if not isinstance(payload, dict) or "table" not in payload:
-        return "not an mdpl missing-table file"
+def table_sha256(table: torch.Tensor) -> str:
+    """SHA-256 of a table's values as little-endian int64 (independent of the stored dtype)."""
+    values = table.detach().to(torch.int64).contiguous().cpu().numpy().astype("<i8")
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def _metadata_problem(payload: dict, n_rows: int, spec: MissingSpec, dataset: str, split: str) -> str:
+    """Why the payload's metadata does not describe this table request ('' if it does)."""
     if payload.get("version") != TABLE_VERSION:
-        return f"version {payload.get('version')} != {TABLE_VERSION}"
-    if payload.get("n_rows") != n_rows or len(payload["table"]) != n_rows:
-        return f"n_rows {payload.get('n_rows')} != {n_rows} (dataset changed?)"
+        return f"it was written by another mdpl version (format {payload.get('version')}, expected {TABLE_VERSION})"
+    if payload.get("n_rows") != n_rows:
+        return f"it is for {payload.get('n_rows')} rows but the arrow split has {n_rows} (arrow file rebuilt?)"
     if payload.get("spec") != spec.to_dict():
-        return f"spec {payload.get('spec')} != {spec.to_dict()}"
+        return f"it holds spec {payload.get('spec')} but the config asks for {spec.to_dict()}"
     if (payload.get("dataset"), payload.get("split")) != (dataset, split):
-        return f"dataset/split {payload.get('dataset')}/{payload.get('split')} != {dataset}/{split}"
+        return f"it is for {payload.get('dataset')}/{payload.get('split')}, not {dataset}/{split}"
     return ""
+
+
+def _content_problem(table: object, payload: dict, n_rows: int, spec: MissingSpec) -> str:
+    """Why the stored table does not match its own metadata ('' if it does)."""
+    if not isinstance(table, torch.Tensor) or table.dim() != 1 or len(table) != n_rows:
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        return f"its table has shape {shape}, expected ({n_rows},)"
+    valid = torch.isin(table, torch.tensor(TYPE_CODES, dtype=table.dtype))
+    if not bool(valid.all()):
+        bad = table[~valid].unique()[:5].tolist()
+        return f"it holds values {bad} outside the type codes 0 (complete), 1 (text missing), 2 (image missing)"
+    counts = (int((table == MISSING_TEXT).sum()), int((table == MISSING_IMAGE).sum()))
+    if counts != missing_counts(n_rows, spec):
+        want = missing_counts(n_rows, spec)
+        return (f"it has {counts[0]} text-missing and {counts[1]} image-missing rows, but type {spec.type!r} "
+                f"ratio {spec.ratio} both_ratio {spec.both_ratio} of {n_rows} rows means {want[0]} and {want[1]}")
+    if "sha256" in payload and payload["sha256"] != table_sha256(table):
+        return "its content hash differs from the stored one (the table was modified)"
+    return ""
+
+
+def _payload_problem(payload: object, n_rows: int, spec: MissingSpec, dataset: str, split: str) -> str:
+    """Why a cached payload cannot be used ('' if it can): metadata first, then the table's content."""
+    if not isinstance(payload, dict) or "table" not in payload:
+        return "it is not an mdpl missing-table file"
+    return (_metadata_problem(payload, n_rows, spec, dataset, split)
+            or _content_problem(payload["table"], payload, n_rows, spec))
+
+
+def _read_cached(path: Path, n_rows: int, spec: MissingSpec, dataset: str, split: str) -> torch.Tensor:
+    """The checked table of an existing cache file; any problem is a UserInputError naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated / not a torch file / unreadable
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    else:
+        problem = _payload_problem(payload, n_rows, spec, dataset, split)
+    if problem:
+        raise UserInputError(
+            f"missing table {path}: {problem}; delete the file to regenerate it from the config, or fix the config "
+            "(missing_ratio, missing_type, both_ratio, seed, missing_table_root) if that table is the one to use")
+    return payload["table"].long()
 
 
 def _is_writer_rank() -> bool:
@@ -153,8 +205,9 @@ def load_or_create_missing_table(root: str | os.PathLike, stem: str, n_rows: int
                                  dataset: str, split: str) -> torch.Tensor:
     """Cached :func:`make_missing_table` (METHODS.md §1.4; D-11..D-13).
 
-    Ratio 0 -> all zeros, nothing written. A cached file is used only if its n_rows, spec, dataset,
-    split and version match; otherwise a warning is printed and the table regenerated (and rewritten).
+    Ratio 0 -> all zeros, nothing written. An existing file is used only if its version, n_rows, spec,
+    dataset and split match the request and its table matches that metadata (type codes, counts, hash);
+    otherwise UserInputError (see the module doc): a table is generated only when its file is absent.
     Generation is deterministic, so every DDP rank computes the table in memory; only LOCAL_RANK 0
     writes, atomically.
     """
@@ -162,21 +215,12 @@ def load_or_create_missing_table(root: str | os.PathLike, stem: str, n_rows: int
         return torch.zeros(n_rows, dtype=torch.long)
     path = missing_table_path(root, stem, spec)
     if path.exists():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            problem = _payload_problem(payload, n_rows, spec, dataset, split)
-        except Exception as err:  # unreadable / truncated file
-            problem = f"unreadable ({type(err).__name__}: {err})"
-        if not problem:
-            return payload["table"].long()
-        msg = f"[mdpl] missing table {path} is stale: {problem}; regenerating"
-        print(msg)
-        warnings.warn(msg, stacklevel=2)
+        return _read_cached(path, n_rows, spec, dataset, split)
     table = make_missing_table(n_rows, spec, dataset, split)
     if _is_writer_rank():
         try:
             _atomic_save({"table": table, "n_rows": n_rows, "spec": spec.to_dict(), "dataset": dataset,
-                          "split": split, "version": TABLE_VERSION}, path)
+                          "split": split, "version": TABLE_VERSION, "sha256": table_sha256(table)}, path)
         except OSError as err:
             print(f"[mdpl] could not write missing table {path} ({err}); using it in memory only")
     return table

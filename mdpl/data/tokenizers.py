@@ -7,23 +7,32 @@ encoding of "" as [1, L] tensors: the text-missing dummy of §1.4), ``max_length
   The vocabulary is read from ``config['tokenizer']`` (a folder with vocab.txt, or the vocab.txt
   itself) or, if empty, from the local HuggingFace cache of bert-base-uncased (offline). Its size is
   always checked against ``config['vocab_size']``: transformers 5 offline can silently return a
-  5-token tokenizer, and ``BertTokenizerFast(vocab_file=...)`` ignores the file.
+  5-token tokenizer, and ``BertTokenizerFast(vocab_file=...)`` ignores the file. The vocabulary must
+  also know ordinary words: if "the", "a", "of", "and" and "is" all become [UNK] it is refused.
+  ``max_text_len`` must leave room for [CLS] + one token + [SEP] (>= 3).
 * CLIP: OpenAI byte-level BPE bundled with open_clip (offline): [SOT] + BPE + [EOT], zero-padded to
   77; longer texts cut to 77 with the last id forced to EOT; masks = ids != 0.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from mdpl.errors import UserInputError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used in forked DataLoader workers
 
 CLIP_CONTEXT_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
 CLIP_SOT, CLIP_EOT = 49406, 49407
+#: Very common English words: a usable (lower-case) vocabulary knows at least one of them.
+COMMON_WORDS = ("the", "a", "of", "and", "is")
+#: [CLS] + one token + [SEP].
+MIN_TEXT_LEN = 3
 
 
 class BertTextTokenizer:
@@ -90,6 +99,28 @@ def _load_bert(source: str):
                                 "set tokenizer=<folder with vocab.txt>") from err
 
 
+def check_max_text_len(value: object) -> int:
+    """``max_text_len`` as an int >= MIN_TEXT_LEN, else UserInputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < MIN_TEXT_LEN:
+        raise UserInputError(f"max_text_len={value!r} is too short: a text needs [CLS] + at least one token + [SEP], "
+                             f"so max_text_len must be an integer >= {MIN_TEXT_LEN} (e.g. max_text_len=40)")
+    return int(value)
+
+
+def check_vocabulary(tok, source: str) -> None:
+    """Refuse a vocabulary that maps every one of ``COMMON_WORDS`` to [UNK] (or cannot encode at all)."""
+    try:
+        encoded = tok(list(COMMON_WORDS), add_special_tokens=False)["input_ids"]
+    except Exception as err:  # e.g. the tokenizers library: "Missing [UNK] token from the vocabulary"
+        raise UserInputError(f"tokenizer {source} cannot encode text ({err}); point tokenizer= at the folder of "
+                             "bert-base-uncased's vocab.txt") from None
+    unk = tok.unk_token_id
+    if not any(ids and any(i != unk for i in ids) for ids in encoded):
+        raise UserInputError(f"tokenizer {source} maps the common words {', '.join(COMMON_WORDS)} all to [UNK]: "
+                             f"its {len(tok)}-token vocabulary has no ordinary words; point tokenizer= at the "
+                             "folder of bert-base-uncased's vocab.txt")
+
+
 def build_tokenizer(config: Mapping) -> BertTextTokenizer | ClipTextTokenizer:
     """Tokenizer for ``config['backbone']`` ('vilt' -> BERT, checked against ``vocab_size``; 'clip' -> BPE)."""
     backbone = config.get("backbone", "vilt")
@@ -97,11 +128,14 @@ def build_tokenizer(config: Mapping) -> BertTextTokenizer | ClipTextTokenizer:
         return ClipTextTokenizer()
     if backbone != "vilt":
         raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt' or 'clip')")
+    max_text_len = check_max_text_len(config["max_text_len"])
     source = str(config.get("tokenizer", "") or "")
     tok = _load_bert(source)
+    name = source or "bert-base-uncased (HF cache)"
     expected = int(config["vocab_size"])
     if len(tok) != expected:
-        raise ValueError(f"tokenizer {source or 'bert-base-uncased (HF cache)'} has {len(tok)} tokens but "
-                         f"vocab_size={expected}; point tokenizer= at the right vocab.txt folder "
-                         "(an offline transformers may silently load an empty vocabulary)")
-    return BertTextTokenizer(tok, int(config["max_text_len"]))
+        raise UserInputError(f"tokenizer {name} has {len(tok)} tokens but vocab_size={expected}; point tokenizer= "
+                             "at the right vocab.txt folder (an offline transformers may silently load an empty "
+                             "vocabulary)")
+    check_vocabulary(tok, name)
+    return BertTextTokenizer(tok, max_text_len)

@@ -6,19 +6,22 @@ from typing import Any
 
 from mdpl.data.writers import food101, hatememes, mmimdb
 from mdpl.data.writers.common import SkipSample, SplitReport, StrictModeError
+from mdpl.errors import UserInputError
 
 WRITERS = {"mmimdb": mmimdb.make_arrow, "food101": food101.make_arrow, "hatememes": hatememes.make_arrow}
 DATASETS = tuple(WRITERS)
+#: The Arrow schema each writer produces (what the datasets expect when they open a file).
+SCHEMAS = {"mmimdb": mmimdb.SCHEMA, "food101": food101.SCHEMA, "hatememes": hatememes.SCHEMA}
 
-__all__ = ["DATASETS", "WRITERS", "SkipSample", "SplitReport", "StrictModeError", "make_arrow"]
+__all__ = ["DATASETS", "SCHEMAS", "WRITERS", "SkipSample", "SplitReport", "StrictModeError", "make_arrow"]
 
 
 def make_arrow(dataset: str, root: Path, out: Path, **options: Any) -> list[SplitReport]:
     """Write the arrow files of ``dataset`` from the raw folder ``root`` into ``out``.
 
-    ``options``: ``strict``, ``max_side``, ``progress``, ``log`` for every dataset, plus
+    ``options``: ``strict``, ``max_side``, ``progress``, ``overwrite``, ``log`` for every dataset, plus
     ``val_fraction``/``seed`` (food101) and ``train_file``/``dev_file``/``test_file`` (hatememes).
     """
     if dataset not in WRITERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise UserInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return WRITERS[dataset](Path(root), Path(out), **options)

@@ -7,16 +7,23 @@ turns one item into a row or raises :class:`SkipSample`). :func:`write_splits` t
   output folder (the split is never held in memory as a whole, D-6),
 * verifies every image decodes (PIL open + load) and optionally re-encodes it (``max_side``),
 * skips and counts bad samples, naming the offending file (or raises at the first one if ``strict``),
+* refuses a split that yields no row at all (:class:`~mdpl.errors.UserInputError`),
+* refuses an output folder that already holds arrow files of the dataset unless ``overwrite=True``,
 * renames all temporary files to ``<stem>.arrow`` only once every split succeeded, and removes them on
-  any error, so a failed run never leaves a partial arrow file behind.
+  any error, so a failed run never leaves a partial arrow file behind. With ``overwrite`` the previous
+  files are kept as hidden backups during the renames and restored if one of them fails.
+
+Problems the user fixes (raw layout, output folder, ``--strict`` stops) raise ``UserInputError``.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +32,8 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
+
+from mdpl.errors import UserInputError
 
 # Skip reasons (the text shown in the per-split summary line).
 MISSING_IMAGE = "missing image"
@@ -54,7 +63,7 @@ class SkipSample(Exception):
         return f"{self.reason}: {self.where}" + (f" ({self.detail})" if self.detail else "")
 
 
-class StrictModeError(ValueError):
+class StrictModeError(UserInputError):
     """Raised by ``strict=True`` at the first bad sample."""
 
 
@@ -119,11 +128,13 @@ def parse_json(text: str, where: str | os.PathLike, reason: str = MALFORMED_JSON
 def load_json_file(path: Path, what: str) -> Any:
     """Load a dataset-level json file (split.json, class_idx.json, ...); errors are fatal and explicit."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} not found")
+        raise UserInputError(f"{what}: {path} not found")
     try:
         return json.loads(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{what}: {path} is not valid UTF-8 JSON ({err})") from None
+        raise UserInputError(f"{what}: {path} is not valid UTF-8 JSON ({err})") from None
+    except OSError as err:
+        raise UserInputError(f"{what}: {path} cannot be read ({err.strerror or err})") from None
 
 
 def load_image_bytes(path: Path, max_side: int | None = None) -> bytes:
@@ -218,10 +229,24 @@ def _write_one(plan: SplitPlan, out_dir: Path, schema: pa.Schema, dataset: str, 
                 continue
             sink.add(row)
             report.written += 1
+        if report.written == 0:
+            raise UserInputError(_empty_split_message(plan, report, dataset))
         return report, sink.close()
     except BaseException:
         sink.discard()
         raise
+
+
+def _empty_split_message(plan: SplitPlan, report: SplitReport, dataset: str) -> str:
+    """Why a split produced no row: nothing listed, or every listed item skipped (with the reasons)."""
+    if not plan.items:
+        found = "the raw folder lists no item for it"
+    else:
+        reasons = ", ".join(f"{r}: {n}" for r, n in report.skip_counts().items())
+        first = report.skipped[0]
+        found = f"all {len(plan.items)} listed items were skipped ({reasons}; first: {first[0]}: {first[1]})"
+    return (f"{dataset} split {plan.split!r} yields 0 rows: {found}; check --root against the raw layout in "
+            "DATA.md (nothing was written)")
 
 
 def format_skipped(report: SplitReport, limit: int | None = MAX_LISTED) -> list[str]:
@@ -234,11 +259,14 @@ def format_skipped(report: SplitReport, limit: int | None = MAX_LISTED) -> list[
 
 
 def write_splits(plans: list[SplitPlan], out_dir: Path, schema: pa.Schema, dataset: str, *,
-                 strict: bool = False, progress: bool = True,
+                 strict: bool = False, progress: bool = True, overwrite: bool = False,
                  log: Callable[[str], None] = print) -> list[SplitReport]:
     """Write every plan to ``out_dir/<stem>.arrow`` atomically (all splits or none), see module doc."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for plan in plans:
+        if not plan.items:
+            raise UserInputError(_empty_split_message(plan, SplitReport(plan.split, out_dir), dataset))
+    prepare_output_dir(out_dir, [plan.stem for plan in plans], dataset, overwrite)
     done: list[tuple[Path, Path]] = []
     reports: list[SplitReport] = []
     try:
@@ -249,15 +277,64 @@ def write_splits(plans: list[SplitPlan], out_dir: Path, schema: pa.Schema, datas
             log(report.summary_line())
             for line in format_skipped(report):
                 log(line)
-        mode = _default_file_mode()
-        for tmp, final in done:
-            os.chmod(tmp, mode)  # mkstemp creates 0600; give the usual umask-based permissions
-            os.replace(tmp, final)
-    except BaseException:
+        commit_files(done)
+    except OSError as err:
+        raise UserInputError(f"cannot write the arrow files into {out_dir} ({err}); nothing was written "
+                             "and earlier files are unchanged") from err
+    finally:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
-        raise
     return reports
+
+
+def prepare_output_dir(out_dir: Path, stems: Sequence[str], dataset: str, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse an unwritable folder and, unless ``overwrite``, earlier arrow files."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserInputError(f"--out {out_dir}: cannot create the output folder ({err.strerror or err})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserInputError(f"--out {out_dir}: the output folder is not writable; choose another --out")
+    existing = [f"{stem}.arrow" for stem in stems if (out_dir / f"{stem}.arrow").exists()]
+    if existing and not overwrite:
+        raise UserInputError(f"--out {out_dir} already holds {', '.join(existing)} of {dataset}; pass "
+                             "--overwrite to replace them (the new files replace the old ones only once "
+                             "every split is written) or choose another --out")
+
+
+def commit_files(done: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each ``(tmp, final)`` pair; all or nothing: on failure earlier renames are rolled back."""
+    mode = _default_file_mode()
+    for tmp, _ in done:
+        os.chmod(tmp, mode)  # mkstemp creates 0600; give the usual umask-based permissions
+    backups: list[tuple[Path | None, Path]] = []
+    try:
+        for tmp, final in done:
+            backups.append((_backup(final), final))
+            os.replace(tmp, final)
+    except BaseException:
+        for backup, final in reversed(backups):
+            if backup is None:
+                final.unlink(missing_ok=True)
+                continue
+            os.replace(backup, final)
+            backup.unlink(missing_ok=True)  # rename is a no-op when both names link the same (untouched) file
+        raise
+    for backup, _ in backups:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def _backup(final: Path) -> Path | None:
+    """A hidden copy of an existing ``final`` (hard link, or a copy where links are not supported)."""
+    if not final.exists():
+        return None
+    backup = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.bak")
+    try:
+        os.link(final, backup)
+    except OSError:
+        shutil.copy2(final, backup)
+    return backup
 
 
 def _default_file_mode() -> int:
@@ -270,5 +347,5 @@ def require_dir(path: Path, what: str) -> Path:
     """Fail with one clear line when a raw folder is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{what}: folder {path} not found (see DATA.md for the raw layout)")
+        raise UserInputError(f"{what}: folder {path} not found (see DATA.md for the raw layout)")
     return path

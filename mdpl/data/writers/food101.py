@@ -23,6 +23,7 @@ from mdpl.data.constants import ARROW_SPLITS
 from mdpl.data.writers.common import (NON_UTF8, NO_TEXT, UNKNOWN_CLASS, MALFORMED_JSON, SkipSample,
                                       SplitPlan, SplitReport, load_image_bytes, load_json_file,
                                       require_dir, write_splits)
+from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),
@@ -94,7 +95,7 @@ def load_meta(root: Path, val_fraction: float = 0.1, seed: int = 0) -> Food101Me
     csv_ok = all(p.is_file() for p in csv_paths.values())
     if not (have["text.json"] and have["split.json"]) and not csv_ok:
         absent = [n for n in ("text.json", "split.json") if not have[n]]
-        raise FileNotFoundError(
+        raise UserInputError(
             f"Food-101: {', '.join(str(root / n) for n in absent)} not found and no "
             f"{root}/texts/train_titles.csv + test_titles.csv to derive it from; see DATA.md")
     sources: dict[str, str] = {}
@@ -103,7 +104,7 @@ def load_meta(root: Path, val_fraction: float = 0.1, seed: int = 0) -> Food101Me
     if have["text.json"]:
         raw = load_json_file(root / "text.json", "Food-101 text.json")
         if not isinstance(raw, dict):
-            raise ValueError(f"Food-101: {root}/text.json must map image file names to titles")
+            raise UserInputError(f"Food-101: {root}/text.json must map image file names to titles")
         texts: dict[str, str | SkipSample] = raw
         sources["mdpl.text_source"] = "text.json"
     else:
@@ -116,7 +117,7 @@ def load_meta(root: Path, val_fraction: float = 0.1, seed: int = 0) -> Food101Me
     if have["split.json"]:
         splits = load_json_file(root / "split.json", "Food-101 split.json")
         if not isinstance(splits, dict) or any(not isinstance(splits.get(s), list) for s in SPLITS):
-            raise ValueError(f"Food-101: {root}/split.json must hold lists 'train', 'val' and 'test'")
+            raise UserInputError(f"Food-101: {root}/split.json must hold lists 'train', 'val' and 'test'")
         splits = {s: [str(n) for n in splits[s]] for s in SPLITS}
         sources["mdpl.split_source"] = "split.json"
     else:
@@ -127,7 +128,7 @@ def load_meta(root: Path, val_fraction: float = 0.1, seed: int = 0) -> Food101Me
     if have["class_idx.json"]:
         class_idx = load_json_file(root / "class_idx.json", "Food-101 class_idx.json")
         if not isinstance(class_idx, dict) or not all(isinstance(v, int) for v in class_idx.values()):
-            raise ValueError(f"Food-101: {root}/class_idx.json must map class names to integers")
+            raise UserInputError(f"Food-101: {root}/class_idx.json must map class names to integers")
         sources["mdpl.class_idx_source"] = "class_idx.json"
     else:
         names = sorted({class_from_filename(n) for s in SPLITS for n in splits[s]})
@@ -169,15 +170,16 @@ def build_plans(root: Path, max_side: int | None = None, val_fraction: float = 0
     root = require_dir(root, "Food-101 --root")
     require_dir(root / "images", "Food-101 images")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"Food-101: --val-fraction must be in [0, 1), got {val_fraction}")
+        raise UserInputError(f"Food-101: --val-fraction must be in [0, 1), got {val_fraction}")
     meta = load_meta(root, val_fraction, seed)
     return [SplitPlan(s, ARROW_SPLITS["food101"][s], meta.splits[s], _row_maker(root, meta, s, max_side),
                       dict(meta.sources)) for s in SPLITS]
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
-               progress: bool = True, log: Callable[[str], None] = print, val_fraction: float = 0.1,
-               seed: int = 0) -> list[SplitReport]:
+               progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
+               val_fraction: float = 0.1, seed: int = 0) -> list[SplitReport]:
     """Write ``food101_{train,val,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
     plans = build_plans(Path(root), max_side, val_fraction, seed)
-    return write_splits(plans, Path(out), SCHEMA, "food101", strict=strict, progress=progress, log=log)
+    return write_splits(plans, Path(out), SCHEMA, "food101", strict=strict, progress=progress,
+                        overwrite=overwrite, log=log)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from mdpl.data.constants import ARROW_SPLITS
 from mdpl.data.writers.common import (BAD_JSONL, SkipSample, SplitPlan, SplitReport, decode_utf8,
                                       load_image_bytes, parse_json, require_dir, write_splits)
+from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),
@@ -39,9 +40,9 @@ def find_layout(root: Path, files: dict[str, str]) -> Path:
         present = [f for f in files.values() if (base / f).is_file()]
         if present:
             missing = [f"{s}: {base / f}" for s, f in files.items() if not (base / f).is_file()]
-            raise FileNotFoundError(f"Hateful Memes: missing split file(s) {'; '.join(missing)} "
+            raise UserInputError(f"Hateful Memes: missing split file(s) {'; '.join(missing)} "
                                     "(choose others with --train-file/--dev-file/--test-file)")
-    raise FileNotFoundError(f"Hateful Memes: no {', '.join(files.values())} in {root}/data or {root}; "
+    raise UserInputError(f"Hateful Memes: no {', '.join(files.values())} in {root}/data or {root}; "
                             "see DATA.md for the raw layout")
 
 
@@ -87,9 +88,10 @@ def build_plans(root: Path, max_side: int | None = None, files: dict[str, str] |
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
-               progress: bool = True, log: Callable[[str], None] = print, train_file: str | None = None,
-               dev_file: str | None = None, test_file: str | None = None) -> list[SplitReport]:
+               progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
+               train_file: str | None = None, dev_file: str | None = None,
+               test_file: str | None = None) -> list[SplitReport]:
     """Write ``hatememes_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
     files = {"train": train_file, "dev": dev_file, "test": test_file}
     return write_splits(build_plans(Path(root), max_side, files), Path(out), SCHEMA, "hatememes",
-                        strict=strict, progress=progress, log=log)
+                        strict=strict, progress=progress, overwrite=overwrite, log=log)

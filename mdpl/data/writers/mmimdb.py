@@ -18,6 +18,7 @@ from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES
 from mdpl.data.writers.common import (MALFORMED_JSON, NO_TEXT, SkipSample, SplitPlan, SplitReport,
                                       load_image_bytes, load_json_file, parse_json, read_text_file,
                                       require_dir, write_splits)
+from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),
@@ -48,7 +49,7 @@ def find_layout(root: Path) -> tuple[Path, Path]:
         return root / "images", root / "labels"
     if (root / "dataset").is_dir():
         return root / "dataset", root / "dataset"
-    raise FileNotFoundError(f"MM-IMDb: expected {root}/images + {root}/labels or {root}/dataset "
+    raise UserInputError(f"MM-IMDb: expected {root}/images + {root}/labels or {root}/dataset "
                             "(the original archive folder); see DATA.md")
 
 
@@ -74,7 +75,7 @@ def load_split_ids(root: Path) -> dict[str, list[str]]:
     splits = load_json_file(Path(root) / "split.json", what)
     missing = [k for k in SPLIT_KEYS if not isinstance(splits, dict) or not isinstance(splits.get(k), list)]
     if missing:
-        raise ValueError(f"MM-IMDb: {root}/split.json lacks the id list(s) {missing}")
+        raise UserInputError(f"MM-IMDb: {root}/split.json lacks the id list(s) {missing}")
     return {k: [str(i) for i in splits[k]] for k in SPLIT_KEYS}
 
 
@@ -98,7 +99,7 @@ def build_plans(root: Path, max_side: int | None = None) -> list[SplitPlan]:
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
-               progress: bool = True, log: Callable[[str], None] = print) -> list[SplitReport]:
+               progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> list[SplitReport]:
     """Write ``mmimdb_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
     return write_splits(build_plans(Path(root), max_side), Path(out), SCHEMA, "mmimdb",
-                        strict=strict, progress=progress, log=log)
+                        strict=strict, progress=progress, overwrite=overwrite, log=log)
