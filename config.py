@@ -1,24 +1,64 @@
 """Sacred configuration of mdpl: every key the framework reads, grouped, with the named configs.
 
 `python run.py print_config with task_finetune_mmimdb map` shows the resolved values.
-Named configs compose left to right: a task (dataset settings of the references, METHODS.md §7.2),
-then a method preset (the hyper-parameters each paper used), then any `key=value` overrides.
+A run names a task (the dataset settings of the references) and a method (a preset such as `map`, or
+`prompt_method=...`; there is no default method), then any `key=value` overrides.
+
+The named configs set disjoint keys, so their order does not matter: a task sets dataset-level keys, a
+method preset only `prompt_method` (the method's own keys, learning rate, seed and backbone follow from it in
+`base_config`), `on_clip` / `on_vilt` only `backbone`. `tiny` and `demo` also change the run size the task
+sets, so they go after the task; run.py refuses the other order (`check_named_configs`), two configs of one
+kind (e.g. `map memprompt`) and `tiny` with `demo`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sacred import Experiment
+
+from mdpl.errors import UserInputError
+from mdpl.validate import METHOD_PRESETS, method_default
 
 ex = Experiment("mdpl", save_git_info=False)
 
 DATASETS = ("mmimdb", "food101", "hatememes")
 MISSING_TYPES = ("text", "image", "both")
+PAPER_RUN = {"none": (1e-2, 0), "map": (1e-2, 0), "memprompt": (5e-3, 42), "dcp": (1e-2, 0)}
+"""prompt_method -> (learning_rate, seed) its paper used (baseline: as MAP). MemPrompt used 1e-3 on Hateful Memes."""
+NAMED_CONFIG_KINDS = {
+    "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
+    "method preset": tuple(METHOD_PRESETS.values()),
+    "backbone switch": ("on_clip", "on_vilt"),
+    "size config": ("tiny", "demo"),
+}
+
+
+def check_named_configs(names: Sequence[str]) -> None:
+    """Refuse named-config lists whose result would depend on their order (UserInputError, one line).
+
+    At most one config of each kind; `tiny` / `demo` after the task (both set batch_size, max_epoch,
+    max_text_len, ...). Every other pair of named configs sets disjoint keys.
+    """
+    names = list(names)
+    for kind, members in NAMED_CONFIG_KINDS.items():
+        used = [n for n in names if n in members]
+        if len(used) > 1:
+            raise UserInputError(f"named configs {' and '.join(used)} are both a {kind}: name one")
+    tasks = [i for i, n in enumerate(names) if n in NAMED_CONFIG_KINDS["task"]]
+    for i, name in enumerate(names):
+        if name in NAMED_CONFIG_KINDS["size config"] and tasks and tasks[0] > i:
+            raise UserInputError(f"name `{name}` after `{names[tasks[0]]}` (`with ... {names[tasks[0]]} ... {name}`): "
+                                 f"both set the run size and the later one wins")
 
 
 @ex.config
 def base_config():
     # --- experiment -----------------------------------------------------------------------------
     exp_name = "mdpl"
-    seed = 0                      # seeds Lightning, the model init and every missing table
+    prompt_method = ""            # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' (or the preset of that name)
+    method_sizes = "paper"        # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
+    backbone = "clip" if prompt_method == "dcp" else "vilt"   # the method's paper backbone; on_clip / on_vilt switch it
+    seed = PAPER_RUN.get(prompt_method, (0, 0))[1]  # seeds Lightning, the model init and every missing table
     log_dir = "result"            # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
 
     # --- data -----------------------------------------------------------------------------------
@@ -27,9 +67,10 @@ def base_config():
     num_workers = 8
     batch_size = 256              # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
     per_gpu_batchsize = 4         # micro-batch per device
-    image_size = 384              # ViLT 'pixelbert' shorter side (CLIP uses 224)
+    image_size = 224 if backbone == "clip" else 384   # ViLT 'pixelbert' shorter side 384; CLIP 224
     max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
     max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
+    interpolate_text_positions = False  # ViLT: interpolate the checkpoint's 40 text positions to a longer max_text_len
     dynamic_text_padding = False  # ViLT: pad each batch to its longest text, not max_text_len (faster on MM-IMDb/Food-101).
                                   # MemPrompt then max-pools its text query over real tokens only (the reference pools over
                                   # [PAD] too): results differ from the reference but do not depend on the batch. MAP, DCP and
@@ -49,9 +90,8 @@ def base_config():
     test_types = None             # evaluation sweep: list of types, e.g. [text,image,both] (mdpl/engine/sweep.py)
     test_ratios = None            # evaluation sweep: list of ratios, e.g. [0.1,0.3,0.5,0.7,0.9]; every type x ratio in one pass
 
-    # --- backbone -------------------------------------------------------------------------------
-    backbone = "vilt"             # 'vilt' (ViT-B/32 + BERT embeddings, single stream) | 'clip' (ViT-B/16, two towers)
-    load_path = ""                # ViLT .ckpt / HF ViltModel weights, or an mdpl checkpoint with test_only
+    # --- backbone (`backbone` above: 'vilt' = ViT-B/32 + BERT embeddings, single stream; 'clip' = ViT-B/16, two towers)
+    load_path = ""                # ViLT .ckpt / HF ViltModel weights; test_only: a trained mdpl or reference MAP/MemPrompt .ckpt
     hidden_size = 768
     num_layers = 12
     num_heads = 12
@@ -75,37 +115,43 @@ def base_config():
     finetune = False              # True: train the backbone too (baseline 'finetune' option)
     frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
-    # --- prompt method --------------------------------------------------------------------------
-    prompt_method = "none"        # 'none' | 'map' | 'memprompt' | 'dcp', any backbone (on_vilt / on_clip)
-    # MAP (METHODS.md §3)
-    prompt_type = "input"         # 'input' | 'attention'
-    prompt_length = 16
-    prompt_layers = [0, 1, 2, 3, 4, 5]
-    learnt_p = True
-    multi_layer_prompt = True
-    # MemPrompt (METHODS.md §4)
-    gen_prompt_length = 16
-    gen_prompt_layers = [0, 1, 2, 3, 4, 5]
-    shared_prompt_length = 16
-    shared_prompt_layers = [0, 1, 2, 3, 4, 5]
-    mem_size = 16
-    top_k = 5
-    bottleneck_dim = 48           # shared-prompt bottleneck width (reference: hidden_size // 16)
-    memprompt_mask_padding = False  # True: retrieval max-pool ignores padding (batch-invariant, D-30)
-
-    # DCP (METHODS.md §6); prompt_length above is the total per tower (36 for DCP)
-    prompt_depth = 6              # layers receiving correlated prompts
-    dcp_correlated = True         # off: independent per-layer per-type prompts (our definition, §6.7)
-    dcp_dynamic = True            # off: no dynamic prompts
-    dcp_common = True             # off: no modal-common prompts
-    dcp_dynamic_trainable = False # reference: dynamic queries are frozen (saved as buffers here, D-34)
-    dcp_independent_init = False  # reference: the per-layer projections start as identical copies (D-39)
-    dcp_skip_missing = True       # skip the tower whose feature half is zeroed (exact)
+    # --- method keys (prompt_method above) -------------------------------------------------------
+    # Each key is read by the method(s) named in its group and is None unless that method is selected (then its
+    # paper's value, or the small one with method_sizes='tiny'; mdpl.validate.METHOD_KEYS). Setting a key of
+    # another method is an error naming the method that reads it.
+    # MAP
+    prompt_type = method_default(prompt_method, method_sizes, "prompt_type")      # 'input' (paper) | 'attention'
+    prompt_length = method_default(prompt_method, method_sizes, "prompt_length")  # MAP 16; DCP: total per tower, 36
+    prompt_layers = method_default(prompt_method, method_sizes, "prompt_layers")  # paper: [0, ..., 5]
+    learnt_p = method_default(prompt_method, method_sizes, "learnt_p")
+    multi_layer_prompt = method_default(prompt_method, method_sizes, "multi_layer_prompt")
+    # MemPrompt
+    gen_prompt_length = method_default(prompt_method, method_sizes, "gen_prompt_length")        # paper: 16
+    gen_prompt_layers = method_default(prompt_method, method_sizes, "gen_prompt_layers")        # paper: [0, ..., 5]
+    shared_prompt_length = method_default(prompt_method, method_sizes, "shared_prompt_length")  # paper: 16
+    shared_prompt_layers = method_default(prompt_method, method_sizes, "shared_prompt_layers")  # paper: [0, ..., 5]
+    mem_size = method_default(prompt_method, method_sizes, "mem_size")                          # paper: 16
+    top_k = method_default(prompt_method, method_sizes, "top_k")                                # paper: 5
+    bottleneck_dim = method_default(prompt_method, method_sizes, "bottleneck_dim")  # paper: 48 (hidden_size // 16)
+    # True: retrieval max-pool ignores padding (batch-invariant, D-30)
+    memprompt_mask_padding = method_default(prompt_method, method_sizes, "memprompt_mask_padding")
+    # DCP (prompt_length above)
+    prompt_depth = method_default(prompt_method, method_sizes, "prompt_depth")      # paper: 6 prompted layers
+    # off: independent per-layer per-type prompts (our definition)
+    dcp_correlated = method_default(prompt_method, method_sizes, "dcp_correlated")
+    dcp_dynamic = method_default(prompt_method, method_sizes, "dcp_dynamic")        # off: no dynamic prompts
+    dcp_common = method_default(prompt_method, method_sizes, "dcp_common")          # off: no modal-common prompts
+    # reference: dynamic queries are frozen (saved as buffers here, D-34)
+    dcp_dynamic_trainable = method_default(prompt_method, method_sizes, "dcp_dynamic_trainable")
+    # reference: the per-layer projections start as identical copies (D-39)
+    dcp_independent_init = method_default(prompt_method, method_sizes, "dcp_independent_init")
+    # skip the tower whose feature half is zeroed (exact)
+    dcp_skip_missing = method_default(prompt_method, method_sizes, "dcp_skip_missing")
 
     # --- optimisation (METHODS.md §7.3-7.4) -------------------------------------------------------
     optim_type = "adamw"
     optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
-    learning_rate = 1e-4
+    learning_rate = PAPER_RUN.get(prompt_method, (1e-4, 0))[0]   # the method's paper value (PAPER_RUN)
     weight_decay = 0.01
     lr_mult = 1
     decay_power = 1               # polynomial power, or 'cosine'
@@ -149,10 +195,10 @@ def task_finetune_mmimdb():
     max_epoch = 20
     max_steps = None
     warmup_steps = 0.1
-    learning_rate = 1e-2
     weight_decay = 2e-2
     val_check_interval = 0.2
     max_text_len = 1024
+    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
 
 
 @ex.named_config
@@ -163,10 +209,10 @@ def task_finetune_food101():
     max_epoch = 20
     max_steps = None
     warmup_steps = 0.1
-    learning_rate = 1e-2
     weight_decay = 2e-2
     val_check_interval = 0.2
     max_text_len = 512
+    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
 
 
 @ex.named_config
@@ -177,32 +223,27 @@ def task_finetune_hatememes():
     max_epoch = 20
     max_steps = None
     warmup_steps = 0.1
-    learning_rate = 1e-2
     weight_decay = 2e-2
     val_check_interval = 0.11
     max_text_len = 128
+    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
 
 
-# --- method presets: the hyper-parameters each paper used (METHODS.md §7.1-7.2) ------------------
-# Compose after a task config: `python run.py with task_finetune_mmimdb memprompt load_path=...`.
+# --- method presets: `map` is short for prompt_method=map, and so on. The method's own keys, its learning
+# rate and seed (PAPER_RUN) and its paper's backbone follow from prompt_method in base_config, so a preset
+# sets nothing else and composes with a task config in either order.
 
 
 @ex.named_config
 def baseline():
-    # Frozen ViLT, trainable pooler + head (the reference point of every table, D-25).
-    backbone = "vilt"
+    # Frozen ViLT, trainable pooler + head (the reference point of every table, D-25); lr 1e-2, seed 0.
     prompt_method = "none"
 
 
 @ex.named_config
 def map():
-    # MAP (CVPR 2023): input-level missing-aware prompts, 16 tokens on layers 0-5, seed 0.
-    backbone = "vilt"
+    # MAP (CVPR 2023): input-level missing-aware prompts, 16 tokens on layers 0-5, lr 1e-2, seed 0.
     prompt_method = "map"
-    prompt_type = "input"
-    prompt_length = 16
-    prompt_layers = [0, 1, 2, 3, 4, 5]
-    seed = 0
 
 
 @ex.named_config
@@ -210,51 +251,33 @@ def memprompt():
     # MemPrompt (IJCAI 2025): lr 5e-3 for MM-IMDb/Food-101 (use learning_rate=1e-3 for Hateful
     # Memes, as the reference config does), seed 42. The reference trains with missing_type 'image' on
     # every split (D-32); the task configs keep 'both', so pass missing_type explicitly to match it.
-    backbone = "vilt"
     prompt_method = "memprompt"
-    gen_prompt_length = 16
-    gen_prompt_layers = [0, 1, 2, 3, 4, 5]
-    shared_prompt_length = 16
-    shared_prompt_layers = [0, 1, 2, 3, 4, 5]
-    mem_size = 16
-    top_k = 5
-    bottleneck_dim = 48
-    learning_rate = 5e-3
-    seed = 42
 
 
 @ex.named_config
 def dcp():
-    # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2.
-    backbone = "clip"
+    # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2, seed 0.
     prompt_method = "dcp"
-    prompt_length = 36
-    prompt_depth = 6
-    image_size = 224
-    learning_rate = 1e-2
-    seed = 0
 
 
-# --- backbone switches: after a method preset, run it on the other backbone (issue 8) -------------
-# `python run.py with task_finetune_food101 map on_clip` / `... dcp on_vilt`. Only the backbone and its
-# transform size change; the method's hyper-parameters stay those of its preset. Put `tiny` after them.
+# --- backbone switches: run a method on the other backbone (`python run.py with task_finetune_food101 map
+# on_clip`, `... dcp on_vilt`). Only the backbone changes (its transform size follows: 224 px CLIP,
+# 384 px ViLT); the method's hyper-parameters stay those of its paper.
 
 
 @ex.named_config
 def on_clip():
-    # CLIP ViT-B/16 two towers (METHODS.md §5): 224 px CLIP transform, text always 77 BPE tokens.
+    # CLIP ViT-B/16 two towers: 224 px CLIP transform, text always 77 BPE tokens.
     backbone = "clip"
-    image_size = 224
 
 
 @ex.named_config
 def on_vilt():
-    # ViLT ViT-B/32 single stream (METHODS.md §2): 384 px 'pixelbert' shorter side.
+    # ViLT ViT-B/32 single stream: 384 px 'pixelbert' shorter side.
     backbone = "vilt"
-    image_size = 384
 
 
-# --- tiny sizes: tests and the demo (random-initialised backbones, CPU) --------------------------
+# --- tiny sizes: tests and the demo (random-initialised backbones, CPU); name them after the task config ------
 
 
 @ex.named_config
@@ -267,16 +290,7 @@ def tiny():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    prompt_length = 6             # a multiple of 3, so that `dcp tiny` works too (DCP: 2 layer + 2 common + 2 dynamic)
-    prompt_layers = [0, 1]
-    gen_prompt_length = 4
-    gen_prompt_layers = [0, 1]
-    shared_prompt_length = 4
-    shared_prompt_layers = [0, 1]
-    mem_size = 4
-    top_k = 2
-    bottleneck_dim = 8
-    prompt_depth = 2
+    method_sizes = "tiny"         # the selected method's keys take small values (mdpl.validate.TINY_METHOD_KEYS)
     clip_embed_dim = 32
     clip_image_size = 64
     clip_vision_width = 64
@@ -313,15 +327,7 @@ def demo():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    prompt_length = 6
-    prompt_layers = [0, 1]
-    gen_prompt_length = 4
-    gen_prompt_layers = [0, 1]
-    shared_prompt_length = 4
-    shared_prompt_layers = [0, 1]
-    mem_size = 4
-    top_k = 2
-    bottleneck_dim = 8
+    method_sizes = "tiny"         # each demo method's keys take small values (mdpl.validate.TINY_METHOD_KEYS)
     num_gpus = 0
     num_workers = 0
     precision = "32-true"

@@ -69,26 +69,23 @@ def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
 
 
 def build_test_module(config: dict, model=None):
-    """MDPLModule with the weights of load_path (test_only).
+    """MDPLModule whose every weight is read from load_path (test_only), or UserInputError (one line).
 
-    An mdpl checkpoint is loaded strictly after the config check (mismatch -> ValueError naming the keys);
-    the classifier is then built with load_path='' (all weights come from the checkpoint). Any other file is
-    handed to build_classifier(config) as load_path (its loader handles reference checkpoints, METHODS §12).
+    The classifier is built with load_path='' (`model` injects one), then `mdpl.engine.module.load_for_test`
+    loads the file strictly: an mdpl checkpoint after its config check (MODEL_KEYS), or a training
+    checkpoint of the original MAP / MemPrompt code through the reference key converter. Any other file (e.g.
+    the ViLT pre-training checkpoint, which has no trained head) is refused: nothing is evaluated with weights
+    that were not loaded.
     """
-    import torch
-    from pytorch_lightning.utilities import rank_zero_warn
-
-    from mdpl.engine.module import MDPLModule, is_mdpl_checkpoint, load_for_test
+    from mdpl.engine.module import MDPLModule, load_for_test, read_test_checkpoint
+    from mdpl.errors import UserInputError
 
     if not config.get("load_path"):
-        raise ValueError("test_only=True needs load_path=<checkpoint.ckpt> (e.g. <run_dir>/checkpoints/last.ckpt)")
+        raise UserInputError("test_only=True needs load_path=<checkpoint.ckpt> (e.g. <run_dir>/checkpoints/last.ckpt)")
     path = Path(config["load_path"])
-    if not path.is_file():
-        raise FileNotFoundError(f"load_path {path} does not exist; pass the .ckpt written by a training run")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own Lightning checkpoint
-    if not is_mdpl_checkpoint(checkpoint):
-        rank_zero_warn(f"{path} is not an mdpl checkpoint; its weights are loaded by build_classifier(load_path)")
-        return MDPLModule(config, model=model)
+    if not path.exists():
+        raise UserInputError(f"load_path {str(path)!r} does not exist; pass the .ckpt written by a training run")
+    checkpoint = read_test_checkpoint(path)
     if model is None:
         from mdpl.models import build_classifier
         model = build_classifier({**config, "load_path": ""})
@@ -96,7 +93,7 @@ def build_test_module(config: dict, model=None):
     try:
         load_for_test(module, checkpoint)
     except ValueError as err:
-        raise ValueError(f"cannot evaluate {path}: {err}") from None
+        raise UserInputError(f"cannot evaluate {path}: {err}") from None
     return module
 
 
@@ -156,10 +153,12 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
 
 
 @ex.automain
-def main(_config):
+def main(_config, _run):
+    from config import check_named_configs
     from mdpl.errors import UserInputError, debug_enabled, exit_with
 
     try:
+        check_named_configs(_run.meta_info.get("named_configs", []))   # e.g. `tiny` before the task: refused
         if _config.get("demo"):  # `python run.py with demo` (make demo): the embedded end-to-end demo
             from mdpl.demo import run_demo
             return run_demo(_config)["table"]

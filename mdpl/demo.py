@@ -123,6 +123,13 @@ def new_demo_dir(config: Mapping) -> Path:
     return out
 
 
+def with_method(config: Mapping, method: str) -> dict:
+    """`config` with prompt_method=`method` and that method's keys filled (the demo config names no method;
+    ``method_sizes='tiny'`` gives the small sizes)."""
+    from mdpl.validate import complete_method_keys
+    return complete_method_keys({**config, "prompt_method": method})
+
+
 def fit(config: dict, run_dir: Path):
     """Train one config (seeded model, MDPLDataModule, build_trainer). Returns (module, datamodule, trainer)."""
     import pytorch_lightning as pl
@@ -142,7 +149,7 @@ def fit(config: dict, run_dir: Path):
 
 def pretrain_backbone(config: dict, out: Path) -> Path:
     """Tiny ViLT trained on complete data, everything trainable; its backbone saved as a ViLT state dict."""
-    cfg = {**config, "prompt_method": "none", "finetune": True, "load_path": "",
+    cfg = {**with_method(config, "none"), "finetune": True, "load_path": "",
            "missing_ratio": {"train": 0.0, "val": 0.0, "test": 0.0},
            "max_epoch": int(_get(config, "demo_pretrain_epochs")),
            "learning_rate": float(_get(config, "demo_pretrain_lr")), "exp_name": "demo_pretrain"}
@@ -158,7 +165,7 @@ def train_and_sweep(config: dict, method: str, backbone_path: Path, out: Path) -
     """Train ``method`` on the frozen pre-trained backbone, then evaluate its best checkpoint on every scenario."""
     from mdpl.engine.sweep import attach_sweep, result_rows
 
-    cfg = {**config, "prompt_method": method, "finetune": False, "load_path": str(backbone_path),
+    cfg = {**with_method(config, method), "finetune": False, "load_path": str(backbone_path),
            "max_epoch": int(_get(config, "demo_epochs")), "exp_name": f"demo_{method}",
            "test_types": list(_get(config, "demo_test_types")),
            "test_ratios": [float(r) for r in _get(config, "demo_test_ratios")]}

@@ -1,16 +1,23 @@
 """Config validation before any work starts (METHODS.md §7, §9): one clear line per mistake.
 
 `validate_config(config)` raises UserInputError (a ValueError, mdpl.errors) naming the key, the bad value and what to do, for:
-unknown dataset / backbone / prompt_method (or a method without a variant for the backbone), prompt layers outside
+no prompt_method (there is no default: name a preset or set it), unknown dataset / backbone / prompt_method (or a
+method without a variant for the backbone), a key that only another method reads, prompt layers outside
 ``[0, num_layers)``, non-positive prompt lengths, ``top_k`` > ``mem_size``, ``per_gpu_batchsize`` <= 0,
 missing ratios outside [0, 1], unknown missing types, ``test_only`` without ``load_path``, a ``load_path``
 that does not exist, and a ``data_root`` that is not a folder or lacks the arrow files of the run.
 
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
+
+Method keys: the keys that only some prompt methods read (`METHOD_KEYS`) are ``None`` in a config unless the
+selected method's defaults or the user set them. `complete_method_keys` fills the selected method's unset keys
+(the papers' values, or the small ones of ``method_sizes='tiny'``); a key of another method that is not ``None``
+was set by the user and is refused, naming the method that reads it.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,62 @@ from mdpl.data.missing import MISSING_TYPES, SPLITS
 from mdpl.errors import UserInputError
 
 BACKBONES = ("vilt", "clip")
+METHOD_PRESETS = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
+"""prompt_method -> the named config (config.py) that selects it."""
+
+_LAYERS = [0, 1, 2, 3, 4, 5]
+METHOD_KEYS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "map": {"prompt_type": "input", "prompt_length": 16, "prompt_layers": _LAYERS, "learnt_p": True,
+            "multi_layer_prompt": True},
+    "memprompt": {"gen_prompt_length": 16, "gen_prompt_layers": _LAYERS, "shared_prompt_length": 16,
+                  "shared_prompt_layers": _LAYERS, "mem_size": 16, "top_k": 5, "bottleneck_dim": 48,
+                  "memprompt_mask_padding": False},
+    "dcp": {"prompt_length": 36, "prompt_depth": 6, "dcp_correlated": True, "dcp_dynamic": True, "dcp_common": True,
+            "dcp_dynamic_trainable": False, "dcp_independent_init": False, "dcp_skip_missing": True},
+}
+"""The keys each method reads (and no method outside its entry), with the values its paper used."""
+
+TINY_METHOD_KEYS: dict[str, dict[str, Any]] = {
+    "map": {"prompt_length": 6, "prompt_layers": [0, 1]},
+    "memprompt": {"gen_prompt_length": 4, "gen_prompt_layers": [0, 1], "shared_prompt_length": 4,
+                  "shared_prompt_layers": [0, 1], "mem_size": 4, "top_k": 2, "bottleneck_dim": 8},
+    "dcp": {"prompt_length": 6, "prompt_depth": 2},   # a multiple of 3: 2 layer + 2 common + 2 dynamic prompts
+}
+"""``method_sizes='tiny'`` (the `tiny` and `demo` configs): smaller values for 2-layer CPU models."""
+
+METHOD_SIZES = ("paper", "tiny")
+
+
+def method_defaults(method: str, sizes: str = "paper") -> dict[str, Any]:
+    """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown)."""
+    values = {**METHOD_KEYS.get(method, {}), **(TINY_METHOD_KEYS.get(method, {}) if sizes == "tiny" else {})}
+    return copy.deepcopy(values)
+
+
+def method_default(method: str, sizes: str, key: str) -> Any:
+    """Default of `key` when `method` is selected: its value for that method, None if the method does not read it."""
+    return method_defaults(method, sizes).get(key)
+
+
+def key_readers() -> dict[str, list[str]]:
+    """Each method-specific key -> the methods that read it (e.g. prompt_length -> map, dcp)."""
+    readers: dict[str, list[str]] = {}
+    for method, keys in METHOD_KEYS.items():
+        for key in keys:
+            readers.setdefault(key, []).append(method)
+    return readers
+
+
+def complete_method_keys(config: Mapping) -> dict:
+    """A copy of `config` ready for the model builders: the method keys that are None are dropped (a builder's
+    own default applies), then the selected method's missing keys take their defaults (``method_sizes``)."""
+    readers = key_readers()
+    out = {k: v for k, v in config.items() if not (v is None and k in readers)}
+    defaults = method_defaults(str(config.get("prompt_method", "none")), str(config.get("method_sizes", "paper")))
+    for key, value in defaults.items():
+        out.setdefault(key, value)
+    return out
 
 
 def _vilt_methods() -> list[str]:
@@ -52,9 +115,42 @@ def check_dataset_and_backbone(config: Mapping) -> None:
         _fail(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
 
 
+def _method_hint(config: Mapping) -> str:
+    """' (prompt_type is read by map: name `map`)' when the user set keys of exactly one method, else ''."""
+    readers = key_readers()
+    given = sorted(k for k in readers if config.get(k) is not None)
+    methods = {m for k in given for m in readers[k]}
+    if len(methods) != 1:
+        return ""
+    method = methods.pop()
+    verb = "is" if len(given) == 1 else "are"
+    return f" ({', '.join(given)} {verb} read by {method}: name `{METHOD_PRESETS.get(method, method)}`)"
+
+
+def check_method_chosen(config: Mapping) -> None:
+    """There is no default method: a run names a preset or sets prompt_method."""
+    if config.get("prompt_method") in (None, ""):
+        presets = ", ".join(METHOD_PRESETS.values())
+        _fail(f"no prompt method selected: name a method preset ({presets}, e.g. `with task_finetune_mmimdb map`) "
+              f"or set prompt_method={'|'.join(METHOD_PRESETS)}{_method_hint(config)}")
+
+
+def check_method_keys(config: Mapping) -> None:
+    """A key that only other methods read must not be set: it would be silently ignored."""
+    method = config.get("prompt_method")
+    if config.get("method_sizes", "paper") not in METHOD_SIZES:
+        _fail(f"method_sizes={config['method_sizes']!r} must be one of {', '.join(METHOD_SIZES)}")
+    for key, methods in key_readers().items():
+        if method not in methods and config.get(key) is not None:
+            readers = " and ".join(methods)
+            _fail(f"{key}={config[key]!r} is read only by {readers}, but prompt_method is {method!r}; remove {key} "
+                  f"or select {' / '.join(METHOD_PRESETS.get(m, m) for m in methods)}")
+
+
 def check_prompt_method(config: Mapping) -> None:
     """The method must be registered for the backbone (ViLT: the registry; CLIP: tower hooks or dcp)."""
-    method, backbone = config.get("prompt_method", "none"), config.get("backbone", "vilt")
+    check_method_chosen(config)
+    method, backbone = config.get("prompt_method"), config.get("backbone", "vilt")
     vilt, clip = _vilt_methods(), _clip_methods()
     known = sorted({*vilt, *clip})
     if method not in known:
@@ -85,7 +181,11 @@ def _check_positive(config: Mapping, key: str) -> None:
 
 
 def check_prompt_sizes(config: Mapping) -> None:
-    """Prompt layers within the backbone depth, positive lengths, top_k <= mem_size (§3, §4, §6)."""
+    """Prompt layers within the backbone depth, positive lengths, top_k <= mem_size (§3, §4, §6).
+
+    Like every check here, only the keys the config holds (not None) are checked.
+    """
+    config = {k: v for k, v in config.items() if v is not None}
     method = config.get("prompt_method", "none")
     if config.get("backbone", "vilt") == "clip":
         n_layers = min(int(config.get("clip_vision_layers", 12)), int(config.get("clip_text_layers", 12)))
@@ -171,6 +271,9 @@ def check_data_root(config: Mapping) -> None:
     if missing:
         _fail(f"data_root={root!r} lacks {', '.join(missing)} (expected {expected}); create them with "
               f"`{command.replace('<arrow folder>', str(root))}`")
+    from mdpl.data.dataset import check_arrow_file  # truncated / non-arrow / wrong-schema files: one line
+    for split in splits:
+        check_arrow_file(arrow_path(root, dataset, split), dataset)
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -181,6 +284,7 @@ def validate_config(config: Mapping, check_data: bool = True) -> None:
     """
     check_dataset_and_backbone(config)
     check_prompt_method(config)
+    check_method_keys(config)
     check_prompt_sizes(config)
     check_batch(config)
     check_missing(config)

@@ -105,19 +105,19 @@ def _plain(obj: Any) -> Any:
 
 
 def resolve_config(method: str, dataset: str, small: bool, overrides: dict | None = None) -> dict:
-    """Base config + task_finetune_<dataset> + method preset (+ tiny) + bench overrides, as a plain dict."""
+    """Base config + task_finetune_<dataset> + method preset (+ tiny) + bench overrides, as a plain dict.
+
+    Resolved by Sacred (as `python run.py print_config with ...`): the method's keys follow from prompt_method.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from sacred.initialize import create_run
+
         from config import ex
-    cfg = _plain(dict(ex.configurations[0]()))
     presets = [f"task_finetune_{dataset}", METHOD_PRESET[method]] + (["tiny"] if small else [])
-    for name in presets:
-        cfg.update(_plain(dict(ex.named_configs[name]())))
-    cfg.update({"load_path": "", "clip_path": "", "dataset": dataset, "test_only": False})
-    if small:
-        cfg["max_text_len"] = SMALL_TEXT_LEN[dataset]
-    cfg.update(overrides or {})
-    return cfg
+    updates = {"load_path": "", "clip_path": "", "dataset": dataset, "test_only": False,
+               **({"max_text_len": SMALL_TEXT_LEN[dataset]} if small else {}), **(overrides or {})}
+    return _plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
 
 
 def build_model(cfg: dict) -> torch.nn.Module:

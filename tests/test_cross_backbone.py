@@ -149,7 +149,8 @@ def test_clip_attention_prompts_extend_keys(tiny) -> None:
 def test_dcp_vilt_layout_replaces_layer_prompts(tiny) -> None:
     """DCP on ViLT: [R_t;R_v | C_t;C_v | Dyn | text | image] at block 0; blocks 1..depth-1 replace R only."""
     model = build(tiny, "dcp", "vilt").eval()
-    n = tiny["prompt_length"] // 3
+    n = model.prompt.layout.prompt_length // 3
+    assert n == 2                                       # tiny's DCP prompt_length, 6
     b = batch("vilt", torch.tensor([0, 1]), torch.tensor([0, 2]))
     x, mask, layout = model.backbone.embed(b["text_ids"], b["text_masks"], b["image"], b["image_sizes"])
     mt = b["missing_type"]

@@ -102,8 +102,10 @@ def test_backbone_switches_compose_with_presets_and_tiny() -> None:
     assert (tiny["backbone"], tiny["image_size"], tiny["clip_image_size"]) == ("clip", 64, 64)
     tiny = resolve("task_finetune_food101", "dcp", "on_vilt", "tiny")
     assert (tiny["backbone"], tiny["image_size"], tiny["prompt_length"] % 3) == ("vilt", 64, 0)
-    with pytest.raises(ValueError, match="image_size=224 .* clip_image_size=64"):   # `tiny` must come last
-        build_classifier(resolve("task_finetune_food101", "map", "tiny", "on_clip"))
+    # on_clip sets only the backbone (the transform size follows from it), so its place does not matter
+    assert resolve("task_finetune_food101", "map", "tiny", "on_clip") == resolve("task_finetune_food101", "map",
+                                                                                 "on_clip", "tiny")
+    assert build_classifier(resolve("task_finetune_food101", "map", "tiny", "on_clip")).head.in_features == 64
 
 
 @pytest.mark.parametrize("method,backbone,dataset,epochs", CELLS, ids=[f"{m}-{b}" for m, b, _, _ in CELLS])

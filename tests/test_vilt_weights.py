@@ -103,6 +103,17 @@ def test_build_classifier_loads_load_path(tmp_path):
         build_classifier(dict(TINY, max_text_len=8, dataset="food101", load_path=""))
 
 
+def test_build_classifier_interpolates_text_positions_only_when_asked(tmp_path):
+    src, path = _save_vilt_ckpt(tmp_path, max_text_len=8)
+    config = dict(TINY, max_text_len=20, dataset="food101", prompt_method="map", prompt_length=2,
+                  prompt_layers=[0, 1], load_path=str(path))
+    with pytest.raises(UserInputError, match=r"max_text_len=20.*8.*interpolate_text_positions"):
+        build_classifier(config)
+    model = build_classifier({**config, "interpolate_text_positions": True})
+    expected = interpolate_text_positions(src.state_dict()[POS], 20)
+    assert torch.equal(model.backbone.state_dict()[POS], expected)
+
+
 def test_hf_vilt_model_weights_give_same_outputs():
     """HF ViltModel weights load via the key mapping; pooled output and text tokens agree.
 

@@ -11,13 +11,19 @@ Accepted sources for the backbone (`load_vilt_checkpoint`):
   original ViLT's 1e-6 (§2.1).
 
 The text position table is resized to the model's ``max_text_len`` by bilinear interpolation with
-align_corners=False over the position axis (source length and width read from the tensor; D-20).
+align_corners=False over the position axis (source length and width read from the tensor; D-20). A
+table *shorter* than ``max_text_len`` (the original checkpoint has 40 rows) is stretched only when the
+caller allows it (config key ``interpolate_text_positions``, what the references do for MM-IMDb,
+Food-101 and Hateful Memes); otherwise loading stops with a UserInputError. Every resize is logged.
 
 `load_reference_finetuned` maps a MAP / MemPrompt fine-tuned Lightning state dict onto
 `mdpl.models.MultimodalClassifier`: backbone keys get the prefix ``backbone.``, prompt-method keys
 (``complete_prompt``, ``gen_t_prompt_memory.*``, …) the prefix ``prompt.``, head keys
 (``{dataset}_classifier.*``) are unchanged. Loading is strict (D-22) except for an allow-list of
-legacy keys (``text_embeddings.position_ids``).
+legacy keys (``text_embeddings.position_ids``). `load_reference_checkpoint` is what ``test_only`` uses for
+such a file: it first refuses, in one line, a file without a trained head of the dataset (e.g. the ViLT
+pre-training checkpoint), one holding another method's prompt modules, and one whose stored config (the
+references save theirs under ``hyper_parameters.config``) disagrees on a key that changes the model's outputs.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mdpl.errors import UserInputError
 
 BACKBONE_PREFIXES = ("text_embeddings.", "token_type_embeddings.", "transformer.", "pooler.")
 TEXT_POS_KEY = "text_embeddings.position_embeddings.weight"
@@ -157,11 +165,37 @@ def _backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
-def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> LoadReport:
+def _fit_text_positions(state: dict[str, torch.Tensor], target: torch.Size, allow_stretch: bool,
+                        report: LoadReport) -> None:
+    """Resize the checkpoint's text position table to the model's ``max_text_len`` rows (see module doc)."""
+    table = state[TEXT_POS_KEY]
+    if table.ndim != 2 or table.shape[1] != target[1]:
+        raise ValueError(f"{TEXT_POS_KEY}: checkpoint shape {tuple(table.shape)} has width "
+                         f"{table.shape[-1]}, the model needs {target[1]} (check hidden_size)")
+    rows, length = table.shape[0], target[0]
+    if rows == length:
+        return
+    if rows < length and not allow_stretch:
+        raise UserInputError(
+            f"max_text_len={length} exceeds the {rows} text positions of the ViLT checkpoint; set "
+            f"interpolate_text_positions=True to stretch its position table to {length} rows by interpolation "
+            f"(what the reference code does), or use max_text_len<={rows}")
+    from pytorch_lightning.utilities import rank_zero_info  # lazy: Lightning is heavy to import
+
+    state[TEXT_POS_KEY] = interpolate_text_positions(table, length)
+    note = f"text positions interpolated {rows} -> {length}"
+    report.notes.append(note)
+    rank_zero_info(f"[mdpl] {note}")
+
+
+def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                         interpolate_text_positions: bool = False) -> LoadReport:
     """Load ViLT weights into a `ViLTBackbone` (or a classifier's ``.backbone``). Returns a `LoadReport`.
 
     Raises FileNotFoundError for a missing file and ValueError (naming the keys) when backbone keys are
-    missing or shapes do not fit. Unexpected keys are reported with a warning.
+    missing or shapes do not fit. Unexpected keys are reported with a warning. A checkpoint text position
+    table shorter than the model's ``max_text_len`` is interpolated only with
+    ``interpolate_text_positions=True`` (else UserInputError naming max_text_len, the table length and the key).
     """
     backbone = _backbone_of(model)
     raw = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
@@ -182,13 +216,7 @@ def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[s
             report.unexpected.append(key)
             del state[key]
     if TEXT_POS_KEY in state:
-        table, target = state[TEXT_POS_KEY], own[TEXT_POS_KEY].shape
-        if table.ndim != 2 or table.shape[1] != target[1]:
-            raise ValueError(f"{TEXT_POS_KEY}: checkpoint shape {tuple(table.shape)} has width "
-                             f"{table.shape[-1]}, the model needs {target[1]} (check hidden_size)")
-        if table.shape[0] != target[0]:
-            state[TEXT_POS_KEY] = interpolate_text_positions(table, target[0])
-            report.notes.append(f"text positions interpolated {table.shape[0]} -> {target[0]}")
+        _fit_text_positions(state, own[TEXT_POS_KEY].shape, interpolate_text_positions, report)
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if v.shape != own[k].shape]
     if bad:
@@ -211,6 +239,91 @@ def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[s
 
 
 # --- reference fine-tuned checkpoints -----------------------------------------------------------------
+REFERENCE_PROMPT_KEYS = {
+    "map": ("complete_prompt", "missing_text_prompt", "missing_img_prompt"),
+    "memprompt": ("gen_t_prompt_memory.", "gen_v_prompt_memory.", "shared_missing_t.", "shared_missing_v.",
+                  "bottleneck_texts.", "bottleneck_images."),
+}
+"""Key prefixes of each method's prompt modules in its reference checkpoints ('none': no prompt keys)."""
+REFERENCE_CONFIG_KEYS = {
+    "*": ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "patch_size", "max_text_len", "vocab_size"),
+    "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
+    "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
+                  "mem_size", "top_k"),
+}
+"""Config keys with the same name and meaning in the references and mdpl that define the trained model
+(MemPrompt's stored ``bottleneck_dim`` is unused by its code, hence absent; sizes are also checked by shape)."""
+_HEAD_KEY = re.compile(r"^([a-z0-9]+)_classifier\.")
+
+
+def reference_heads(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Datasets whose ``{dataset}_classifier`` head the state dict holds (sorted)."""
+    return sorted({m.group(1) for k in state if (m := _HEAD_KEY.match(k))})
+
+
+def reference_methods(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Methods whose prompt modules the state dict holds (sorted; [] = no prompts, the baseline's layout)."""
+    return sorted(m for m, prefixes in REFERENCE_PROMPT_KEYS.items() if any(k.startswith(prefixes) for k in state))
+
+
+def reference_config_mismatches(ref_config: Mapping, config: Mapping) -> list[str]:
+    """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of config's method present in both."""
+    keys = REFERENCE_CONFIG_KEYS["*"] + REFERENCE_CONFIG_KEYS.get(str(config.get("prompt_method")), ())
+    return [f"{k}: checkpoint={ref_config[k]!r} vs config={config[k]!r}" for k in keys
+            if k in ref_config and k in config and _as_list(ref_config[k]) != _as_list(config[k])]
+
+
+def _as_list(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _holds(methods: list[str]) -> str:
+    if not methods:
+        return "no prompt modules (a no-prompt baseline checkpoint)"
+    return f"the prompt modules of {' + '.join(methods)}"
+
+
+def check_reference_checkpoint(state: Mapping[str, torch.Tensor], ref_config: Mapping | None,
+                               config: Mapping) -> None:
+    """UserInputError (one line) unless `state` is a trained reference checkpoint of config's dataset and method."""
+    dataset, method = str(config.get("dataset")), str(config.get("prompt_method"))
+    heads = reference_heads(state)
+    if not heads:
+        raise UserInputError(
+            f"it holds no trained classifier head ({dataset}_classifier.*): a ViLT pre-training or backbone-only "
+            f"checkpoint cannot be evaluated; test_only needs a checkpoint written by training (mdpl, or the original "
+            f"MAP / MemPrompt code)")
+    if dataset not in heads:
+        raise UserInputError(f"it was trained on {', '.join(heads)} (head {heads[0]}_classifier), not on "
+                             f"dataset={dataset!r}; use the matching task_finetune_<dataset> config")
+    methods = reference_methods(state)
+    if methods != ([method] if method in REFERENCE_PROMPT_KEYS else []):
+        raise UserInputError(f"it holds {_holds(methods)}, but prompt_method is {method!r}; select the method "
+                             f"the checkpoint was trained with")
+    bad = reference_config_mismatches(ref_config or {}, config)
+    if bad:
+        raise UserInputError("its stored training config disagrees with this config (the model would compute "
+                             "something else): " + "; ".join(bad) + "; set these keys to the checkpoint's values")
+
+
+def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Mapping) -> LoadReport:
+    """Every weight of a ViLT classifier from a checkpoint written by the original MAP / MemPrompt code.
+
+    `checkpoint` is the loaded file: a Lightning checkpoint (``state_dict`` + ``hyper_parameters.config``) or a
+    plain state dict with the reference key names. Checked with `check_reference_checkpoint`, then loaded
+    with `load_reference_finetuned` (strict). Raises UserInputError (one line, naming the keys).
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    hparams = checkpoint.get("hyper_parameters")
+    ref_config = hparams.get("config") if isinstance(hparams, Mapping) else None
+    check_reference_checkpoint(state, ref_config if isinstance(ref_config, Mapping) else None, config)
+    try:
+        return load_reference_finetuned(model, state)
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+
+
 def reference_key_to_mdpl(key: str) -> str:
     """Reference (MAP / MemPrompt LightningModule) key -> `MultimodalClassifier` key."""
     if key.startswith(BACKBONE_PREFIXES):
@@ -243,7 +356,8 @@ def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Te
     if report.unexpected or report.missing or bad:
         raise ValueError(
             "fine-tuned checkpoint does not match this model (method/dataset/sizes): "
-            f"missing {report.missing[:6]}, unexpected {report.unexpected[:6]}, shape mismatch {bad[:4]}")
+            f"missing {len(report.missing)} {report.missing[:6]}, unexpected {len(report.unexpected)} "
+            f"{report.unexpected[:6]}, shape mismatch {len(bad)} {bad[:4]}")
     model.load_state_dict(mapped, strict=True)
     report.loaded = sorted(mapped)
     return report

@@ -10,6 +10,7 @@ Metric names: mmimdb F1_Micro, F1_Macro, F1_Samples, F1_Weighted; food101 accura
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +22,7 @@ from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
 from mdpl.engine.optim import build_optimizer
 from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
+from mdpl.errors import UserInputError
 
 PHASES = ("train", "val", "test")
 # Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them.
@@ -31,7 +33,7 @@ MODEL_KEYS = {
              "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"),
     "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
     "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
-                  "mem_size", "top_k", "bottleneck_dim"),
+                  "mem_size", "top_k", "bottleneck_dim", "memprompt_mask_padding"),
     "dcp": ("prompt_length", "prompt_depth", "dcp_correlated", "dcp_dynamic", "dcp_common", "dcp_dynamic_trainable"),
 }
 
@@ -225,27 +227,55 @@ class MDPLModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=self.config.get("optimizer_impl", "legacy_hf") != "legacy_hf")
 
 
-def load_for_test(module: MDPLModule, checkpoint: Mapping) -> None:
-    """Load an mdpl checkpoint's state_dict strictly after checking its config agrees with the module's.
+def read_test_checkpoint(path: str | Path) -> object:
+    """The object stored in the file `path` (a .ckpt / .pt; .safetensors as a state dict) for ``test_only``.
 
-    Raises ValueError naming the mismatched keys (e.g. a checkpoint of another method or dataset).
+    Raises UserInputError (one line) for a folder or a file that PyTorch cannot read.
     """
-    ckpt_config = checkpoint.get("hyper_parameters", {}).get("config")
-    if ckpt_config is None:
-        raise ValueError("not an mdpl checkpoint (no hyper_parameters.config)")
-    mismatches = config_mismatches(ckpt_config, module.config)
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"load_path {str(path)!r} is a folder; test_only=True needs the .ckpt file written by a "
+                             f"training run (e.g. <run_dir>/checkpoints/best-*.ckpt)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return dict(load_file(str(path)))
+        return torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint the user provides
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user mistake
+        raise UserInputError(f"cannot read load_path {str(path)!r} as a PyTorch checkpoint: "
+                             f"{type(err).__name__}: {err}") from None
+
+
+def load_for_test(module: MDPLModule, checkpoint: object) -> str:
+    """Load every weight of `module` from `checkpoint` (test_only); returns 'mdpl' or 'reference'.
+
+    An mdpl checkpoint is loaded strictly after checking that its config agrees with the module's on the
+    model-defining keys (`MODEL_KEYS`). Any other file must be a trained checkpoint of the selected method
+    that `mdpl.models.classifier.load_trained_weights` reads completely (the original MAP / MemPrompt code's,
+    through the key converter). Raises UserInputError (one line) naming the mismatched or offending keys.
+    """
+    if not is_mdpl_checkpoint(checkpoint):
+        from mdpl.models.classifier import load_trained_weights
+        load_trained_weights(module.model, checkpoint, module.config)
+        return "reference"
+    from mdpl.validate import complete_method_keys
+    ckpt_config = complete_method_keys(checkpoint["hyper_parameters"]["config"])
+    mismatches = config_mismatches(ckpt_config, complete_method_keys(module.config))
     if mismatches:
-        raise ValueError("checkpoint does not match the config: " + "; ".join(mismatches))
+        raise UserInputError("checkpoint does not match the config: " + "; ".join(mismatches))
     own, given = set(module.state_dict()), set(checkpoint["state_dict"])
     missing, unexpected = sorted(own - given), sorted(given - own)
     if missing or unexpected:  # e.g. DCP dynamic queries (prompts_dynamic_*) stripped from the file (D-34)
-        raise ValueError(f"checkpoint state_dict lacks {len(missing)} keys {missing[:6]} and has {len(unexpected)} "
-                         f"unexpected keys {unexpected[:6]}; it was not written by this model's mdpl version")
+        raise UserInputError(f"checkpoint state_dict lacks {len(missing)} keys {missing[:6]} and has "
+                             f"{len(unexpected)} unexpected keys {unexpected[:6]}; it was not written by this "
+                             f"model's mdpl version")
     module.load_state_dict(checkpoint["state_dict"], strict=True)
+    return "mdpl"
 
 
-def is_mdpl_checkpoint(checkpoint: Mapping) -> bool:
-    """True if `checkpoint` was written by MDPLModule (has hyper_parameters.config and a state_dict)."""
+def is_mdpl_checkpoint(checkpoint: object) -> bool:
+    """True if `checkpoint` was written by MDPLModule: a state_dict and hyper_parameters.config holding mdpl's
+    ``prompt_method`` key (the references store their own config there, without it)."""
     hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    return isinstance(hp, Mapping) and isinstance(hp.get("config"), Mapping) and "state_dict" in checkpoint
-
+    config = hp.get("config") if isinstance(hp, Mapping) else None
+    return isinstance(config, Mapping) and "prompt_method" in config and "state_dict" in checkpoint

@@ -5,6 +5,10 @@ Freezing (§3.4, §4.1): ``backbone.transformer``, ``backbone.text_embeddings`` 
 method says otherwise, e.g. MAP ``learnt_p=False``) and the head are trained. ``finetune=True`` trains
 everything. Frozen modules stay in train mode by default (reference behaviour, D-23);
 ``frozen_eval_mode=True`` puts them in eval mode via `set_frozen_modes`.
+
+`build_classifier` fills the selected method's unset keys (`mdpl.validate.complete_method_keys`).
+`load_trained_weights` loads, for ``test_only``, every weight from a trained checkpoint not written by mdpl
+(the original MAP / MemPrompt code, a reference DCP checkpoint), strictly, or refuses the file in one line.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ import torch
 from torch import nn
 
 from mdpl.backbones.vilt import ViLTBackbone
-from mdpl.backbones.vilt_weights import load_vilt_checkpoint
+from mdpl.backbones.vilt_weights import load_reference_checkpoint, load_vilt_checkpoint
 from mdpl.data.constants import NUM_CLASSES
+from mdpl.errors import UserInputError
 from mdpl.models.heads import build_vilt_head, head_attribute
 from mdpl.prompts.registry import build_prompt_method
+from mdpl.validate import complete_method_keys
 
 FROZEN_BACKBONE_PARTS = ("transformer", "text_embeddings", "token_type_embeddings")
 
@@ -50,7 +56,8 @@ class MultimodalClassifier(nn.Module):
         if config.get("test_only", False):
             return  # the fine-tuned checkpoint (all modules) is restored by the caller
         if path:
-            self.weights_report = load_vilt_checkpoint(self.backbone, path)
+            self.weights_report = load_vilt_checkpoint(
+                self.backbone, path, interpolate_text_positions=bool(config.get("interpolate_text_positions", False)))
         else:
             warnings.warn("load_path is empty: the ViLT backbone is randomly initialised (not a useful "
                           "model; set load_path to vilt_200k_mlm_itm.ckpt)")
@@ -94,7 +101,9 @@ def build_classifier(config: Mapping[str, Any]) -> nn.Module:
 
     ViLT + any method → `MultimodalClassifier` (DCP on ViLT: `mdpl.prompts.dcp.DCPViLT`); CLIP + 'dcp' →
     DCP's own model (mdpl.prompts.dcp); CLIP + another method → `TwoTowerClassifier` (tower hooks).
+    Method keys that are None or absent take the method's defaults (``method_sizes``).
     """
+    config = complete_method_keys(config)
     backbone = config.get("backbone", "vilt")
     if backbone == "clip" and config.get("prompt_method", "none") == "dcp":
         from mdpl.prompts.dcp import build_dcp_classifier
@@ -103,3 +112,38 @@ def build_classifier(config: Mapping[str, Any]) -> nn.Module:
         from mdpl.models.clip_classifier import build_two_tower_classifier
         return build_two_tower_classifier(config)
     return MultimodalClassifier(config)
+
+
+# Methods with a reference implementation on ViLT whose checkpoints `load_reference_checkpoint` reads.
+VILT_REFERENCE_METHODS = ("none", "map", "memprompt")
+
+
+def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str, Any]) -> None:
+    """Every weight of `model` from a trained checkpoint that mdpl did not write (``test_only``), strictly.
+
+    ViLT + none / map / memprompt: a checkpoint of the original MAP / MemPrompt code (reference key names);
+    CLIP + dcp: a reference DCP checkpoint (it lacks the dynamic queries by design: the model keeps its own,
+    with a warning); CLIP + another method: a plain state dict of this classifier. Anything else, or a file
+    that does not fit, raises UserInputError (one line, naming the keys).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise UserInputError(f"it holds a {type(checkpoint).__name__}, not a state dict or Lightning checkpoint")
+    config = complete_method_keys(config)
+    backbone, method = config.get("backbone", "vilt"), config.get("prompt_method")
+    if backbone == "vilt":
+        if method not in VILT_REFERENCE_METHODS:
+            raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
+                                 f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
+        load_reference_checkpoint(model, checkpoint, config)
+        return
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        if method == "dcp":
+            model.load_dcp_state_dict(state)
+        else:
+            from mdpl.backbones.clip import check_state_dict
+            check_state_dict(state, model.state_dict(), what="the checkpoint")
+            model.load_state_dict(state, strict=True)
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
