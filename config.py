@@ -147,6 +147,8 @@ def base_config():
     dcp_independent_init = method_default(prompt_method, method_sizes, "dcp_independent_init")
     # skip the tower whose feature half is zeroed (exact)
     dcp_skip_missing = method_default(prompt_method, method_sizes, "dcp_skip_missing")
+    # a file with the dynamic queries of a reference DCP run (its checkpoints lack them): needed to evaluate one
+    dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
 
     # --- optimisation (METHODS.md §7.3-7.4) -------------------------------------------------------
     optim_type = "adamw"

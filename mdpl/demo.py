@@ -99,14 +99,15 @@ def prepare_data(config: Mapping) -> dict:
 
 
 def _make_arrow(raw: Path, arrow: Path) -> None:
-    """``python make_arrow.py --dataset food101 --root RAW --out ARROW --no-progress`` (in-process)."""
+    """``python make_arrow.py --dataset food101 --root RAW --out ARROW --no-progress --overwrite`` (in-process;
+    the demo owns its folder, so a half-written earlier attempt is replaced)."""
     import importlib.util
 
     script = Path(__file__).resolve().parent.parent / "make_arrow.py"
     spec = importlib.util.spec_from_file_location("_mdpl_make_arrow", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    status = module.main(["--dataset", DATASET, "--root", str(raw), "--out", str(arrow), "--no-progress"])
+    status = module.main(["--dataset", DATASET, "--root", str(raw), "--out", str(arrow), "--no-progress", "--overwrite"])
     if status:
         raise RuntimeError(f"make_arrow.py failed with status {status} on {raw}")
 

@@ -40,7 +40,8 @@ METHOD_KEYS: dict[str, dict[str, Any]] = {
                   "shared_prompt_layers": _LAYERS, "mem_size": 16, "top_k": 5, "bottleneck_dim": 48,
                   "memprompt_mask_padding": False},
     "dcp": {"prompt_length": 36, "prompt_depth": 6, "dcp_correlated": True, "dcp_dynamic": True, "dcp_common": True,
-            "dcp_dynamic_trainable": False, "dcp_independent_init": False, "dcp_skip_missing": True},
+            "dcp_dynamic_trainable": False, "dcp_independent_init": False, "dcp_skip_missing": True,
+            "dcp_dynamic_queries": ""},
 }
 """The keys each method reads (and no method outside its entry), with the values its paper used."""
 

@@ -8,7 +8,8 @@
 * persistence (D-34): the Lightning checkpoint holds the six dynamic-query buffers; the module rebuilt by run.py's
   test_only path gives the trained module's logits exactly (all three missing types) and the same test metrics;
 * a checkpoint with the dynamic buffers stripped: an mdpl checkpoint -> ValueError naming them; a reference-style
-  state dict (no hyper_parameters, given as load_path) -> warning, the model's own queries are kept.
+  state dict (no hyper_parameters, given as load_path) -> refused unless dcp_dynamic_queries names a file with
+  exactly those queries, which are then loaded.
 """
 from __future__ import annotations
 
@@ -134,14 +135,19 @@ def test_checkpoint_without_dynamic_buffers(trained, tmp_path) -> None:
     torch.save({**ckpt, "state_dict": stripped}, tmp_path / "stripped.ckpt")
     with pytest.raises(ValueError, match="prompts_dynamic_"):
         run_script.build_test_module({**cfg, "load_path": str(tmp_path / "stripped.ckpt")})
-    # a reference-style DCP checkpoint (no mdpl config, keys of §6.6) lacks them by design (D-34): warning,
-    # every other weight is loaded, the queries are this model's own
+    # a reference-style DCP checkpoint (no mdpl config) lacks them by design: evaluating it needs the queries of
+    # its run from a side file; without one it is refused (other queries would be another model)
     reference = {k[len("model."):]: v for k, v in stripped.items()}
     torch.save({"state_dict": reference}, tmp_path / "reference.ckpt")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = run_script.build_test_module({**cfg, "load_path": str(tmp_path / "reference.ckpt")})
-    assert any("dynamic prompt queries" in str(w.message) for w in caught)
+    cfg_ref = {**cfg, "load_path": str(tmp_path / "reference.ckpt")}
+    with pytest.raises(ValueError, match="lacks its dynamic prompt queries.*dcp_dynamic_queries="):
+        run_script.build_test_module(cfg_ref)
+    queries = {k[len("model."):]: v for k, v in state.items() if ".prompts_dynamic_" in k}
+    torch.save(dict(list(queries.items())[:-1]), tmp_path / "too_few.pt")
+    with pytest.raises(ValueError, match="must hold exactly the keys"):
+        run_script.build_test_module({**cfg_ref, "dcp_dynamic_queries": str(tmp_path / "too_few.pt")})
+    torch.save(queries, tmp_path / "queries.pt")
+    module = run_script.build_test_module({**cfg_ref, "dcp_dynamic_queries": str(tmp_path / "queries.pt")})
     own = module.model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in reference.items())
-    assert all(k[len("model."):] in own for k in state if ".prompts_dynamic_" in k)
+    assert all(torch.equal(own[k], v) for k, v in queries.items()) and len(queries) == 6

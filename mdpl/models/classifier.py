@@ -12,6 +12,8 @@ everything. Frozen modules stay in train mode by default (reference behaviour, D
 """
 from __future__ import annotations
 
+import os
+
 import warnings
 from typing import Any, Mapping
 
@@ -118,12 +120,42 @@ def build_classifier(config: Mapping[str, Any]) -> nn.Module:
 VILT_REFERENCE_METHODS = ("none", "map", "memprompt")
 
 
+def dynamic_queries_for_test(state: Mapping[str, torch.Tensor], model: nn.Module,
+                             config: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The DCP dynamic queries a checkpoint lacks, read from ``dcp_dynamic_queries``; None if it has them.
+
+    The reference DCP code draws these frozen queries at construction and never saves them, so its checkpoints
+    alone do not define the model they were trained as: evaluating one with other queries would report another
+    model's numbers. Without the side file this is a UserInputError. The file is a state dict holding exactly
+    the model's ``*.prompts_dynamic_*`` keys (shapes checked when loading).
+    """
+    wanted = sorted(k for k in model.state_dict() if ".prompts_dynamic_" in k)
+    if not wanted or all(k in state for k in wanted):
+        return None
+    path = config.get("dcp_dynamic_queries") or ""
+    if not path:
+        raise UserInputError("this DCP checkpoint lacks its dynamic prompt queries (the reference code draws them at "
+                             "construction and never saves them), so it cannot be evaluated exactly: pass "
+                             "dcp_dynamic_queries=<file holding the queries of that run>")
+    if not os.path.isfile(path):
+        raise UserInputError(f"dcp_dynamic_queries={path!r} does not exist")
+    try:
+        queries = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a tensor file
+        raise UserInputError(f"dcp_dynamic_queries={path!r} cannot be read as a tensor file ({err})") from None
+    if not isinstance(queries, Mapping) or sorted(queries) != wanted:
+        found = sorted(queries) if isinstance(queries, Mapping) else type(queries).__name__
+        raise UserInputError(f"dcp_dynamic_queries={path!r} must hold exactly the keys {', '.join(wanted)}; "
+                             f"found {found}")
+    return dict(queries)
+
+
 def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str, Any]) -> None:
     """Every weight of `model` from a trained checkpoint that mdpl did not write (``test_only``), strictly.
 
     ViLT + none / map / memprompt: a checkpoint of the original MAP / MemPrompt code (reference key names);
-    CLIP + dcp: a reference DCP checkpoint (it lacks the dynamic queries by design: the model keeps its own,
-    with a warning); CLIP + another method: a plain state dict of this classifier. Anything else, or a file
+    CLIP + dcp: a reference DCP checkpoint, with its dynamic queries from ``dcp_dynamic_queries`` (the
+    reference never saves them, :func:`dynamic_queries_for_test`); CLIP + another method: a plain state dict of this classifier. Anything else, or a file
     that does not fit, raises UserInputError (one line, naming the keys).
     """
     if not isinstance(checkpoint, Mapping):
@@ -140,7 +172,7 @@ def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str,
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     try:
         if method == "dcp":
-            model.load_dcp_state_dict(state)
+            model.load_dcp_state_dict(state, dynamic_queries_for_test(state, model, config))
         else:
             from mdpl.backbones.clip import check_state_dict
             check_state_dict(state, model.state_dict(), what="the checkpoint")
