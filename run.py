@@ -1,14 +1,17 @@
-"""Train and/or evaluate one mdpl run (Sacred entry point; METHODS.md §7, §9, D-54).
+"""Train and/or evaluate one mdpl run (Sacred entry point).
 
-    python run.py with task_finetune_mmimdb data_root=... load_path=vilt_200k_mlm_itm.ckpt per_gpu_batchsize=32
-    python run.py with task_finetune_mmimdb load_path=<run>/checkpoints/last.ckpt test_only=True test_ratio=0.5
-    python run.py print_config with task_finetune_mmimdb
+    python run.py with task_finetune_mmimdb map data_root=... load_path=vilt_200k_mlm_itm.ckpt per_gpu_batchsize=32
+    python run.py with task_finetune_mmimdb map load_path=<run>/checkpoints/best-....ckpt test_only=True test_ratio=0.5
+    python run.py print_config with task_finetune_mmimdb map
 
 Run directory: log_dir/<exp_name>_seed<seed>_from_<Path(load_path).stem or 'scratch'>/version_<n>/ with
 checkpoints/ (best by val/the_metric + last), tensorboard/, csv/ and test_metrics.json. A new version_<n> is
-made for every run, so an earlier run's checkpoints are never overwritten.
-Training runs end with `trainer.test` on the best checkpoint. `test_only=True` loads an mdpl checkpoint from
-load_path strictly (its config must agree on dataset, backbone and method; see mdpl.engine.module.MODEL_KEYS).
+made for every run, so an earlier run's checkpoints are never overwritten; a resumed run continues in the
+run directory of its checkpoint (mdpl.engine.resume). A run that fails before its first step leaves none.
+Training runs end with `trainer.test` on the best checkpoint. `test_only=True` loads every tensor from
+load_path strictly: an mdpl checkpoint (its config must agree on the model keys, mdpl.engine.module.MODEL_KEYS)
+or a reference training checkpoint (mdpl.models.classifier.load_trained_weights); anything else is refused.
+Mistakes in the user's input (mdpl.errors.UserInputError) end as one `error: ...` line with exit status 2.
 """
 from __future__ import annotations
 
