@@ -15,21 +15,12 @@ reporting samples/s, peak memory (CUDA ``max_memory_allocated``; on CPU the peak
 transform + tokenise + collate) on an arrow file (``--data-root``, or a synthetic one written with
 ``mdpl.data.synthetic`` + ``make_arrow``).
 
-FLOPs (executed FLOPs, multiply-add = 2; elementwise ops, norms, softmax, embeddings lookups and the
-batch-independent prompt-generation matmuls are not counted):
-  per transformer layer with Nq query tokens, Nk key tokens, width D, MLP ratio r:
-    matmul  M = 2 * Nq * (4 + 2r) * D^2        (qkv 3D^2 + proj D^2 + MLP 2rD^2)
-    attn    A = 4 * Nq * Nk * D                (QK^T and AV; padding and causal masks are executed, so counted)
-  forward = sum_layers (M + A) + patch conv (2 * patches * 3p^2 * D) + pooler/proj + head.
-  training = forward + backward on the gradient path: layers at or after the first layer where a trainable
-    input enters (first prompt layer; all layers with finetune) cost M + 2A for activation gradients,
-    + M for weight gradients only if the layer's weights are trainable (finetune); at a first layer that
-    only gets K/V prompts (MAP 'attention') there are no input grads through qkv and no dQ
-    (2*N*(1+2r)*D^2 + 1.5A); trainable small modules (pooler, head, DCP proj) cost 2x their forward, DCP's
-    block-0 prompt attention its weight grads + 2x its attention. (A fully trainable model gives the
-    familiar 3 x forward; frozen backbone + prompts at layer 0 gives ~2 x.) DCP with dcp_skip_missing counts
-    each tower only for the samples that run it. tests/test_bench.py checks all of this against
-    torch.utils.flop_counter (math SDPA) to 1 %.
+FLOPs: counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real computation of each row, on its
+two batches, at its precision (``count_flops``): the evaluation forward, and the training forward + task loss +
+backward (the optimizer update is elementwise and not counted). FlopCounterMode counts matmuls, convolutions and
+fused attention (multiply-add = 2; elementwise ops, norms, softmax and embedding lookups are free); its formulas
+of the CUDA fused attention kernels are applied to the CPU fused kernel too, which it does not count by itself.
+A fused attention backward computes the gradients of queries, keys and values even where only some are needed.
   MFU = FLOPs per step / step time / peak FLOP/s (--peak-tflops, or a table for H100/H200/A100 dense).
 
 Examples:
@@ -57,6 +48,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,  # noqa: E402
+                                     sdpa_flop_count)
 
 METHODS = ("none", "map", "memprompt", "dcp")
 DATASETS = ("mmimdb", "food101", "hatememes")
@@ -201,135 +194,67 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
 # -------------------------------------------------------------------------------------------- FLOPs
 @dataclass
 class Flops:
-    """FLOPs of one batch: forward and training step (see the module docstring)."""
+    """FLOPs of one batch, counted by FlopCounterMode: the evaluation forward and the training step."""
 
     forward: float
     train: float
 
 
-def _layer(nq: int, nk: int, d: int, r: float) -> tuple[float, float]:
-    return 2.0 * nq * (4 + 2 * r) * d * d, 4.0 * nq * nk * d
+def _fused_cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _prompt_schedule(cfg: dict, num_layers: int) -> tuple[list[int], list[int], int | None]:
-    """Per layer: tokens inserted before it (input prompts), extra keys (attention prompts); first grad layer."""
-    inserted, extra_k = [0] * num_layers, [0] * num_layers
+def _fused_cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                  **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_formulas() -> dict:
+    """torch's flop formulas of the CUDA fused attention kernels, for the CPU fused kernel, which torch's
+    FlopCounterMode does not count (it would report attention as free on the CPU)."""
+    ops = torch.ops.aten
+    if not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {ops._scaled_dot_product_flash_attention_for_cpu: _fused_cpu_sdpa_flop,
+            ops._scaled_dot_product_flash_attention_for_cpu_backward: _fused_cpu_sdpa_backward_flop}
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode (no display) that also counts the CPU fused attention kernel (`_cpu_sdpa_formulas`)."""
+    return FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas())
+
+
+def count_flops(model: torch.nn.Module, cfg: dict, batch: dict, device: torch.device, precision: str) -> Flops:
+    """FLOPs of `model` on `batch`, counted on the real computation the timed steps run (same precision):
+    the evaluation forward (eval mode, inference_mode) and the training forward + task loss + backward (the
+    optimizer update is elementwise: not counted). The gradients it makes are dropped; the mode is restored."""
+    from mdpl.engine.losses import task_loss
+
+    was_training = model.training
+    model.eval()
+    with flop_counter() as forward, torch.inference_mode(), _autocast(device, precision):
+        model(batch)
+    model.train()
+    if hasattr(model, "set_frozen_modes"):
+        model.set_frozen_modes()
+    with flop_counter() as train:
+        with _autocast(device, precision):
+            loss = task_loss(cfg["dataset"], model(batch)["logits"], batch["label"])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return Flops(float(forward.get_total_flops()), float(train.get_total_flops()))
+
+
+def _inserted_prompt_tokens(cfg: dict) -> int:
+    """Tokens a ViLT prompt method inserts into the joint sequence (MAP input prompts, MemPrompt's prompts)."""
     method = cfg["prompt_method"]
-    first: int | None = None
-    if method == "map":
-        layers = list(cfg["prompt_layers"])
-        p = int(cfg["prompt_length"])
-        for l in layers:
-            if cfg["prompt_type"] == "input":
-                inserted[l] += p
-            else:
-                extra_k[l] += p // 2 if cfg["learnt_p"] else p
-        if cfg["learnt_p"] and layers:
-            first = min(layers)
-    elif method == "memprompt":
-        for l in cfg["shared_prompt_layers"]:
-            inserted[l] += 2 * int(cfg["shared_prompt_length"])
-        for l in cfg["gen_prompt_layers"]:
-            inserted[l] += 2 * int(cfg["gen_prompt_length"])
-        used = list(cfg["shared_prompt_layers"]) + list(cfg["gen_prompt_layers"])
-        first = min(used) if used else None
-    if cfg.get("finetune"):
-        first = 0
-    return inserted, extra_k, first
-
-
-def _memprompt_extra(cfg: dict, b: int) -> float:
-    """MemPrompt: key scores (2 banks x B x mem x D per generative layer) + per-type bottlenecks (batch-free)."""
-    if cfg["prompt_method"] != "memprompt":
-        return 0.0
-    d, mem, width = int(cfg["hidden_size"]), int(cfg["mem_size"]), int(cfg["bottleneck_dim"])
-    scores = len(cfg["gen_prompt_layers"]) * 2 * 2.0 * b * mem * d
-    bottleneck = len(cfg["shared_prompt_layers"]) * 2 * 3 * int(cfg["shared_prompt_length"]) * 2 * 2.0 * d * width
-    return scores + bottleneck
-
-
-def vilt_flops(cfg: dict, batch: dict) -> Flops:
-    """Executed FLOPs of one ViLT batch (joint sequence incl. accumulated prompts)."""
-    from mdpl.data.constants import NUM_CLASSES
-
-    d, n_layers, r, p = int(cfg["hidden_size"]), int(cfg["num_layers"]), float(cfg["mlp_ratio"]), int(cfg["patch_size"])
-    b, _, h, w = batch["image"].shape
-    sizes = batch["image_sizes"].cpu()
-    patches = ((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)
-    m = int(patches.max())
-    if int(cfg.get("max_image_len", -1) or -1) > 0:
-        m = min(m, int(cfg["max_image_len"]))
-    n = batch["text_ids"].shape[1] + 1 + m
-    inserted, extra_k, first = _prompt_schedule(cfg, n_layers)
-    finetune = bool(cfg.get("finetune"))
-    conv = b * 2.0 * (h // p) * (w // p) * 3 * p * p * d
-    small = 2.0 * d * d + 4.0 * d * d + 4.0 * d * NUM_CLASSES[cfg["dataset"]]  # pooler + MLP head, per sample
-    fwd, bwd = conv + _memprompt_extra(cfg, b), 2 * b * small + (conv if finetune else 0.0)
-    for l in range(n_layers):
-        n += inserted[l]
-        mm, att = _layer(n, n + extra_k[l], d, r)
-        fwd += b * (mm + att)
-        if first is not None and l >= first:
-            if l == first and not inserted[l] and not finetune:
-                # only K/V prompts need grad here: no input grads through qkv, no dQ (3 of 4 attention matmuls)
-                bwd += b * (2.0 * n * (1 + 2 * r) * d * d + 1.5 * att)
-            else:
-                bwd += b * (mm + 2 * att + (mm if finetune else 0.0))
-    fwd += b * small
-    return Flops(fwd, fwd + bwd)
-
-
-def _tower(n_data: int, n_prompt: int, width: int, layers: int, r: float) -> tuple[float, float]:
-    """(forward, backward on the grad path) per sample of one CLIP tower with prompts from block 0."""
-    n = n_data + n_prompt
-    mm, att = _layer(n, n, width, r)
-    return layers * (mm + att), layers * (mm + 2 * att)
-
-
-def clip_flops(cfg: dict, batch: dict, model: torch.nn.Module) -> Flops:
-    """Executed FLOPs of one DCP batch (two towers, prompts of all types, skip of the missing half)."""
-    from mdpl.data.constants import NUM_CLASSES
-
-    net = model.model
-    lay = net.layout
-    mt = batch["missing_type"].cpu()
-    b = mt.shape[0]
-    skip = bool(cfg.get("dcp_skip_missing", True))
-    n_img = int((mt != 2).sum()) if skip else b
-    n_txt = int((mt != 1).sum()) if skip else b
-    vis, txt = net.image_encoder, net.text_encoder
-    dv, dt, e = vis.width, txt.width, net.embed_dim
-    side, patch = batch["image"].shape[-1], int(cfg["clip_patch_size"])
-    grid = (side // patch) ** 2
-    mlp_v = vis.blocks[0].mlp.c_fc.out_features / dv
-    mlp_t = txt.blocks[0].mlp.c_fc.out_features / dt
-    v_fwd, v_bwd = _tower(grid + 1, lay.num_tokens, dv, len(vis.blocks), mlp_v)
-    t_fwd, t_bwd = _tower(batch["text_ids"].shape[1], lay.num_tokens, dt, len(txt.blocks), mlp_t)
-    v_fwd += 2.0 * grid * 3 * patch * patch * dv
-    v_small, t_small = 2.0 * dv * e, 2.0 * dt * e
-    dyn_v, dyn_t = (_dynamic(lay.n, grid + 1, dv), _dynamic(lay.n, batch["text_ids"].shape[1], dt)) \
-        if lay.dynamic else ((0.0, 0.0), (0.0, 0.0))
-    head = 2.0 * 2 * e * NUM_CLASSES[cfg["dataset"]]
-    fwd = n_img * (v_fwd + v_small + dyn_v[0]) + n_txt * (t_fwd + t_small + dyn_t[0]) + b * head
-    grad = lay.depth > 0
-    bwd = (n_img * ((v_bwd if grad else 0.0) + 2 * v_small + dyn_v[1])
-           + n_txt * ((t_bwd if grad else 0.0) + dyn_t[1]) + 2 * b * head)
-    if grad:
-        bwd += n_txt * t_small  # text projection is frozen: input grads only
-    return Flops(fwd, fwd + bwd)
-
-
-def _dynamic(nq: int, nk: int, d: int) -> tuple[float, float]:
-    """(forward, backward) per sample of DCP's block-0 single-head MHA (queries nq, keys/values nk data tokens).
-
-    Its inputs need no grad: backward = in/out-projection weight grads + out-projection input grads + 2x attention.
-    """
-    mm, att = 2.0 * (2 * nq + 2 * nk) * d * d, 4.0 * nq * nk * d
-    return mm + att, mm + 2.0 * nq * d * d + 2 * att
-
-
-def batch_flops(cfg: dict, batch: dict, model: torch.nn.Module) -> Flops:
-    return clip_flops(cfg, batch, model) if cfg["backbone"] == "clip" else vilt_flops(cfg, batch)
+    if method == "map" and cfg["prompt_type"] == "input":
+        return len(cfg["prompt_layers"]) * int(cfg["prompt_length"])
+    if method == "memprompt":
+        return 2 * (len(cfg["shared_prompt_layers"]) * int(cfg["shared_prompt_length"])
+                    + len(cfg["gen_prompt_layers"]) * int(cfg["gen_prompt_length"]))
+    return 0
 
 
 def sequence_length(cfg: dict, batch: dict) -> int:
@@ -340,8 +265,7 @@ def sequence_length(cfg: dict, batch: dict) -> int:
     p = int(cfg["patch_size"])
     sizes = batch["image_sizes"].cpu()
     m = int((((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)).max())
-    inserted, _, _ = _prompt_schedule(cfg, int(cfg["num_layers"]))
-    return batch["text_ids"].shape[1] + 1 + m + sum(inserted)
+    return batch["text_ids"].shape[1] + 1 + m + _inserted_prompt_tokens(cfg)
 
 
 def peak_tflops(device: torch.device, precision: str, override: float | None, tf32: bool) -> float | None:
@@ -489,7 +413,6 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
     model = torch.compile(raw) if args.compile else raw
     row["params_total"], row["params_trainable"] = raw.trainable_parameters_report()
     batches = [synthetic_batch(cfg, batch_size, size_key, device, seed=s) for s in range(2)]
-    flops = [batch_flops(cfg, b, raw) for b in batches]
     row["seq_len"] = sequence_length(cfg, batches[0])
     row["text_len"] = int(batches[0]["text_ids"].shape[1])
     row["image_hw"] = list(batches[0]["image"].shape[-2:])
@@ -508,6 +431,8 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
         model.eval()
         t_eval, row["eval_peak_mib"] = time_loop(make_eval_step(model, device, precision), batches,
                                                  args.warmup, args.steps, device, meter)
+        # counted after the timed loops, so that the memory figures are those of the steps alone
+        flops = [count_flops(raw, cfg, b, device, precision) for b in batches]
     except RuntimeError as err:
         if not _is_oom(err):
             raise
@@ -717,10 +642,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
             "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
             "dynamic_text_padding": bool(args.dynamic_text_padding),
-            "flops": "executed FLOPs; forward = sum_l [M=2*Nq*(4+2r)*D^2 + A=4*Nq*Nk*D] + patch conv + "
-                     "pooler/proj + head; train = forward + grad-path backward (M + 2A per layer from the first "
-                     "layer with a trainable input, + M if the layer's weights train; small trainable modules 2x); "
-                     "MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
+            "flops": "torch.utils.flop_counter.FlopCounterMode on each row's evaluation forward and training "
+                     "forward + loss + backward (CPU fused attention counted with torch's fused-attention "
+                     "formulas); MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
             "mem": "cuda: torch.cuda.max_memory_allocated over warm-up + timed steps (weights + optimizer "
                    "state + activations); cpu: peak RSS minus RSS before the first step (activations + gradients + "
                    "optimizer state; memory the allocator kept from the training steps hides most of the eval figure)",
