@@ -17,13 +17,13 @@ mean ± std over the runs (seeds) of the group (sample std, ddof=1; 0 for a sing
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import math
-import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/aggregate.py` from anywhere
@@ -32,7 +32,8 @@ if str(ROOT) not in sys.path:  # `python scripts/aggregate.py` from anywhere
 from mdpl.engine.sweep import write_csv  # noqa: E402  (results.csv writer, also for comparison.csv)
 
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
-GROUP_KEYS = ("dataset", "method", "backbone", "type", "ratio")
+REQUIRED_COLUMNS = ("dataset", "method", "backbone", "type", "ratio", "seed")
+GROUP_KEYS = ["dataset", "method", "backbone", "type", "ratio"]
 #: primary metric per dataset (METHODS.md §8); the first metric column otherwise.
 PRIMARY = {"mmimdb": "F1_Macro", "food101": "accuracy", "hatememes": "AUROC"}
 TYPE_ORDER = ("text", "image", "both")
@@ -55,133 +56,126 @@ def find_csvs(patterns: Iterable[str]) -> list[Path]:
     return unique
 
 
-def read_rows(paths: Sequence[Path]) -> list[dict]:
-    """All rows of the files; metric columns (everything not in ID_COLUMNS) parsed as floats."""
-    rows = []
+def read_rows(paths: Sequence[Path]) -> pd.DataFrame:
+    """All rows of the files, plus a ``source`` column; ratio and the metric columns (everything not in
+    ID_COLUMNS) as floats (an empty cell is NaN), seed as int."""
+    frames = []
     for path in paths:
-        with open(path, newline="") as fh:
-            for raw in csv.DictReader(fh):
-                missing = [c for c in ("dataset", "method", "backbone", "type", "ratio", "seed") if c not in raw]
-                if missing:
-                    raise ValueError(f"{path} is not an mdpl results.csv (no columns {missing})")
-                row = {k: raw[k] for k in ID_COLUMNS if k in raw}
-                row["ratio"], row["seed"] = float(raw["ratio"]), int(raw["seed"])
-                row.update({k: float(v) for k, v in raw.items() if k not in ID_COLUMNS and v not in ("", None)})
-                row["source"] = str(path)
-                rows.append(row)
-    return rows
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path} is empty, not an mdpl results.csv") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path} is not an mdpl results.csv (no columns {missing})")
+        numeric = ["ratio", *(c for c in frame.columns if c not in ID_COLUMNS)]
+        frame[numeric] = frame[numeric].replace("", "nan").astype(float)
+        frames.append(frame.astype({"seed": int}).assign(source=str(path)))
+    return pd.concat(frames, ignore_index=True)
 
 
-def _metric_names(rows: Sequence[dict]) -> list[str]:
-    names: list[str] = []
-    for row in rows:
-        names += [k for k in row if k not in ID_COLUMNS and k != "source" and k not in names]
-    return names
+def _metric_names(rows: pd.DataFrame) -> list[str]:
+    return [c for c in rows.columns if c not in ID_COLUMNS and c != "source"]
 
 
-def _sort_key(group: tuple) -> tuple:
-    dataset, method, backbone, mtype, ratio = group
-    order = TYPE_ORDER.index(mtype) if mtype in TYPE_ORDER else len(TYPE_ORDER)
-    return dataset, method, backbone, order, mtype, ratio
+def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method, backbone, type, ratio): n, seeds, <metric>_mean and <metric>_std
+    (sample std over the runs that have the metric; 0 for one run, NaN for none)."""
+    if rows.empty:
+        raise ValueError("the results.csv files hold no rows")
+    groups = rows.groupby(GROUP_KEYS, sort=False)
+    out = groups.size().rename("n").to_frame()
+    out["seeds"] = groups["seed"].agg(lambda seeds: " ".join(str(s) for s in sorted(seeds)))
+    for name in _metric_names(rows):
+        values = groups[name]
+        out[f"{name}_mean"] = values.mean()
+        out[f"{name}_std"] = values.std().where(values.count() != 1, 0.0)   # pandas: NaN for a single run
+    out = out.reset_index()
+    type_order = out["type"].map(lambda t: TYPE_ORDER.index(t) if t in TYPE_ORDER else len(TYPE_ORDER))
+    return (out.assign(_order=type_order)
+            .sort_values(["dataset", "method", "backbone", "_order", "type", "ratio"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
 
 
-def aggregate(rows: Sequence[dict]) -> list[dict]:
-    """One dict per (dataset, method, backbone, type, ratio): n, seeds, <metric>_mean and <metric>_std."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
-    metrics = _metric_names(rows)
-    out = []
-    for key in sorted(groups, key=_sort_key):
-        members = groups[key]
-        agg = dict(zip(GROUP_KEYS, key))
-        agg["n"] = len(members)
-        agg["seeds"] = " ".join(str(s) for s in sorted(m["seed"] for m in members))
-        for name in metrics:
-            values = [m[name] for m in members if name in m and not math.isnan(m[name])]
-            agg[f"{name}_mean"] = statistics.fmean(values) if values else math.nan
-            agg[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else math.nan)
-        out.append(agg)
-    return out
-
-
-def primary_metric(dataset: str, agg_rows: Sequence[dict]) -> str:
-    if dataset in PRIMARY and f"{PRIMARY[dataset]}_mean" in agg_rows[0]:
+def primary_metric(dataset: str, agg_rows: pd.DataFrame) -> str:
+    if dataset in PRIMARY and f"{PRIMARY[dataset]}_mean" in agg_rows.columns:
         return PRIMARY[dataset]
-    return next(k[:-5] for k in agg_rows[0] if k.endswith("_mean"))
+    return next(c[:-5] for c in agg_rows.columns if c.endswith("_mean"))
 
 
-def _cell(mean: float, std: float) -> str:
-    return "–" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _cell(mean: float, std: float, n: int = 2) -> str:
+    """'mean ± std' x100; the plain value for a single run (n = 1: no spread to show)."""
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def markdown(agg_rows: Sequence[dict]) -> str:
+def _with_cells(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``rows`` plus a column ``cell``: the metric x100 as 'mean ± std' (the mean alone for one run)."""
+    return rows.assign(cell=[_cell(m, s, n) for m, s, n in zip(rows[f"{metric}_mean"], rows[f"{metric}_std"],
+                                                                 rows["n"])])
+
+
+def markdown(agg_rows: pd.DataFrame) -> str:
     """Per dataset: primary metric x100 (mean ± std over seeds), rows = method (backbone) x type, columns = rate."""
     lines: list[str] = []
-    for dataset in sorted({r["dataset"] for r in agg_rows}):
-        rows = [r for r in agg_rows if r["dataset"] == dataset]
+    ident = ["method", "backbone", "type"]
+    for dataset, rows in agg_rows.groupby("dataset", sort=True):
         metric = primary_metric(dataset, rows)
-        ratios = sorted({r["ratio"] for r in rows})
+        rows = _with_cells(rows, metric)
+        order = pd.MultiIndex.from_frame(rows[ident].drop_duplicates())          # rows are sorted by aggregate()
+        table = (rows.pivot(index=ident, columns="ratio", values="cell")
+                 .reindex(index=order, columns=sorted(rows["ratio"].unique())).fillna("–"))
+        n = rows.groupby(ident, sort=False)["n"].max()
         lines += [f"## {dataset}: {metric} (×100, mean ± std over seeds)", "",
-                  "| method | backbone | missing type | n | " + " | ".join(f"{100 * x:g}%" for x in ratios) + " |",
-                  "|---|---|---|---:|" + "---:|" * len(ratios)]
-        seen: list[tuple] = []
-        for r in rows:
-            ident = (r["method"], r["backbone"], r["type"])
-            if ident not in seen:
-                seen.append(ident)
-        for method, backbone, mtype in seen:
-            cells = {r["ratio"]: r for r in rows if (r["method"], r["backbone"], r["type"]) == (method, backbone, mtype)}
-            n = max(c["n"] for c in cells.values())
-            vals = [_cell(cells[x][f"{metric}_mean"], cells[x][f"{metric}_std"]) if x in cells else "–" for x in ratios]
-            lines.append(f"| {method} | {backbone} | {mtype} | {n} | " + " | ".join(vals) + " |")
+                  "| method | backbone | missing type | n | "
+                  + " | ".join(f"{100 * x:g}%" for x in table.columns) + " |",
+                  "|---|---|---|---:|" + "---:|" * len(table.columns)]
+        for (method, backbone, mtype), cells in table.iterrows():
+            lines.append(f"| {method} | {backbone} | {mtype} | {n[(method, backbone, mtype)]} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def method_backbone_markdown(agg_rows: Sequence[dict]) -> str:
+def method_backbone_markdown(agg_rows: pd.DataFrame) -> str:
     """Per dataset and scenario (type, rate): primary metric x100, rows = method, columns = backbone."""
     lines: list[str] = []
-    for dataset in sorted({r["dataset"] for r in agg_rows}):
-        rows = [r for r in agg_rows if r["dataset"] == dataset]
+    for dataset, rows in agg_rows.groupby("dataset", sort=True):
         metric = primary_metric(dataset, rows)
-        backbones = sorted({r["backbone"] for r in rows})
-        methods = list(dict.fromkeys(sorted(r["method"] for r in rows)))
-        cells = {(r["type"], r["ratio"], r["method"], r["backbone"]): r for r in rows}
-        for mtype, ratio in dict.fromkeys((r["type"], r["ratio"]) for r in rows):   # rows are sorted by _sort_key
+        rows = _with_cells(rows, metric)
+        methods, backbones = sorted(rows["method"].unique()), sorted(rows["backbone"].unique())
+        for (mtype, ratio), scenario in rows.groupby(["type", "ratio"], sort=False):   # in aggregate() order
+            table = (scenario.pivot(index="method", columns="backbone", values="cell")
+                     .reindex(index=methods, columns=backbones).fillna("–"))
             lines += [f"## {dataset}: {metric} (×100, mean ± std over seeds), missing {mtype} {100 * ratio:g}%", "",
                       "| method | " + " | ".join(backbones) + " |", "|---|" + "---:|" * len(backbones)]
-            for method in methods:
-                vals = [_cell(c[f"{metric}_mean"], c[f"{metric}_std"]) if (c := cells.get((mtype, ratio, method, b)))
-                        else "–" for b in backbones]
-                lines.append(f"| {method} | " + " | ".join(vals) + " |")
+            lines += [f"| {method} | " + " | ".join(cells) + " |" for method, cells in table.iterrows()]
             lines.append("")
     return "\n".join(lines)
 
 
-def comparison_figure(agg_rows: Sequence[dict], dataset: str):
+def comparison_figure(agg_rows: pd.DataFrame, dataset: str):
     """One subplot per missing type, one line per method (± std band): primary metric x100 vs missing rate."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in agg_rows if r["dataset"] == dataset]
+    rows = agg_rows[agg_rows["dataset"] == dataset]
     metric = primary_metric(dataset, rows)
-    types = sorted({r["type"] for r in rows}, key=lambda t: (TYPE_ORDER.index(t) if t in TYPE_ORDER else 9, t))
-    methods = sorted({(r["method"], r["backbone"]) for r in rows})
+    types = sorted(rows["type"].unique(), key=lambda t: (TYPE_ORDER.index(t) if t in TYPE_ORDER else 9, t))
+    methods = sorted(set(zip(rows["method"], rows["backbone"])))
     fig, axes = plt.subplots(1, len(types), figsize=(4.6 * len(types), 4.0), squeeze=False, sharey=True)
     for ax, mtype in zip(axes[0], types):
         for k, (method, backbone) in enumerate(methods):
-            pts = sorted((r["ratio"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows
-                         if (r["type"], r["method"], r["backbone"]) == (mtype, method, backbone))
-            if not pts:
+            pts = rows[(rows["type"] == mtype) & (rows["method"] == method) & (rows["backbone"] == backbone)]
+            if pts.empty:
                 continue
-            x = [100 * p[0] for p in pts]
-            y = [100 * p[1] for p in pts]
-            s = [100 * p[2] for p in pts]
+            pts = pts.sort_values("ratio")
+            x, y, s = (100 * pts[c].to_numpy(dtype=float) for c in ("ratio", f"{metric}_mean", f"{metric}_std"))
             ax.plot(x, y, marker="os^Dv"[k % 5], linestyle=("-", "--", ":")[k % 3], markersize=7 - k % 3,
                     label=f"{method} ({backbone})")
-            ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.15)
+            ax.fill_between(x, y - s, y + s, alpha=0.15)
         ax.set_title(f"missing {mtype}")
         ax.set_xlabel("missing rate (%)")
         ax.grid(True, alpha=0.3)
@@ -192,7 +186,7 @@ def comparison_figure(agg_rows: Sequence[dict], dataset: str):
     return fig
 
 
-def write_outputs(agg_rows: Sequence[dict], out: Path) -> dict[str, str]:
+def write_outputs(agg_rows: pd.DataFrame, out: Path) -> dict[str, str]:
     """comparison.csv, comparison.md and comparison_<dataset>.png in ``out``."""
     import matplotlib.pyplot as plt
 
@@ -200,7 +194,7 @@ def write_outputs(agg_rows: Sequence[dict], out: Path) -> dict[str, str]:
     paths = {"csv": write_csv(agg_rows, out / "comparison.csv")}
     paths["md"] = out / "comparison.md"
     paths["md"].write_text(markdown(agg_rows))
-    for dataset in sorted({r["dataset"] for r in agg_rows}):
+    for dataset in sorted(agg_rows["dataset"].unique()):
         fig = comparison_figure(agg_rows, dataset)
         paths[f"png_{dataset}"] = out / f"comparison_{dataset}.png"
         fig.savefig(paths[f"png_{dataset}"], dpi=120)

@@ -83,3 +83,73 @@ def test_task_metrics_bundle(dataset: str, primary: str, names: set[str]) -> Non
     assert set(out) == names and all(math.isfinite(v.item()) for v in out.values())
     if dataset == "hatememes":
         assert out["accuracy"].item() == pytest.approx((logits.argmax(1) == target).float().mean().item())
+
+
+# ------------------------------------------------- same numbers as torchmetrics' classes, without host syncs
+def _batches_with_ignored(n_cls: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(40, n_cls, generator=g).round(decimals=1)        # rounding makes ties in the scores
+    target = torch.randint(0, n_cls, (40,), generator=g)
+    logits[::3] = logits[::3].index_put((torch.arange(14), target[::3]), torch.tensor(9.0))   # some right answers
+    target[[0, 7, 8, 23, 39]] = -100
+    return [(logits[s], target[s]) for s in (slice(0, 9), slice(9, 25), slice(25, 40))]
+
+
+@pytest.mark.parametrize("n_cls", [2, 5, 101])
+def test_accuracy_equals_torchmetrics_multiclass_accuracy(n_cls: int) -> None:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    ours, ref = Accuracy(), MulticlassAccuracy(num_classes=n_cls, average="micro", ignore_index=-100)
+    for logits, target in _batches_with_ignored(n_cls, seed=n_cls):
+        ours.update(logits, target)
+        ref.update(logits, target)
+    assert ours.compute().dtype == torch.float32 and ours.compute().item() == ref.compute().item()
+    assert 0.0 < ours.compute().item() < 1.0
+
+
+def test_binary_auroc_equals_torchmetrics_binary_auroc() -> None:
+    from torchmetrics.classification import BinaryAUROC as TMBinaryAUROC
+
+    ours, ref = BinaryAUROC(), TMBinaryAUROC(thresholds=None, ignore_index=-100)
+    for logits, target in _batches_with_ignored(2, seed=3):
+        ours.update(logits, target)
+        ref.update(torch.softmax(logits, dim=-1)[:, 1], target)
+    assert ours.compute().item() == ref.compute().item() and 0.0 < ours.compute().item() < 1.0
+
+
+def _host_sync_ops(fn) -> list[str]:
+    """aten ops run by ``fn()`` that make a CUDA host wait: boolean-mask indexing, nonzero, .item()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            bool_index = name in ("aten.index", "aten.index_put_", "aten.index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+            if bool_index or name in ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense"):
+                found.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return found
+
+
+def test_metric_updates_make_no_host_sync_unlike_torchmetrics_ignore_index() -> None:
+    """Why Accuracy / BinaryAUROC keep their own update: torchmetrics drops ignore_index targets by boolean
+    indexing in update (a host-device sync every training step); ours mask arithmetically."""
+    from torchmetrics.classification import BinaryAUROC as TMBinaryAUROC
+    from torchmetrics.classification import MulticlassAccuracy
+
+    logits, target = _batches_with_ignored(2)[1]
+    probs = torch.softmax(logits, dim=-1)[:, 1]
+    acc, auroc, f1 = Accuracy(), BinaryAUROC(), MultilabelF1(2)
+    assert _host_sync_ops(lambda: acc.update(logits, target)) == []
+    assert _host_sync_ops(lambda: auroc.update(logits, target)) == []
+    assert _host_sync_ops(lambda: f1.update(logits, (target > 0).float()[:, None].expand(-1, 2))) == []
+    tm_acc = MulticlassAccuracy(num_classes=2, average="micro", ignore_index=-100, validate_args=False)
+    assert "aten.index" in _host_sync_ops(lambda: tm_acc.update(logits, target))
+    tm_auroc = TMBinaryAUROC(thresholds=None, ignore_index=-100, validate_args=False)
+    assert "aten.index" in _host_sync_ops(lambda: tm_auroc.update(probs, target))

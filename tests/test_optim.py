@@ -127,3 +127,56 @@ def test_scheduler_first_update_at_zero_and_per_group() -> None:
     opt.step()                                                  # no grads: a no-op
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-3, 5e-3, 5e-2, 5e-2])
+
+
+def _reference_multiplier(step: int, warm: int, total: int, power: float, lr: float, end_lr: float) -> float:
+    """The §7.4 schedule written out (warmup, polynomial decay to end_lr, end_lr / lr after T)."""
+    if step < warm:
+        return step / max(1, warm)
+    if step > total:
+        return end_lr / lr
+    return ((lr - end_lr) * (1.0 - (step - warm) / max(1, total - warm)) ** power + end_lr) / lr
+
+
+@pytest.mark.parametrize("warmup,total,power,end_lr,extra", [
+    (0.1, 100, 1, 0.0, 7),        # the papers' setting; 7 steps past T run at end_lr (Lightning's last partial batches)
+    (0.1, 5005, 1, 0.0, 3),       # T of MM-IMDb's reference run (W = 500)
+    (0, 10, 2, 1e-3, 5),          # no warmup, squared decay to a non-zero end_lr
+    (25, 20, 1, 0.0, 5),          # warmup longer than T
+    (5, 5, 1, 1e-4, 4),           # T == W
+    (0, 0, 1, 0.0, 3),            # a run of 0 optimizer steps
+])
+def test_scheduler_matches_reference_schedule_every_step(warmup, total: int, power: int, end_lr: float, extra: int) -> None:
+    """The transformers scheduler gives, at every optimizer step (also past T), exactly the reference lr per group."""
+    cfg = {**CFG, "warmup_steps": warmup, "decay_power": power, "end_lr": end_lr}
+    opt = build_optimizer(_Stub(), cfg)
+    sched = build_scheduler(opt, cfg, total)
+    warm, lr = warmup_steps(warmup, total), cfg["learning_rate"]
+    bases = [g["initial_lr"] for g in opt.param_groups]
+    assert bases == [1e-2, 1e-2, pytest.approx(1e-1), pytest.approx(1e-1)]
+    fn = lr_multiplier_fn(cfg, total)
+    for step in range(total + extra):
+        expected = _reference_multiplier(step, warm, total, power, lr, end_lr)
+        assert fn(step) == expected, step
+        assert [g["lr"] for g in opt.param_groups] == [b * expected for b in bases], step
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [b * (end_lr / lr) for b in bases]   # past T: end_lr
+
+
+def test_cosine_scheduler_matches_reference_every_step() -> None:
+    cfg = {**CFG, "warmup_steps": 0.1, "decay_power": "cosine"}
+    opt = build_optimizer(_Stub(), cfg)
+    sched = build_scheduler(opt, cfg, 50)                                          # W = 5
+    for step in range(56):
+        expected = step / 5 if step < 5 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((step - 5) / 45))))
+        assert opt.param_groups[0]["lr"] == 1e-2 * expected, step
+        opt.step()
+        sched.step()
+
+
+def test_polynomial_schedule_refuses_end_lr_not_below_lr() -> None:
+    with pytest.raises(ValueError, match="end_lr"):
+        build_scheduler(build_optimizer(_Stub(), CFG), {**CFG, "end_lr": 1e-2}, 10)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        lr_multiplier_fn({**CFG, "learning_rate": 0.0}, 10)

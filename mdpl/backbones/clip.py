@@ -22,7 +22,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from mdpl.errors import UserInputError
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 """Integer entries of OpenAI's JIT state dict that are not parameters (§5.1); dropped on load."""
@@ -62,7 +65,7 @@ def _build_open_clip(sizes: ClipSizes) -> nn.Module:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     if sizes.vision_width % sizes.vision_head_width:
-        raise ValueError(f"clip_vision_width={sizes.vision_width} must be a multiple of clip_vision_head_width")
+        raise UserInputError(f"clip_vision_width={sizes.vision_width} must be a multiple of clip_vision_head_width")
     vision = CLIPVisionCfg(image_size=sizes.image_size, patch_size=sizes.patch_size, width=sizes.vision_width,
                            layers=sizes.vision_layers, head_width=sizes.vision_head_width)
     text = CLIPTextCfg(context_length=sizes.context_length, vocab_size=sizes.vocab_size, width=sizes.text_width,
@@ -108,7 +111,7 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     attn = block.attn
     if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
         raise ValueError("residual_block supports open_clip's plain self-attention only")
-    b, n, d = x.shape
+    n = x.shape[1]
     q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     mask = attn_mask
     if kv_prefix is not None:
@@ -121,10 +124,10 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
         mask = mask.to(q.dtype)
 
     def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (attn.num_heads, d // attn.num_heads)).transpose(1, 2)
+        return rearrange(t, "b l (h d) -> b h l d", h=attn.num_heads)
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
-    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
+    x = x + block.ls_1(attn.out_proj(rearrange(out, "b h l d -> b l (h d)")))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
@@ -251,7 +254,8 @@ def backbone_to_openai_key(key: str) -> str:
 
 
 def check_state_dict(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise ValueError listing missing / unexpected keys and shape mismatches (strict loading, D-38)."""
+    """Raise UserInputError (a ValueError) listing missing / unexpected keys and shape mismatches (strict loading,
+    D-38): `given` comes from a file the user names (clip_path, load_path)."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     shapes = [f"{k}: {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -264,7 +268,7 @@ def check_state_dict(given: Mapping[str, torch.Tensor], expected: Mapping[str, t
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
     if problems:
-        raise ValueError(f"{what} does not match the model: " + "; ".join(problems)
+        raise UserInputError(f"{what} does not match the model: " + "; ".join(problems)
                          + " — check the clip_* size keys / the checkpoint file")
 
 
@@ -290,22 +294,29 @@ def read_openai_checkpoint(path: str, sha256: str = "") -> dict[str, torch.Tenso
 
     Drops ``input_resolution``/``context_length``/``vocab_size`` and casts floating tensors to fp32
     (§5.1: DCP computes in an fp32 model holding fp16-representable values). Optional SHA-256 check.
+    Not ``open_clip.create_model(pretrained=<file>)``: its one ``weights_only`` flag either refuses TorchScript
+    archives (True) or unpickles any plain file (False), and it builds named configs only (not ``clip_*`` sizes).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP checkpoint {path!r} not found; set clip_path to a local ViT-B-16.pt "
                                 "(OpenAI JIT archive) or an OpenAI-layout state dict — nothing is downloaded")
     if sha256 and sha256_of(path) != sha256.lower():
-        raise ValueError(f"SHA-256 of {path} differs from clip_sha256={sha256}; the file is corrupt or another model")
-    if _is_torchscript_archive(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)       # torch.jit is deprecated; OpenAI ships JIT files
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
+        raise UserInputError(f"SHA-256 of clip_path {path} differs from clip_sha256={sha256}; the file is corrupt "
+                             "or another model")
+    try:
+        if _is_torchscript_archive(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)       # torch.jit is deprecated; OpenAI ships JIT files
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+                state = state["state_dict"]
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise UserInputError(f"cannot read clip_path {path} as a CLIP checkpoint ({type(err).__name__}: {err}); "
+                             "pass a local ViT-B-16.pt or an OpenAI-layout state dict") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a CLIP state dict")
+        raise UserInputError(f"clip_path {path} holds a {type(state).__name__}, not a CLIP state dict")
     out = {}
     for key, value in state.items():
         if key in OPENAI_EXTRA_KEYS:
@@ -319,7 +330,11 @@ def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
     backbone = ClipBackbone(ClipSizes.from_config(config))
     path = str(config.get("clip_path", "") or "")
     if path:
-        backbone.load_openai_state_dict(read_openai_checkpoint(path, str(config.get("clip_sha256", "") or "")))
+        state = read_openai_checkpoint(path, str(config.get("clip_sha256", "") or ""))
+        try:
+            backbone.load_openai_state_dict(state)
+        except UserInputError as err:
+            raise UserInputError(f"clip_path {path}: {err}") from None
     else:
         warnings.warn("clip_path is empty: the CLIP backbone is randomly initialised (tests only)", stacklevel=2)
     return backbone

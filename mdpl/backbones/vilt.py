@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
+from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
@@ -74,9 +76,9 @@ class ViLTVisionTransformer(nn.Module):
                  patch_size: int, image_size: int, drop_rate: float):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+            raise UserInputError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+            raise UserInputError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, hidden_size)
@@ -312,10 +314,10 @@ def _attention_with_prompts(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor
     key_mask = torch.cat([mask.new_ones(b, k_prompt.shape[1]), mask], dim=1)
 
     def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+        return rearrange(t, "b l (h d) -> b h l d", h=heads)
 
     out = F.scaled_dot_product_attention(
         split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :],
         dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = out.transpose(1, 2).reshape(b, n, c)
+    out = rearrange(out, "b h l d -> b l (h d)")
     return attn.proj_drop(attn.proj(out))

@@ -4,9 +4,16 @@ All metrics accumulate over a whole epoch and are `torchmetrics.Metric`s, so the
 reduced across DDP ranks when `compute()` is called:
 
 * `MultilabelF1` (MM-IMDb): per-class TP/FP/FN sums (micro, macro, weighted) and a running
-  sum/count of per-sample F1 (samples) -- all "sum" states, constant memory.
+  sum/count of per-sample F1 (samples) -- all "sum" states, constant memory. Hand-written on purpose:
+  torchmetrics >= 1.0 keeps absent classes in the macro mean and has no samples average (0.9.3 semantics).
 * `Accuracy` (Food-101, Hateful Memes): correct/total sums.
-* `BinaryAUROC` (Hateful Memes): "cat" states of softmax[:, 1] and targets (ROC needs all scores).
+* `BinaryAUROC` (Hateful Memes): "cat" states of softmax[:, 1] and targets (ROC needs all scores); the
+  ROC-AUC itself is torchmetrics' `binary_auroc`.
+
+`Accuracy` and `BinaryAUROC` give exactly the numbers of torchmetrics' `MulticlassAccuracy(average="micro",
+ignore_index=-100)` and `BinaryAUROC(thresholds=None, ignore_index=-100)` (tests/test_metrics.py) but keep
+their own `update`: torchmetrics drops ignored targets by boolean indexing there, a host-device sync on
+every training step; here the -100 mask is arithmetic (sync-free).
 
 `build_task_metrics(dataset)` returns a `TaskMetrics` bundle with the metric names logged by the
 engine and the name of the primary metric (`the_metric`).

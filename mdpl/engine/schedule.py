@@ -4,18 +4,20 @@ The multiplier of step s (LambdaLR, so the very first update uses multiplier(0) 
 * s < W: s / W
 * W <= s <= T: ((lr - end_lr) * (1 - (s-W)/(T-W))^power + end_lr) / lr   (power 1, end_lr 0 -> linear to 0)
 * s > T: end_lr / lr
-This is HuggingFace's `get_polynomial_decay_schedule_with_warmup`, which the references use with
-lr = the optimizer's default lr (= learning_rate). `decay_power='cosine'` gives HuggingFace's cosine
-schedule with warmup (half a cosine from 1 to 0 over T-W steps).
+This is HuggingFace's `get_polynomial_decay_schedule_with_warmup`, which the references use with lr = the
+optimizer's default lr (= learning_rate); it is used here as is. `decay_power='cosine'` gives HuggingFace's
+`get_cosine_schedule_with_warmup` (half a cosine from 1 to 0 over T-W steps).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_cosine_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup
+
+from mdpl.errors import UserInputError
 
 
 def total_steps(batches_per_epoch: int, max_epoch: int, accumulate: int, max_steps: int | None = None) -> int:
@@ -38,37 +40,27 @@ def warmup_steps(warmup: float | int, total: int) -> int:
     return int(warmup)
 
 
-def polynomial_multiplier(step: int, warmup: int, total: int, power: float, lr: float, end_lr: float) -> float:
-    """LR multiplier of optimizer step `step` (see module docstring)."""
-    if step < warmup:
-        return float(step) / float(max(1, warmup))
-    if step > total:
-        return end_lr / lr
-    remaining = 1.0 - (step - warmup) / max(1, total - warmup)
-    return ((lr - end_lr) * remaining**power + end_lr) / lr
+def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int) -> LambdaLR:
+    """HuggingFace's warmup + polynomial (or cosine) LambdaLR for config keys warmup_steps, decay_power, end_lr.
 
-
-def cosine_multiplier(step: int, warmup: int, total: int) -> float:
-    """Warmup, then 0.5 * (1 + cos(pi * progress)) clipped at 0 (HuggingFace cosine, 0.5 cycles)."""
-    if step < warmup:
-        return float(step) / float(max(1, warmup))
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def lr_multiplier_fn(config: dict, total: int) -> Callable[[int], float]:
-    """The per-step multiplier for config keys warmup_steps, decay_power, learning_rate, end_lr."""
+    The same multiplier for every group (lr_init = the optimizer's default lr); step it every optimizer step.
+    """
     warm = warmup_steps(config["warmup_steps"], total)
     power = config.get("decay_power", 1)
     if power == "cosine":
-        return partial(cosine_multiplier, warmup=warm, total=total)
-    lr = float(config["learning_rate"])
+        return get_cosine_schedule_with_warmup(optimizer, warm, total)
+    lr, end_lr = float(optimizer.defaults["lr"]), float(config.get("end_lr", 0.0))
     if lr <= 0:
-        raise ValueError(f"learning_rate must be > 0 for the polynomial schedule, got {lr}")
-    return partial(polynomial_multiplier, warmup=warm, total=total, power=float(power), lr=lr,
-                   end_lr=float(config.get("end_lr", 0.0)))
+        raise UserInputError(f"learning_rate must be > 0 for the polynomial schedule, got {lr}")
+    if end_lr >= lr:
+        raise UserInputError(f"end_lr ({end_lr}) must be smaller than learning_rate ({lr}) for the polynomial schedule")
+    # T == W (e.g. a run of 0 optimizer steps): HuggingFace divides by T - W = 0 at step T; T = W + 1 gives the
+    # same multipliers there (1 at step W, end_lr / lr after it) for any power > 0.
+    return get_polynomial_decay_schedule_with_warmup(optimizer, warm, total + 1 if total == warm else total,
+                                                     lr_end=end_lr, power=float(power))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int) -> LambdaLR:
-    """LambdaLR with `lr_multiplier_fn` (same multiplier for every group; step it every optimizer step)."""
-    return LambdaLR(optimizer, lr_multiplier_fn(config, total))
+def lr_multiplier_fn(config: dict, total: int) -> Callable[[int], float]:
+    """The per-step multiplier of `build_scheduler` for a learning rate of config['learning_rate']."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(config["learning_rate"]))
+    return build_scheduler(probe, config, total).lr_lambdas[0]

@@ -16,10 +16,10 @@ How (METHODS.md §1.4 missing tables and dummies, §8 metrics):
 """
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,10 @@ from torchmetrics import MeanMetric
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
+from mdpl.errors import UserInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Leading columns of results.csv; the metrics (primary first, then the others, then loss) follow.
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
@@ -44,7 +48,8 @@ def _as_list(value, key: str) -> list:
     else:
         items = [value]
     if not items:
-        raise ValueError(f"{key} is empty; give e.g. {key}=[text,image,both] or {key}=[0.1,0.5,0.9]")
+        example = "[text,image,both]" if key == "test_types" else "[0.1,0.5,0.9]"
+        raise UserInputError(f"{key} is empty; give e.g. {key}={example}")
     return items
 
 
@@ -60,7 +65,7 @@ def sweep_specs(config: Mapping) -> list[MissingSpec] | None:
     """Scenarios of the sweep (type-major order), or None when neither ``test_types`` nor ``test_ratios`` is set.
 
     A missing list falls back to the single value: ``test_type`` / ``test_ratio``, else ``missing_type['test']`` /
-    ``missing_ratio['test']``. Raises ValueError on unknown types or ratios outside [0, 1].
+    ``missing_ratio['test']``. Raises UserInputError (a ValueError) on unknown types or ratios outside [0, 1].
     """
     types_value, ratios_value = config.get("test_types"), config.get("test_ratios")
     if types_value is None and ratios_value is None:
@@ -72,14 +77,18 @@ def sweep_specs(config: Mapping) -> list[MissingSpec] | None:
     types = _unique([str(t) for t in _as_list(types_value, "test_types")])
     bad = [t for t in types if t not in MISSING_TYPES]
     if bad:
-        raise ValueError(f"test_types has unknown missing types {bad}; use a list of {list(MISSING_TYPES)}")
+        raise UserInputError(f"test_types has unknown missing types {bad}; use a list of {list(MISSING_TYPES)}")
+    items = _as_list(ratios_value, "test_ratios")
     try:
-        ratios = _unique([float(r) for r in _as_list(ratios_value, "test_ratios")])
+        if any(isinstance(r, bool) for r in items):
+            raise TypeError("a switch is not a ratio")
+        ratios = _unique([float(r) for r in items])
     except (TypeError, ValueError):
-        raise ValueError(f"test_ratios={ratios_value!r} must be a list of numbers in [0, 1], e.g. [0.1,0.5,0.9]") from None
+        raise UserInputError(f"test_ratios={ratios_value!r} must be a list of numbers in [0, 1], "
+                             "e.g. [0.1,0.5,0.9]") from None
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
-        raise ValueError(f"test_ratios has values outside [0, 1]: {bad}")
+        raise UserInputError(f"test_ratios has values outside [0, 1]: {bad}")
     both, seed = float(config.get("both_ratio", 0.5)), int(config.get("seed", 0))
     return [MissingSpec(t, r, both, seed) for t in types for r in ratios]
 
@@ -179,17 +188,14 @@ def result_rows(sweep: MissingSweep, config: Mapping, checkpoint: str | None) ->
             for spec, values in zip(sweep.specs, sweep.results)]
 
 
-def write_csv(rows: Sequence[Mapping], path: Path) -> Path:
-    """A CSV of `rows` (columns: the union of their keys, in first-seen order); floats written with repr
-    so they read back exactly. Used for results.csv and by scripts/aggregate.py."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+def write_csv(rows: Sequence[Mapping] | pd.DataFrame, path: Path) -> Path:
+    """A CSV of `rows` (dicts: columns = the union of their keys in first-seen order; or a DataFrame). Floats are
+    written in their shortest round-trip form (= repr) so they read back exactly, NaN (and a key a row lacks) as
+    'nan', lines end in CRLF (the csv module's format). Used for results.csv and by scripts/aggregate.py."""
+    import pandas as pd
+
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    frame.to_csv(path, index=False, na_rep="nan", lineterminator="\r\n")
     return path
 
 
@@ -199,16 +205,17 @@ def _pct(value: float) -> str:
 
 def markdown_table(rows: Sequence[Mapping], primary: str) -> str:
     """Paper-style table (rows = missing type, columns = missing rate, ``primary`` x 100) + the full table."""
-    types = _unique([r["type"] for r in rows])
-    ratios = sorted(_unique([float(r["ratio"]) for r in rows]))
-    cell = {(r["type"], float(r["ratio"])): r[primary] for r in rows}
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows)).astype({"ratio": float})
+    grid = frame.pivot(index="type", columns="ratio", values=primary).reindex(   # types in sweep order
+        index=frame["type"].unique(), columns=sorted(frame["ratio"].unique()))
     first = rows[0]
     lines = [f"## {first['dataset']} — {first['method']} ({first['backbone']}), seed {first['seed']}", "",
              f"checkpoint: `{first['checkpoint']}`", "", f"{primary} (×100) by missing type and missing rate:", "",
-             "| missing type | " + " | ".join(f"{100 * r:g}%" for r in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
-    for t in types:
-        lines.append(f"| {t} | " + " | ".join(_pct(cell.get((t, r), math.nan)) for r in ratios) + " |")
+             "| missing type | " + " | ".join(f"{100 * r:g}%" for r in grid.columns) + " |",
+             "|---|" + "---:|" * len(grid.columns)]
+    lines += [f"| {t} | " + " | ".join(_pct(v) for v in values) + " |" for t, values in grid.iterrows()]
     metric_names = [k for k in first if k not in ID_COLUMNS]
     header = [f"{m} (×100)" if m != "loss" else "loss" for m in metric_names]
     lines += ["", "All metrics:", "", "| type | ratio | " + " | ".join(header) + " |",
