@@ -176,6 +176,10 @@ def base_config():
     resume_from = ""              # a last.ckpt/any .ckpt of a killed run: restores model, optimizer, scheduler, step, RNG
     resume = False                # True: resume from <latest version of this run's base dir>/checkpoints/last.ckpt
     checkpoint_every_n_steps = 0  # > 0: also save last.ckpt every n optimizer steps (mid-epoch resume); 0 = epoch ends only
+    # loggers, a name or a list: tensorboard, csv, wandb, mlflow (e.g. logger=csv or logger=[csv,wandb]); wandb / mlflow
+    # need their package; wandb runs offline (<run_dir>/wandb, `wandb sync` later) unless WANDB_MODE is set, mlflow
+    # writes <run_dir>/mlruns unless MLFLOW_TRACKING_URI is set
+    logger = "tensorboard,csv"
 
     # --- demo (mdpl/demo.py; `make demo` = `python run.py with demo`) ---------------------------------
     demo = False                  # True: run the embedded demo instead of one training run

@@ -7,7 +7,10 @@
 Run directory: log_dir/<exp_name>_seed<seed>_from_<Path(load_path).stem or 'scratch'>/version_<n>/ with
 checkpoints/ (best by val/the_metric + last), tensorboard/, csv/ and test_metrics.json. A new version_<n> is
 made for every run, so an earlier run's checkpoints are never overwritten; a resumed run continues in the
-run directory of its checkpoint (mdpl.engine.resume). A run that fails before its first step leaves none.
+run directory of its checkpoint (mdpl.engine.resume), and a requeued SLURM job in the directory it made
+before. A run that fails before its first step leaves none. Under DDP global rank 0 chooses the directory once
+the processes are connected and shares it (mdpl.engine.trainer.RunDirectory), however they were started
+(Lightning's launcher, torchrun, srun); only rank 0 writes files and returns the result.
 Training runs end with `trainer.test` on the best checkpoint. `test_only=True` loads every tensor from
 load_path strictly: an mdpl checkpoint (its config must agree on the model keys, mdpl.engine.module.MODEL_KEYS)
 or a reference training checkpoint (mdpl.models.classifier.load_trained_weights); anything else is refused.
@@ -16,17 +19,19 @@ Mistakes in the user's input (mdpl.errors.UserInputError) end as one `error: ...
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from sacred import SETTINGS
+# sacred 0.8 imports pkg_resources, which warns about its own deprecation on every start; nothing to act on here
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning,
+                        module=r"sacred(\.|$)")
 
-from config import ex
+from sacred import SETTINGS  # noqa: E402
+
+from config import ex  # noqa: E402
 
 SETTINGS.CAPTURE_MODE = "no"   # let Lightning's progress bar and DDP child processes own stdout/stderr
-RUN_DIR_ENV = "MDPL_RUN_DIR"  # set by rank 0 so that DDP child processes reuse its run directory
-_OWN_RUN_DIRS: set[str] = set()
 
 
 def run_base_dir(config: Mapping) -> Path:
@@ -36,29 +41,37 @@ def run_base_dir(config: Mapping) -> Path:
 
 
 def new_run_dir(config: Mapping, resume_path: str | None = None) -> tuple[Path, bool]:
-    """(run directory, whether this call created it), exported as $MDPL_RUN_DIR.
+    """(run directory, whether this call created it). Called once per run, by global rank 0 (RunDirectory).
 
-    A resumed run continues in its checkpoint's run directory; any other run gets a fresh base/version_<n>
-    (first unused n). A $MDPL_RUN_DIR not set by this process (inherited by the DDP child processes that
-    Lightning's launcher starts by re-running this script, or set by the user for torchrun/SLURM jobs) is used as is.
+    A resumed run continues in its checkpoint's run directory; a requeued SLURM job that has no checkpoint yet in
+    the directory it made (mdpl.engine.resume.slurm_run_dir) starts again there; any other run gets a fresh
+    base/version_<n> (first unused n, claimed by an atomic mkdir). A training run in a SLURM batch job records
+    the job id in its directory, so that the job finds it again after a requeue.
     """
-    from mdpl.engine.resume import resume_run_dir
+    from mdpl.engine.resume import record_slurm_job, resume_run_dir, slurm_job_id, slurm_run_dir
 
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and inherited not in _OWN_RUN_DIRS:
-        return Path(inherited), False
+    job = None if config.get("test_only") else slurm_job_id()
     if resume_path:
-        run_dir, created = resume_run_dir(resume_path), False
-    else:
-        base = run_base_dir(config)
-        version = 0
-        while (base / f"version_{version}").exists():
+        run_dir = resume_run_dir(resume_path)
+        if job:
+            record_slurm_job(run_dir, job)
+        return run_dir, False
+    base = run_base_dir(config)
+    previous = slurm_run_dir(base, job) if job else None
+    if previous is not None:
+        return previous, False
+    base.mkdir(parents=True, exist_ok=True)
+    version = 0
+    while True:
+        run_dir = base / f"version_{version}"
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
             version += 1
-        run_dir, created = base / f"version_{version}", True
-        run_dir.mkdir(parents=True, exist_ok=False)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    _OWN_RUN_DIRS.add(str(run_dir))
-    return run_dir, created
+    if job:
+        record_slurm_job(run_dir, job)
+    return run_dir, True
 
 
 def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
@@ -101,7 +114,8 @@ def build_test_module(config: dict, model=None):
 
 
 def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> dict:
-    """Train then test (best checkpoint), or only test (test_only). Returns run_dir, best checkpoint, test metrics.
+    """Train then test (best checkpoint), or only test (test_only). Returns run_dir, best checkpoint, test metrics
+    (and the sweep outputs, and this process's global rank: under DDP only rank 0 writes test_metrics.json).
 
     `datamodule` / `model` / `trainer_overrides` let tests inject stubs; by default
     `mdpl.data.datamodule.MDPLDataModule(config)` and `mdpl.models.build_classifier(config)`.
@@ -110,10 +124,11 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
 
     from mdpl.engine.module import MDPLModule, to_plain
     from mdpl.engine.sweep import attach_sweep, sweep_specs, write_outputs
-    from mdpl.engine.trainer import build_trainer
+    from mdpl.engine.trainer import RunDirectory, build_trainer, logger_names
     from mdpl.validate import validate_config
 
     config = to_plain(config)
+    logger_names(config)   # an unknown logger or a missing logger package: one line before any work
     validate_config(config, check_data=datamodule is None)   # one clear ValueError before any work
     sweep_specs(config)   # test_types / test_ratios checked before any work (issue 5)
     pl.seed_everything(int(config["seed"]), workers=True)
@@ -126,33 +141,36 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
         check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone, seed, ...)
     # test_only: the checkpoint is checked (other method / backbone -> error) before the run directory exists
     module = build_test_module(config, model) if config.get("test_only") else None
-    run_dir, created = new_run_dir(config, resume_path)
+    # chosen (and created) by global rank 0 when the run starts, then shared with every rank
+    directory = RunDirectory(config, choose=lambda: new_run_dir(config, resume_path))
     trainer = None
     try:
         if config.get("test_only"):
             sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
-            trainer = build_trainer(config, run_dir, **trainer_overrides)
+            trainer = build_trainer(config, directory, **trainer_overrides)
             results = trainer.test(module, datamodule=datamodule)
             best = config["load_path"]
         else:
             module = MDPLModule(config, model=model)
-            trainer = build_trainer(config, run_dir, **trainer_overrides)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True
+            trainer = build_trainer(config, directory, **trainer_overrides)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True / SLURM requeue
             callback = trainer.checkpoint_callback
             best = callback.best_model_path if callback is not None and callback.best_model_path else None
             sweep = attach_sweep(module, datamodule, config)
             results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
     except BaseException:
-        if created:
-            remove_if_empty_run(run_dir, trainer.global_step if trainer is not None else 0)
+        if directory.created:
+            remove_if_empty_run(directory.path, trainer.global_step if trainer is not None else 0)
         raise
+    run_dir = directory.path
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     swept = None
     if trainer.is_global_zero:
         (run_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2))
         if sweep is not None:
             swept = write_outputs(sweep, config, run_dir, best)   # results.csv / results.md / robustness PNG
-    return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics, "sweep": swept}
+    return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics, "sweep": swept,
+            "global_rank": trainer.global_rank}
 
 
 @ex.automain
@@ -165,7 +183,8 @@ def main(_config, _run):
         if _config.get("demo"):  # `python run.py with demo` (make demo): the embedded end-to-end demo
             from mdpl.demo import run_demo
             return run_demo(_config)["table"]
-        return run(_config)["test"]
+        out = run(_config)
+        return out["test"] if out["global_rank"] == 0 else None   # DDP: Sacred prints rank 0's result only
     except UserInputError as err:   # one line on stderr, exit status 2 (MDPL_DEBUG=1: the traceback)
         if debug_enabled():
             raise

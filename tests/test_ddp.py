@@ -34,24 +34,34 @@ def data(tmp_path_factory) -> dict:
     return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
 
 
-def _run(data: dict, log_dir: Path, processes: int) -> Path:
-    cmd = [sys.executable, "run.py", "with", "task_finetune_hatememes", "map", "tiny", f"data_root={data['arrow']}",
-           f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={log_dir}",
-           f"per_gpu_batchsize={BATCH}", f"batch_size={2 * BATCH}", "max_epoch=1", "learning_rate=1e-30",
-           "deterministic=True", f"num_cpu_processes={processes}"]
-    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_args(data: dict, log_dir: Path, processes: int) -> list[str]:
+    """``run.py with ...`` arguments of the 1-epoch, lr 1e-30 run on the synthetic data."""
+    return ["run.py", "with", "task_finetune_hatememes", "map", "tiny", f"data_root={data['arrow']}",
+            f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={log_dir}",
+            f"per_gpu_batchsize={BATCH}", f"batch_size={2 * BATCH}", "max_epoch=1", "learning_rate=1e-30",
+            "deterministic=True", f"num_cpu_processes={processes}"]
+
+
+def finished_run(cmd: list[str], log_dir: Path, processes: int) -> Path:
+    """Runs ``cmd``; checks that it wrote one run directory and printed its result once; returns the directory."""
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     versions = sorted((log_dir / "finetune_hatememes_seed0_from_scratch").iterdir())
-    assert [v.name for v in versions] == ["version_0"], versions   # rank 1 reused rank 0's run directory
+    assert [v.name for v in versions] == ["version_0"], versions   # every rank used rank 0's run directory
+    assert sorted(p.name for p in log_dir.iterdir()) == ["finetune_hatememes_seed0_from_scratch"]
+    assert out.stderr.count("Result: {") == 1, out.stderr[-3000:]   # Sacred prints rank 0's result only
     if processes > 1:
         assert "distributed_backend=gloo" in out.stdout + out.stderr
         assert "Starting with 2 processes" in out.stdout + out.stderr
     return versions[0]
 
 
-def _eval_metrics(run_dir: Path) -> dict[str, float]:
+def _run(data: dict, log_dir: Path, processes: int) -> Path:
+    return finished_run([sys.executable, *run_args(data, log_dir, processes)], log_dir, processes)
+
+
+def eval_metrics(run_dir: Path) -> dict[str, float]:
     """Validation metrics (csv log) and test metrics (test_metrics.json) of a run."""
     metrics = json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
     with open(run_dir / "csv" / "metrics.csv") as f:
@@ -60,10 +70,9 @@ def _eval_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def test_two_process_ddp_matches_one_process(data: dict, tmp_path: Path) -> None:
-    one = _run(data, tmp_path / "one", 1)
-    two = _run(data, tmp_path / "two", 2)
-    m1, m2 = _eval_metrics(one), _eval_metrics(two)
+def assert_same_evaluation(one: Path, two: Path) -> None:
+    """Same validation and test metrics (1e-6) and the same weights (the premise) in two run directories."""
+    m1, m2 = eval_metrics(one), eval_metrics(two)
     expected = {"hatememes/val/AUROC", "hatememes/val/accuracy", "hatememes/val/loss", "val/the_metric",
                 "hatememes/test/AUROC", "hatememes/test/accuracy", "hatememes/test/loss", "test/the_metric"}
     assert expected <= set(m1) and set(m1) == set(m2), (sorted(m1), sorted(m2))
@@ -75,3 +84,7 @@ def test_two_process_ddp_matches_one_process(data: dict, tmp_path: Path) -> None
     assert w1["global_step"] == w2["global_step"] == N_TRAIN // (2 * BATCH)
     for key, value in w1["state_dict"].items():
         assert torch.allclose(value.double(), w2["state_dict"][key].double(), rtol=0, atol=1e-20), key
+
+
+def test_two_process_ddp_matches_one_process(data: dict, tmp_path: Path) -> None:
+    assert_same_evaluation(_run(data, tmp_path / "one", 1), _run(data, tmp_path / "two", 2))

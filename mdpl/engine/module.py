@@ -66,23 +66,31 @@ def config_mismatches(ckpt_config: Mapping, config: Mapping) -> list[str]:
             for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
 
 
+def checkpoint_build_config(config: Mapping) -> dict:
+    """Copy of `config` that builds the classifier whose every weight a checkpoint gives afterwards: test_only,
+    with `load_path` and `clip_path` emptied, so no pre-training or checkpoint file is opened."""
+    return {**to_plain(config), "test_only": True, "load_path": "", "clip_path": ""}
+
+
 class MDPLModule(pl.LightningModule):
     """Classifier + loss (§7.5) + metrics (§8) + optimizer (§7.3) + schedule (§7.4).
 
     `model` injects a prebuilt classifier (tests, test_only); by default `mdpl.models.build_classifier(config)`.
     The config is stored (as a plain copy) in `hparams.config` and therefore in every checkpoint.
+    `weights_from_checkpoint=True` (set by `load_from_checkpoint`) builds the classifier without reading the
+    pre-training files the config names (`load_path`, `clip_path`): a checkpoint then gives every weight.
     """
 
     SYNC_FREE_DEVICES: tuple[str, ...] = ("cpu",)  # reading a tensor here costs no device sync: check every step
 
-    def __init__(self, config: Mapping, model: nn.Module | None = None) -> None:
+    def __init__(self, config: Mapping, model: nn.Module | None = None, weights_from_checkpoint: bool = False) -> None:
         super().__init__()
         self.config = to_plain(config)
         self.save_hyperparameters({"config": self.config})
         self.dataset = self.config["dataset"]
         if model is None:
             from mdpl.models import build_classifier  # lazy: tests inject stub models
-            model = build_classifier(self.config)
+            model = build_classifier(checkpoint_build_config(self.config) if weights_from_checkpoint else self.config)
         if self.config.get("compile", False):  # opt-in; in place, so state-dict keys (checkpoints) are unchanged
             model.compile()
         self.model = model
@@ -90,6 +98,15 @@ class MDPLModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({f"{p}_phase": build_task_metrics(self.dataset) for p in PHASES})
         self.loss_means = nn.ModuleDict({f"{p}_phase": MeanMetric() for p in PHASES})
         self.total_steps: int | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, **kwargs):
+        """Lightning's `load_from_checkpoint`: the module of the checkpoint's stored config, every weight from the
+        file. The pre-training files of that config (`load_path`, `clip_path`) are not read: they may be gone."""
+        kwargs.setdefault("weights_from_checkpoint", True)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
     # ------------------------------------------------------------------ forward / steps
     def forward(self, batch: dict) -> dict:
@@ -164,9 +181,12 @@ class MDPLModule(pl.LightningModule):
             return {}
         values = metrics.compute()
         values["loss"] = self.loss_means[f"{phase}_phase"].compute()
+        # the values are already reduced over the DDP ranks (equal on all): a max over ranks keeps them exactly
+        # and tells Lightning they are synchronised (no sync_dist warning)
         for name, value in values.items():
-            self.log(f"{self.dataset}/{phase}/{name}", value, prog_bar=False)
-        self.log(f"{phase}/the_metric", values[metrics.primary], prog_bar=phase != "train")
+            self.log(f"{self.dataset}/{phase}/{name}", value, prog_bar=False, sync_dist=True, reduce_fx="max")
+        self.log(f"{phase}/the_metric", values[metrics.primary], prog_bar=phase != "train", sync_dist=True,
+                 reduce_fx="max")
         metrics.reset()
         self.loss_means[f"{phase}_phase"].reset()
         return {k: float(v) for k, v in values.items()}

@@ -6,6 +6,10 @@
 * The resumed run continues in the run directory of that checkpoint (:func:`resume_run_dir`). Lightning keeps
   the best-checkpoint record only when the checkpoint folder is unchanged; in a new folder the first
   validation after the resume would count as "best" and the final test would use a worse epoch.
+* A SLURM batch job that was requeued (same ``SLURM_JOB_ID``, a new process; e.g. by Lightning's auto-requeue on
+  ``SIGUSR1``, which first saves ``<run_dir>/hpc_ckpt_<n>.ckpt``) finds its run directory again by the job id that
+  its first start recorded there (:data:`SLURM_JOB_FILE`) and resumes from the newest checkpoint in it
+  (``hpc_ckpt_<n>.ckpt`` or ``checkpoints/last.ckpt``), without ``resume=True``.
 * :class:`ResumeState` adds what Lightning does not restore: the Python / NumPy / torch RNG states at save time
   and the position in the epoch. The data order is a function of (seed, epoch) (:mod:`mdpl.data.sampler`), so a
   mid-epoch resume skips exactly the batches already trained on, in every run, with or without
@@ -13,7 +17,9 @@
 """
 from __future__ import annotations
 
+import os
 import random
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,20 +33,72 @@ STATE_KEY = "mdpl_resume"
 # Keys that decide the data and the optimisation: a resumed run must keep them to continue the same run.
 RUN_KEYS = ("seed", "per_gpu_batchsize", "batch_size", "missing_ratio", "missing_type", "both_ratio",
             "simulate_missing", "learning_rate", "weight_decay", "warmup_steps", "decay_power", "end_lr")
+SLURM_JOB_FILE = "slurm_job_id"
+"""File in a training run's directory: the id of the SLURM job that last trained in it (found again on requeue)."""
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_\d+\.ckpt")
+"""Lightning's SLURM requeue checkpoints, saved in the trainer's default_root_dir = the run directory."""
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM batch job's id as ``scontrol requeue`` names it (``<array job>_<task>`` for an array task); None
+    outside SLURM and in interactive allocations (``SLURM_JOB_NAME`` bash / interactive, as Lightning decides)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.job_id() is None:
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if array else os.environ["SLURM_JOB_ID"]
+
+
+def record_slurm_job(run_dir: Path, job_id: str) -> None:
+    (Path(run_dir) / SLURM_JOB_FILE).write_text(job_id + "\n")
+
+
+def _slurm_job_of(run_dir: Path) -> str | None:
+    path = Path(run_dir) / SLURM_JOB_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def slurm_run_dir(base_dir: Path, job_id: str) -> Path | None:
+    """The run directory under ``base_dir`` that SLURM job ``job_id`` used before it was requeued, or None."""
+    found = [p for p in Path(base_dir).glob("version_*") if _slurm_job_of(p) == job_id]
+    return max(found, key=_version_number) if found else None
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written of ``hpc_ckpt_<n>.ckpt`` (SLURM requeue) and ``checkpoints/last.ckpt``, or None."""
+    candidates = [p for p in Path(run_dir).iterdir() if HPC_CHECKPOINT.fullmatch(p.name)]
+    candidates += [p for p in [Path(run_dir) / "checkpoints" / "last.ckpt"] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def _version_number(path: Path) -> int:
+    suffix = path.name.split("_")[1]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``resume_from``, else (``resume=True``) the newest version's last.ckpt."""
+    """The checkpoint to resume from: in a requeued SLURM job, the newest checkpoint of the run directory this job
+    used before (:func:`slurm_run_dir`; it restarts with the same command line, so this goes before
+    ``resume_from``); else ``resume_from``; else (``resume=True``) the newest version's last.ckpt."""
     path = config.get("resume_from") or ""
+    if path and not Path(path).is_file():
+        raise UserInputError(f"resume_from={path} does not exist; pass a .ckpt of a previous run "
+                             f"(e.g. {base_dir}/version_0/checkpoints/last.ckpt)")
+    job = slurm_job_id()
+    previous = slurm_run_dir(base_dir, job) if job else None
+    if previous is None and job and path:   # resumed from resume_from, in a directory outside base_dir
+        previous = resume_run_dir(path) if _slurm_job_of(resume_run_dir(path)) == job else None
+    if previous is not None and (checkpoint := newest_checkpoint(previous)) is not None:
+        from pytorch_lightning.utilities import rank_zero_info
+        rank_zero_info(f"[mdpl] SLURM job {job} was requeued: resuming from {checkpoint} in its run directory")
+        return str(checkpoint)
     if path:
-        if not Path(path).is_file():
-            raise UserInputError(f"resume_from={path} does not exist; pass a .ckpt of a previous run "
-                                 f"(e.g. {base_dir}/version_0/checkpoints/last.ckpt)")
         return str(path)
     if not config.get("resume"):
         return None
     versions = sorted((p for p in base_dir.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
-                      key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
+                      key=_version_number)
     if not versions:
         raise UserInputError(f"resume=True but no {base_dir}/version_*/checkpoints/last.ckpt exists; "
                              "start without resume, or pass resume_from=<ckpt>")
@@ -48,8 +106,11 @@ def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
 
 
 def resume_run_dir(checkpoint_path: str | Path) -> Path:
-    """The run directory a checkpoint belongs to (``<run_dir>/checkpoints/<name>.ckpt``): the resumed run goes on there."""
+    """The run directory a checkpoint belongs to (``<run_dir>/checkpoints/<name>.ckpt``, or a SLURM requeue
+    checkpoint ``<run_dir>/hpc_ckpt_<n>.ckpt``): the resumed run goes on there."""
     path = Path(checkpoint_path).resolve()
+    if HPC_CHECKPOINT.fullmatch(path.name):
+        return path.parent
     if path.parent.name != "checkpoints":
         raise UserInputError(f"cannot resume from {checkpoint_path}: it is not in the checkpoints/ folder of an mdpl run "
                              "directory, where the resumed run continues (and finds its best checkpoint so far); "
@@ -130,13 +191,14 @@ class ResumeState(pl.Callback):
             self._rng = None
 
 
-def resume_callbacks(config: Mapping, run_dir: Path) -> list[pl.Callback]:
-    """[ResumeState] + a ModelCheckpoint writing last.ckpt every ``checkpoint_every_n_steps`` optimizer steps."""
+def resume_callbacks(config: Mapping) -> list[pl.Callback]:
+    """[ResumeState] + a ModelCheckpoint writing last.ckpt every ``checkpoint_every_n_steps`` optimizer steps (its
+    folder, <run_dir>/checkpoints, is set once the run directory is known: mdpl.engine.trainer.RunDirectory)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     every = int(config.get("checkpoint_every_n_steps") or 0)
     callbacks: list[pl.Callback] = [ResumeState()]
     if every > 0:   # monitor-less 'last' file: save_last=True would write last-v1.ckpt once the epoch-end last.ckpt exists
-        callbacks.append(ModelCheckpoint(dirpath=Path(run_dir) / "checkpoints", filename="last", monitor=None,
+        callbacks.append(ModelCheckpoint(dirpath=None, filename="last", monitor=None,
                                          save_top_k=1, every_n_train_steps=every, enable_version_counter=False))
     return callbacks
