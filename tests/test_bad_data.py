@@ -139,7 +139,7 @@ def test_missing_file_is_a_user_error_and_a_file_not_found_error(tmp_path) -> No
 def test_run_cli_with_corrupted_arrow_is_one_line(food_root, bert_vocab_dir, tmp_path) -> None:
     path = food_root / "food101_test.arrow"
     path.write_bytes(path.read_bytes()[:100])
-    env = {k: v for k, v in os.environ.items() if k not in ("MDPL_RUN_DIR", "MDPL_DEBUG")}
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_DEBUG"}
     cmd = [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", f"data_root={food_root}",
            f"tokenizer={bert_vocab_dir}", f"vocab_size={len(VOCAB)}", f"log_dir={tmp_path / 'result'}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -76,7 +76,7 @@ def test_wrong_data_root_lists_expected_files_and_command(data, tmp_path) -> Non
 
 
 def test_wrong_data_root_cli_is_one_line_without_traceback(data, tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_DEBUG"}  # one-line errors, no traceback
     cmd = [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", f"data_root={tmp_path / 'nope'}",
            f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={tmp_path / 'result'}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -90,7 +90,7 @@ def test_ambiguous_combinations_are_refused(names, message) -> None:
 
 
 def test_cli_refuses_tiny_before_the_task(tmp_path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_DEBUG"}  # one-line errors, no traceback
     cmd = [sys.executable, "run.py", "with", "tiny", "task_finetune_food101", "map", f"log_dir={tmp_path / 'result'}"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]

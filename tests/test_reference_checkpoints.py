@@ -204,7 +204,7 @@ def test_cli_refuses_a_pretraining_checkpoint_in_one_line(data, tmp_path) -> Non
         backbone = build_classifier(cfg).backbone.state_dict()      # ViLT checkpoint keys (text_embeddings.*, ...)
     path = tmp_path / "vilt_pretrained.ckpt"
     torch.save({"state_dict": backbone}, path)
-    env = {k: v for k, v in os.environ.items() if k != "MDPL_RUN_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "MDPL_DEBUG"}  # one-line errors, no traceback
     cmd = [sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", "test_only=True",
            f"load_path={path}", f"data_root={cfg['data_root']}", f"tokenizer={cfg['tokenizer']}",
            f"vocab_size={cfg['vocab_size']}", f"log_dir={tmp_path / 'result'}"]

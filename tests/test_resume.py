@@ -43,7 +43,7 @@ def _run(data: dict, log_dir: Path, *extra: str, kill_after: int | None = None, 
            f"tokenizer={data['tok']}", f"vocab_size={data['vocab_size']}", f"log_dir={log_dir}",
            f"per_gpu_batchsize={BATCH}", f"batch_size={batch_size}", f"max_epoch={epochs}", "deterministic=True",
            f"num_cpu_processes={processes}", *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("MDPL_RUN_DIR", "MDPL_TEST_KILL_AFTER_STEP")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MDPL_DEBUG", "MDPL_TEST_KILL_AFTER_STEP")}
     env["OMP_NUM_THREADS"] = "1"
     if kill_after is not None:
         env["MDPL_TEST_KILL_AFTER_STEP"] = str(kill_after)
