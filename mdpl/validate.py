@@ -5,7 +5,12 @@ no prompt_method (there is no default: name a preset or set it), unknown dataset
 method without a variant for the backbone), a key that only another method reads, prompt layers outside
 ``[0, num_layers)``, non-positive prompt lengths, ``top_k`` > ``mem_size``, ``per_gpu_batchsize`` <= 0,
 missing ratios outside [0, 1], unknown missing types, ``test_only`` without ``load_path``, a ``load_path``
-that does not exist, and a ``data_root`` that is not a folder or lacks the arrow files of the run.
+that does not exist, and a ``data_root`` that is not a folder or lacks the arrow files of the run. Also the
+value types and ranges of the run settings (`check_switches`, `check_model_sizes`, `check_trainer`,
+`check_optimisation`, `check_data_options`: on/off keys that are not booleans, sizes that do not divide, GPUs
+without CUDA, unknown precision, a run length of 0, warmup/decay/optimizer values, sweep lists) and the files the
+run reads or writes (`check_files`: clip_path / clip_sha256, the format of load_path and resume_from, the
+tokenizer folder, dcp_dynamic_queries, log_dir and missing_table_root).
 
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
@@ -18,12 +23,15 @@ was set by the user and is refused, naming the method that reads it.
 from __future__ import annotations
 
 import copy
+import os
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES
-from mdpl.data.dataset import arrow_path
+from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
 from mdpl.errors import UserInputError
 
@@ -106,6 +114,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # ------------------------------------------------------------------------------------ components
 def check_dataset_and_backbone(config: Mapping) -> None:
     dataset = config.get("dataset")
@@ -174,6 +186,8 @@ def _check_layers(config: Mapping, key: str, n_layers: int, what: str) -> None:
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         _fail(f"{key}={list(layers)} has layers {bad} outside 0..{n_layers - 1} ({what} has {n_layers} layers)")
+    if len(set(layers)) != len(layers):
+        _fail(f"{key}={list(layers)} names a layer twice; list each prompted layer once")
 
 
 def _check_positive(config: Mapping, key: str) -> None:
@@ -199,15 +213,33 @@ def check_prompt_sizes(config: Mapping) -> None:
             _fail(f"prompt_depth={value!r} must be an integer in 0..{n_layers} ({what} has {n_layers} layers)")
         if value > 0:
             _check_positive(config, "prompt_length")
+            if "prompt_length" in config and config["prompt_length"] % 3:
+                _fail(f"prompt_length={config['prompt_length']} must be a multiple of 3 for dcp: a third each for "
+                      "the layer, modal-common and dynamic prompts (e.g. prompt_length=36)")
+        elif config.get("dcp_dynamic", True) or config.get("dcp_common", True):
+            _fail("prompt_depth=0 inserts no prompts, so dcp_dynamic and dcp_common cannot be on; also set "
+                  "dcp_dynamic=False dcp_common=False (or choose prompt_depth >= 1)")
         return
     if method == "map":
         _check_positive(config, "prompt_length")
         _check_layers(config, "prompt_layers", n_layers, what)
+        if not config.get("prompt_layers", [0]):
+            _fail("prompt_layers=[] prompts no layer; give the layers MAP prompts (e.g. prompt_layers=[0,1,2,3,4,5])")
+        prompt_type = config.get("prompt_type", "input")
+        if prompt_type not in ("input", "attention"):
+            _fail(f"prompt_type={prompt_type!r} is not a MAP prompt type; choose input or attention")
+        if (prompt_type == "attention" and config.get("learnt_p", True) and "prompt_length" in config
+                and config["prompt_length"] % 2):
+            _fail(f"prompt_length={config['prompt_length']} must be even with prompt_type=attention: learnt "
+                  "attention prompts are split into key and value halves (e.g. prompt_length=16)")
     elif method == "memprompt":
         for key in ("gen_prompt_length", "shared_prompt_length", "mem_size", "top_k", "bottleneck_dim"):
             _check_positive(config, key)
         for key in ("gen_prompt_layers", "shared_prompt_layers"):
             _check_layers(config, key, n_layers, what)
+        if not config.get("gen_prompt_layers", [0]) and not config.get("shared_prompt_layers", [0]):
+            _fail("gen_prompt_layers and shared_prompt_layers are both empty: MemPrompt would prompt no layer; "
+                  "give at least one of them layers (e.g. gen_prompt_layers=[0,1,2,3,4,5])")
         if "top_k" in config and "mem_size" in config and config["top_k"] > config["mem_size"]:
             _fail(f"top_k={config['top_k']} exceeds mem_size={config['mem_size']}: "
                   f"MemPrompt retrieves top_k of the mem_size memory prompts; lower top_k")
@@ -217,8 +249,10 @@ def check_batch(config: Mapping) -> None:
     for key in ("per_gpu_batchsize", "batch_size"):
         if key in config and not (_is_int(config[key]) and config[key] > 0):
             _fail(f"{key} must be a positive integer, got {config[key]!r} (e.g. {key}=32)")
-    if not config.get("test_only") and "learning_rate" in config and not float(config["learning_rate"]) > 0:
-        _fail(f"learning_rate must be > 0, got {config['learning_rate']!r} (the warmup/decay schedule scales it)")
+    lr = config.get("learning_rate")
+    if not config.get("test_only") and "learning_rate" in config and not (_is_number(lr) and lr > 0):
+        _fail(f"learning_rate must be > 0, got {lr!r} (a number, e.g. learning_rate=1e-2; the warmup/decay "
+              "schedule scales it)")
 
 
 def _check_ratio(key: str, value: Any) -> None:
@@ -277,6 +311,285 @@ def check_data_root(config: Mapping) -> None:
         check_arrow_file(arrow_path(root, dataset, split), dataset)
 
 
+# ---------------------------------------------------------------------------------- run settings
+BOOL_KEYS = ("test_only", "finetune", "frozen_eval_mode", "simulate_missing", "compile", "resume",
+             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters", "learnt_p",
+             "multi_layer_prompt", "memprompt_mask_padding", "dcp_correlated", "dcp_dynamic", "dcp_common",
+             "dcp_dynamic_trainable", "dcp_independent_init", "dcp_skip_missing")
+"""Switches: True or False only (a string such as 'no' would count as True)."""
+VILT_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "patch_size", "image_size", "vocab_size")
+CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+                  "clip_vision_head_width", "clip_context_length", "clip_vocab_size", "clip_text_width",
+                  "clip_text_heads", "clip_text_layers")
+OPTIMIZER_IMPLS = ("legacy_hf", "torch")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_DURATION = re.compile(r"\d+:\d+:\d+:\d+")   # Lightning's time-based val_check_interval, 'DD:HH:MM:SS'
+
+
+def _check_int(config: Mapping, key: str, minimum: int, hint: str = "") -> None:
+    """`key` (when present and not None) must be an int >= minimum."""
+    value = config.get(key)
+    if value is not None and not (_is_int(value) and value >= minimum):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        _fail(f"{key}={value!r} must be {what}{hint}")
+
+
+def _check_number(config: Mapping, key: str, low: float, high: float | None = None, low_open: bool = False,
+                  hint: str = "") -> None:
+    """`key` (when present and not None) must be a number in [low, high) (``low_open``: (low, high))."""
+    value = config.get(key)
+    if value is None:
+        return
+    ok = _is_number(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low:g}" if high is None else \
+            f"in {'(' if low_open else '['}{low:g}, {high:g})"
+        _fail(f"{key}={value!r} must be a number {bounds}{hint}")
+
+
+def check_switches(config: Mapping) -> None:
+    """On/off keys must be booleans: `test_only=no` would otherwise be a (truthy) string."""
+    for key in BOOL_KEYS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            _fail(f"{key}={value!r} must be True or False (e.g. {key}=True)")
+    value = config.get("fast_dev_run", False)
+    if not (isinstance(value, bool) or (_is_int(value) and value >= 0)):
+        _fail(f"fast_dev_run={value!r} must be True, False or a number of batches (e.g. fast_dev_run=2)")
+
+
+def check_model_sizes(config: Mapping) -> None:
+    """The backbone's size keys: positive integers that fit together (heads divide widths, patches tile images)."""
+    from mdpl.data.tokenizers import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
+
+    _check_number(config, "drop_rate", 0.0, 1.0, hint=" (a dropout probability, e.g. drop_rate=0.1)")
+    if config.get("backbone", "vilt") == "clip":
+        for key in CLIP_SIZE_KEYS:
+            _check_int(config, key, 1)
+        size, clip_size = config.get("image_size"), config.get("clip_image_size")
+        _check_int(config, "image_size", 1)
+        if size is not None and clip_size is not None and size != clip_size:
+            _fail(f"image_size={size} (the CLIP transform) differs from clip_image_size={clip_size} (the CLIP "
+                  "vision tower's positions); set both to the same value (224 for ViT-B/16)")
+        for key, divisor in (("clip_image_size", "clip_patch_size"), ("clip_vision_width", "clip_vision_head_width"),
+                             ("clip_text_width", "clip_text_heads")):
+            if config.get(key) is not None and config.get(divisor) is not None and config[key] % config[divisor]:
+                _fail(f"{key}={config[key]} is not a multiple of {divisor}={config[divisor]}; choose sizes that "
+                      f"divide (ViT-B/16: clip_image_size=224 clip_patch_size=16, clip_vision_width=768 "
+                      f"clip_vision_head_width=64, clip_text_width=512 clip_text_heads=8)")
+        for key, fixed, what in (("clip_context_length", CLIP_CONTEXT_LENGTH, "text positions"),
+                                 ("clip_vocab_size", CLIP_VOCAB_SIZE, "token ids")):
+            if config.get(key) is not None and config[key] != fixed:
+                _fail(f"{key}={config[key]} must be {fixed}: the CLIP tokenizer (OpenAI BPE) always gives "
+                      f"{fixed} {what}")
+        return
+    for key in VILT_SIZE_KEYS:
+        _check_int(config, key, 1)
+    hidden, heads = config.get("hidden_size"), config.get("num_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        _fail(f"hidden_size={hidden} is not divisible by num_heads={heads}: each attention head gets "
+              "hidden_size / num_heads channels (e.g. hidden_size=768 num_heads=12)")
+    size, patch = config.get("image_size"), config.get("patch_size")
+    if size is not None and size < 32:
+        _fail(f"image_size={size} is too small for ViLT: its transform scales the shorter image side to image_size "
+              "and floors both sides to multiples of 32, so image_size must be >= 32 (e.g. image_size=384)")
+    if size is not None and patch is not None and size % patch:
+        _fail(f"image_size={size} is not a multiple of patch_size={patch}: ViLT's position grid has "
+              "image_size / patch_size patches a side (e.g. image_size=384 patch_size=32)")
+    _check_number(config, "mlp_ratio", 0.0, low_open=True, hint=" (MLP width / hidden_size, e.g. mlp_ratio=4)")
+    value = config.get("max_image_len")
+    if value is not None and not (_is_int(value) and (value == -1 or value > 0)):
+        _fail(f"max_image_len={value!r} must be -1 (no cap) or a positive number of image patches")
+
+
+def check_trainer(config: Mapping) -> None:
+    """Devices, precision, determinism, run length and validation interval: what the Trainer is built from."""
+    _check_int(config, "num_gpus", 0, " (GPUs per node; 0 = CPU)")
+    _check_int(config, "num_nodes", 1)
+    _check_int(config, "num_cpu_processes", 1, " (CPU processes per node when num_gpus=0; 1 = no DDP)")
+    _check_int(config, "num_workers", 0, " (DataLoader worker processes; 0 = load in the main process)")
+    gpus = config.get("num_gpus") or 0
+    if gpus > 0:
+        import torch
+        if not torch.cuda.is_available():
+            _fail(f"num_gpus={gpus} but CUDA is not available on this machine; pass num_gpus=0 to run on the CPU")
+        if gpus > torch.cuda.device_count():
+            _fail(f"num_gpus={gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower "
+                  "num_gpus (or check CUDA_VISIBLE_DEVICES)")
+    if "precision" in config:
+        from mdpl.engine.trainer import PRECISIONS
+        value = config["precision"]
+        if isinstance(value, bool) or str(value) not in PRECISIONS:
+            _fail(f"precision={value!r} is not supported; use one of {', '.join(sorted(set(PRECISIONS.values())))} "
+                  "(or 16, 32, bf16)")
+    value = config.get("deterministic", "warn")
+    if not (value is True or value is False or value == "warn"):
+        _fail(f"deterministic={value!r} must be True, False or 'warn'")
+    if "exp_name" in config and not str(config["exp_name"] or "").strip():
+        _fail("exp_name is empty; it names the run directory log_dir/<exp_name>_seed<seed>_from_<checkpoint> "
+              "(e.g. exp_name=finetune_food101)")
+    if config.get("test_only"):
+        return   # the keys below only shape training
+    _check_int(config, "max_epoch", 1, " (epochs to train, e.g. max_epoch=20)")
+    steps = config.get("max_steps")
+    if steps is not None and steps != -1 and not (_is_int(steps) and steps > 0):
+        _fail(f"max_steps={steps!r} must be a positive number of optimizer steps (or None: max_epoch decides)")
+    _check_int(config, "checkpoint_every_n_steps", 0, " (0 = last.ckpt at epoch ends only)")
+    value = config.get("val_check_interval")
+    if value is not None and not ((isinstance(value, float) and 0 < value <= 1) or (_is_int(value) and value >= 1)
+                                  or (isinstance(value, str) and _DURATION.fullmatch(value))):
+        _fail(f"val_check_interval={value!r} must be a fraction of an epoch in (0, 1] (e.g. 0.2), a number of "
+              "training batches >= 1 or a duration 'DD:HH:MM:SS'")
+
+
+def check_optimisation(config: Mapping) -> None:
+    """Optimizer and learning-rate schedule keys (training only; learning_rate itself: `check_batch`)."""
+    if config.get("test_only"):
+        return
+    if config.get("optim_type", "adamw") != "adamw":
+        _fail(f"optim_type={config['optim_type']!r} is not supported; use optim_type=adamw")
+    if config.get("optimizer_impl", "legacy_hf") not in OPTIMIZER_IMPLS:
+        _fail(f"optimizer_impl={config['optimizer_impl']!r} is not supported; use {' or '.join(OPTIMIZER_IMPLS)}")
+    _check_number(config, "weight_decay", 0.0, hint=" (e.g. weight_decay=0.01)")
+    _check_number(config, "lr_mult", 0.0, low_open=True, hint=" (the head's learning rate factor, e.g. lr_mult=1)")
+    _check_number(config, "end_lr", 0.0, hint=" (the learning rate the decay ends at, e.g. end_lr=0)")
+    power = config.get("decay_power", 1)
+    if power != "cosine":
+        if not (_is_number(power) and power >= 0):
+            _fail(f"decay_power={power!r} must be a polynomial power >= 0 (e.g. decay_power=1) or 'cosine'")
+        lr, end_lr = config.get("learning_rate"), config.get("end_lr", 0.0)
+        if _is_number(lr) and _is_number(end_lr) and end_lr >= lr:
+            _fail(f"end_lr={end_lr!r} must be smaller than learning_rate={lr!r}: the polynomial decay goes from "
+                  "learning_rate down to end_lr")
+    warm = config.get("warmup_steps", 0)
+    if not ((_is_int(warm) and warm >= 0) or (isinstance(warm, float) and 0 <= warm < 1)):
+        _fail(f"warmup_steps={warm!r} must be a number of optimizer steps (an integer >= 0, e.g. 2500) or a "
+              "fraction of the total steps in [0, 1) (e.g. 0.1)")
+
+
+def check_data_options(config: Mapping) -> None:
+    """mmimdb_items, and the evaluation sweep's test_types / test_ratios."""
+    if config.get("mmimdb_items", "plot") not in MMIMDB_ITEMS:
+        _fail(f"mmimdb_items={config['mmimdb_items']!r} must be one of {', '.join(MMIMDB_ITEMS)}")
+    if config.get("test_types") is not None or config.get("test_ratios") is not None:
+        from mdpl.engine.sweep import sweep_specs  # lazy: imports the engine
+        sweep_specs(config)
+
+
+def _checkpoint_problem(path: Path) -> str:
+    """'' when `path` looks like a file that torch.load or safetensors reads, else what is wrong with it.
+
+    Cheap (reads the first bytes and the zip directory at the end): a text file, an empty file or a zip archive
+    cut short (an interrupted copy) is found before any work; a file that passes may still fail to load.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "is empty"
+    if zipfile.is_zipfile(path):
+        return ""                     # torch.save (PyTorch >= 1.6) and TorchScript archives are zip files
+    if head[:2] == b"PK":
+        return "is a damaged or truncated zip archive (an interrupted copy or download?)"
+    if head[:1] == b"\x80":
+        return ""                     # a legacy torch.save pickle
+    if path.suffix == ".safetensors" and size > 8 and 0 < int.from_bytes(head, "little") <= size - 8:
+        return ""
+    return "is not a PyTorch checkpoint (neither a torch.save archive nor a safetensors file)"
+
+
+def _check_checkpoint_file(key: str, path: str, what: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        _fail(f"{key} {path!r} does not exist; pass {what}")
+    if p.is_dir():
+        _fail(f"{key} {path!r} is a folder; pass {what}")
+    problem = _checkpoint_problem(p)
+    if problem:
+        _fail(f"{key} {path!r} {problem}; pass {what}")
+
+
+def _folder_problem(path: str, writable: bool) -> str:
+    """'' when `path` is a folder or can be created as one (and, with `writable`, written to); else why not."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            return "is a file, not a folder"
+        return "is not writable" if writable and not os.access(p, os.W_OK | os.X_OK) else ""
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file"
+    if writable and not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return ""
+
+
+def check_files(config: Mapping, data: bool = True) -> None:
+    """The files and folders the run reads or writes, before any work: clip_path (+ clip_sha256), load_path's
+    format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's) the tokenizer folder and
+    missing_table_root."""
+    backbone, test_only = config.get("backbone", "vilt"), bool(config.get("test_only"))
+    clip_path, sha = str(config.get("clip_path") or ""), str(config.get("clip_sha256") or "")
+    if backbone != "clip":
+        for key, value in (("clip_path", clip_path), ("clip_sha256", sha)):
+            if value:
+                _fail(f"{key}={value!r} is read only by backbone=clip, but backbone is {backbone!r}; remove {key} "
+                      "or name on_clip")
+    if sha and not clip_path:
+        _fail("clip_sha256 is set but clip_path is empty, so there is no file to check; set clip_path=<ViT-B-16.pt> "
+              "or remove clip_sha256")
+    if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        _fail(f"clip_sha256={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum ViT-B-16.pt`)")
+    if clip_path and not test_only:   # test_only: every weight comes from load_path, clip_path is not read
+        _check_checkpoint_file("clip_path", clip_path, "a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout "
+                                                       "CLIP state dict")
+    load_path = str(config.get("load_path") or "")
+    if load_path and Path(load_path).is_dir():
+        if not test_only and backbone == "clip":
+            _fail(f"load_path {load_path!r} is a folder; with backbone=clip load_path is a checkpoint file of this "
+                  "classifier (e.g. <run_dir>/checkpoints/last.ckpt) or empty")
+        if not test_only and not any((Path(load_path) / name).is_file() for name in HF_WEIGHT_FILES):
+            _fail(f"load_path {load_path!r} is a folder without {' or '.join(HF_WEIGHT_FILES)}; pass the ViLT "
+                  "checkpoint file (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel folder")
+    elif load_path and Path(load_path).exists():
+        problem = _checkpoint_problem(Path(load_path))
+        if problem and test_only:
+            _fail(f"load_path {load_path!r} {problem}; test_only=True needs the .ckpt file written by a training run "
+                  "(e.g. <run_dir>/checkpoints/best-*.ckpt)")
+        if problem:
+            _fail(f"load_path {load_path!r} {problem}; pass a ViLT checkpoint, a Hugging Face ViltModel weight file "
+                  "or an mdpl .ckpt written by a training run")
+    resume_from = str(config.get("resume_from") or "")
+    if resume_from and not test_only and Path(resume_from).exists():
+        _check_checkpoint_file("resume_from", resume_from, "the last.ckpt (or best-*.ckpt) of an mdpl training run")
+    tokenizer = str(config.get("tokenizer") or "")
+    if data and backbone == "vilt" and tokenizer:
+        folder = Path(tokenizer)
+        if not folder.exists():
+            _fail(f"tokenizer={tokenizer!r} does not exist; set tokenizer=<folder with bert-base-uncased's vocab.txt> "
+                  "(or tokenizer='' to use the Hugging Face cache)")
+        if folder.is_dir() and not (folder / "vocab.txt").is_file():
+            _fail(f"tokenizer={tokenizer!r} is a folder without vocab.txt; point it at the folder holding "
+                  "bert-base-uncased's vocab.txt")
+    queries = str(config.get("dcp_dynamic_queries") or "")
+    if queries and not Path(queries).is_file():
+        _fail(f"dcp_dynamic_queries={queries!r} is not a file; pass the file holding the dynamic queries of the "
+              "reference DCP run (or remove the key)")
+    if "log_dir" in config:
+        problem = _folder_problem(str(config["log_dir"] or "."), writable=True)
+        if problem:
+            _fail(f"log_dir={config['log_dir']!r} {problem}; the run directories go there (set log_dir=<folder>)")
+    root = str(config.get("missing_table_root") or "")
+    problem = _folder_problem(root, writable=False) if root and data else ""
+    if problem:   # a read-only folder is fine: tables found there are read, new ones are kept in memory
+        _fail(f"missing_table_root={root!r} {problem}; set it to a folder (or '' for <data_root>/missing_tables)")
+
+
 # ------------------------------------------------------------------------------------------ entry
 def validate_config(config: Mapping, check_data: bool = True) -> None:
     """Raise UserInputError (one line) for the first invalid setting; see the module docstring.
@@ -286,9 +599,15 @@ def validate_config(config: Mapping, check_data: bool = True) -> None:
     check_dataset_and_backbone(config)
     check_prompt_method(config)
     check_method_keys(config)
+    check_switches(config)
+    check_model_sizes(config)
     check_prompt_sizes(config)
     check_batch(config)
     check_missing(config)
+    check_trainer(config)
+    check_optimisation(config)
+    check_data_options(config)
     check_load_path(config)
+    check_files(config, data=check_data)
     if check_data:
         check_data_root(config)

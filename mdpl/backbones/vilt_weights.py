@@ -81,14 +81,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; set load_path to the ViLT .ckpt "
                                 "(vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel weight file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return dict(load_file(str(path)))
-    obj = _torch_load(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return dict(load_file(str(path)))
+        obj = _torch_load(path)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise UserInputError(f"cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {err}); set "
+                             "load_path to the ViLT .ckpt (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel "
+                             "weight file") from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not contain a state dict (got {type(obj).__name__})")
+        raise UserInputError(f"{path} does not contain a state dict (got {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -170,8 +175,8 @@ def _fit_text_positions(state: dict[str, torch.Tensor], target: torch.Size, allo
     """Resize the checkpoint's text position table to the model's ``max_text_len`` rows (see module doc)."""
     table = state[TEXT_POS_KEY]
     if table.ndim != 2 or table.shape[1] != target[1]:
-        raise ValueError(f"{TEXT_POS_KEY}: checkpoint shape {tuple(table.shape)} has width "
-                         f"{table.shape[-1]}, the model needs {target[1]} (check hidden_size)")
+        raise UserInputError(f"{TEXT_POS_KEY}: checkpoint shape {tuple(table.shape)} has width "
+                             f"{table.shape[-1]}, the model needs {target[1]} (check hidden_size)")
     rows, length = table.shape[0], target[0]
     if rows == length:
         return
@@ -192,13 +197,14 @@ def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[s
                          interpolate_text_positions: bool = False) -> LoadReport:
     """Load ViLT weights into a `ViLTBackbone` (or a classifier's ``.backbone``). Returns a `LoadReport`.
 
-    Raises FileNotFoundError for a missing file and ValueError (naming the keys) when backbone keys are
-    missing or shapes do not fit. Unexpected keys are reported with a warning. A checkpoint text position
-    table shorter than the model's ``max_text_len`` is interpolated only with
+    Raises FileNotFoundError for a missing file and UserInputError (a ValueError, naming the keys) for a file
+    that cannot be read, and when backbone keys are missing or shapes do not fit. Unexpected keys are reported
+    with a warning. A checkpoint text position table shorter than the model's ``max_text_len`` is interpolated only with
     ``interpolate_text_positions=True`` (else UserInputError naming max_text_len, the table length and the key).
     """
     backbone = _backbone_of(model)
     raw = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    name = "ViLT checkpoint" if isinstance(source, Mapping) else f"ViLT checkpoint {source}"
     report = LoadReport()
     if is_hf_vilt(raw):
         state, unmapped = hf_vilt_to_vilt(raw)
@@ -220,13 +226,14 @@ def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[s
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError("ViLT checkpoint does not fit the model config (sizes from hidden_size, num_layers, "
-                         "patch_size, image_size, vocab_size): " + "; ".join(bad[:8]))
+        raise UserInputError(f"{name} does not fit the model config (sizes from hidden_size, num_layers, "
+                             "patch_size, image_size, vocab_size): " + "; ".join(bad[:8]))
     missing = [k for k in own if k not in state]
     hard_missing = [k for k in missing if not k.startswith("pooler.")]
     if hard_missing:
-        raise ValueError(f"ViLT checkpoint lacks {len(hard_missing)} backbone keys, e.g. {hard_missing[:5]}; "
-                         "is load_path a ViLT / HF ViltModel checkpoint?")
+        raise UserInputError(f"{name} lacks {len(hard_missing)} backbone keys, e.g. {hard_missing[:5]}; "
+                             "is load_path a ViLT / HF ViltModel checkpoint? (evaluate an mdpl run's .ckpt with "
+                             "test_only=True, continue it with resume_from=...)")
     backbone.load_state_dict(state, strict=False)
     report.loaded = sorted(state)
     report.missing = missing

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from mdpl.errors import UserInputError
+
 BETAS = (0.9, 0.98)
 EPS = 1e-8
 NO_DECAY_PATTERNS = (
@@ -113,7 +115,7 @@ class LegacyAdamW(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
     """AdamW (betas (0.9, 0.98), eps 1e-8) over `build_param_groups`; impl from config optimizer_impl."""
     if config.get("optim_type", "adamw") != "adamw":
-        raise ValueError(f"optim_type={config.get('optim_type')!r} is not supported; use 'adamw' (METHODS.md §7.3)")
+        raise UserInputError(f"optim_type={config.get('optim_type')!r} is not supported; use 'adamw'")
     groups = build_param_groups(model, config)
     lr = float(config["learning_rate"])
     impl = config.get("optimizer_impl", "legacy_hf")
@@ -121,4 +123,4 @@ def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
         return LegacyAdamW(groups, lr=lr, betas=BETAS, eps=EPS)
     if impl == "torch":
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
-    raise ValueError(f"optimizer_impl={impl!r} is not supported; use 'legacy_hf' or 'torch'")
+    raise UserInputError(f"optimizer_impl={impl!r} is not supported; use 'legacy_hf' or 'torch'")

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from mdpl.errors import UserInputError
+
 from mdpl.prompts.layout import TEXT, TokenLayout
 
 
@@ -70,22 +72,22 @@ class PromptMethod(nn.Module):
 def check_layers(key: str, layers: Any, num_layers: int, allow_empty: bool = False) -> list[int]:
     """Validate a prompt-layer list: unique ints in [0, num_layers), non-empty unless allowed (D-19, D-28)."""
     if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
-        raise ValueError(f"{key} must be a list of block indices, got {layers!r}")
+        raise UserInputError(f"{key} must be a list of block indices, got {layers!r}")
     out = list(layers)
     if not out and not allow_empty:
-        raise ValueError(f"{key} must not be empty")
+        raise UserInputError(f"{key} must not be empty")
     if any(not isinstance(i, int) or isinstance(i, bool) for i in out):
-        raise ValueError(f"{key} must contain ints, got {out!r}")
+        raise UserInputError(f"{key} must contain ints, got {out!r}")
     if len(set(out)) != len(out):
-        raise ValueError(f"{key} has duplicate entries: {out!r}")
+        raise UserInputError(f"{key} has duplicate entries: {out!r}")
     bad = [i for i in out if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"{key} entries {bad} out of range: the backbone has blocks 0..{num_layers - 1}")
+        raise UserInputError(f"{key} entries {bad} out of range: the backbone has blocks 0..{num_layers - 1}")
     return out
 
 
 def check_positive(key: str, value: Any) -> int:
     """Validate a positive integer option."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key} must be a positive int, got {value!r}")
+        raise UserInputError(f"{key} must be a positive int, got {value!r}")
     return value

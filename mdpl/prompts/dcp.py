@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdpl.data.constants import NUM_CLASSES
+from mdpl.errors import UserInputError
 from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, build_clip_backbone, check_state_dict
 from mdpl.prompts.base import BackboneInfo, PromptMethod
 from mdpl.prompts.layout import TokenLayout, splice_tokens
@@ -60,11 +61,11 @@ class DCPLayout:
 
     def __post_init__(self) -> None:
         if self.depth < 0:
-            raise ValueError(f"prompt_depth must be >= 0, got {self.depth}")
+            raise UserInputError(f"prompt_depth must be >= 0, got {self.depth}")
         if self.depth == 0 and (self.dynamic or self.common):
-            raise ValueError("prompt_depth=0 inserts no prompts; also set dcp_dynamic=False and dcp_common=False")
+            raise UserInputError("prompt_depth=0 inserts no prompts; also set dcp_dynamic=False and dcp_common=False")
         if self.depth > 0 and (self.prompt_length <= 0 or self.prompt_length % 3):
-            raise ValueError(f"DCP prompt_length must be a positive multiple of 3 (got {self.prompt_length}): "
+            raise UserInputError(f"DCP prompt_length must be a positive multiple of 3 (got {self.prompt_length}): "
                              "n = prompt_length/3 tokens each for layer, common and dynamic prompts")
 
     @property
@@ -209,7 +210,7 @@ class DCPNet(nn.Module):
         self.skip_missing = skip_missing
         for tower in (backbone.image_encoder, backbone.text_encoder):
             if layout.depth > len(tower.blocks):
-                raise ValueError(f"prompt_depth={layout.depth} exceeds the {len(tower.blocks)} CLIP blocks")
+                raise UserInputError(f"prompt_depth={layout.depth} exceeds the {len(tower.blocks)} CLIP blocks")
         self.prompt_learner = DCPPromptLearner(layout, backbone.image_encoder.width, backbone.text_encoder.width,
                                                independent_init)
         self.image_encoder = backbone.image_encoder
@@ -364,7 +365,7 @@ def check_image_size(config: Mapping[str, Any]) -> None:
     """The CLIP transform resizes to ``image_size``; the vision tower's positions fit ``clip_image_size``."""
     if "image_size" in config and "clip_image_size" in config \
             and int(config["image_size"]) != int(config["clip_image_size"]):
-        raise ValueError(f"image_size={config['image_size']} (CLIP transform) differs from clip_image_size="
+        raise UserInputError(f"image_size={config['image_size']} (CLIP transform) differs from clip_image_size="
                          f"{config['clip_image_size']} (CLIP model); set both to the same value (224 for ViT-B/16)")
 
 
@@ -372,10 +373,14 @@ def read_dcp_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """Model state dict (keys of §6.6) of a reference DCP .ckpt, an mdpl .ckpt or a plain state dict file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_path {path!r} not found; pass a DCP checkpoint (.ckpt) or leave it empty")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint the user provides
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint the user provides
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise UserInputError(f"cannot read load_path {path} as a PyTorch checkpoint ({type(err).__name__}: {err})"
+                             ) from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds no state dict (expected a DCP checkpoint)")
+        raise UserInputError(f"load_path {path} holds no state dict (expected a checkpoint of this classifier)")
     hp = ckpt.get("hyper_parameters")
     if isinstance(hp, Mapping) and isinstance(hp.get("config"), Mapping):  # mdpl: MDPLModule.model.<keys>
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -437,7 +442,7 @@ class DCPViLT(PromptMethod):
                  dynamic_trainable: bool = False) -> None:
         super().__init__(info)
         if layout.depth > info.num_layers:
-            raise ValueError(f"prompt_depth={layout.depth} exceeds the {info.num_layers} ViLT blocks")
+            raise UserInputError(f"prompt_depth={layout.depth} exceeds the {info.num_layers} ViLT blocks")
         self.layout = layout
         self.prompt_learner = DCPPromptLearner(layout, info.hidden_size, info.hidden_size, independent_init)
         if layout.dynamic:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo, PromptMethod, check_layers, check_positive
 from mdpl.prompts.layout import TokenLayout, splice_tokens
 from mdpl.prompts.registry import register_prompt_method, register_two_tower_method
@@ -68,12 +69,12 @@ class MissingAwarePrompts(PromptMethod):
     ):
         super().__init__(info)
         if prompt_type not in PROMPT_TYPES:
-            raise ValueError(f"MAP prompt_type must be one of {PROMPT_TYPES}, got {prompt_type!r}")
+            raise UserInputError(f"MAP prompt_type must be one of {PROMPT_TYPES}, got {prompt_type!r}")
         self.prompt_type = prompt_type
         self.prompt_length = check_positive("prompt_length", prompt_length)
         self.prompt_layers = check_layers("prompt_layers", prompt_layers, info.num_layers)
         if prompt_type == "attention" and learnt_p and prompt_length % 2:
-            raise ValueError(
+            raise UserInputError(
                 f"MAP attention prompts with learnt_p split prompt_length into K and V halves; "
                 f"prompt_length must be even, got {prompt_length}"
             )

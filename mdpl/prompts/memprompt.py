@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo, PromptMethod, check_layers, check_positive
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout, splice_tokens
 from mdpl.prompts.registry import register_prompt_method, register_two_tower_method
@@ -113,7 +114,7 @@ class MemPromptOptions:
         """The options from the config; ``bottleneck_dim`` defaults to ``hidden_size // 16``."""
         prompt_type = config.get("prompt_type", "input")
         if prompt_type != "input":
-            raise ValueError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
+            raise UserInputError(f"MemPrompt only supports prompt_type='input', got {prompt_type!r}")
         return cls(
             gen_prompt_length=config.get("gen_prompt_length", cls.gen_prompt_length),
             gen_prompt_layers=tuple(config.get("gen_prompt_layers", cls.gen_prompt_layers)),
@@ -132,7 +133,7 @@ class MemPromptOptions:
         gen = check_layers("gen_prompt_layers", self.gen_prompt_layers, num_layers, True)
         shared = check_layers("shared_prompt_layers", self.shared_prompt_layers, num_layers, True)
         if not gen and not shared:
-            raise ValueError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
+            raise UserInputError("MemPrompt needs at least one of gen_prompt_layers / shared_prompt_layers")
         return gen, shared
 
 
