@@ -51,6 +51,16 @@ def check_named_configs(names: Sequence[str]) -> None:
                                  f"both set the run size and the later one wins")
 
 
+@ex.config_hook
+def seed_is_an_integer(config, command_name, logger):
+    """Sacred seeds its RNGs from `seed` before run.py sees the config: a non-integer seed would be a traceback."""
+    seed = config.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        from mdpl.errors import exit_with
+        exit_with(UserInputError(f"seed={seed!r} must be an integer, e.g. seed=0"))
+    return {}
+
+
 @ex.config
 def base_config():
     # --- experiment -----------------------------------------------------------------------------

@@ -166,3 +166,12 @@ def test_cli_without_method_exits_with_one_line() -> None:
     assert lines == ["error: no prompt method selected: name a method preset (baseline, map, memprompt, dcp, "
                      "e.g. `with task_finetune_mmimdb map`) or set prompt_method=none|map|memprompt|dcp "
                      "(prompt_type is read by map: name `map`)"]
+
+
+def test_cli_non_integer_seed_is_one_line() -> None:
+    # Sacred seeds its RNGs before run.py sees the config; a config hook catches the seed first
+    proc = subprocess.run([sys.executable, "run.py", "with", "task_finetune_food101", "map", "tiny", "seed=abc"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")] == [
+        "error: seed='abc' must be an integer, e.g. seed=0"]
