@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdpl.data.writers import DATASETS, SplitReport, StrictModeError, make_arrow
+from mdpl.data.writers import DATASETS, SplitReport, StrictModeError, default_workers, make_arrow
 from mdpl.errors import EXIT_USER_ERROR, UserInputError, debug_enabled
 
 PROG = "make_arrow.py"
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "written); without it such files are refused")
     p.add_argument("--max-side", type=int, default=None, metavar="N",
                    help="re-encode images so the longer side is <= N pixels (default: keep the original bytes)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that decode (and with --max-side re-encode) the images; the files are the "
+                        f"same for every N (default: the usable CPU cores, at most 8; here {default_workers()})")
     p.add_argument("--skipped-log", type=Path, default=None, metavar="FILE",
                    help="also write every skipped sample (reason, file) to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide the per-split progress bars")
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Writer keyword options; dataset-specific flags given for another dataset are an error."""
     opts = {"strict": args.strict, "max_side": args.max_side, "progress": not args.no_progress,
-            "overwrite": args.overwrite}
+            "overwrite": args.overwrite, "workers": args.workers}
     own = {"food101": FOOD_ONLY, "hatememes": MEMES_ONLY}.get(args.dataset, ())
     for name in (*FOOD_ONLY, *MEMES_ONLY):
         value = getattr(args, name)
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args.dataset = ALIASES.get(args.dataset, args.dataset)
     if args.max_side is not None and args.max_side < 1:
         parser.error("--max-side must be a positive number of pixels")
+    if args.workers is None:
+        args.workers = default_workers()
+    elif args.workers < 1:
+        parser.error("--workers must be at least 1")
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a folder; point it at the raw {args.dataset} dataset (see DATA.md)")
     try:

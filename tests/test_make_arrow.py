@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -390,6 +392,7 @@ def test_cli_skipped_log_lists_files(raw_copy, tmp_path, capsys):
     (["--dataset", "mmimdb", "--root", "{raw}/nope", "--out", "{out}"], "is not a folder"),
     (["--dataset", "mmimdb", "--root", "{raw}", "--out", "{out}", "--max-side", "0"], "--max-side"),
     (["--dataset", "mmimdb", "--root", "{raw}", "--out", "{out}", "--test-file", "x.jsonl"], "does not apply"),
+    (["--dataset", "mmimdb", "--root", "{raw}", "--out", "{out}", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_cli_usage_errors(tmp_path, capsys, argv, needle):
     (tmp_path / "raw").mkdir()
@@ -557,3 +560,187 @@ def test_cli_user_error_subprocess_one_line_and_debug_traceback(raw, tmp_path):
     debug = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**env, "MDPL_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserInputError" in debug.stderr
     assert (out / "mmimdb_test.arrow").read_bytes() == b"previous"
+
+
+# ------------------------------------------------------------------------------------- --workers
+WORKER_N = {"n_train": 24, "n_val": 5, "n_test": 7, "image_size": 40}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 2 images and a pool even for a few images, so several chunks are in flight at once."""
+    monkeypatch.setattr(common, "IMAGE_CHUNK", 2)
+    monkeypatch.setattr(common, "MIN_IMAGES_PER_WORKER", 1)
+
+
+@pytest.fixture(scope="module")
+def spoiled(tmp_path_factory):
+    """Per dataset: a raw folder whose train split has bad samples found by a worker (images) and by the
+    parent (labels, texts, jsonl lines) at known positions, and the expected skip reasons in row order."""
+    cache: dict[str, tuple[Path, list[str]]] = {}
+
+    def get(dataset: str) -> tuple[Path, list[str]]:
+        if dataset in cache:
+            return cache[dataset]
+        root = write_synthetic(dataset, tmp_path_factory.mktemp(f"spoiled_{dataset}"),
+                               layout={"food101": "json"}.get(dataset), **WORKER_N)
+        if dataset == "hatememes":
+            lines = (root / "data" / "train.jsonl").read_text().splitlines()
+            images = [root / "data" / json.loads(line)["img"] for line in lines]
+            lines[9] = '{"id": 1, "img": '                                   # bad jsonl line (parent)
+            (root / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+            reasons = [common.CORRUPT_IMAGE, common.BAD_JSONL, common.CORRUPT_IMAGE]
+        else:
+            names = json.loads((root / "split.json").read_text())["train"]
+            if dataset == "mmimdb":
+                images = [root / "images" / f"{n}.jpeg" for n in names]
+                (root / "labels" / f"{names[9]}.json").unlink()                # missing label (parent)
+                reasons = [common.CORRUPT_IMAGE, common.MISSING_LABEL, common.CORRUPT_IMAGE]
+            else:
+                images = [root / "images" / "train" / n.rsplit("_", 1)[0] / n for n in names]
+                texts = json.loads((root / "text.json").read_text())
+                del texts[names[9]]                                            # no text (parent)
+                (root / "text.json").write_text(json.dumps(texts))
+                reasons = [common.CORRUPT_IMAGE, common.NO_TEXT, common.CORRUPT_IMAGE]
+        images[3].write_bytes(images[3].read_bytes()[:100])                    # truncated (worker)
+        images[15].write_bytes(b"not an image")                                # garbage (worker)
+        cache[dataset] = (root, reasons)
+        return cache[dataset]
+    return get
+
+
+@pytest.mark.parametrize("max_side", [None, 16])
+@pytest.mark.parametrize("dataset", ["mmimdb", "food101", "hatememes"])
+def test_workers_write_identical_files(spoiled, small_chunks, tmp_path, dataset, max_side):
+    root, reasons = spoiled(dataset)
+    runs = {w: run_writer(dataset, root, tmp_path / f"w{w}", workers=w, max_side=max_side) for w in (1, 2)}
+    (rep1, log1), (rep2, log2) = runs[1], runs[2]
+    assert "images/s with 1 worker: train " in log1 and "images/s with 2 workers: train " in log2  # a pool ran
+    assert [r.written for r in rep2] == [WORKER_N["n_train"] - 3, WORKER_N["n_val"], WORKER_N["n_test"]]
+    assert [reason for reason, _, _ in rep2[0].skipped] == reasons
+    assert [(r.split, r.written, r.skipped) for r in rep1] == [(r.split, r.written, r.skipped) for r in rep2]
+    assert log1.splitlines()[:-1] == log2.splitlines()[:-1]        # everything but the timing line
+    files1, files2 = _digest(tmp_path / "w1"), _digest(tmp_path / "w2")
+    assert sorted(files1) == sorted(f"{s}.arrow" for s in ARROW_SPLITS[dataset].values())
+    assert files1 == files2                                         # byte for byte
+    if max_side:
+        rows = read_arrow(tmp_path / "w2" / f"{ARROW_SPLITS[dataset]['train']}.arrow").to_pylist()
+        assert {max(decode(r["image"]).size) for r in rows} == {max_side}
+
+
+def test_workers_strict_stops_at_the_first_bad_row(spoiled, small_chunks, tmp_path):
+    """The parent reads item 9's label before a worker reports item 3's image; item 3 is still the one named."""
+    root, _ = spoiled("mmimdb")
+    bad_image = json.loads((root / "split.json").read_text())["train"][3] + ".jpeg"
+    messages = []
+    for w in (1, 2):
+        with pytest.raises(StrictModeError) as err:
+            run_writer("mmimdb", root, tmp_path / f"w{w}", strict=True, workers=w)
+        messages.append(str(err.value))
+        assert list((tmp_path / f"w{w}").iterdir()) == []
+    assert messages[0] == messages[1] and "--strict: train: corrupt image: " in messages[1]
+    assert bad_image in messages[1] and "\n" not in messages[1]
+
+
+def test_cli_workers_strict_one_line(spoiled, small_chunks, tmp_path, capsys):
+    root, _ = spoiled("hatememes")
+    argv = ["--dataset", "hatememes", "--root", str(root), "--no-progress", "--workers", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("make_arrow.py: error: --strict: train: corrupt image: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+    assert cli.main([*argv, "--out", str(tmp_path / "ok")]) == 0
+    out = capsys.readouterr().out
+    assert "train: written 21, skipped 3 (corrupt image: 2, bad jsonl line: 1)" in out
+    speed = re.search(r"^images/s with 2 workers: train \d+ \(24 images in [\d.]+ s\), dev \d+ \(5 images in "
+                      r"[\d.]+ s\), test \d+ \(7 images in [\d.]+ s\)$", out, re.M)
+    assert speed is not None
+
+
+def _pool_processes() -> list:
+    return [p for p in multiprocessing.active_children() if type(p).__name__ in ("ForkServerProcess", "SpawnProcess")]
+
+
+def test_workers_interrupted_write_leaves_nothing(spoiled, small_chunks, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mmimdb_train.arrow").write_bytes(b"previous")
+    added = []
+
+    def interrupt(self, row):
+        added.append(row)
+        if len(added) == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common._SplitSink, "add", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_writer("mmimdb", spoiled("mmimdb")[0], out, workers=2, overwrite=True)
+    assert len(added) == 5 and _digest(out) == {"mmimdb_train.arrow": b"previous"}
+    assert _pool_processes() == []                                 # the pool was shut down
+
+
+def test_dead_worker_is_one_line_error(small_chunks):
+    with pytest.raises(UserInputError) as err:
+        with common.image_reader(None, 2, 10) as reader:
+            assert reader.workers == 2
+            reader.pool.submit(os._exit, 3).result()
+    msg = str(err.value)
+    assert msg.startswith("an image worker process died (") and msg.endswith("retry with fewer --workers")
+    assert "\n" not in msg and _pool_processes() == []
+
+
+def test_small_runs_use_no_pool(monkeypatch):
+    monkeypatch.setattr(common, "MIN_IMAGES_PER_WORKER", 256)
+    with common.image_reader(None, 8, 511) as reader:
+        assert reader.pool is None and reader.workers == 1
+    monkeypatch.setattr(common, "MIN_IMAGES_PER_WORKER", 100)
+    with common.image_reader(None, 8, 350) as reader:
+        assert reader.pool is not None and reader.workers == 3 and reader.in_flight == 6
+
+
+def test_parallel_reader_holds_a_bounded_window(tmp_path, small_chunks):
+    """The parent keeps at most ``in_flight`` chunks ahead of the row it hands out (memory stays bounded)."""
+    img = tmp_path / "a.png"
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(img)
+
+    class InlinePool:  # runs each task at once and counts the chunks submitted
+        submitted = 0
+
+        def submit(self, fn, *args):
+            from concurrent.futures import Future
+            InlinePool.submitted += 1
+            future = Future()
+            future.set_result(fn(*args))
+            return future
+
+    plan = common.SplitPlan("train", "x_train", list(range(40)), lambda i: {"image": common.ImageFile(img), "i": i})
+    reader = common.ImageReader(None, InlinePool(), workers=2, in_flight=3)
+    ahead = []
+    for k, row in enumerate(reader.rows(plan)):
+        assert row["i"] == k and row["image"] == img.read_bytes()
+        ahead.append(InlinePool.submitted - k // common.IMAGE_CHUNK)
+    assert InlinePool.submitted == 20 and max(ahead) == 4         # the chunk being handed out + 3 queued
+
+
+def test_default_workers(monkeypatch):
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert common.default_workers() == 8
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert common.default_workers() == 3
+    help_ = cli.build_parser().format_help()
+    assert "--workers N" in help_ and "at most 8; here 3)" in " ".join(help_.split())
+
+
+def test_bench_make_arrow_script(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_make_arrow", REPO / "scripts" / "bench_make_arrow.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    poster = decode(bench.poster_jpeg(1))
+    assert poster.size == (300, 450) and poster.format == "JPEG"
+    work = tmp_path / "work"
+    rows = bench.main(["--n", "12", "--workers", "1", "--max-side", "none,8", "--repeats", "1", "--work", str(work)])
+    assert [(r["max_side"], r["workers"], r["images"], len(r["seconds"])) for r in rows] == [(None, 1, 12, 1),
+                                                                                              (8, 1, 12, 1)]
+    assert all(r["images_per_s"] == r["best_images_per_s"] == pytest.approx(12 / r["seconds"][0]) for r in rows)
+    out = capsys.readouterr().out
+    assert "| none | 1 | " in out and "| 8 | 1 | " in out and "12 posters" in out
+    assert sorted(p.name for p in work.iterdir()) == []           # posters and arrow files removed

@@ -20,9 +20,8 @@ from typing import Callable
 import pyarrow as pa
 
 from mdpl.data.constants import ARROW_SPLITS
-from mdpl.data.writers.common import (NON_UTF8, NO_TEXT, UNKNOWN_CLASS, MALFORMED_JSON, SkipSample,
-                                      SplitPlan, SplitReport, load_image_bytes, load_json_file,
-                                      require_dir, write_splits)
+from mdpl.data.writers.common import (NON_UTF8, NO_TEXT, UNKNOWN_CLASS, MALFORMED_JSON, ImageFile, SkipSample,
+                                      SplitPlan, SplitReport, load_json_file, require_dir, write_splits)
 from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
@@ -150,7 +149,7 @@ def _text_of(meta: Food101Meta, name: str) -> list[str]:
     return [text]
 
 
-def _row_maker(root: Path, meta: Food101Meta, split: str, max_side: int | None) -> Callable[[str], dict]:
+def _row_maker(root: Path, meta: Food101Meta, split: str) -> Callable[[str], dict]:
     folder = root / "images" / ("test" if split == "test" else "train")  # val reads images/train (§1.1)
 
     def make_row(name: str) -> dict:
@@ -158,28 +157,27 @@ def _row_maker(root: Path, meta: Food101Meta, split: str, max_side: int | None) 
         if cls not in meta.class_idx:
             raise SkipSample(UNKNOWN_CLASS, name, f"class {cls!r} not in class_idx")
         text = _text_of(meta, name)
-        image = load_image_bytes(folder / cls / name, max_side)
+        image = ImageFile(folder / cls / name)
         return {"image": image, "text": text, "label": int(meta.class_idx[cls]), "image_id": name,
                 "split": split}
     return make_row
 
 
-def build_plans(root: Path, max_side: int | None = None, val_fraction: float = 0.1,
-                seed: int = 0) -> list[SplitPlan]:
+def build_plans(root: Path, val_fraction: float = 0.1, seed: int = 0) -> list[SplitPlan]:
     """Validate the layout and return one plan per split (train, val, test)."""
     root = require_dir(root, "Food-101 --root")
     require_dir(root / "images", "Food-101 images")
     if not 0.0 <= val_fraction < 1.0:
         raise UserInputError(f"Food-101: --val-fraction must be in [0, 1), got {val_fraction}")
     meta = load_meta(root, val_fraction, seed)
-    return [SplitPlan(s, ARROW_SPLITS["food101"][s], meta.splits[s], _row_maker(root, meta, s, max_side),
+    return [SplitPlan(s, ARROW_SPLITS["food101"][s], meta.splits[s], _row_maker(root, meta, s),
                       dict(meta.sources)) for s in SPLITS]
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
                progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
-               val_fraction: float = 0.1, seed: int = 0) -> list[SplitReport]:
+               val_fraction: float = 0.1, seed: int = 0, workers: int = 1) -> list[SplitReport]:
     """Write ``food101_{train,val,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
-    plans = build_plans(Path(root), max_side, val_fraction, seed)
+    plans = build_plans(Path(root), val_fraction, seed)
     return write_splits(plans, Path(out), SCHEMA, "food101", strict=strict, progress=progress,
-                        overwrite=overwrite, log=log)
+                        overwrite=overwrite, log=log, max_side=max_side, workers=workers)

@@ -14,8 +14,8 @@ from typing import Callable
 import pyarrow as pa
 
 from mdpl.data.constants import ARROW_SPLITS
-from mdpl.data.writers.common import (BAD_JSONL, SkipSample, SplitPlan, SplitReport, decode_utf8,
-                                      load_image_bytes, parse_json, require_dir, write_splits)
+from mdpl.data.writers.common import (BAD_JSONL, ImageFile, SkipSample, SplitPlan, SplitReport, decode_utf8,
+                                      parse_json, require_dir, write_splits)
 from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
@@ -64,16 +64,16 @@ def parse_line(raw: bytes, where: str) -> tuple[str, str, int]:
     return img, text, int(label)
 
 
-def _row_maker(base: Path, path: Path, split: str, max_side: int | None) -> Callable[[tuple[int, bytes]], dict]:
+def _row_maker(base: Path, path: Path, split: str) -> Callable[[tuple[int, bytes]], dict]:
     def make_row(item: tuple[int, bytes]) -> dict:
         lineno, raw = item
         img, text, label = parse_line(raw, f"{path}:{lineno}")
-        return {"image": load_image_bytes(base / img, max_side), "text": [text], "label": label,
+        return {"image": ImageFile(base / img), "text": [text], "label": label,
                 "split": split}
     return make_row
 
 
-def build_plans(root: Path, max_side: int | None = None, files: dict[str, str] | None = None) -> list[SplitPlan]:
+def build_plans(root: Path, files: dict[str, str] | None = None) -> list[SplitPlan]:
     """Validate the layout and return one plan per split (train, dev, test)."""
     files = {**DEFAULT_FILES, **{k: v for k, v in (files or {}).items() if v}}
     base = find_layout(Path(root), files)
@@ -83,15 +83,15 @@ def build_plans(root: Path, max_side: int | None = None, files: dict[str, str] |
         path = base / files[key]
         meta = {"mdpl.source_file": str(path.relative_to(Path(root))), "mdpl.layout": layout}
         plans.append(SplitPlan(key, ARROW_SPLITS["hatememes"][name], read_jsonl_lines(path),
-                               _row_maker(base, path, key, max_side), meta))
+                               _row_maker(base, path, key), meta))
     return plans
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
                progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
                train_file: str | None = None, dev_file: str | None = None,
-               test_file: str | None = None) -> list[SplitReport]:
+               test_file: str | None = None, workers: int = 1) -> list[SplitReport]:
     """Write ``hatememes_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
     files = {"train": train_file, "dev": dev_file, "test": test_file}
-    return write_splits(build_plans(Path(root), max_side, files), Path(out), SCHEMA, "hatememes",
-                        strict=strict, progress=progress, overwrite=overwrite, log=log)
+    return write_splits(build_plans(Path(root), files), Path(out), SCHEMA, "hatememes", strict=strict,
+                        progress=progress, overwrite=overwrite, log=log, max_side=max_side, workers=workers)

@@ -15,9 +15,8 @@ from typing import Callable
 import pyarrow as pa
 
 from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES
-from mdpl.data.writers.common import (MALFORMED_JSON, NO_TEXT, SkipSample, SplitPlan, SplitReport,
-                                      load_image_bytes, load_json_file, parse_json, read_text_file,
-                                      require_dir, write_splits)
+from mdpl.data.writers.common import (MALFORMED_JSON, NO_TEXT, ImageFile, SkipSample, SplitPlan, SplitReport,
+                                      load_json_file, parse_json, read_text_file, require_dir, write_splits)
 from mdpl.errors import UserInputError
 
 SCHEMA = pa.schema([
@@ -79,27 +78,28 @@ def load_split_ids(root: Path) -> dict[str, list[str]]:
     return {k: [str(i) for i in splits[k]] for k in SPLIT_KEYS}
 
 
-def _row_maker(image_dir: Path, label_dir: Path, split: str, max_side: int | None) -> Callable[[str], dict]:
+def _row_maker(image_dir: Path, label_dir: Path, split: str) -> Callable[[str], dict]:
     def make_row(movie_id: str) -> dict:
         plots, genres = read_label_json(label_dir / f"{movie_id}.json")
-        image = load_image_bytes(image_dir / f"{movie_id}.jpeg", max_side)
+        image = ImageFile(image_dir / f"{movie_id}.jpeg")
         return {"image": image, "plots": plots, "label": genre_multi_hot(genres), "genres": genres,
                 "image_id": movie_id, "split": split}
     return make_row
 
 
-def build_plans(root: Path, max_side: int | None = None) -> list[SplitPlan]:
+def build_plans(root: Path) -> list[SplitPlan]:
     """Validate the layout and return one plan per split (train, dev, test)."""
     image_dir, label_dir = find_layout(Path(root))
     ids = load_split_ids(root)
     return [SplitPlan(key, ARROW_SPLITS["mmimdb"][name], ids[key],
-                      _row_maker(image_dir, label_dir, key, max_side),
+                      _row_maker(image_dir, label_dir, key),
                       {"mdpl.layout": "archive" if image_dir == label_dir else "images+labels"})
             for key, name in SPLIT_KEYS.items()]
 
 
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
-               progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> list[SplitReport]:
+               progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
+               workers: int = 1) -> list[SplitReport]:
     """Write ``mmimdb_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
-    return write_splits(build_plans(Path(root), max_side), Path(out), SCHEMA, "mmimdb",
-                        strict=strict, progress=progress, overwrite=overwrite, log=log)
+    return write_splits(build_plans(Path(root)), Path(out), SCHEMA, "mmimdb", strict=strict, progress=progress,
+                        overwrite=overwrite, log=log, max_side=max_side, workers=workers)
