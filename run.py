@@ -130,7 +130,7 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     config = to_plain(config)
     logger_names(config)   # an unknown logger or a missing logger package: one line before any work
     validate_config(config, check_data=datamodule is None)   # one clear ValueError before any work
-    sweep_specs(config)   # test_types / test_ratios checked before any work (issue 5)
+    sweep_specs(config)   # test_types / test_ratios checked before any work
     pl.seed_everything(int(config["seed"]), workers=True)
     if datamodule is None:
         from mdpl.data.datamodule import MDPLDataModule

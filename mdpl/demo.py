@@ -1,4 +1,4 @@
-"""Embedded end-to-end demo: `make demo` == `python run.py with demo` (issue 7; METHODS.md §1, §3, §4, §7, §8).
+"""Embedded end-to-end demo: `make demo` == `python run.py with demo`.
 
 What it does, on 2 CPU cores in a few minutes, with no download:
 

@@ -1,4 +1,4 @@
-"""Aggregate several sweep runs (results.csv of mdpl/engine/sweep.py) into one comparison (issue 5).
+"""Aggregate several sweep runs (results.csv of mdpl/engine/sweep.py) into one comparison.
 
     python scripts/aggregate.py 'result/*/version_*' other/run/results.csv --out comparison/
 
@@ -12,7 +12,7 @@ mean ± std over the runs (seeds) of the group (sample std, ddof=1; 0 for a sing
 * ``comparison_<dataset>.png`` -- one subplot per missing type, one line per method (± std band), primary
   metric vs missing rate: the form of DCP's figure comparing methods across missing rates;
 * with ``--method-backbone``: ``method_backbone.md`` -- per dataset and missing scenario (type, rate), the primary
-  metric (x100, mean ± std) with rows = method, columns = backbone (issue 8: every method on every backbone).
+  metric (x100, mean ± std) with rows = method, columns = backbone (every method on every backbone).
 """
 from __future__ import annotations
 

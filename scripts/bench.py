@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Throughput / memory / MFU benchmark of the mdpl models and the input pipeline (issue 6).
+"""Throughput / memory / MFU benchmark of the mdpl models and the input pipeline.
 
 For every method x dataset x precision it builds the classifier with random weights
 (``mdpl.models.build_classifier``, ``load_path=''`` / ``clip_path=''``) from the Sacred presets of
 ``config.py`` (task config, method preset, and ``tiny`` under ``--small``), feeds synthetic batches in
-the CONTRACT.md batch format (mixed missing types, dummies applied with ``apply_missing``) and times
+the batch format of mdpl.data.collate (mixed missing types, dummies applied with ``apply_missing``) and times
 
 * a training step: forward + task loss + backward + optimizer step (``mdpl.engine.optim.build_optimizer``;
   fp16-mixed uses ``torch.amp.GradScaler``),
@@ -152,7 +152,7 @@ def _text(batch_size: int, length: int, fill: tuple[int, int], vocab: tuple[int,
 
 
 def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.device, seed: int = 0) -> dict:
-    """One batch in the CONTRACT.md format (on ``device``, dummies applied) for the config's backbone."""
+    """One batch in the collated batch format (on ``device``, dummies applied) for the config's backbone."""
     from mdpl.data.missing import apply_missing
 
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Bad input gives one clear error and writes nothing partial (issue 7).
+"""Bad input gives one clear error and writes nothing partial.
 
 Wrong data_root, a checkpoint of another method / backbone, a tokenizer whose vocabulary does not match
 vocab_size, a non-finite training loss (stops with the step number; the previous last.ckpt stays intact and

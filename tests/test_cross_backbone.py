@@ -1,4 +1,4 @@
-"""Every prompt method on every backbone (issue 8): build, forward, learn, save/reload, trainable counts.
+"""Every prompt method on every backbone: build, forward, learn, save/reload, trainable counts.
 
 Cells: {none, map, memprompt, dcp} x {vilt, clip}, built by `mdpl.models.build_classifier` from the
 `tiny` named config (random-initialised backbones, CPU). Original pairings keep their own parity tests

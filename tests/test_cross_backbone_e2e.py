@@ -1,4 +1,4 @@
-"""Cross pairings end to end (issue 8): each method on the backbone its paper did not use, through run.py.
+"""Cross pairings end to end: each method on the backbone its paper did not use, through run.py.
 
 Cells: MAP, MemPrompt and 'none' on CLIP (`<method> on_clip tiny`; trainable: the method + ln_post/ln_final/proj +
 head) on synthetic Hateful Memes, over a tiny CLIP pre-trained on complete data and loaded through clip_path (OpenAI

@@ -1,4 +1,4 @@
-"""Arrow datasets, collation and the LightningDataModule (METHODS.md §1.2-1.7, CONTRACT.md batch format)."""
+"""Arrow datasets, collation and the LightningDataModule (the batch format every model reads)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""2-process DDP on CPU (gloo) gives the 1-process validation and test metrics (issue 7; D-46).
+"""2-process DDP on CPU (gloo) gives the 1-process validation and test metrics.
 
 Both runs are real `python run.py with ...` subprocesses (Lightning's DDP launcher re-runs the script for rank 1)
 on synthetic Hateful Memes whose val and test splits have an odd size (9): torch's DistributedSampler would pad

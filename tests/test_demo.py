@@ -1,4 +1,4 @@
-"""The embedded demo (issue 7, mdpl/demo.py) end to end at a very small size: `python run.py with demo ...`.
+"""The embedded demo (mdpl/demo.py) end to end at a very small size: `python run.py with demo ...`.
 
 Checks the dispatch from Sacred, that the synthetic data is written and converted, that a pre-trained tiny
 backbone file loadable as load_path is saved, and that the table / csv / plot exist with values in [0, 100].

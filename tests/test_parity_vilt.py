@@ -36,7 +36,7 @@ CONFIGS = ("A", "B")
 HEADS = ("mmimdb", "food101", "hatememes")
 CASES = [pytest.param(m, c, h, id=f"{m}-{c}-{h}") for m in METHODS for c in CONFIGS for h in HEADS]
 
-# Reference config keys that have the same name and meaning in mdpl's config (CONTRACT.md).
+# Reference config keys that have the same name and meaning in mdpl's config (config.py).
 SHARED_KEYS = (
     "hidden_size", "num_layers", "num_heads", "mlp_ratio", "patch_size", "image_size", "max_text_len",
     "vocab_size", "max_image_len", "drop_rate", "learning_rate", "weight_decay", "lr_mult", "optim_type",

@@ -1,4 +1,4 @@
-"""Evaluation sweeps (issue 5, mdpl/engine/sweep.py) and scripts/aggregate.py.
+"""Evaluation sweeps (mdpl/engine/sweep.py) and scripts/aggregate.py.
 
 A tiny MAP model is trained for one step on synthetic Hateful Memes (AUROC + accuracy react to every
 logit), then the one-pass sweep over 2 types x 2 ratios must reproduce, exactly, the metrics of one

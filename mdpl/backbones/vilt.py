@@ -161,7 +161,7 @@ class ViLTBackbone(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ViLTBackbone":
-        """Sizes from the resolved config (keys of CONTRACT.md)."""
+        """Sizes from the resolved config (the keys of config.py)."""
         return cls(
             vocab_size=config.get("vocab_size", 30522), hidden_size=config.get("hidden_size", 768),
             num_layers=config.get("num_layers", 12), num_heads=config.get("num_heads", 12),

@@ -1,4 +1,4 @@
-"""Batch collation (METHODS.md §1.7, CONTRACT.md batch format).
+"""Batch collation (the batch format every model reads).
 
 Images are zero-padded bottom/right to the batch maximum and stacked; ``image_sizes`` keeps each
 valid (h, w), and ``image_sizes_host`` the same sizes as a tuple of Python ``(h, w)`` ints (it stays on the

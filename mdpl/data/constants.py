@@ -1,4 +1,4 @@
-"""Dataset constants shared by writers, datasets and models (METHODS.md §1.1-1.2, CONTRACT.md)."""
+"""Dataset constants shared by writers, datasets and models (the layouts in DATA.md)."""
 
 NUM_CLASSES = {"mmimdb": 23, "food101": 101, "hatememes": 2}
 

@@ -1,4 +1,4 @@
-"""Evaluation sweeps: every (missing type, missing ratio) scenario in one pass over the test set (issue 5).
+"""Evaluation sweeps: every (missing type, missing ratio) scenario in one pass over the test set.
 
     python run.py with task_finetune_food101 map load_path=CKPT test_only=True \
         test_types=[text,image,both] test_ratios=[0.1,0.3,0.5,0.7,0.9]

@@ -1,4 +1,4 @@
-"""Models: `build_classifier(config)` (CONTRACT.md, Model API)."""
+"""Models: `build_classifier(config)`."""
 from mdpl.models.classifier import MultimodalClassifier, build_classifier
 from mdpl.models.heads import build_vilt_head, head_attribute
 
