@@ -21,3 +21,38 @@ def run_quiet(config: dict, **overrides) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return run_script.run(config, **QUIET, **overrides)
+
+
+def synthetic_arrows(root, dataset: str, n_train: int, n_val: int, n_test: int) -> dict:
+    """A synthetic ``dataset`` written in its raw layout and converted with make_arrow, plus a tiny BERT vocabulary
+    under ``root``: ``{"arrow", "tok", "vocab_size"}`` (the config keys data_root, tokenizer, vocab_size)."""
+    from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
+    from mdpl.data.writers import make_arrow
+
+    write_synthetic(dataset, root / "raw", n_train, n_val, n_test, seed=0)
+    make_arrow(dataset, root / "raw", root / "arrow", progress=False)
+    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
+    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+
+
+def assert_same_run(ref, resumed) -> None:
+    """Two run directories ended alike: the same final weights (bit for bit), step and LR schedule, and the same best
+    checkpoint tested with the same metrics (a resumed run against the uninterrupted one)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    def load(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    ref_last, res_last = load(Path(ref) / "checkpoints" / "last.ckpt"), load(Path(resumed) / "checkpoints" / "last.ckpt")
+    assert ref_last["global_step"] == res_last["global_step"]
+    assert ref_last["lr_schedulers"] == res_last["lr_schedulers"]
+    assert ref_last["state_dict"].keys() == res_last["state_dict"].keys()
+    different = [k for k, v in ref_last["state_dict"].items() if not torch.equal(v, res_last["state_dict"][k])]
+    assert not different, f"weights differ: {different[:5]}"
+    ref_out = json.loads((Path(ref) / "test_metrics.json").read_text())
+    res_out = json.loads((Path(resumed) / "test_metrics.json").read_text())
+    assert Path(ref_out["checkpoint"]).name == Path(res_out["checkpoint"]).name    # the same "best" epoch
+    assert ref_out["metrics"] == res_out["metrics"]

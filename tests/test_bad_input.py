@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import resolved_config, run_quiet
+from runs import resolved_config, run_quiet, synthetic_arrows
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "finetune_food101_seed0_from_scratch"
@@ -24,14 +24,7 @@ BASE = "finetune_food101_seed0_from_scratch"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
-    from mdpl.data.writers import make_arrow
-
-    root = tmp_path_factory.mktemp("bad_input_data")
-    write_synthetic("food101", root / "raw", 32, 8, 9, seed=0)
-    make_arrow("food101", root / "raw", root / "arrow", progress=False)
-    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
-    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+    return synthetic_arrows(tmp_path_factory.mktemp("bad_input_data"), "food101", 32, 8, 9)
 
 
 def make_config(data: dict, log_dir: Path, method: str = "map", **updates) -> dict:

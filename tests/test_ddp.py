@@ -18,20 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from runs import synthetic_arrows
+
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_EVAL, BATCH = 16, 9, 4
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
-    from mdpl.data.writers import make_arrow
-
-    root = tmp_path_factory.mktemp("ddp_data")
-    write_synthetic("hatememes", root / "raw", N_TRAIN, N_EVAL, N_EVAL, seed=0)
-    make_arrow("hatememes", root / "raw", root / "arrow", progress=False)
-    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
-    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+    return synthetic_arrows(tmp_path_factory.mktemp("ddp_data"), "hatememes", N_TRAIN, N_EVAL, N_EVAL)
 
 
 def run_args(data: dict, log_dir: Path, processes: int) -> list[str]:

@@ -50,7 +50,7 @@ def test_nonfinite_check_is_deferred_on_accelerators() -> None:
     """On a device where reading a tensor syncs, the flag is read every log_every_n_steps steps, and the error
     names the step where the loss went bad; the metric update comes after the check (not reached by it)."""
     module = MDPLModule(make_config(Path("/tmp")), model=_NaNAt(bad_call=2))
-    module.SYNC_FREE_DEVICES =  # pretend the CPU is an accelerator
+    module.SYNC_FREE_DEVICES = ()  # pretend the CPU is an accelerator
     fake = SimpleNamespace(log_every_n_steps=3, global_step=0, current_epoch=1)
     module._trainer = fake
     module.log = lambda *args, **kwargs: None  # the fake trainer has no logger connector
@@ -67,7 +67,7 @@ def test_nonfinite_check_is_deferred_on_accelerators() -> None:
 
 def test_nonfinite_check_forced_at_epoch_end() -> None:
     module = MDPLModule(make_config(Path("/tmp")), model=_NaNAt(bad_call=1))
-    module.SYNC_FREE_DEVICES =
+    module.SYNC_FREE_DEVICES = ()
     module._trainer = SimpleNamespace(log_every_n_steps=50, global_step=4, current_epoch=0)
     module.log = lambda *args, **kwargs: None
     module.training_step(next(iter(StubDataModule().train_dataloader())), 0)

@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import run as run_script
-from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
-from mdpl.data.writers import make_arrow
-from runs import resolved_config, run_quiet
+from runs import resolved_config, run_quiet, synthetic_arrows
 
 REPO = Path(__file__).resolve().parent.parent
 # Keys that the references' config shares with mdpl's (same name and meaning).
@@ -35,11 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("reference_ckpt_data")
-    write_synthetic("food101", root / "raw", 32, 8, 9, seed=0)
-    make_arrow("food101", root / "raw", root / "arrow", progress=False)
-    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
-    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+    return synthetic_arrows(tmp_path_factory.mktemp("reference_ckpt_data"), "food101", 32, 8, 9)
 
 
 def make_config(data: dict, log_dir: Path, method: str, **updates) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from runs import assert_same_run, synthetic_arrows
+
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, BATCH, EPOCHS = 32, 4, 4
 STEPS_PER_EPOCH = N_TRAIN // BATCH
@@ -25,14 +27,7 @@ BASE = "finetune_food101_seed0_from_scratch"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
-    from mdpl.data.writers import make_arrow
-
-    root = tmp_path_factory.mktemp("resume_data")
-    write_synthetic("food101", root / "raw", N_TRAIN, 8, 8, seed=0)
-    make_arrow("food101", root / "raw", root / "arrow", progress=False)
-    vocab = write_wordpiece_vocab(root / "tok" / "vocab.txt")
-    return {"arrow": root / "arrow", "tok": vocab.parent, "vocab_size": len(vocab.read_text().split())}
+    return synthetic_arrows(tmp_path_factory.mktemp("resume_data"), "food101", N_TRAIN, 8, 8)
 
 
 def _run(data: dict, log_dir: Path, *extra: str, kill_after: int | None = None, processes: int = 1,
@@ -68,20 +63,6 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _assert_same_run(ref: Path, resumed: Path) -> None:
-    """Same final weights, step and schedule; the same best checkpoint tested with the same metrics."""
-    ref_last, res_last = _load(ref / "checkpoints" / "last.ckpt"), _load(resumed / "checkpoints" / "last.ckpt")
-    assert ref_last["global_step"] == res_last["global_step"]
-    assert ref_last["lr_schedulers"] == res_last["lr_schedulers"]
-    assert ref_last["state_dict"].keys() == res_last["state_dict"].keys()
-    different = [k for k, v in ref_last["state_dict"].items() if not torch.equal(v, res_last["state_dict"][k])]
-    assert not different, f"weights differ: {different[:5]}"
-    ref_out = json.loads((ref / "test_metrics.json").read_text())
-    res_out = json.loads((resumed / "test_metrics.json").read_text())
-    assert Path(ref_out["checkpoint"]).name == Path(res_out["checkpoint"]).name    # the same "best" epoch
-    assert ref_out["metrics"] == res_out["metrics"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory) -> Path:
     """The reference: one run of EPOCHS epochs, no mid-epoch checkpoints, no workers."""
@@ -108,11 +89,11 @@ def test_kill_after_the_best_epoch_then_resume_matches_uninterrupted(data, unint
     out = _run(data, tmp_path, f"checkpoint_every_n_steps={every}", "resume=True")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / BASE).iterdir()) == ["version_0"]   # continued in its own folder
-    _assert_same_run(uninterrupted, run_dir)
+    assert_same_run(uninterrupted, run_dir)
 
 
 def test_loader_workers_do_not_change_the_result(data, uninterrupted, tmp_path) -> None:
-    _assert_same_run(uninterrupted, _finished(data, tmp_path, "num_workers=2"))
+    assert_same_run(uninterrupted, _finished(data, tmp_path, "num_workers=2"))
 
 
 def test_ddp_mid_epoch_resume_matches_uninterrupted_ddp(data, tmp_path) -> None:
@@ -124,7 +105,7 @@ def test_ddp_mid_epoch_resume_matches_uninterrupted_ddp(data, tmp_path) -> None:
     assert state["global_step"] == 6 and state["mdpl_resume"]["batches_done"] == 2    # mid-epoch 1
     out = _run(data, tmp_path / "killed", "checkpoint_every_n_steps=1", "resume=True", **ddp)
     assert out.returncode == 0, out.stderr[-3000:]
-    _assert_same_run(ref, run_dir)
+    assert_same_run(ref, run_dir)
 
 
 def test_resume_from_missing_file_is_one_line_and_writes_nothing(data, tmp_path) -> None:

@@ -20,7 +20,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_processes_one_run_directory_same_metrics(data: dict, tmp_path: Path) -> None:
+def test_torchrun_two_processes_one_run_directory_same_metrics(data: dict, tmp_path: Path) -> None:  # noqa: F811 (pytest fixture)
     one = finished_run([sys.executable, *run_args(data, tmp_path / "one", 1)], tmp_path / "one", 1)
     # Lightning reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; devices (num_cpu_processes) = local world size
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
