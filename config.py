@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.errors import UserInputError
-from mdpl.validate import METHOD_PRESETS, method_default
+from mdpl.prompts.keys import METHOD_PRESETS, method_default
 
 ex = Experiment("mdpl", save_git_info=False)
 
@@ -127,7 +127,7 @@ def base_config():
 
     # --- method keys (prompt_method above) -------------------------------------------------------
     # Each key is read by the method(s) named in its group and is None unless that method is selected (then its
-    # paper's value, or the small one with method_sizes='tiny'; mdpl.validate.METHOD_KEYS). Setting a key of
+    # paper's value, or the small one with method_sizes='tiny'; mdpl.prompts.keys.METHOD_KEYS). Setting a key of
     # another method is an error naming the method that reads it.
     # MAP
     prompt_type = method_default(prompt_method, method_sizes, "prompt_type")      # 'input' (paper) | 'attention'
@@ -306,7 +306,7 @@ def tiny():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    method_sizes = "tiny"         # the selected method's keys take small values (mdpl.validate.TINY_METHOD_KEYS)
+    method_sizes = "tiny"         # the selected method's keys take small values (mdpl.prompts.keys.TINY_METHOD_KEYS)
     clip_embed_dim = 32
     clip_image_size = 64
     clip_vision_width = 64
@@ -343,7 +343,7 @@ def demo():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    method_sizes = "tiny"         # each demo method's keys take small values (mdpl.validate.TINY_METHOD_KEYS)
+    method_sizes = "tiny"         # each demo method's keys take small values (mdpl.prompts.keys.TINY_METHOD_KEYS)
     num_gpus = 0
     num_workers = 0
     precision = "32-true"

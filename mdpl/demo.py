@@ -127,7 +127,7 @@ def new_demo_dir(config: Mapping) -> Path:
 def with_method(config: Mapping, method: str) -> dict:
     """`config` with prompt_method=`method` and that method's keys filled (the demo config names no method;
     ``method_sizes='tiny'`` gives the small sizes)."""
-    from mdpl.validate import complete_method_keys
+    from mdpl.prompts.keys import complete_method_keys
     return complete_method_keys({**config, "prompt_method": method})
 
 

@@ -278,7 +278,7 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
         from mdpl.models.classifier import load_trained_weights
         load_trained_weights(module.model, checkpoint, module.config)
         return "reference"
-    from mdpl.validate import complete_method_keys
+    from mdpl.prompts.keys import complete_method_keys
     ckpt_config = complete_method_keys(checkpoint["hyper_parameters"]["config"])
     mismatches = config_mismatches(ckpt_config, complete_method_keys(module.config))
     if mismatches:

@@ -6,7 +6,7 @@ method says otherwise, e.g. MAP ``learnt_p=False``) and the head are trained. ``
 everything. Frozen modules stay in train mode by default (reference behaviour, D-23);
 ``frozen_eval_mode=True`` puts them in eval mode via `set_frozen_modes`.
 
-`build_classifier` fills the selected method's unset keys (`mdpl.validate.complete_method_keys`).
+`build_classifier` fills the selected method's unset keys (`mdpl.prompts.keys.complete_method_keys`).
 `load_trained_weights` loads, for ``test_only``, every weight from a trained checkpoint not written by mdpl
 (the original MAP / MemPrompt code, a reference DCP checkpoint), strictly, or refuses the file in one line.
 """
@@ -26,7 +26,7 @@ from mdpl.data.constants import NUM_CLASSES
 from mdpl.errors import UserInputError
 from mdpl.models.heads import build_vilt_head, head_attribute
 from mdpl.prompts.registry import build_prompt_method
-from mdpl.validate import complete_method_keys
+from mdpl.prompts.keys import complete_method_keys
 
 FROZEN_BACKBONE_PARTS = ("transformer", "text_embeddings", "token_type_embeddings")
 
