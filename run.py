@@ -188,4 +188,5 @@ def main(_config, _run):
     except UserInputError as err:   # one line on stderr, exit status 2 (MDPL_DEBUG=1: the traceback)
         if debug_enabled():
             raise
+        _run.run_logger.disabled = True   # no second line: Sacred would log "Failed after ..." as it exits
         exit_with(err)
