@@ -58,10 +58,10 @@ def parameter_report(model: nn.Module) -> str:
     return f"parameters: total {total:,}, trainable {trainable:,} ({pct:.3f} %)"
 
 
-def config_mismatches(ckpt_config: Mapping, config: Mapping) -> list[str]:
-    """Model-defining keys (MODEL_KEYS) whose checkpoint value differs from `config`'s."""
+def config_mismatches(ckpt_config: Mapping, config: Mapping, extra_keys: tuple[str, ...] = ()) -> list[str]:
+    """Model-defining keys (MODEL_KEYS), then `extra_keys`, whose checkpoint value differs from `config`'s."""
     keys = (MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("backbone", "vilt")), ())
-            + MODEL_KEYS.get(str(config.get("prompt_method")), ()))
+            + MODEL_KEYS.get(str(config.get("prompt_method")), ()) + tuple(extra_keys))
     return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
             for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
 

@@ -120,16 +120,14 @@ def resume_run_dir(checkpoint_path: str | Path) -> Path:
 
 def check_resume_config(checkpoint_path: str, config: Mapping) -> None:
     """UserInputError naming the keys where the checkpoint's config differs from this run's."""
-    from mdpl.engine.module import config_mismatches, to_plain
+    from mdpl.engine.module import config_mismatches
 
     ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     ckpt_config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if ckpt_config is None or STATE_KEY not in ckpt:
         raise UserInputError(f"resume_from {checkpoint_path} is not an mdpl training checkpoint (no config or resume "
                              "state); resume from <run_dir>/checkpoints/last.ckpt")
-    bad = config_mismatches(ckpt_config, config)
-    bad += [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}" for k in RUN_KEYS
-            if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
+    bad = config_mismatches(ckpt_config, config, extra_keys=RUN_KEYS)
     if bad:
         raise UserInputError(f"cannot resume from {checkpoint_path}: " + "; ".join(bad))
 
