@@ -87,7 +87,7 @@ def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
 def build_test_module(config: dict, model=None):
     """MDPLModule whose every weight is read from load_path (test_only), or UserInputError (one line).
 
-    The classifier is built with load_path='' (`model` injects one), then `mdpl.engine.module.load_for_test`
+    The classifier is built without reading load_path or clip_path (`model` injects one), then `mdpl.engine.module.load_for_test`
     loads the file strictly: an mdpl checkpoint after its config check (MODEL_KEYS), or a training
     checkpoint of the original MAP / MemPrompt code through the reference key converter. Any other file (e.g.
     the ViLT pre-training checkpoint, which has no trained head) is refused: nothing is evaluated with weights
@@ -102,10 +102,7 @@ def build_test_module(config: dict, model=None):
     if not path.exists():
         raise UserInputError(f"load_path {str(path)!r} does not exist; pass the .ckpt written by a training run")
     checkpoint = read_test_checkpoint(path)
-    if model is None:
-        from mdpl.models import build_classifier
-        model = build_classifier({**config, "load_path": ""})
-    module = MDPLModule(config, model=model)
+    module = MDPLModule(config, model=model, weights_from_checkpoint=True)   # reads no pre-training file
     try:
         load_for_test(module, checkpoint)
     except ValueError as err:
