@@ -17,17 +17,16 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import METHOD_PRESETS, method_default
+from mdpl.prompts.keys import method_default, method_presets
 
 ex = Experiment("mdpl", save_git_info=False)
 
-DATASETS = ("mmimdb", "food101", "hatememes")
 MISSING_TYPES = ("text", "image", "both")
 PAPER_RUN = {"none": (1e-2, 0), "map": (1e-2, 0), "memprompt": (5e-3, 42), "dcp": (1e-2, 0)}
 """prompt_method -> (learning_rate, seed) its paper used (baseline: as MAP). MemPrompt used 1e-3 on Hateful Memes."""
 NAMED_CONFIG_KINDS = {
     "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
-    "method preset": tuple(METHOD_PRESETS.values()),
+    "method preset": tuple(method_presets().values()),
     "backbone switch": ("on_clip", "on_vilt"),
     "size config": ("tiny", "demo"),
 }
@@ -72,7 +71,7 @@ def base_config():
     log_dir = "result"            # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
 
     # --- data -----------------------------------------------------------------------------------
-    dataset = "mmimdb"            # one of mmimdb, food101, hatememes (set by the task_* configs)
+    dataset = "mmimdb"            # a registered dataset (mdpl/data/registry.py); the task_* configs set it
     data_root = ""                # folder holding <dataset>_{train,dev|val,test}.arrow (make_arrow.py --out)
     num_workers = 8
     batch_size = 256              # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
@@ -127,7 +126,7 @@ def base_config():
 
     # --- method keys (prompt_method above) -------------------------------------------------------
     # Each key is read by the method(s) named in its group and is None unless that method is selected (then its
-    # paper's value, or the small one with method_sizes='tiny'; mdpl.prompts.keys.METHOD_KEYS). Setting a key of
+    # paper's value, or the small one with method_sizes='tiny'; each method's config class, mdpl.prompts). Setting a key of
     # another method is an error naming the method that reads it.
     # MAP
     prompt_type = method_default(prompt_method, method_sizes, "prompt_type")      # 'input' (paper) | 'attention'
@@ -306,7 +305,7 @@ def tiny():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    method_sizes = "tiny"         # the selected method's keys take small values (mdpl.prompts.keys.TINY_METHOD_KEYS)
+    method_sizes = "tiny"         # the selected method's keys take small values (the TINY values of its config class)
     clip_embed_dim = 32
     clip_image_size = 64
     clip_vision_width = 64
@@ -343,7 +342,7 @@ def demo():
     patch_size = 16
     image_size = 64
     max_text_len = 24
-    method_sizes = "tiny"         # each demo method's keys take small values (mdpl.prompts.keys.TINY_METHOD_KEYS)
+    method_sizes = "tiny"         # each demo method's keys take small values (the TINY values of its config class)
     num_gpus = 0
     num_workers = 0
     precision = "32-true"

@@ -14,14 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdpl.data.writers import DATASETS, SplitReport, StrictModeError, default_workers, make_arrow
+from mdpl.data.registry import dataset_spec
+from mdpl.data.writers import SplitReport, StrictModeError, default_workers, make_arrow, writer_datasets
 from mdpl.errors import EXIT_USER_ERROR, UserInputError, debug_enabled
 
 PROG = "make_arrow.py"
 
 ALIASES = {"hateful_memes": "hatememes"}  # the reference CLI's spelling
-FOOD_ONLY = ("val_fraction", "seed")
-MEMES_ONLY = ("train_file", "dev_file", "test_file")
+#: the dataset-specific flags; which dataset takes which is its spec's writer_options (mdpl/data/registry.py).
+DATASET_FLAGS = ("val_fraction", "seed", "train_file", "dev_file", "test_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Raw layouts and sources: DATA.md.",
         epilog="example: python make_arrow.py --dataset hatememes --root RAW/hateful_memes --out ARROW/hatememes "
                "--dev-file dev_seen.jsonl --test-file test_seen.jsonl")
-    p.add_argument("--dataset", required=True, choices=[*DATASETS, *ALIASES],
+    p.add_argument("--dataset", required=True, choices=[*writer_datasets(), *ALIASES],
                    help="which dataset the raw folder holds")
     p.add_argument("--root", required=True, type=Path, metavar="RAW", help="raw dataset folder (layout in DATA.md)")
     p.add_argument("--out", required=True, type=Path, metavar="ARROW_DIR",
@@ -68,8 +69,8 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Writer keyword options; dataset-specific flags given for another dataset are an error."""
     opts = {"strict": args.strict, "max_side": args.max_side, "progress": not args.no_progress,
             "overwrite": args.overwrite, "workers": args.workers}
-    own = {"food101": FOOD_ONLY, "hatememes": MEMES_ONLY}.get(args.dataset, ())
-    for name in (*FOOD_ONLY, *MEMES_ONLY):
+    own = dataset_spec(args.dataset).writer_options
+    for name in DATASET_FLAGS:
         value = getattr(args, name)
         if value is None:
             continue

@@ -30,11 +30,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT, MMIMDB_GENRES, NUM_CLASSES
+from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT
+from mdpl.data.registry import dataset_spec
 from mdpl.errors import UserInputError
 
-#: Class names by dataset, in label order (Food-101's depend on the raw data's class_idx: pass class_names=).
-CLASS_NAMES: dict[str, tuple[str, ...]] = {"mmimdb": tuple(MMIMDB_GENRES), "hatememes": ("not hateful", "hateful")}
 #: Accepted spellings of the missing types in ``Predictor.predict(missing=...)``.
 MISSING_NAMES = {"complete": MISSING_COMPLETE, "none": MISSING_COMPLETE, "text": MISSING_TEXT,
                  "image": MISSING_IMAGE}
@@ -119,12 +118,18 @@ class Predictor:
         vilt = self.config.get("backbone", "vilt") == "vilt"
         self.collator = Collator(tokenizer, dynamic_text_padding=vilt and bool(self.config.get("dynamic_text_padding")))
         self.dummy_ids, self.dummy_masks = tokenizer.empty()
-        n_classes = NUM_CLASSES[self.dataset]
-        names = list(class_names) if class_names is not None else list(CLASS_NAMES.get(self.dataset, range(n_classes)))
+        self.spec = dataset_spec(self.dataset)
+        self.classes = self._class_names(class_names)
+        self.multi_label = self.spec.multi_label
+
+    def _class_names(self, class_names: Sequence[str] | None) -> list:
+        """``class_names``, else the spec's names (docs/methods.md §1.1), else the class indices (Food-101, whose
+        names depend on the raw data's class_idx: pass ``class_names=``)."""
+        n_classes = self.spec.num_classes
+        names = class_names if class_names is not None else (self.spec.class_names or range(n_classes))
         if len(names) != n_classes:
             raise UserInputError(f"class_names has {len(names)} names but {self.dataset} has {n_classes} classes")
-        self.classes = names
-        self.multi_label = self.dataset == "mmimdb"
+        return list(names)
 
     # ------------------------------------------------------------------------------------------ batches
     @torch.inference_mode()
@@ -143,7 +148,7 @@ class Predictor:
 
         types = self._missing_types(images, texts, missing)
         side = int(self.config["image_size"])
-        label = torch.zeros(NUM_CLASSES["mmimdb"]) if self.multi_label else 0
+        label = torch.zeros(self.spec.num_classes) if self.multi_label else 0
         items = [{"image": self.transform(self._image(img, i) if img is not None else Image.new("RGB", (side, side))),
                   "text": "" if text is None else text, "label": label, "missing_type": t,
                   "row_index": i, "item_index": i}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mdpl.data.constants import ARROW_SPLITS
+from mdpl.data.registry import dataset_spec
 
 DATASET = "food101"
 #: config keys of the demo (defaults used when a key is absent, e.g. a config dict built by a test).
@@ -85,7 +85,7 @@ def prepare_data(config: Mapping) -> dict:
     seed = int(config.get("seed", 0))
     root = Path(_get(config, "demo_dir")) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}"
     raw, arrow, tok = root / "raw", root / "arrow", root / "tokenizer"
-    expected = [arrow / f"{stem}.arrow" for stem in ARROW_SPLITS[DATASET].values()]
+    expected = [arrow / name for name in dataset_spec(DATASET).arrow_file_names()]
     if all(p.is_file() for p in expected) and (tok / "vocab.txt").is_file():
         print(f"[demo] using the synthetic {DATASET} in {root}")
     else:

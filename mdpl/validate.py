@@ -29,23 +29,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES
+from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import (METHOD_KEYS, METHOD_PRESETS, METHOD_SIZES, TINY_METHOD_KEYS,  # noqa: F401
-                               complete_method_keys, key_readers, method_default, method_defaults)
+from mdpl.prompts.keys import (METHOD_SIZES, complete_method_keys, key_readers,  # noqa: F401 (re-exported)
+                               method_default, method_defaults, method_presets)
 
-BACKBONES = ("vilt", "clip")
-def _vilt_methods() -> list[str]:
-    from mdpl.prompts.registry import available_prompt_methods  # lazy: imports the prompt modules
-    return available_prompt_methods()
+def _methods() -> list[str]:
+    from mdpl.prompts.registry import available_methods  # lazy: imports the prompt modules
+    return available_methods()
 
 
-def _clip_methods() -> list[str]:
-    """Methods on the CLIP backbone: the two-tower registry (MAP, MemPrompt, none) plus DCP."""
-    from mdpl.prompts.registry import clip_prompt_methods  # lazy: imports the prompt modules
-    return clip_prompt_methods()
+def _backbones() -> list[str]:
+    from mdpl.backbones.registry import available_backbones  # lazy: imports the backbone modules
+    return available_backbones()
 
 
 def _fail(message: str) -> None:
@@ -63,11 +61,12 @@ def _is_number(value: Any) -> bool:
 # ------------------------------------------------------------------------------------ components
 def check_dataset_and_backbone(config: Mapping) -> None:
     dataset = config.get("dataset")
-    if dataset not in NUM_CLASSES:
-        _fail(f"unknown dataset {dataset!r}; choose one of {', '.join(NUM_CLASSES)} (e.g. with task_finetune_mmimdb)")
+    if dataset not in available_datasets():
+        _fail(f"unknown dataset {dataset!r}; choose one of {', '.join(available_datasets())} "
+              "(e.g. with task_finetune_mmimdb)")
     backbone = config.get("backbone", "vilt")
-    if backbone not in BACKBONES:
-        _fail(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if backbone not in _backbones():
+        _fail(f"unknown backbone {backbone!r}; choose one of {', '.join(_backbones())}")
 
 
 def _method_hint(config: Mapping) -> str:
@@ -79,15 +78,21 @@ def _method_hint(config: Mapping) -> str:
         return ""
     method = methods.pop()
     verb = "is" if len(given) == 1 else "are"
-    return f" ({', '.join(given)} {verb} read by {method}: name `{METHOD_PRESETS.get(method, method)}`)"
+    return f" ({', '.join(given)} {verb} read by {method}: {_selector(method)})"
+
+
+def _selector(method: str) -> str:
+    """How a user selects `method`: its named config, or the key."""
+    preset = method_presets().get(method)
+    return f"name `{preset}`" if preset else f"set prompt_method={method}"
 
 
 def check_method_chosen(config: Mapping) -> None:
     """There is no default method: a run names a preset or sets prompt_method."""
     if config.get("prompt_method") in (None, ""):
-        presets = ", ".join(METHOD_PRESETS.values())
+        presets = ", ".join(method_presets().values())
         _fail(f"no prompt method selected: name a method preset ({presets}, e.g. `with task_finetune_mmimdb map`) "
-              f"or set prompt_method={'|'.join(METHOD_PRESETS)}{_method_hint(config)}")
+              f"or set prompt_method={'|'.join(_methods())}{_method_hint(config)}")
 
 
 def check_method_keys(config: Mapping) -> None:
@@ -99,24 +104,15 @@ def check_method_keys(config: Mapping) -> None:
         if method not in methods and config.get(key) is not None:
             readers = " and ".join(methods)
             _fail(f"{key}={config[key]!r} is read only by {readers}, but prompt_method is {method!r}; remove {key} "
-                  f"or select {' / '.join(METHOD_PRESETS.get(m, m) for m in methods)}")
+                  f"or select {' / '.join(method_presets().get(m, m) for m in methods)}")
 
 
 def check_prompt_method(config: Mapping) -> None:
-    """The method must be registered for the backbone (ViLT: the registry; CLIP: tower hooks or dcp)."""
+    """The method must be registered (every registered method runs on every backbone)."""
     check_method_chosen(config)
-    method, backbone = config.get("prompt_method"), config.get("backbone", "vilt")
-    vilt, clip = _vilt_methods(), _clip_methods()
-    known = sorted({*vilt, *clip})
-    if method not in known:
-        _fail(f"unknown prompt_method {method!r}; registered methods: {', '.join(known)} "
-              f"(backbone 'vilt': {', '.join(vilt)}; backbone 'clip': {', '.join(clip)})")
-    if backbone == "vilt" and method not in vilt:
-        _fail(f"prompt_method {method!r} has no ViLT variant (backbone 'vilt' supports {', '.join(vilt)}); "
-              f"set backbone=clip")
-    if backbone == "clip" and method not in clip:
-        _fail(f"prompt_method {method!r} has no CLIP variant (backbone 'clip' supports {', '.join(clip)}); "
-              f"set backbone=vilt")
+    method = config.get("prompt_method")
+    if method not in _methods():
+        _fail(f"unknown prompt_method {method!r}; registered methods: {', '.join(_methods())}")
 
 
 def _check_layers(config: Mapping, key: str, n_layers: int, what: str) -> None:
@@ -137,54 +133,28 @@ def _check_positive(config: Mapping, key: str) -> None:
         _fail(f"{key} must be a positive integer, got {config[key]!r}")
 
 
-def check_prompt_sizes(config: Mapping) -> None:
-    """Prompt layers within the backbone depth, positive lengths, top_k <= mem_size (§3, §4, §6).
-
-    Like every check here, only the keys the config holds (not None) are checked.
-    """
-    config = {k: v for k, v in config.items() if v is not None}
-    method = config.get("prompt_method", "none")
+def _num_layers(config: Mapping) -> int:
+    """Blocks in every stream of the configured backbone."""
     if config.get("backbone", "vilt") == "clip":
-        n_layers = min(int(config.get("clip_vision_layers", 12)), int(config.get("clip_text_layers", 12)))
-        what = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
-    else:
-        n_layers, what = int(config.get("num_layers", 12)), "the ViLT backbone (num_layers)"
-    if method == "dcp":
-        value = config.get("prompt_depth", 6)
-        if not (_is_int(value) and 0 <= value <= n_layers):
-            _fail(f"prompt_depth={value!r} must be an integer in 0..{n_layers} ({what} has {n_layers} layers)")
-        if value > 0:
-            _check_positive(config, "prompt_length")
-            if "prompt_length" in config and config["prompt_length"] % 3:
-                _fail(f"prompt_length={config['prompt_length']} must be a multiple of 3 for dcp: a third each for "
-                      "the layer, modal-common and dynamic prompts (e.g. prompt_length=36)")
-        elif config.get("dcp_dynamic", True) or config.get("dcp_common", True):
-            _fail("prompt_depth=0 inserts no prompts, so dcp_dynamic and dcp_common cannot be on; also set "
-                  "dcp_dynamic=False dcp_common=False (or choose prompt_depth >= 1)")
+        return min(int(config.get("clip_vision_layers") or 12), int(config.get("clip_text_layers") or 12))
+    return int(config.get("num_layers") or 12)
+
+
+def check_prompt_sizes(config: Mapping) -> None:
+    """The selected method's options, checked by its own config class against the backbone depth (§3, §4, §6)."""
+    from mdpl.prompts.base import BackboneInfo, StreamInfo
+    from mdpl.prompts.registry import method_class
+
+    method = config.get("prompt_method") or "none"
+    if method not in _methods():
         return
-    if method == "map":
-        _check_positive(config, "prompt_length")
-        _check_layers(config, "prompt_layers", n_layers, what)
-        if not config.get("prompt_layers", [0]):
-            _fail("prompt_layers=[] prompts no layer; give the layers MAP prompts (e.g. prompt_layers=[0,1,2,3,4,5])")
-        prompt_type = config.get("prompt_type", "input")
-        if prompt_type not in ("input", "attention"):
-            _fail(f"prompt_type={prompt_type!r} is not a MAP prompt type; choose input or attention")
-        if (prompt_type == "attention" and config.get("learnt_p", True) and "prompt_length" in config
-                and config["prompt_length"] % 2):
-            _fail(f"prompt_length={config['prompt_length']} must be even with prompt_type=attention: learnt "
-                  "attention prompts are split into key and value halves (e.g. prompt_length=16)")
-    elif method == "memprompt":
-        for key in ("gen_prompt_length", "shared_prompt_length", "mem_size", "top_k", "bottleneck_dim"):
-            _check_positive(config, key)
-        for key in ("gen_prompt_layers", "shared_prompt_layers"):
-            _check_layers(config, key, n_layers, what)
-        if not config.get("gen_prompt_layers", [0]) and not config.get("shared_prompt_layers", [0]):
-            _fail("gen_prompt_layers and shared_prompt_layers are both empty: MemPrompt would prompt no layer; "
-                  "give at least one of them layers (e.g. gen_prompt_layers=[0,1,2,3,4,5])")
-        if "top_k" in config and "mem_size" in config and config["top_k"] > config["mem_size"]:
-            _fail(f"top_k={config['top_k']} exceeds mem_size={config['mem_size']}: "
-                  f"MemPrompt retrieves top_k of the mem_size memory prompts; lower top_k")
+    config_class = method_class(method).config_class
+    try:
+        options = config_class.from_config(complete_method_keys(config))
+    except TypeError as err:  # a value of the wrong kind reaching the dataclass
+        _fail(f"invalid options for {method}: {err}")
+    n = _num_layers(config)
+    options.check(BackboneInfo((StreamInfo("stream", 1, n, 1, ("text", "image")),)))
 
 
 def check_batch(config: Mapping) -> None:
@@ -238,7 +208,7 @@ def check_load_path(config: Mapping) -> None:
 def check_data_root(config: Mapping) -> None:
     """data_root must be a folder holding the arrow files of the splits this run reads."""
     dataset, root = config["dataset"], config.get("data_root") or ""
-    expected = ", ".join(f"{stem}.arrow" for stem in ARROW_SPLITS[dataset].values())
+    expected = ", ".join(dataset_spec(dataset).arrow_file_names())
     command = f"python make_arrow.py --dataset {dataset} --root <raw {dataset} folder> --out <arrow folder>"
     if not root or not Path(root).is_dir():
         _fail(f"data_root={root!r} is not a folder; it must hold {expected} (create them with `{command}`, "
@@ -255,10 +225,15 @@ def check_data_root(config: Mapping) -> None:
 
 # ---------------------------------------------------------------------------------- run settings
 BOOL_KEYS = ("test_only", "finetune", "frozen_eval_mode", "simulate_missing", "compile", "resume",
-             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters", "learnt_p",
-             "multi_layer_prompt", "memprompt_mask_padding", "dcp_correlated", "dcp_dynamic", "dcp_common",
-             "dcp_dynamic_trainable", "dcp_independent_init", "dcp_skip_missing")
-"""Switches: True or False only (a string such as 'no' would count as True)."""
+             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters")
+"""Switches of the run: True or False only (a string such as 'no' would count as True). The methods' own
+switches are their boolean keys (`method_bool_keys`)."""
+
+
+def method_bool_keys() -> list[str]:
+    """The registered methods' keys whose default is a boolean."""
+    from mdpl.prompts.registry import method_keys
+    return sorted({k for keys in method_keys().values() for k, v in keys.items() if isinstance(v, bool)})
 VILT_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "patch_size", "image_size", "vocab_size")
 CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
                   "clip_vision_head_width", "clip_context_length", "clip_vocab_size", "clip_text_width",
@@ -291,7 +266,7 @@ def _check_number(config: Mapping, key: str, low: float, high: float | None = No
 
 def check_switches(config: Mapping) -> None:
     """On/off keys must be booleans: `test_only=no` would otherwise be a (truthy) string."""
-    for key in BOOL_KEYS:
+    for key in (*BOOL_KEYS, *method_bool_keys()):
         value = config.get(key)
         if value is not None and not isinstance(value, bool):
             _fail(f"{key}={value!r} must be True or False (e.g. {key}=True)")

@@ -29,13 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/aggregate.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from mdpl.data.registry import dataset_spec, is_registered  # noqa: E402
 from mdpl.engine.sweep import write_csv  # noqa: E402  (results.csv writer, also for comparison.csv)
 
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
 REQUIRED_COLUMNS = ("dataset", "method", "backbone", "type", "ratio", "seed")
 GROUP_KEYS = ["dataset", "method", "backbone", "type", "ratio"]
-#: primary metric per dataset (METHODS.md §8); the first metric column otherwise.
-PRIMARY = {"mmimdb": "F1_Macro", "food101": "accuracy", "hatememes": "AUROC"}
 TYPE_ORDER = ("text", "image", "both")
 
 
@@ -98,8 +97,10 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def primary_metric(dataset: str, agg_rows: pd.DataFrame) -> str:
-    if dataset in PRIMARY and f"{PRIMARY[dataset]}_mean" in agg_rows.columns:
-        return PRIMARY[dataset]
+    """The registered dataset's primary metric (docs/methods.md §8) when aggregated; the first metric otherwise."""
+    primary = dataset_spec(dataset).primary_metric if is_registered(dataset) else None
+    if primary and f"{primary}_mean" in agg_rows.columns:
+        return primary
     return next(c[:-5] for c in agg_rows.columns if c.endswith("_mean"))
 
 

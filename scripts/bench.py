@@ -131,11 +131,12 @@ def _missing_types(batch_size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _labels(dataset: str, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    from mdpl.data.constants import NUM_CLASSES
+    from mdpl.data.registry import dataset_spec
 
-    if dataset == "mmimdb":
-        return (torch.rand(batch_size, NUM_CLASSES["mmimdb"], generator=gen) < 0.15).float()
-    return torch.randint(0, NUM_CLASSES[dataset], (batch_size,), generator=gen)
+    spec = dataset_spec(dataset)
+    if spec.multi_label:
+        return (torch.rand(batch_size, spec.num_classes, generator=gen) < 0.15).float()
+    return torch.randint(0, spec.num_classes, (batch_size,), generator=gen)
 
 
 def _text(batch_size: int, length: int, fill: tuple[int, int], vocab: tuple[int, int], start: int, end: int,

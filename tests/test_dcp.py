@@ -1,6 +1,7 @@
-"""DCP (METHODS.md §6): parity with the reference, token layout and ablation switches, buffers, trainable set."""
+"""DCP (docs/methods.md §6): parity with the reference, token layout and ablation switches, buffers, trainable set."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -10,24 +11,32 @@ import torch
 from torch import nn
 
 from mdpl.backbones.clip import ClipBackbone, ClipSizes
-from mdpl.prompts.dcp import (DCPClassifier, DCPLayout, DCPPromptLearner, DYNAMIC_NAMES, build_dcp_classifier,
-                              dcp_loss)
+from mdpl.engine.losses import task_loss
+from mdpl.errors import UserInputError
+from mdpl.models import PromptedClassifier, build_classifier
+from mdpl.models.checkpoints import load_trained_weights, upgrade_state
+from mdpl.prompts.dcp import DCPLayout, DCPPromptLearner, DYNAMIC_NAMES
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "ref_dcp_tiny.pt")
-TINY = dict(dataset="mmimdb", clip_embed_dim=32, clip_image_size=32, clip_patch_size=16, clip_vision_width=48,
+TINY = dict(dataset="mmimdb", backbone="clip", prompt_method="dcp", clip_embed_dim=32, clip_image_size=32, clip_patch_size=16, clip_vision_width=48,
             clip_vision_layers=3, clip_vision_head_width=24, clip_vocab_size=1000, clip_text_width=32,
             clip_text_heads=2, clip_text_layers=3, prompt_length=6, prompt_depth=2)
 N_DATA_V = 1 + (32 // 16) ** 2          # CLS + 4 patches
 
 
-def _model(seed: int = 0, **over) -> DCPClassifier:
+def _model(seed: int = 0, **over) -> PromptedClassifier:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)          # random-init warning (no clip_path)
-        return build_dcp_classifier({**TINY, **over})
+        return build_classifier({**TINY, **over})
+
+
+def _ours(name: str) -> str:
+    """A reference DCP key in this classifier's names."""
+    return next(iter(upgrade_state({name: torch.zeros(())}, "dcp")))
 
 
 def _batch(types=(0, 1, 2, 1, 0)) -> dict[str, torch.Tensor]:
@@ -59,22 +68,22 @@ def test_parity_with_reference_dcp(ref, task, skip):
     sizes = ClipSizes(embed_dim=meta["embed_dim"], image_size=meta["image_size"], vision_width=meta["vision_width"],
                       vision_layers=meta["layers"], text_width=meta["text_width"], text_layers=meta["layers"],
                       vocab_size=meta["vocab_size"])
-    cfg = {"dataset": task, "prompt_length": meta["prompt_length"], "prompt_depth": meta["prompt_depth"],
-           "dcp_skip_missing": skip}
-    model = DCPClassifier(cfg, ClipBackbone(sizes))
-    assert model.load_dcp_state_dict(state, dynamic=rec["dynamic"]) == []
+    cfg = {"dataset": task, "prompt_method": "dcp", "prompt_length": meta["prompt_length"],
+           "prompt_depth": meta["prompt_depth"], "dcp_skip_missing": skip}
+    model = PromptedClassifier(cfg, ClipBackbone(sizes))
+    model.load_state_dict(upgrade_state({**state, **rec["dynamic"]}, "dcp"), strict=True)
     model.train()
     out = model({"image": ref["image"], "text_ids": ref["text_ids"], "missing_type": ref["types"]})
     assert (out["logits"] - rec["logits"]).abs().max() <= 1e-5
     assert (out["pooled"] - rec["cls_feats"]).abs().max() <= 1e-5
-    loss = dcp_loss(out["logits"], rec["label"], task)
+    loss = task_loss(task, out["logits"], rec["label"])
     assert abs(loss.item() - rec["loss"].item()) <= 1e-5 * max(1.0, abs(rec["loss"].item()))
     loss.backward()
     params = dict(model.named_parameters())
-    assert sorted(n for n, p in params.items() if p.requires_grad) == sorted(rec["trainable"])
+    assert sorted(n for n, p in params.items() if p.requires_grad) == sorted(map(_ours, rec["trainable"]))
     assert sum(p.numel() for p in params.values() if p.requires_grad) == rec["n_trainable"]
     for name, g in rec["grads"].items():
-        ours = params[name].grad
+        ours = params[_ours(name)].grad
         if "full" in g:
             want, got = g["full"], ours
         else:
@@ -85,15 +94,15 @@ def test_parity_with_reference_dcp(ref, task, skip):
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def _record_blocks(model: DCPClassifier, batch) -> dict[str, list]:
+def _record_blocks(model: PromptedClassifier, batch) -> dict[str, list]:
     """Run ``model(batch)``; per tower, (input, attn_mask, output) of every block, in order (recorded by
     wrapping the towers' ``run_block``)."""
     seen: dict[str, list] = {"image": [], "text": []}
-    towers = (("image", model.model.image_encoder), ("text", model.model.text_encoder))
+    towers = (("image", model.backbone.image_encoder), ("text", model.backbone.text_encoder))
     for key, tower in towers:
-        def run_block(index, x, attn_mask=None, kv_prefix=None, key=key, inner=tower.run_block):
-            out = inner(index, x, attn_mask, kv_prefix)
-            seen[key].append((x.detach().clone(), attn_mask, out))
+        def run_block(index, x, mask=None, kv_prefix=None, key=key, inner=tower.run_block, tower=tower):
+            out = inner(index, x, mask, kv_prefix)
+            seen[key].append((x.detach().clone(), tower.attention_mask(x.shape[1], x.device, x.dtype), out))
             return out
         tower.run_block = run_block
     try:
@@ -111,16 +120,16 @@ def _record_blocks(model: DCPClassifier, batch) -> dict[str, list]:
     ({"dcp_common": False, "dcp_dynamic": False, "prompt_depth": 0}, 0)])
 def test_sequence_lengths_follow_layout(flags, tokens):
     model = _model(**flags)
-    assert model.model.layout.num_tokens == tokens
+    assert model.prompt.layout.num_tokens == tokens
     seen = _record_blocks(model, _batch((0, 0, 0)))
     # prompts are inserted before block 0's attention and stay (replaced or inherited) in every later block
     assert [x.shape[1] for x, _, _ in seen["image"]] == [N_DATA_V + tokens] * 3
     assert [x.shape[1] for x, _, _ in seen["text"]] == [77 + tokens] * 3
     for x, mask, _ in seen["text"]:
         assert mask.shape == (77 + tokens, 77 + tokens) and torch.isinf(mask[0, 1])
-    assert hasattr(model.model.image_encoder.blocks[0], "attn_prompt") == flags.get("dcp_dynamic", True)
-    names = dict(model.model.prompt_learner.named_parameters())
-    assert ("visual_prompts" in names) == (not flags.get("dcp_correlated", True) and model.model.layout.depth > 0)
+    assert hasattr(model.prompt, "dynamic") == flags.get("dcp_dynamic", True)
+    names = dict(model.prompt.prompt_learner.named_parameters())
+    assert ("visual_prompts" in names) == (not flags.get("dcp_correlated", True) and model.prompt.layout.depth > 0)
     assert ("common_prompt_complete" in names) == flags.get("dcp_common", True)
 
 
@@ -128,10 +137,10 @@ def test_block_insertion_and_replacement():
     """Block 1 input = [R^1 ; evolved C, Dyn ; data]; block 2 (beyond depth) receives no new prompts (§6.4)."""
     model = _model()
     batch = _batch()
-    n = model.model.layout.n
+    n = model.prompt.layout.n
     blocks = _record_blocks(model, batch)["image"]
     with torch.no_grad():
-        img, _ = model.model.prompt_learner(batch["missing_type"])
+        img, _ = model.prompt.prompt_learner(batch["missing_type"])
     (_, _, out_0), (in_1, _, out_1), (in_2, _, _) = blocks
     kept = batch["missing_type"] != 2                      # image tower runs on these rows only
     assert torch.equal(in_1[:, :n], img[1][kept])
@@ -154,8 +163,8 @@ def test_baseline_is_frozen_clip_plus_head():
     batch = _batch((0, 1, 2))
     with torch.no_grad():
         z = model(batch)["pooled"]
-        f_v = model.model.image_encoder(batch["image"])
-        f_t = model.model.text_encoder(batch["text_ids"])
+        f_v = model.backbone.image_encoder(batch["image"])
+        f_t = model.backbone.text_encoder(batch["text_ids"])
     assert torch.allclose(z[0], torch.cat([f_v[0], f_t[0]]), atol=1e-6)
     assert torch.equal(z[1, 32:], torch.zeros(32)) and torch.equal(z[2, :32], torch.zeros(32))
 
@@ -166,7 +175,7 @@ def test_missing_halves_zeroed_and_skip_is_exact():
     batch = _batch()
     with torch.no_grad():
         z = model(batch)["pooled"]
-        model.model.skip_missing = False
+        model.prompt.config = dataclasses.replace(model.prompt.config, dcp_skip_missing=False)
         z_full = model(batch)["pooled"]
     assert z.shape == (5, 64)
     assert torch.equal(z[1, 32:], torch.zeros(32)) and torch.equal(z[2, :32], torch.zeros(32))
@@ -191,7 +200,7 @@ def test_dynamic_queries_are_persistent_buffers_and_restored(tmp_path):
     sd = model.state_dict()
     keys = [k for k in sd if ".prompts_dynamic_" in k]
     assert len(keys) == 6
-    blk = model.model.text_encoder.blocks[0]
+    blk = model.prompt.dynamic["text"]
     assert all(getattr(blk, n).shape == (2, 1, 32) for n in DYNAMIC_NAMES)
     assert not any(".prompts_dynamic_" in n for n, _ in model.named_parameters())
     torch.save(sd, tmp_path / "dcp.pt")
@@ -201,11 +210,14 @@ def test_dynamic_queries_are_persistent_buffers_and_restored(tmp_path):
         assert not torch.allclose(model(batch)["logits"], other(batch)["logits"])
         other.load_state_dict(torch.load(tmp_path / "dcp.pt", weights_only=True))
         assert torch.equal(model(batch)["logits"], other(batch)["logits"])
-    # reference checkpoints lack the queries: warn and keep ours (D-34)
+    # reference checkpoints lack the queries: refused without the side file that holds them (D-34)
     third = _model(seed=2)
-    with pytest.warns(UserWarning, match="dynamic prompt queries"):
-        absent = third.load_dcp_state_dict({k: v for k, v in sd.items() if k not in keys})
-    assert sorted(absent) == sorted(keys)
+    with pytest.raises(UserInputError, match="dynamic prompt queries"):
+        load_trained_weights(third, {k: v for k, v in sd.items() if k not in keys}, TINY)
+    torch.save({k: sd[k] for k in keys}, tmp_path / "queries.pt")
+    load_trained_weights(third, {k: v for k, v in sd.items() if k not in keys},
+                         {**TINY, "dcp_dynamic_queries": str(tmp_path / "queries.pt")})
+    assert all(torch.equal(third.state_dict()[k], sd[k]) for k in sd)
     trainable = _model(dcp_dynamic_trainable=True)
     assert all(p.requires_grad for n, p in trainable.named_parameters() if ".prompts_dynamic_" in n)
     assert sum(".prompts_dynamic_" in n for n, _ in trainable.named_parameters()) == 6
@@ -214,10 +226,10 @@ def test_dynamic_queries_are_persistent_buffers_and_restored(tmp_path):
 def test_trainable_set_is_explicit():
     model = _model()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "model.image_encoder.proj" in names and "model.text_encoder.text_projection" not in names
-    assert {"model.image_encoder.ln_post.weight", "model.text_encoder.ln_final.bias", "mmimdb_classifier.weight",
-            "model.text_encoder.transformer.resblocks.0.attn_prompt.in_proj_weight"} <= names
-    frozen_ok = ("model.prompt_learner.", ".attn_prompt.", "ln_post", "ln_final", "model.image_encoder.proj",
+    assert "backbone.image_encoder.proj" in names and "backbone.text_encoder.text_projection" not in names
+    assert {"backbone.image_encoder.ln_post.weight", "backbone.text_encoder.ln_final.bias", "mmimdb_classifier.weight",
+            "prompt.dynamic.text.attn_prompt.in_proj_weight"} <= names
+    frozen_ok = ("prompt.prompt_learner.", ".attn_prompt.", "ln_post", "ln_final", "backbone.image_encoder.proj",
                  "mmimdb_classifier")
     assert all(any(t in n for t in frozen_ok) for n in names)
     assert not any("ln_pre" in n or ".attn.in_proj" in n or "token_embedding" in n for n in names)
@@ -237,8 +249,8 @@ def test_reference_sizes_of_prompt_learner_and_attn_prompt():
 
 
 def test_projection_copies_identical_unless_independent():
-    same = _model().model.prompt_learner
-    diff = _model(dcp_independent_init=True).model.prompt_learner
+    same = _model().prompt.prompt_learner
+    diff = _model(dcp_independent_init=True).prompt.prompt_learner
     w = lambda pl, i: pl.compound_prompt_projections_image[i][0].weight  # noqa: E731
     assert torch.equal(w(same, 0), w(same, 1))
     assert not torch.equal(w(diff, 0), w(diff, 1))
@@ -248,12 +260,12 @@ def test_backward_reaches_prompts_on_cpu():
     model = _model()
     batch = _batch()
     out = model(batch)
-    dcp_loss(out["logits"], torch.ones(5, 23), "mmimdb").backward()
-    learner = model.model.prompt_learner
+    task_loss("mmimdb", out["logits"], torch.ones(5, 23)).backward()
+    learner = model.prompt.prompt_learner
     for p in (learner.visual_prompt_complete, learner.visual_prompt_missing, learner.text_prompt_missing,
-              learner.common_prompt_text, model.model.image_encoder.blocks[0].attn_prompt.in_proj_weight):
+              learner.common_prompt_text, model.prompt.dynamic["image"].attn_prompt.in_proj_weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
-    assert model.model.image_encoder.conv1.weight.grad is None
+    assert model.backbone.image_encoder.conv1.weight.grad is None
 
 
 def test_data_pipeline_tokenizer_matches_reference_ids(ref):

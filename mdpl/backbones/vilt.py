@@ -1,4 +1,7 @@
-"""ViLT single-stream backbone (Kim et al., ICML 2021) as used by MAP and MemPrompt (METHODS.md §2).
+"""ViLT single-stream backbone (Kim et al., ICML 2021) as used by MAP and MemPrompt (docs/methods.md §2).
+
+One stream, ``"joint"`` = ``[text ; image]`` tokens: embed -> ``transformer.forward_blocks`` (the encoder protocol,
+``mdpl.backbones.encoder``) -> ``transformer.norm`` -> pooler on the text [CLS] -> the MLP head of §2.1.
 
 Module names match the ViLT checkpoint keys of METHODS.md §2.2 (``text_embeddings.*``,
 ``token_type_embeddings.*``, ``transformer.{cls_token,pos_embed,patch_embed.proj,blocks.i.*,norm}``,
@@ -12,23 +15,25 @@ random subset).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
+from mdpl.backbones.attention import prefixed_attention
+from mdpl.backbones.base import Backbone, Batch
+from mdpl.backbones.encoder import StreamEncoder
+from mdpl.backbones.registry import register_backbone
+from mdpl.backbones.vilt_weights import load_vilt_checkpoint
 from mdpl.errors import UserInputError
-from mdpl.prompts.base import BackboneInfo
+from mdpl.prompts.base import JOINT, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
-
-if TYPE_CHECKING:
-    from mdpl.prompts.base import PromptMethod
 
 VIT_LN_EPS = 1e-6   # timm ViT LayerNorm (§2.1)
 BERT_LN_EPS = 1e-12  # BERT embeddings LayerNorm (§2.1)
@@ -69,8 +74,9 @@ class PatchEmbed(nn.Module):
         return self.proj(image)
 
 
-class ViLTVisionTransformer(nn.Module):
-    """The ViT part of ViLT (``transformer.*`` keys): patch embed, CLS, position grid, blocks, norm."""
+class ViLTVisionTransformer(StreamEncoder):
+    """The ViT part of ViLT (``transformer.*`` keys): patch embed, CLS, position grid, blocks, norm; the encoder
+    of the joint stream."""
 
     def __init__(self, *, hidden_size: int, num_layers: int, num_heads: int, mlp_ratio: float,
                  patch_size: int, image_size: int, drop_rate: float):
@@ -80,6 +86,7 @@ class ViLTVisionTransformer(nn.Module):
         if hidden_size % num_heads:
             raise UserInputError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         self.patch_size = patch_size
+        self.num_heads = num_heads
         self.grid = image_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -92,6 +99,23 @@ class ViLTVisionTransformer(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = norm(hidden_size)
+
+    @property
+    def info(self) -> StreamInfo:
+        return StreamInfo(JOINT, self.pos_embed.shape[-1], len(self.blocks), self.num_heads, (TEXT, IMAGE),
+                          causal=False, masks_padding=True)
+
+    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """timm pre-LN ``Block`` `index` with a key-padding mask; optional prompt K/V after the projection (§3.3)."""
+        blk = self.blocks[index]
+        attn = blk.attn
+        h = blk.norm1(x)
+        q, k, v = attn.qkv(h).chunk(3, dim=-1)
+        out = prefixed_attention(q, k, v, attn.num_heads, mask[:, None, None, :], kv_prefix,
+                                 attn.attn_drop.p if attn.training else 0.0)
+        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def reset_parameters(self) -> None:
         """timm-style init used when no checkpoint is loaded (reference `_init_weights`)."""
@@ -134,8 +158,28 @@ def _align_corners_source(dst: torch.Tensor, out_size: torch.Tensor, in_size: in
     return i0, i1, lam
 
 
-class ViLTBackbone(nn.Module):
-    """ViLT: BERT text embeddings + ViT-B/32 joint encoder + pooler (METHODS.md §2)."""
+@dataclass(frozen=True)
+class ViLTSizes:
+    """ViLT hyper-parameters, read once from the config (its keys have these names); defaults: ViLT-B/32 (§2.1)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4
+    patch_size: int = 32
+    image_size: int = 384
+    max_text_len: int = 40
+    drop_rate: float = 0.1
+    max_image_len: int = -1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ViLTSizes":
+        return cls(**{f.name: config[f.name] for f in fields(cls) if config.get(f.name) is not None})
+
+
+class ViLTBackbone(Backbone):
+    """ViLT: BERT text embeddings + ViT-B/32 joint encoder + pooler (§2)."""
 
     def __init__(self, *, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4, patch_size: int = 32, image_size: int = 384,
@@ -162,17 +206,33 @@ class ViLTBackbone(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ViLTBackbone":
         """Sizes from the resolved config (the keys of config.py)."""
-        return cls(
-            vocab_size=config.get("vocab_size", 30522), hidden_size=config.get("hidden_size", 768),
-            num_layers=config.get("num_layers", 12), num_heads=config.get("num_heads", 12),
-            mlp_ratio=config.get("mlp_ratio", 4), patch_size=config.get("patch_size", 32),
-            image_size=config.get("image_size", 384), max_text_len=config.get("max_text_len", 40),
-            drop_rate=config.get("drop_rate", 0.1), max_image_len=config.get("max_image_len", -1),
-        )
+        return cls(**vars(ViLTSizes.from_config(config)))
 
-    @property
-    def info(self) -> BackboneInfo:
-        return BackboneInfo(self.hidden_size, self.num_layers, self.num_heads)
+    # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
+    def encoders(self) -> dict[str, StreamEncoder]:
+        return {JOINT: self.transformer}
+
+    def embed(self, stream: str, batch: Batch,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """The joint ``[text ; image]`` input of every row (ViLT has one stream: nothing to skip)."""
+        if rows is not None:
+            raise ValueError("the ViLT joint stream runs on every row")
+        return self.embed_joint(batch["text_ids"], batch["text_masks"], batch["image"], batch.get("image_sizes"),
+                                batch.get("image_sizes_host"))
+
+    def pool(self, stream: str, x: torch.Tensor, layout: TokenLayout, batch: Batch,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tanh(W norm(h_[CLS]) + b) of the text [CLS] wherever the prompts moved it (§2.1)."""
+        return self.pooler(self.transformer.norm(x[:, layout.offset(TEXT)]))
+
+    def build_head(self, num_classes: int) -> nn.Module:
+        return build_vilt_head(self.hidden_size, num_classes)
+
+    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
+        return [self.pooler]
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.transformer, self.text_embeddings, self.token_type_embeddings]
 
     # --- embeddings -------------------------------------------------------------------------------
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -252,8 +312,8 @@ class ViLTBackbone(nn.Module):
         mask = torch.cat([valid.new_ones(b, 1), valid], dim=1)
         return x, mask
 
-    def embed(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
-              image_sizes: torch.Tensor | None = None, host_sizes: Sequence[Sequence[int]] | None = None):
+    def embed_joint(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
+                    image_sizes: torch.Tensor | None = None, host_sizes: Sequence[Sequence[int]] | None = None):
         """Joint input [text ; image], bool key mask and its layout (§2.4)."""
         text = self.embed_text(text_ids)
         img, img_mask = self.embed_image(image, image_sizes, host_sizes)
@@ -261,63 +321,45 @@ class ViLTBackbone(nn.Module):
         mask = torch.cat([text_masks.bool(), img_mask], dim=1)
         return x, mask, TokenLayout([(TEXT, text.shape[1]), (IMAGE, img.shape[1])])
 
-    # --- encoder ------------------------------------------------------------------------------------
-    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
-                  extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Pre-LN block `index` with a key-padding mask; optional prompt K/V after projection (§3.3)."""
-        blk = self.transformer.blocks[index]
-        if extra_kv is None:
-            return blk(x, attn_mask=mask[:, None, None, :])
-        x = x + _attention_with_prompts(blk.attn, blk.norm1(x), mask, *extra_kv)
-        return x + blk.mlp(blk.norm2(x))
-
+    # --- plain ViLT (no prompts) ---------------------------------------------------------------------
     def forward_features(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
-                         image_sizes: torch.Tensor | None = None, method: "PromptMethod | None" = None,
-                         missing_type: torch.Tensor | None = None,
-                         host_sizes: Sequence[Sequence[int]] | None = None) -> BackboneOutput:
-        """Embed, run the blocks (calling the prompt method before each), final LayerNorm."""
-        x, mask, layout = self.embed(text_ids, text_masks, image, image_sizes, host_sizes)
-        if missing_type is None:
-            missing_type = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        missing_type = missing_type.to(x.device).long()
-        for i in range(len(self.transformer.blocks)):
-            extra_kv = None
-            if method is not None:
-                x, mask, layout = method.before_block(i, x, mask, layout, missing_type)
-                extra_kv = method.attention_prompts(i, x, missing_type)
-            x = self.run_block(i, x, mask, extra_kv)
+                         image_sizes: torch.Tensor | None = None) -> BackboneOutput:
+        """Embed, every block (no prompts), final LayerNorm."""
+        x, mask, layout = self.embed_joint(text_ids, text_masks, image, image_sizes)
+        ctx = PromptContext(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        x, mask, layout = self.transformer.forward_blocks(x, mask, layout, PromptMethod(MethodConfig(), self.info), ctx)
         return BackboneOutput(hidden=self.transformer.norm(x), mask=mask, layout=layout)
-
-    def pool(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Pooled feature [B, D] = tanh(W h[position] + b)."""
-        return self.pooler(hidden[:, position])
 
     def forward(self, text_ids: torch.Tensor, text_masks: torch.Tensor, image: torch.Tensor,
                 image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Plain ViLT pooled output (text [CLS]) without prompts."""
         out = self.forward_features(text_ids, text_masks, image, image_sizes)
-        return self.pool(out.hidden, out.layout.offset(TEXT))
+        return self.pooler(out.hidden[:, out.layout.offset(TEXT)])
 
 
-def _attention_with_prompts(attn: nn.Module, h: torch.Tensor, mask: torch.Tensor,
-                            k_prompt: torch.Tensor, v_prompt: torch.Tensor) -> torch.Tensor:
-    """timm `Attention` with extra keys/values prepended after the K/V projection (MAP §3.3, D-17).
+HEAD_LN_EPS = 1e-5
 
-    The prompts are used raw as projected keys/values, split into the model's heads; their key-mask
-    entries are ones. Queries come from the sequence only.
-    """
-    b, n, c = h.shape
-    heads = attn.num_heads
-    q, k, v = attn.qkv(h).reshape(b, n, 3, c).unbind(2)
-    k = torch.cat([k_prompt.to(k.dtype), k], dim=1)
-    v = torch.cat([v_prompt.to(v.dtype), v], dim=1)
-    key_mask = torch.cat([mask.new_ones(b, k_prompt.shape[1]), mask], dim=1)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return rearrange(t, "b l (h d) -> b h l d", h=heads)
+def build_vilt_head(hidden_size: int, num_classes: int) -> nn.Sequential:
+    """Linear(D, 2D) -> LayerNorm(2D, eps 1e-5) -> GELU -> Linear(2D, C); N(0, 0.02) weights, zero biases (§2.1)."""
+    head = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.LayerNorm(2 * hidden_size, eps=HEAD_LN_EPS),
+                         nn.GELU(), nn.Linear(2 * hidden_size, num_classes))
+    _init_linear_embedding(head)
+    return head
 
-    out = F.scaled_dot_product_attention(
-        split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :],
-        dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = rearrange(out, "b h l d -> b l (h d)")
-    return attn.proj_drop(attn.proj(out))
+
+@register_backbone("vilt", weights_key="load_path")
+def build_vilt_backbone(config: Mapping[str, Any]) -> ViLTBackbone:
+    """ViLT from its size keys, with the pre-trained checkpoint ``load_path`` (skipped with ``test_only``: the
+    evaluated checkpoint holds every weight)."""
+    backbone = ViLTBackbone.from_config(config)
+    path = config.get("load_path", "") or ""
+    if config.get("test_only", False):
+        return backbone
+    if path:
+        backbone.weights_report = load_vilt_checkpoint(
+            backbone, path, interpolate_text_positions=bool(config.get("interpolate_text_positions", False)))
+    else:
+        warnings.warn("load_path is empty: the ViLT backbone is randomly initialised (not a useful model; set "
+                      "load_path to vilt_200k_mlm_itm.ckpt)")
+    return backbone

@@ -10,7 +10,7 @@ The missing table is per row (movie), so all plots of a movie share its missing 
 mdpl/data/missing.py). Tokenisation happens batched in the collate function (mdpl/data/collate.py).
 
 Every Arrow file is checked when it is opened (:func:`check_arrow_file`): a truncated or non-Arrow file,
-a missing column or a column of another type than the writer's schema (``mdpl.data.writers.SCHEMAS``), no
+a missing column or a column of another type than the writer's schema (the spec's ``schema``), no
 rows, or labels outside the dataset's classes raise :class:`~mdpl.errors.UserInputError` naming the file,
 what was expected and found, and the ``make_arrow.py`` command that rebuilds it. Extra columns are ignored.
 """
@@ -28,9 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mdpl.data.constants import ARROW_SPLITS, NUM_CLASSES, TEXT_COLUMN
 from mdpl.data.missing import MissingSpec, load_or_create_missing_table, make_missing_table
-from mdpl.data.writers import SCHEMAS
+from mdpl.data.registry import DatasetSpec, available_datasets, dataset_spec, is_registered
 from mdpl.errors import UserInputError
 
 MMIMDB_ITEMS = ("plot", "movie")
@@ -38,11 +37,7 @@ MMIMDB_ITEMS = ("plot", "movie")
 
 def arrow_path(data_root: str | os.PathLike, dataset: str, split: str) -> Path:
     """``<data_root>/<stem>.arrow`` for a split (METHODS.md §1.2 file names)."""
-    if dataset not in ARROW_SPLITS:
-        raise ValueError(f"unknown dataset {dataset!r} (expected one of {sorted(ARROW_SPLITS)})")
-    if split not in ARROW_SPLITS[dataset]:
-        raise ValueError(f"unknown split {split!r} (expected train, val or test)")
-    return Path(data_root) / f"{ARROW_SPLITS[dataset][split]}.arrow"
+    return Path(data_root) / f"{dataset_spec(dataset).arrow_stem(split)}.arrow"
 
 
 class ArrowFileNotFoundError(UserInputError, FileNotFoundError):
@@ -57,7 +52,7 @@ def rebuild_command(dataset: str, data_root: str | os.PathLike) -> str:
 def check_arrow_exists(path: Path, data_root: str | os.PathLike, dataset: str) -> None:
     if path.is_file():
         return
-    expected = ", ".join(f"{stem}.arrow" for stem in ARROW_SPLITS[dataset].values())
+    expected = ", ".join(dataset_spec(dataset).arrow_file_names())
     raise ArrowFileNotFoundError(f"arrow file not found: {path}. data_root={str(data_root)!r} must hold {expected}; "
                                  f"create them with `{rebuild_command(dataset, data_root)}`")
 
@@ -65,7 +60,12 @@ def check_arrow_exists(path: Path, data_root: str | os.PathLike, dataset: str) -
 def dataset_of(path: str | os.PathLike) -> str | None:
     """The dataset whose split file name ``path`` has (``food101_val.arrow`` -> 'food101'), else None."""
     stem = Path(path).stem
-    return next((d for d, stems in ARROW_SPLITS.items() if stem in stems.values()), None)
+    return next((d for d in available_datasets() if stem in dataset_spec(d).arrow_splits.values()), None)
+
+
+def _schema_of(dataset: str | None) -> pa.Schema | None:
+    """The writer schema of a registered ``dataset`` (None: unknown dataset or no schema in its spec)."""
+    return dataset_spec(dataset).arrow_schema() if is_registered(dataset) else None
 
 
 def _format_schema(fields: list[pa.Field]) -> str:
@@ -100,23 +100,25 @@ def _open_reader(path: Path, dataset: str) -> pa.ipc.RecordBatchFileReader:
 def check_arrow_file(path: str | os.PathLike, dataset: str | None = None) -> int:
     """Open ``path`` (metadata only), check it against the writer schema of ``dataset``; return its rows.
 
-    ``dataset`` defaults to the one named by the file name; unknown names skip the schema check.
+    ``dataset`` defaults to the one named by the file name; unknown names (and specs without a schema)
+    skip the column check.
     Raises UserInputError naming the file, the expected vs found columns and the rebuild command.
     """
     path = Path(path)
     dataset = dataset or dataset_of(path)
     reader = _open_reader(path, dataset or "<dataset>")
-    if dataset in SCHEMAS:
-        problems = schema_problems(reader.schema, SCHEMAS[dataset])
+    schema = _schema_of(dataset)
+    if schema is not None:
+        problems = schema_problems(reader.schema, schema)
         if problems:
             raise _bad_file(path, dataset, f"{'; '.join(problems)} (expected columns "
-                                           f"{_format_schema(list(SCHEMAS[dataset]))}; found "
+                                           f"{_format_schema(list(schema))}; found "
                                            f"{_format_schema(list(reader.schema))})")
     try:
         n_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     except (pa.ArrowException, OSError) as err:
         raise _bad_file(path, dataset or "<dataset>", f"its record batches cannot be read ({err})") from None
-    if n_rows == 0 and dataset in SCHEMAS:
+    if n_rows == 0 and is_registered(dataset):
         raise _bad_file(path, dataset, "expected rows, found none")
     return n_rows
 
@@ -152,12 +154,13 @@ class ArrowMultimodalDataset(Dataset):
         if mmimdb_items not in MMIMDB_ITEMS:
             raise ValueError(f"mmimdb_items must be one of {MMIMDB_ITEMS}, got {mmimdb_items!r}")
         self.dataset, self.split, self.transform = dataset, split, transform
+        self.spec: DatasetSpec = dataset_spec(dataset)
         self.path = arrow_path(data_root, dataset, split)
         check_arrow_exists(self.path, data_root, dataset)
         self.stem = self.path.stem
         table = open_arrow_table(self.path, dataset)
         self.n_rows = table.num_rows
-        self._build_index(table, per_text=(dataset != "mmimdb" or mmimdb_items == "plot"))
+        self._build_index(table, per_text=self.spec.per_text_items(mmimdb_items))
         self._load_labels(table)
         self._table: pa.Table | None = None  # opened lazily per process (workers re-map the file)
         self._pid = -1
@@ -166,7 +169,7 @@ class ArrowMultimodalDataset(Dataset):
     # ------------------------------------------------------------------------------------ building
     def _build_index(self, table: pa.Table, per_text: bool) -> None:
         """Item -> (row, text) index (METHODS.md §1.3): one item per text, or the first text per row."""
-        col = table.column(TEXT_COLUMN[self.dataset]).combine_chunks()
+        col = table.column(self.spec.text_column).combine_chunks()
         lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         if per_text:
@@ -181,10 +184,10 @@ class ArrowMultimodalDataset(Dataset):
 
     def _load_labels(self, table: pa.Table) -> None:
         labels = table.column("label").combine_chunks()
-        if self.dataset == "mmimdb":
+        if self.spec.multi_label:
             self._check_multi_hot(labels)
             flat = pc.list_flatten(labels).to_numpy().astype(np.float32)
-            self.labels = torch.from_numpy(flat.reshape(self.n_rows, NUM_CLASSES["mmimdb"]))
+            self.labels = torch.from_numpy(flat.reshape(self.n_rows, self.spec.num_classes))
         else:
             self.labels = torch.from_numpy(self._checked_classes(labels))
         ids = "image_id" if "image_id" in table.column_names else None
@@ -194,19 +197,21 @@ class ArrowMultimodalDataset(Dataset):
         return _bad_file(self.path, self.dataset, f"column 'label': {problem}")
 
     def _check_multi_hot(self, labels: pa.Array) -> None:
-        """MM-IMDb: every row a 23-long 0/1 list."""
+        """Multi-label (MM-IMDb): every row a ``num_classes``-long 0/1 list."""
+        n_labels = self.spec.num_classes
         lengths = pc.fill_null(pc.list_value_length(labels), 0).to_numpy()
-        bad = np.flatnonzero(lengths != NUM_CLASSES["mmimdb"])
+        bad = np.flatnonzero(lengths != n_labels)
         if len(bad):
+            kind = "multi-hot genres" if self.spec.class_names is not None else "multi-hot labels"
             raise self._label_error(f"row {int(bad[0])} has {int(lengths[bad[0]])} values, expected "
-                                    f"{NUM_CLASSES['mmimdb']} (multi-hot genres)")
+                                    f"{n_labels} ({kind})")
         flat = pc.list_flatten(labels)
         if flat.null_count or not pc.all(pc.is_in(flat, pa.array([0, 1], flat.type))).as_py():
             raise self._label_error("expected 0/1 multi-hot values, found others")
 
     def _checked_classes(self, labels: pa.Array) -> np.ndarray:
-        """Food-101 / Hateful Memes: class indices in 0..C-1, no nulls."""
-        n_classes = NUM_CLASSES[self.dataset]
+        """Single-label (Food-101 / Hateful Memes): class indices in 0..C-1, no nulls."""
+        n_classes = self.spec.num_classes
         if labels.null_count:
             raise self._label_error(f"{labels.null_count} rows have no label")
         values = labels.to_numpy().astype(np.int64)
@@ -259,7 +264,7 @@ class ArrowMultimodalDataset(Dataset):
         return {
             "image": self.transform(self._decode(row)),
             "text": self.texts[int(self.item_text_pos[index])],
-            "label": self.labels[row] if self.dataset == "mmimdb" else int(self.labels[row]),
+            "label": self.labels[row] if self.spec.multi_label else int(self.labels[row]),
             "row_index": row,
             "item_index": int(index),
             "missing_type": int(self.missing_table[row]),

@@ -24,6 +24,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from mdpl.data.registry import BUILTIN_DATASETS, available_datasets, dataset_spec
+
 Shape = tuple[str, tuple[int, int, int]]  # (shape name, RGB colour)
 
 FILLER_WORDS = [
@@ -55,8 +57,21 @@ _KEYWORDS = [w for _, w in FOOD101_CLASSES.values() if w] + [_FOOD_NEUTRAL_WORD,
 #: every word the synthetic texts use (build a test WordPiece vocab from these).
 SYNTHETIC_WORDS: list[str] = sorted(set(FILLER_WORDS + _KEYWORDS))
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-DATASETS = ("mmimdb", "food101", "hatememes")
-LAYOUTS = {"mmimdb": ("split", "archive"), "food101": ("both", "json", "csv"), "hatememes": ("data", "flat")}
+
+
+def synthetic_datasets() -> list[str]:
+    """Registered datasets with a synthetic generator (their spec's ``synthetic``, mdpl/data/registry.py)."""
+    return [name for name in available_datasets() if dataset_spec(name).synthetic is not None]
+
+
+def layouts_of(dataset: str) -> tuple[str, ...]:
+    """The raw layouts the generator of ``dataset`` writes, the default first (``('default',)`` if unnamed)."""
+    return dataset_spec(dataset).synthetic_layouts or ("default",)
+
+
+#: read-only views of the built-in datasets (backward compatibility; new code calls the functions above).
+DATASETS = BUILTIN_DATASETS
+LAYOUTS = {name: layouts_of(name) for name in DATASETS}
 
 
 def write_wordpiece_vocab(path: Path) -> Path:
@@ -192,33 +207,34 @@ def _write_hatememes(root: Path, counts: dict[str, int], rng: random.Random, siz
         (base / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-_WRITERS = {"mmimdb": _write_mmimdb, "food101": _write_food101, "hatememes": _write_hatememes}
-
-
 def write_synthetic(dataset: str, root: Path, n_train: int = 48, n_val: int = 12, n_test: int = 12,
                     seed: int = 0, image_size: int = 64, layout: str | None = None) -> Path:
     """Write a tiny ``dataset`` in its raw layout under ``root`` (deterministic for ``seed``).
 
     ``layout``: mmimdb 'split' (images/ + labels/, default) | 'archive' (dataset/); food101 'both'
     (json files + titles CSVs, default) | 'json' | 'csv' (CSV only: make_arrow derives the json content);
-    hatememes 'data' (root/data/, default) | 'flat' (DATA.md layout). Returns ``root``.
+    hatememes 'data' (root/data/, default) | 'flat' (DATA.md layout); other registered datasets: their spec's
+    ``synthetic_layouts``. The generator is the spec's ``synthetic``
+    ``write(root, counts, rng, image_size, layout)``. Returns ``root``.
     """
-    if dataset not in _WRITERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    layout = layout or LAYOUTS[dataset][0]
-    if layout not in LAYOUTS[dataset]:
-        raise ValueError(f"unknown layout {layout!r} for {dataset}; choose one of {', '.join(LAYOUTS[dataset])}")
+    generator = dataset_spec(dataset).synthetic_fn() if dataset in synthetic_datasets() else None
+    if generator is None:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(synthetic_datasets())}")
+    layouts = layouts_of(dataset)
+    layout = layout or layouts[0]
+    if layout not in layouts:
+        raise ValueError(f"unknown layout {layout!r} for {dataset}; choose one of {', '.join(layouts)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    _WRITERS[dataset](root, counts, random.Random(f"{dataset}:{seed}"), image_size, layout)
+    generator(root, counts, random.Random(f"{dataset}:{seed}"), image_size, layout)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mdpl.data.synthetic",
                                 description="Write a tiny synthetic dataset in the raw layout make_arrow.py reads.")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=synthetic_datasets())
     p.add_argument("--root", required=True, type=Path, help="output raw folder")
     p.add_argument("--n-train", type=int, default=48)
     p.add_argument("--n-val", type=int, default=12)

@@ -1,4 +1,4 @@
-"""Task metrics with torchmetrics-0.9.3 semantics (METHODS.md §8, defect D-51).
+"""Task metrics with torchmetrics-0.9.3 semantics (docs/methods.md §8, defect D-51).
 
 All metrics accumulate over a whole epoch and are `torchmetrics.Metric`s, so their tensor states are
 reduced across DDP ranks when `compute()` is called:
@@ -15,16 +15,21 @@ ignore_index=-100)` and `BinaryAUROC(thresholds=None, ignore_index=-100)` (tests
 their own `update`: torchmetrics drops ignored targets by boolean indexing there, a host-device sync on
 every training step; here the -100 mask is arithmetic (sync-free).
 
-`build_task_metrics(dataset)` returns a `TaskMetrics` bundle with the metric names logged by the
-engine and the name of the primary metric (`the_metric`).
+`build_task_metrics(dataset)` returns a `TaskMetrics` bundle built from the dataset's spec
+(mdpl/data/registry.py: `metrics` kinds of `METRIC_KINDS` or own factories, `primary_metric`) with the
+metric names logged by the engine and the name of the primary metric (`the_metric`).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
+
+from mdpl.data.registry import dataset_spec
 
 F1_NAMES = ("F1_Micro", "F1_Macro", "F1_Samples", "F1_Weighted")
 IGNORE_INDEX = -100
@@ -43,7 +48,7 @@ def _f1_from_pr(precision: Tensor, recall: Tensor) -> Tensor:
 
 
 def multilabel_f1_from_stats(tp: Tensor, fp: Tensor, fn: Tensor) -> dict[str, Tensor]:
-    """Micro, macro and weighted F1 from per-class counts [C] (METHODS.md §8).
+    """Micro, macro and weighted F1 from per-class counts [C] (docs/methods.md §8).
 
     Macro drops classes with TP+FP+FN = 0 (torchmetrics 0.9.3); weighted uses support TP+FN.
     """
@@ -66,7 +71,7 @@ def samplewise_f1(preds: Tensor, target: Tensor) -> Tensor:
 
 
 class MultilabelF1(Metric):
-    """MM-IMDb F1 (micro, macro, samples, weighted) at p = sigmoid(logit) >= threshold (METHODS.md §8)."""
+    """MM-IMDb F1 (micro, macro, samples, weighted) at p = sigmoid(logit) >= threshold (docs/methods.md §8)."""
 
     full_state_update = False
 
@@ -98,7 +103,7 @@ class MultilabelF1(Metric):
 
 
 class Accuracy(Metric):
-    """mean(argmax(logits) == label) over targets != -100 (METHODS.md §8, Food-101 / Hateful Memes)."""
+    """mean(argmax(logits) == label) over targets != -100 (docs/methods.md §8, Food-101 / Hateful Memes)."""
 
     full_state_update = False
 
@@ -118,7 +123,7 @@ class Accuracy(Metric):
 
 
 class BinaryAUROC(Metric):
-    """ROC-AUC of softmax(logits)[:, 1] vs label (trapezoidal ROC, exact thresholds; METHODS.md §8).
+    """ROC-AUC of softmax(logits)[:, 1] vs label (trapezoidal ROC, exact thresholds; docs/methods.md §8).
 
     Equals torchmetrics 0.9.3's 2-class macro one-vs-rest AUROC. With a single class present the
     AUC is undefined; torchmetrics returns 0 (with a warning) and so do we.
@@ -145,26 +150,41 @@ class BinaryAUROC(Metric):
         return binary_auroc(probs[keep], targets[keep], thresholds=None).float()
 
 
+#: metric kind (``DatasetSpec.metrics``) -> factory ``(num_classes) -> Metric``; the kind is also the
+#: metric's key, i.e. its logged name when it computes one tensor.
+METRIC_KINDS: dict[str, Callable[[int], Metric]] = {
+    "f1": lambda num_classes: MultilabelF1(num_classes),
+    "accuracy": lambda num_classes: Accuracy(),
+    "AUROC": lambda num_classes: BinaryAUROC(),
+}
+
+
+def _metric_key(kind: str | Callable[[int], Metric]) -> str:
+    return kind if isinstance(kind, str) else kind.__name__
+
+
+def _build_metric(kind: str | Callable[[int], Metric], num_classes: int) -> Metric:
+    """A kind of :data:`METRIC_KINDS` or a spec's own factory -> a fresh metric."""
+    if isinstance(kind, str):
+        if kind not in METRIC_KINDS:
+            raise ValueError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_KINDS)} or a callable")
+        return METRIC_KINDS[kind](num_classes)
+    return kind(num_classes)
+
+
 class TaskMetrics(nn.Module):
     """The metrics of one task and phase: `update(logits, target)`, `compute() -> {name: value}`, `reset()`.
 
-    `primary` names the value used as `the_metric` (METHODS.md §8).
+    `primary` names the value used as `the_metric` (docs/methods.md §8).
     """
 
-    def __init__(self, dataset: str, num_classes: int) -> None:
+    def __init__(self, dataset: str, num_classes: int | None = None) -> None:
         super().__init__()
+        spec = dataset_spec(dataset)
         self.dataset = dataset
-        if dataset == "mmimdb":
-            self.metrics = nn.ModuleDict({"f1": MultilabelF1(num_classes)})
-            self.primary = "F1_Macro"
-        elif dataset == "food101":
-            self.metrics = nn.ModuleDict({"accuracy": Accuracy()})
-            self.primary = "accuracy"
-        elif dataset == "hatememes":
-            self.metrics = nn.ModuleDict({"AUROC": BinaryAUROC(), "accuracy": Accuracy()})
-            self.primary = "AUROC"
-        else:
-            raise ValueError(f"unknown dataset {dataset!r}; expected one of mmimdb, food101, hatememes")
+        n_classes = spec.num_classes if num_classes is None else num_classes
+        self.metrics = nn.ModuleDict({_metric_key(m): _build_metric(m, n_classes) for m in spec.metrics})
+        self.primary = spec.primary_metric
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         for metric in self.metrics.values():
@@ -187,9 +207,6 @@ class TaskMetrics(nn.Module):
 
 
 def build_task_metrics(dataset: str) -> TaskMetrics:
-    """Metrics of `dataset` (mmimdb: F1 x4, primary F1_Macro; food101: accuracy; hatememes: AUROC + accuracy)."""
-    from mdpl.data.constants import NUM_CLASSES
-
-    if dataset not in NUM_CLASSES:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(NUM_CLASSES)}")
-    return TaskMetrics(dataset, NUM_CLASSES[dataset])
+    """Metrics of ``dataset``'s spec (mmimdb: F1 x4, primary F1_Macro; food101: accuracy; hatememes: AUROC +
+    accuracy). An unknown dataset is a UserInputError naming the registered ones."""
+    return TaskMetrics(dataset)

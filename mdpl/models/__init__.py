@@ -1,5 +1,4 @@
-"""Models: `build_classifier(config)`."""
-from mdpl.models.classifier import MultimodalClassifier, build_classifier
-from mdpl.models.heads import build_vilt_head, head_attribute
+"""Models: the one classifier, `build_classifier(config)`, and checkpoint loading."""
+from mdpl.models.classifier import PromptedClassifier, build_classifier
 
-__all__ = ["MultimodalClassifier", "build_classifier", "build_vilt_head", "head_attribute"]
+__all__ = ["PromptedClassifier", "build_classifier"]

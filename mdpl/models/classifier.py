@@ -1,181 +1,122 @@
-"""Multimodal classifier = ViLT backbone + prompt method + task head (METHODS.md §2-§4).
+"""The one classifier: backbone + prompt method + task head (docs/architecture.md; docs/methods.md §2-§6).
 
-Freezing (§3.4, §4.1): ``backbone.transformer``, ``backbone.text_embeddings`` and
-``backbone.token_type_embeddings`` are frozen; the pooler, the prompt method's parameters (unless the
-method says otherwise, e.g. MAP ``learnt_p=False``) and the head are trained. ``finetune=True`` trains
-everything. Frozen modules stay in train mode by default (reference behaviour, D-23);
-``frozen_eval_mode=True`` puts them in eval mode via `set_frozen_modes`.
+``forward(batch)``: the method's ``prepare`` once, then for every stream of the backbone: embed -> the stream's
+block loop with the method's hooks -> the stream's feature; the features are concatenated (``pooled``) and the
+head ``{dataset}_classifier`` gives the logits. A method with ``drops_missing_streams`` (DCP, §6.5) on a
+multi-stream backbone zeroes the feature of a stream whose modality is missing, and with its ``skip_missing``
+computes that stream only for the other rows (exact).
 
-`build_classifier` fills the selected method's unset keys (`mdpl.prompts.keys.complete_method_keys`).
-`load_trained_weights` loads, for ``test_only``, every weight from a trained checkpoint not written by mdpl
-(the original MAP / MemPrompt code, a reference DCP checkpoint), strictly, or refuses the file in one line.
+Freezing, one routine for every backbone and method (§3.4, §4.1, §6.6): everything trains with ``finetune=True``,
+else nothing; then the backbone's ``trainable_parts`` (ViLT pooler; CLIP ln_post, ln_final, proj), the method's
+``trainable_parameters`` and the head train; the backbone's ``untrained_parts`` (CLIP logit scale) never do.
+Frozen modules stay in train mode (reference behaviour, D-23) unless ``frozen_eval_mode=True``.
+Build order (backbone, its weights, head, method) follows the ViLT references for RNG parity (§4.1).
 """
 from __future__ import annotations
 
-import os
-
-import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from mdpl.backbones.vilt import ViLTBackbone
-from mdpl.backbones.vilt_weights import load_reference_checkpoint, load_vilt_checkpoint
-from mdpl.data.constants import NUM_CLASSES
-from mdpl.errors import UserInputError
-from mdpl.models.heads import build_vilt_head, head_attribute
-from mdpl.prompts.registry import build_prompt_method
+from mdpl.backbones.base import Backbone
+from mdpl.backbones.registry import build_backbone
+from mdpl.data.registry import dataset_spec
+from mdpl.prompts.base import MISSING_TYPE_OF, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.keys import complete_method_keys
+from mdpl.prompts.registry import build_method
 
-FROZEN_BACKBONE_PARTS = ("transformer", "text_embeddings", "token_type_embeddings")
 
+class PromptedClassifier(nn.Module):
+    """Backbone + prompt method + ``{dataset}_classifier``. ``forward(batch) -> {"logits", "pooled"}``."""
 
-class MultimodalClassifier(nn.Module):
-    """ViLT + prompt method + ``{dataset}_classifier`` head. ``forward(batch) -> {"logits", "pooled"}``."""
-
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any], backbone: Backbone | None = None) -> None:
         super().__init__()
-        dataset = config.get("dataset", "mmimdb")
-        if dataset not in NUM_CLASSES:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(NUM_CLASSES)}")
-        if config.get("backbone", "vilt") != "vilt":
-            raise ValueError(f"MultimodalClassifier needs backbone='vilt', got {config.get('backbone')!r}")
-        self.dataset = dataset
+        self.dataset = str(config.get("dataset", "mmimdb"))
+        num_classes = dataset_spec(self.dataset).num_classes
         self.finetune = bool(config.get("finetune", False))
         self.frozen_eval_mode = bool(config.get("frozen_eval_mode", False))
-        # Build order as in the references (backbone, checkpoint, head, prompts) for RNG parity (§4.1).
-        self.backbone = ViLTBackbone.from_config(config)
-        self._load_backbone_weights(config)
-        self.head_name = head_attribute(dataset)
-        self.add_module(self.head_name, build_vilt_head(self.backbone.hidden_size, NUM_CLASSES[dataset]))
-        self.prompt = build_prompt_method(config, self.backbone.info)
+        self.backbone = backbone if backbone is not None else build_backbone(config)
+        self.head_name = f"{self.dataset}_classifier"
+        self.add_module(self.head_name, self.backbone.build_head(num_classes))
+        self.prompt: PromptMethod = build_method(config, self.backbone.info)
         self._apply_freezing()
 
-    # --- construction helpers ---------------------------------------------------------------------------
-    def _load_backbone_weights(self, config: Mapping[str, Any]) -> None:
-        path = config.get("load_path", "") or ""
-        if config.get("test_only", False):
-            return  # the fine-tuned checkpoint (all modules) is restored by the caller
-        if path:
-            self.weights_report = load_vilt_checkpoint(
-                self.backbone, path, interpolate_text_positions=bool(config.get("interpolate_text_positions", False)))
-        else:
-            warnings.warn("load_path is empty: the ViLT backbone is randomly initialised (not a useful "
-                          "model; set load_path to vilt_200k_mlm_itm.ckpt)")
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.finetune:
-            return []
-        return [getattr(self.backbone, name) for name in FROZEN_BACKBONE_PARTS]
-
-    def _apply_freezing(self) -> None:
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-
-    # --- public API -------------------------------------------------------------------------------------
     @property
     def head(self) -> nn.Module:
         return getattr(self, self.head_name)
 
+    # --- freezing -----------------------------------------------------------------------------------
+    def _apply_freezing(self) -> None:
+        learned = {id(p) for p in self.prompt.trainable_parameters()}
+        self.requires_grad_(self.finetune)
+        for item in [*self.backbone.trainable_parts(), self.head]:
+            item.requires_grad_(True)
+        for p in self.prompt.parameters():
+            p.requires_grad_(id(p) in learned)
+        for item in self.backbone.untrained_parts():
+            item.requires_grad_(False)
+
     def set_frozen_modes(self) -> None:
         """Frozen modules follow the model's mode (train, D-23) unless ``frozen_eval_mode``: then eval."""
-        for module in self._frozen_modules():
+        if self.finetune:
+            return
+        for module in self.backbone.frozen_parts():
             module.train(self.training and not self.frozen_eval_mode)
 
     def trainable_parameters_report(self) -> tuple[int, int]:
         """(total, trainable) parameter counts."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return total, trainable
+        params = list(self.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Logits [B, C] and pooled feature [B, D] (text [CLS] through the pooler)."""
-        out = self.backbone.forward_features(
-            batch["text_ids"], batch["text_masks"], batch["image"], batch.get("image_sizes"),
-            method=self.prompt, missing_type=batch.get("missing_type"), host_sizes=batch.get("image_sizes_host"))
-        pooled = self.backbone.pool(out.hidden, self.prompt.pooled_position(out.layout))
+    # --- forward ------------------------------------------------------------------------------------
+    def _drops(self, stream: StreamInfo) -> bool:
+        return self.prompt.drops_missing_streams and not stream.joint
+
+    def encode(self, stream: StreamInfo, batch: Mapping[str, Any], missing_type: torch.Tensor,
+               prepared: Any) -> torch.Tensor:
+        """The feature [B, F] of one stream."""
+        keep = missing_type != MISSING_TYPE_OF[stream.modalities[0]] if self._drops(stream) else None
+        rows = None
+        if keep is not None and self.prompt.skip_missing and not bool(keep.all()):
+            rows = keep.nonzero().squeeze(1)
+        x, mask, layout = self.backbone.embed(stream.name, batch, rows)
+        ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared)
+        encoder = self.backbone.encoders()[stream.name]
+        x, mask, layout = encoder.forward_blocks(x, mask, layout, self.prompt, ctx)
+        feature = self.backbone.pool(stream.name, x, layout, batch, rows)
+        if keep is None:
+            return feature
+        if rows is None:
+            return feature * keep.unsqueeze(1).to(feature.dtype)
+        full = feature.new_zeros(missing_type.shape[0], feature.shape[1])
+        return full.index_copy(0, rows, feature)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Logits [B, C] and the concatenated stream features ``pooled`` [B, F]."""
+        image = batch["image"]
+        missing_type = batch.get("missing_type")
+        if missing_type is None:
+            missing_type = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+        missing_type = missing_type.to(image.device).long()
+        prepared = self.prompt.prepare(missing_type)
+        features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
+        pooled = torch.cat([f.to(features[0].dtype) for f in features], dim=1)
         return {"logits": self.head(pooled), "pooled": pooled}
 
 
-def build_classifier(config: Mapping[str, Any]) -> nn.Module:
-    """Classifier for the resolved config; ``backbone`` and ``prompt_method`` are independent.
+def build_classifier(config: Mapping[str, Any]) -> PromptedClassifier:
+    """The classifier of a resolved config: backbone (``backbone``), method (``prompt_method``) and dataset are
+    independent. The selected method's unset keys take its defaults (``method_sizes``). On a backbone whose
+    pre-trained weights come from another key (CLIP: ``clip_path``), a ``load_path`` outside ``test_only`` is an mdpl
+    checkpoint of this classifier to start from, loaded strictly."""
+    from mdpl.backbones.registry import backbone_entry
+    from mdpl.models.checkpoints import load_classifier_checkpoint
 
-    ViLT + any method → `MultimodalClassifier` (DCP on ViLT: `mdpl.prompts.dcp.DCPViLT`); CLIP + 'dcp' →
-    DCP's own model (mdpl.prompts.dcp); CLIP + another method → `TwoTowerClassifier` (tower hooks).
-    Method keys that are None or absent take the method's defaults (``method_sizes``).
-    """
     config = complete_method_keys(config)
-    backbone = config.get("backbone", "vilt")
-    if backbone == "clip" and config.get("prompt_method", "none") == "dcp":
-        from mdpl.prompts.dcp import build_dcp_classifier
-        return build_dcp_classifier(config)
-    if backbone == "clip":
-        from mdpl.models.clip_classifier import build_two_tower_classifier
-        return build_two_tower_classifier(config)
-    return MultimodalClassifier(config)
-
-
-# Methods with a reference implementation on ViLT whose checkpoints `load_reference_checkpoint` reads.
-VILT_REFERENCE_METHODS = ("none", "map", "memprompt")
-
-
-def dynamic_queries_for_test(state: Mapping[str, torch.Tensor], model: nn.Module,
-                             config: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The DCP dynamic queries a checkpoint lacks, read from ``dcp_dynamic_queries``; None if it has them.
-
-    The reference DCP code draws these frozen queries at construction and never saves them, so its checkpoints
-    alone do not define the model they were trained as: evaluating one with other queries would report another
-    model's numbers. Without the side file this is a UserInputError. The file is a state dict holding exactly
-    the model's ``*.prompts_dynamic_*`` keys (shapes checked when loading).
-    """
-    wanted = sorted(k for k in model.state_dict() if ".prompts_dynamic_" in k)
-    if not wanted or all(k in state for k in wanted):
-        return None
-    path = config.get("dcp_dynamic_queries") or ""
-    if not path:
-        raise UserInputError("this DCP checkpoint lacks its dynamic prompt queries (the reference code draws them at "
-                             "construction and never saves them), so it cannot be evaluated exactly: pass "
-                             "dcp_dynamic_queries=<file holding the queries of that run>")
-    if not os.path.isfile(path):
-        raise UserInputError(f"dcp_dynamic_queries={path!r} does not exist")
-    try:
-        queries = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a tensor file
-        raise UserInputError(f"dcp_dynamic_queries={path!r} cannot be read as a tensor file ({err})") from None
-    if not isinstance(queries, Mapping) or sorted(queries) != wanted:
-        found = sorted(queries) if isinstance(queries, Mapping) else type(queries).__name__
-        raise UserInputError(f"dcp_dynamic_queries={path!r} must hold exactly the keys {', '.join(wanted)}; "
-                             f"found {found}")
-    return dict(queries)
-
-
-def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str, Any]) -> None:
-    """Every weight of `model` from a trained checkpoint that mdpl did not write (``test_only``), strictly.
-
-    ViLT + none / map / memprompt: a checkpoint of the original MAP / MemPrompt code (reference key names);
-    CLIP + dcp: a reference DCP checkpoint, with its dynamic queries from ``dcp_dynamic_queries`` (the
-    reference never saves them, :func:`dynamic_queries_for_test`); CLIP + another method: a plain state dict of this classifier. Anything else, or a file
-    that does not fit, raises UserInputError (one line, naming the keys).
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise UserInputError(f"it holds a {type(checkpoint).__name__}, not a state dict or Lightning checkpoint")
-    config = complete_method_keys(config)
-    backbone, method = config.get("backbone", "vilt"), config.get("prompt_method")
-    if backbone == "vilt":
-        if method not in VILT_REFERENCE_METHODS:
-            raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
-                                 f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
-        load_reference_checkpoint(model, checkpoint, config)
-        return
-    state = checkpoint.get("state_dict", checkpoint)
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    try:
-        if method == "dcp":
-            model.load_dcp_state_dict(state, dynamic_queries_for_test(state, model, config))
-        else:
-            from mdpl.backbones.clip import check_state_dict
-            check_state_dict(state, model.state_dict(), what="the checkpoint")
-            model.load_state_dict(state, strict=True)
-    except ValueError as err:
-        raise UserInputError(str(err)) from None
+    model = PromptedClassifier(config)
+    path = str(config.get("load_path", "") or "")
+    if path and not config.get("test_only", False) and backbone_entry(str(config.get("backbone", "vilt"))).weights_key != "load_path":
+        load_classifier_checkpoint(model, path)
+    return model

@@ -1,12 +1,13 @@
-"""Prompt methods for the ViLT backbone (METHODS.md §3, §4) and their shared interface.
+"""Prompt methods and their one interface (docs/architecture.md; docs/methods.md §3, §4, §6).
 
-`build_prompt_method(config, info)` builds the method named by ``config["prompt_method"]``.
+`build_method(config, info)` builds the method named by ``config["prompt_method"]``.
 """
-from mdpl.prompts.base import BackboneInfo, PromptMethod
+from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, Segment, TokenLayout, splice_tokens
-from mdpl.prompts.registry import available_prompt_methods, build_prompt_method, register_prompt_method
+from mdpl.prompts.registry import available_methods, build_method, method_class, register_method, registered
 
 __all__ = [
-    "BackboneInfo", "PromptMethod", "TokenLayout", "Segment", "splice_tokens", "TEXT", "IMAGE",
-    "build_prompt_method", "register_prompt_method", "available_prompt_methods",
+    "BackboneInfo", "StreamInfo", "PromptContext", "MethodConfig", "PromptMethod", "TokenLayout", "Segment",
+    "splice_tokens", "TEXT", "IMAGE", "build_method", "register_method", "registered", "available_methods",
+    "method_class",
 ]

@@ -1,72 +1,180 @@
-"""Interface between the ViLT backbone and a prompt method (METHODS.md §3, §4, §12).
+"""The one interface between an encoder and a prompt method (docs/architecture.md, docs/methods.md §3, §4, §6).
 
-The backbone runs ``for i, block in enumerate(blocks)`` and, before block ``i``, calls
+A backbone is, to a method, a tuple of token *streams* (:class:`StreamInfo`): ViLT has one joint stream
+(``"joint"``, text and image tokens together), CLIP two towers (``"image"``, ``"text"``). The block loop of
+every stream (``mdpl.backbones.encoder.forward_blocks``) calls, before block ``i``:
 
-* ``method.before_block(i, x, mask, layout, missing_type) -> (x, mask, layout)`` — may insert tokens
-  into the sequence (input-level prompting, MAP §3.2, MemPrompt §4.3);
-* ``method.attention_prompts(i, x, missing_type) -> (k_prompt, v_prompt) | None`` — extra keys and
-  values ([B, P, D] each, already "projected") concatenated in front of the block's K/V
-  (attention-level prompting, MAP §3.3).
+* ``method.before_block(stream, i, x, mask, layout, ctx) -> (x, mask, layout)`` — may insert or replace tokens
+  (input-level prompting, MAP §3.2, MemPrompt §4.3, DCP §6.4); ``mask`` is bool [B, N] (True = real token),
+  ``layout`` the stream's :class:`~mdpl.prompts.layout.TokenLayout`;
+* ``method.attention_prompts(stream, i, x, ctx) -> (k, v) | None`` — extra keys and values [B, P, width], already
+  "projected", put in front of the block's own (attention-level prompting, MAP §3.3).
 
-After the final LayerNorm the classifier pools the token at ``method.pooled_position(layout)``
-(default: the text [CLS], i.e. the first token of the ``text`` segment).
+``ctx`` (:class:`PromptContext`) carries the missing-type vector of the rows the stream runs on and whatever
+``method.prepare(missing_type)`` computed once per forward for all streams (DCP's correlated chain, §6.3).
+
+A method is a config dataclass (:class:`MethodConfig`: its keys, the papers' defaults, small ``tiny`` values,
+validation) + a :class:`PromptMethod` subclass + one ``@register_method`` line (``mdpl.prompts.registry``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT  # noqa: F401 (re-exported)
 from mdpl.errors import UserInputError
+from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
-from mdpl.prompts.layout import TEXT, TokenLayout
+JOINT = "joint"
+"""Name of a single-stream backbone's stream (ViLT: ``[text ; image]``)."""
+
+MISSING_TYPE_OF = {TEXT: MISSING_TEXT, IMAGE: MISSING_IMAGE}
+"""The missing type that removes a modality."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One token stream of a backbone, as a method sees it."""
+
+    name: str                        # "joint" | "image" | "text"
+    width: int                       # hidden size of the stream
+    num_layers: int                  # blocks
+    num_heads: int
+    modalities: tuple[str, ...]      # ("text", "image") for the joint stream, else (name,)
+    causal: bool = False             # CLIP text tower: causal attention (prompts in front see only earlier prompts)
+    masks_padding: bool = True       # the stream's attention ignores padding keys (ViLT yes, CLIP no)
+
+    @property
+    def joint(self) -> bool:
+        return len(self.modalities) > 1
 
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """What a prompt method may know about the backbone it is attached to."""
+    """The streams of a backbone, in the order the classifier encodes them."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
+    streams: tuple[StreamInfo, ...]
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks available in every stream."""
+        return min(s.num_layers for s in self.streams)
+
+    def stream(self, name: str) -> StreamInfo:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stream {name!r}; the backbone has {[s.name for s in self.streams]}")
+
+    def width_of(self, modality: str) -> int:
+        """Width of the stream that carries `modality` (text or image)."""
+        return next(s.width for s in self.streams if modality in s.modalities)
+
+    @property
+    def single_stream(self) -> bool:
+        return len(self.streams) == 1
 
 
-class PromptMethod(nn.Module):
-    """Base class: a no-op method. Subclasses override the hooks they need."""
+@dataclass
+class PromptContext:
+    """What every hook of one forward sees: the missing types of the stream's rows and ``prepare``'s result."""
 
-    name: ClassVar[str] = "base"
+    missing_type: torch.Tensor       # long [B_rows]
+    prepared: Any = None
 
-    def __init__(self, info: BackboneInfo):
-        super().__init__()
-        self.info = info
+
+# ------------------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's options. Fields are config keys (the papers' values as defaults); ``TINY`` holds the small values
+    of ``method_sizes='tiny'``. Subclasses validate in ``check(info)`` (one UserInputError line per mistake).
+    A field with ``metadata={"shared_key": True}`` reads a key that is not the method's own (a run setting)."""
+
+    TINY: ClassVar[Mapping[str, Any]] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "PromptMethod":
-        """Build from the resolved config; raise ValueError for invalid options."""
-        return cls(info)
+    def keys(cls) -> dict[str, Any]:
+        """Config key -> paper default (a fresh copy)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("shared_key"):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = list(default) if isinstance(default, tuple) else default
+        return out
 
-    def before_block(
-        self,
-        index: int,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        layout: TokenLayout,
-        missing_type: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
-        """Hook before block `index`. x [B,N,D], mask bool [B,N] (True = valid key)."""
-        return x, mask, layout
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "MethodConfig":
+        """The options from a config: keys absent or None take the defaults."""
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
-    def attention_prompts(
-        self, index: int, x: torch.Tensor, missing_type: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Extra (K, V) for block `index`, each [B,P,D], or None."""
+    def check(self, info: BackboneInfo) -> None:
+        """Raise UserInputError for options the backbone cannot run."""
+
+
+# ------------------------------------------------------------------------------------------------ method
+class PromptMethod(nn.Module):
+    """Base class: a method that inserts nothing (the baseline). Subclasses override the hooks they need."""
+
+    name: ClassVar[str] = "base"
+    preset: ClassVar[str | None] = None
+    """The named config of config.py selecting this method (None: set ``prompt_method=<name>``)."""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    drops_missing_streams: ClassVar[bool] = False
+    """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
+    is not computed for those rows (DCP §6.5). Single-stream backbones ignore it."""
+
+    def __init__(self, config: MethodConfig, info: BackboneInfo):
+        super().__init__()
+        config.check(info)
+        self.config = config
+        self.info = info
+
+    @property
+    def skip_missing(self) -> bool:
+        """Whether rows of a dropped stream are skipped (exact) rather than computed and zeroed."""
+        return True
+
+    def prepare(self, missing_type: torch.Tensor) -> Any:
+        """Computed once per forward, shared by every stream's hooks as ``ctx.prepared``."""
         return None
 
-    def pooled_position(self, layout: TokenLayout) -> int:
-        """Sequence index pooled by the ViLT pooler (text [CLS])."""
-        return layout.offset(TEXT)
+    def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
+                     layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """Tokens before block `index` of `stream`: x [B, N, D], mask bool [B, N]."""
+        return x, mask, layout
+
+    def attention_prompts(self, stream: StreamInfo, index: int, x: torch.Tensor,
+                          ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Extra (K, V) of block `index` of `stream`, each [B, P, width], or None."""
+        return None
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """What the method learns (the classifier's freezing routine trains exactly these of its parameters)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    @classmethod
+    def upgrade_state_dict(cls, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename keys of older or reference checkpoints of this method to the classifier's key names."""
+        return dict(state)
+
+    @classmethod
+    def complete_reference_state(cls, state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                                 config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`state` (a reference checkpoint, keys upgraded) with what the reference never saved added from the
+        config's side files, or a UserInputError when it cannot be evaluated exactly. `own`: the model's state."""
+        return state
+
+    @classmethod
+    def added_tokens(cls, config: MethodConfig, info: BackboneInfo) -> dict[str, int]:
+        """Stream name -> prompt tokens in that stream's sequence after the last prompted block (the benchmark's
+        sequence-length model; absent = 0)."""
+        return {}
 
 
 def check_layers(key: str, layers: Any, num_layers: int, allow_empty: bool = False) -> list[int]:

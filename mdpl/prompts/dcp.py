@@ -1,47 +1,70 @@
-"""DCP — Deep Correlated Prompting on CLIP (Hu et al., NeurIPS 2024), METHODS.md §6.
+"""DCP — Deep Correlated Prompting (Hu et al., NeurIPS 2024; docs/methods.md §6), on every backbone.
 
 Pieces:
-* :class:`DCPLayout` — one description of the prompt tokens of a tower (D-40): ``n = prompt_length // 3``
-  layer prompts, then ``n`` common prompts, then ``n`` dynamic prompts (either may be switched off).
-* :class:`DCPPromptLearner` — the per-type initial prompts, the correlated per-layer projection chain
-  and the common-prompt projections (§6.1, §6.3), computed once per missing type and gathered (D-36).
-* :func:`attach_dynamic_prompts` — block-0 single-head ``attn_prompt`` + persistent query buffers
-  (``prompts_dynamic_{complete,image,text}``, D-34), registered on block 0 so keys match the reference.
-* :class:`DCPNet` (``model.*`` in checkpoints) and :class:`DCPClassifier` (adds ``{dataset}_classifier``).
+* :class:`DCPConfig` — the keys; :class:`DCPLayout` — one description of the prompt tokens of a stream (D-40):
+  ``n = prompt_length // 3`` layer prompts, then ``n`` common prompts, then ``n`` dynamic prompts (either may be
+  switched off).
+* :class:`DCPPromptLearner` — the per-type initial prompts, the correlated per-layer projection chain and the
+  common-prompt projections (§6.1, §6.3), computed once per forward (``prepare``) for every stream and gathered
+  by missing type (D-36).
+* :class:`DynamicPrompts` — per stream a single-head ``attn_prompt`` and three persistent query sets
+  ``prompts_dynamic_{complete,image,text}`` (D-34): the sample's query set attends over the block-0 input.
+* :class:`DeepCorrelatedPrompts` — the method. Before block 0 of a stream it inserts
+  ``[R^0 ; C ; Dyn ; data]``; before blocks 1..depth-1 it replaces the ``R`` tokens (§6.4). On CLIP (the paper's
+  setting) each tower gets its modality's prompts and the classifier zeroes the feature of a missing modality
+  (``drops_missing_streams``, §6.5), skipping those rows exactly (``dcp_skip_missing``).
+  On the joint ViLT stream (our mapping, not defined by the DCP paper) both modalities' prompts go in front of
+  ``[text ; image]``: ``[R_t^0 ; R_v^0 ; C_t ; C_v ; Dyn ; text ; image]``; the learner is built with image width =
+  text width = D, so the correlated chain still generates each side from both sides' previous prompts; the dynamic
+  queries attend with the key-padding mask (ViLT's attention masks padding, CLIP's does not); one joint feature,
+  no zeroing.
 
-Missing types (§0): 0 complete, 1 text missing, 2 image missing.
+Missing types (§0): 0 complete, 1 text missing, 2 image missing. Checkpoints of the reference code (and of
+earlier mdpl versions) use the reference layout (``model.prompt_learner.*``, queries on the towers' block 0);
+:meth:`DeepCorrelatedPrompts.upgrade_state_dict` renames them.
 """
 from __future__ import annotations
 
 import copy
 import os
-import warnings
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mdpl.data.constants import NUM_CLASSES
 from mdpl.errors import UserInputError
-from mdpl.backbones.clip import ClipBackbone, ClipTextTower, _Tower, build_clip_backbone, check_state_dict
-from mdpl.prompts.base import BackboneInfo, PromptMethod
-from mdpl.prompts.layout import TokenLayout, splice_tokens
-from mdpl.prompts.registry import register_prompt_method
+from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptContext, PromptMethod, StreamInfo
+from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout, splice_tokens
+from mdpl.prompts.registry import register_method
 
 DYNAMIC_NAMES = ("prompts_dynamic_complete", "prompts_dynamic_image", "prompts_dynamic_text")
 """Dynamic query sets in missing-type order 0, 1, 2 (§6.2)."""
 
-DEFAULTS: dict[str, Any] = {
-    "prompt_length": 36, "prompt_depth": 6, "dcp_correlated": True, "dcp_dynamic": True, "dcp_common": True,
-    "dcp_dynamic_trainable": False, "dcp_independent_init": False, "dcp_skip_missing": True, "finetune": False,
-}
-"""DCP config keys and their defaults (reference values, §6)."""
 
+@dataclass(frozen=True)
+class DCPConfig(MethodConfig):
+    """DCP's keys with the reference values (§6)."""
 
-def _cfg(config: Mapping[str, Any], key: str) -> Any:
-    return config.get(key, DEFAULTS[key])
+    prompt_length: int = 36                 # prompt tokens per stream: n layer + n common + n dynamic
+    prompt_depth: int = 6                   # blocks with layer prompts; 0 = frozen backbone + head (§6.7)
+    dcp_correlated: bool = True             # off: independent per-layer per-type prompts (our definition)
+    dcp_dynamic: bool = True                # off: no dynamic prompts
+    dcp_common: bool = True                 # off: no modal-common prompts
+    dcp_dynamic_trainable: bool = False     # reference: the dynamic queries are frozen (saved as buffers, D-34)
+    dcp_independent_init: bool = False      # reference: the per-layer projections start as identical copies (D-39)
+    dcp_skip_missing: bool = True           # skip the tower whose feature is zeroed (exact)
+    dcp_dynamic_queries: str = ""           # file with a reference run's dynamic queries (its checkpoints lack them)
+
+    TINY = {"prompt_length": 6, "prompt_depth": 2}   # a multiple of 3: 2 layer + 2 common + 2 dynamic prompts
+
+    def check(self, info: BackboneInfo) -> None:
+        depth = self.prompt_depth
+        if not (isinstance(depth, int) and 0 <= depth <= info.num_layers):
+            raise UserInputError(f"prompt_depth={depth!r} must be an integer in 0..{info.num_layers} (it exceeds or "
+                                 f"undercuts the {info.num_layers} blocks of the backbone)")
+        DCPLayout.from_config(self)
 
 
 @dataclass(frozen=True)
@@ -63,10 +86,11 @@ class DCPLayout:
         if self.depth < 0:
             raise UserInputError(f"prompt_depth must be >= 0, got {self.depth}")
         if self.depth == 0 and (self.dynamic or self.common):
-            raise UserInputError("prompt_depth=0 inserts no prompts; also set dcp_dynamic=False and dcp_common=False")
+            raise UserInputError("prompt_depth=0 inserts no prompts, so dcp_dynamic and dcp_common cannot be on; also "
+                                 "set dcp_dynamic=False dcp_common=False (or choose prompt_depth >= 1)")
         if self.depth > 0 and (self.prompt_length <= 0 or self.prompt_length % 3):
-            raise UserInputError(f"DCP prompt_length must be a positive multiple of 3 (got {self.prompt_length}): "
-                             "n = prompt_length/3 tokens each for layer, common and dynamic prompts")
+            raise UserInputError(f"prompt_length={self.prompt_length} must be a positive multiple of 3 for dcp: a "
+                                 "third each for the layer, modal-common and dynamic prompts (e.g. prompt_length=36)")
 
     @property
     def n(self) -> int:
@@ -87,10 +111,9 @@ class DCPLayout:
         return self.n + self.n_common + self.n_dynamic
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DCPLayout":
-        return cls(int(_cfg(config, "prompt_length")), int(_cfg(config, "prompt_depth")),
-                   bool(_cfg(config, "dcp_correlated")), bool(_cfg(config, "dcp_dynamic")),
-                   bool(_cfg(config, "dcp_common")))
+    def from_config(cls, config: "DCPConfig") -> "DCPLayout":
+        return cls(config.prompt_length, config.prompt_depth, config.dcp_correlated, config.dcp_dynamic,
+                   config.dcp_common)
 
 
 def _normal(*shape: int) -> nn.Parameter:
@@ -179,305 +202,138 @@ class DCPPromptLearner(nn.Module):
         return [p[missing_type] for p in img], [p[missing_type] for p in txt]
 
 
-def attach_dynamic_prompts(block: nn.Module, n: int, width: int, trainable: bool = False) -> None:
-    """Add ``attn_prompt`` (1-head MHA) and the three [n, 1, width] N(0, 0.02) query sets to ``block`` (§6.1).
+class DynamicPrompts(nn.Module):
+    """Dyn = MHA(query = the sample's query set, key = value = the block-0 input) -> [B, n, width] (§6.1, §6.4).
 
-    The queries are persistent buffers (saved, frozen; D-34) or, with ``trainable``, parameters.
+    ``attn_prompt`` is a single-head ``nn.MultiheadAttention``; the three [n, 1, width] N(0, 0.02) query sets are
+    persistent buffers (saved, frozen; D-34) or, with ``trainable``, parameters.
     """
-    block.attn_prompt = nn.MultiheadAttention(width, 1, batch_first=True)
-    for name in DYNAMIC_NAMES:
-        value = nn.init.normal_(torch.empty(n, 1, width), std=0.02)
-        if trainable:
-            block.register_parameter(name, nn.Parameter(value))
-        else:
-            block.register_buffer(name, value, persistent=True)
 
-
-def dynamic_prompts(block: nn.Module, x: torch.Tensor, missing_type: torch.Tensor) -> torch.Tensor:
-    """Dyn = MHA(query = the sample's query set, key = value = block-0 input ``x``) -> [B, n, D] (§6.4)."""
-    queries = torch.stack([getattr(block, name)[:, 0] for name in DYNAMIC_NAMES])  # [3, n, D]
-    q = queries[missing_type].to(x.dtype)
-    return block.attn_prompt(q, x, x, need_weights=False)[0]
-
-
-class DCPNet(nn.Module):
-    """Prompt learner + both CLIP towers (``model.*`` keys of a DCP checkpoint, §6.6)."""
-
-    def __init__(self, backbone: ClipBackbone, layout: DCPLayout, independent_init: bool = False,
-                 dynamic_trainable: bool = False, skip_missing: bool = True) -> None:
+    def __init__(self, n: int, width: int, trainable: bool = False) -> None:
         super().__init__()
-        self.layout = layout
-        self.skip_missing = skip_missing
-        for tower in (backbone.image_encoder, backbone.text_encoder):
-            if layout.depth > len(tower.blocks):
-                raise UserInputError(f"prompt_depth={layout.depth} exceeds the {len(tower.blocks)} CLIP blocks")
-        self.prompt_learner = DCPPromptLearner(layout, backbone.image_encoder.width, backbone.text_encoder.width,
-                                               independent_init)
-        self.image_encoder = backbone.image_encoder
-        self.text_encoder = backbone.text_encoder
-        self.logit_scale = backbone.logit_scale
-        if layout.dynamic:
-            for tower in (self.image_encoder, self.text_encoder):
-                attach_dynamic_prompts(tower.blocks[0], layout.n, tower.width, dynamic_trainable)
+        self.attn_prompt = nn.MultiheadAttention(width, 1, batch_first=True)
+        for name in DYNAMIC_NAMES:
+            value = nn.init.normal_(torch.empty(n, 1, width), std=0.02)
+            if trainable:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value, persistent=True)
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.text_encoder.text_projection.shape[1])
-
-    def _run_blocks(self, tower: _Tower, x: torch.Tensor, prompts: list[torch.Tensor],
-                    missing_type: torch.Tensor) -> torch.Tensor:
-        """Blocks with insertion [R^0; C; Dyn; X] at block 0 and replacement of R at 1..depth-1 (§6.4)."""
-        lay = self.layout
-        mask = None
-        if isinstance(tower, ClipTextTower):
-            mask = tower.causal_mask(x.shape[1] + lay.num_tokens, x.device, x.dtype)
-        for i in range(len(tower.blocks)):
-            if i == 0 and lay.depth > 0:
-                parts = [prompts[0].to(x.dtype)]
-                if lay.dynamic:
-                    parts.append(dynamic_prompts(tower.blocks[0], x, missing_type))
-                x = torch.cat(parts + [x], dim=1)
-            elif i < lay.depth:
-                x = torch.cat([prompts[i].to(x.dtype), x[:, lay.n:]], dim=1)
-            x = tower.run_block(i, x, mask)
-        return x
-
-    def encode_image(self, image: torch.Tensor, prompts: list[torch.Tensor], missing_type: torch.Tensor) -> torch.Tensor:
-        """Image features [B, E]: CLS token after the prompts -> ln_post -> @proj (§5.2)."""
-        tower = self.image_encoder
-        x = self._run_blocks(tower, tower.embed(image), prompts, missing_type)
-        return tower.pool(x, self.layout.num_tokens)
-
-    def encode_text(self, text_ids: torch.Tensor, prompts: list[torch.Tensor], missing_type: torch.Tensor) -> torch.Tensor:
-        """Text features [B, E]: drop prompt positions -> ln_final -> EOT -> @text_projection (§5.2)."""
-        tower = self.text_encoder
-        x = self._run_blocks(tower, tower.embed(text_ids), prompts, missing_type)
-        return tower.pool(x[:, self.layout.num_tokens:], text_ids)
-
-    def _encode_kept(self, encode, inputs: torch.Tensor, prompts: list[torch.Tensor], missing_type: torch.Tensor,
-                     keep: torch.Tensor) -> torch.Tensor:
-        """Encode the rows whose half is kept; zero rows elsewhere (exact skip, §6.5, §12)."""
-        if not self.skip_missing or bool(keep.all()):
-            feats = encode(inputs, [p[missing_type] for p in prompts], missing_type)
-            return feats * keep.unsqueeze(1).to(feats.dtype)
-        idx = keep.nonzero().squeeze(1)
-        mt = missing_type[idx]
-        feats = encode(inputs[idx], [p[mt] for p in prompts], mt)
-        return feats.new_zeros(missing_type.shape[0], feats.shape[1]).index_copy(0, idx, feats)
-
-    def forward(self, image: torch.Tensor, text_ids: torch.Tensor, missing_type: torch.Tensor) -> torch.Tensor:
-        """z = [f_v ; f_t] [B, 2E] with the image half zeroed for type 2 and the text half for type 1 (§6.5)."""
-        missing_type = missing_type.long()
-        img_prompts, txt_prompts = self.prompt_learner.per_type()
-        f_v = self._encode_kept(self.encode_image, image, img_prompts, missing_type, missing_type != 2)
-        f_t = self._encode_kept(self.encode_text, text_ids, txt_prompts, missing_type, missing_type != 1)
-        return torch.cat([f_v, f_t.to(f_v.dtype)], dim=1)
-
-
-class DCPClassifier(nn.Module):
-    """DCP model + ``{dataset}_classifier`` Linear(2E -> C) (§6.5); contract forward(batch) -> logits/pooled."""
-
-    def __init__(self, config: Mapping[str, Any], backbone: ClipBackbone) -> None:
-        super().__init__()
-        self.dataset = str(config["dataset"])
-        if self.dataset not in NUM_CLASSES:
-            raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, got {self.dataset!r}")
-        self.frozen_eval_mode = bool(config.get("frozen_eval_mode", False))
-        self.model = DCPNet(backbone, DCPLayout.from_config(config), bool(_cfg(config, "dcp_independent_init")),
-                            bool(_cfg(config, "dcp_dynamic_trainable")), bool(_cfg(config, "dcp_skip_missing")))
-        head = nn.Linear(2 * self.model.embed_dim, NUM_CLASSES[self.dataset])
-        nn.init.normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        setattr(self, f"{self.dataset}_classifier", head)
-        self._freeze(bool(_cfg(config, "finetune")))
-
-    @property
-    def head(self) -> nn.Linear:
-        return getattr(self, f"{self.dataset}_classifier")
-
-    def trainable_modules(self) -> list[nn.Module | nn.Parameter]:
-        """The trainable set of §6.6, listed explicitly (D-41)."""
-        m = self.model
-        out: list[nn.Module | nn.Parameter] = [m.prompt_learner, m.image_encoder.ln_post, m.text_encoder.ln_final,
-                                               m.image_encoder.proj, self.head]
-        if m.layout.dynamic:
-            out += [m.image_encoder.blocks[0].attn_prompt, m.text_encoder.blocks[0].attn_prompt]
-        return out
-
-    def _freeze(self, finetune: bool) -> None:
-        for p in self.parameters():
-            p.requires_grad_(finetune)
-        self.model.logit_scale.requires_grad_(False)   # unused by the classifier: no gradient, even with finetune
-        for item in self.trainable_modules():
-            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-            for p in params:
-                p.requires_grad_(True)
-        # trainable dynamic queries (dcp_dynamic_trainable) are parameters of block 0: keep them trainable
-        for block in ([self.model.image_encoder.blocks[0], self.model.text_encoder.blocks[0]]
-                      if self.model.layout.dynamic else []):
-            for name in DYNAMIC_NAMES:
-                value = getattr(block, name)
-                if isinstance(value, nn.Parameter):
-                    value.requires_grad_(True)
-
-    def trainable_parameters_report(self) -> tuple[int, int]:
-        """(total, trainable) parameter counts."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-    def set_frozen_modes(self) -> None:
-        """Engine hook: CLIP has no dropout, so modes do not change outputs; honours ``frozen_eval_mode``."""
-        if self.frozen_eval_mode and self.training:
-            for module in self.modules():
-                own = list(module.parameters(recurse=False))
-                if own and not any(p.requires_grad for p in own):
-                    module.eval()
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: image [B,3,H,W], text_ids [B,77] (CLIP BPE ids), missing_type [B] -> logits, pooled [B, 2E]."""
-        z = self.model(batch["image"], batch["text_ids"], batch["missing_type"])
-        return {"logits": self.head(z), "pooled": z}
-
-    def load_dcp_state_dict(self, state_dict: Mapping[str, torch.Tensor],
-                            dynamic: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-        """Load a reference DCP checkpoint state dict (keys of §6.6) strictly.
-
-        Reference checkpoints lack the dynamic queries (D-34): take them from ``dynamic`` (full keys such as
-        ``model.image_encoder.transformer.resblocks.0.prompts_dynamic_complete``), else keep the current
-        values and warn. Returns the list of dynamic keys that were not provided.
-        """
-        given = dict(state_dict)
-        if dynamic:
-            given.update(dynamic)
-        own = self.state_dict()
-        absent = [k for k in own if ".prompts_dynamic_" in k and k not in given]
-        for key in absent:
-            given[key] = own[key]
-        if absent:
-            warnings.warn(f"{len(absent)} dynamic prompt queries not in the checkpoint; keeping this model's values "
-                          "(pass them with dynamic=... for parity with a reference run, D-34)", stacklevel=2)
-        check_state_dict(given, own, what="DCP checkpoint")
-        self.load_state_dict(given, strict=True)
-        return absent
-
-
-def check_image_size(config: Mapping[str, Any]) -> None:
-    """The CLIP transform resizes to ``image_size``; the vision tower's positions fit ``clip_image_size``."""
-    if "image_size" in config and "clip_image_size" in config \
-            and int(config["image_size"]) != int(config["clip_image_size"]):
-        raise UserInputError(f"image_size={config['image_size']} (CLIP transform) differs from clip_image_size="
-                         f"{config['clip_image_size']} (CLIP model); set both to the same value (224 for ViT-B/16)")
-
-
-def read_dcp_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """Model state dict (keys of §6.6) of a reference DCP .ckpt, an mdpl .ckpt or a plain state dict file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_path {path!r} not found; pass a DCP checkpoint (.ckpt) or leave it empty")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint the user provides
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
-        raise UserInputError(f"cannot read load_path {path} as a PyTorch checkpoint ({type(err).__name__}: {err})"
-                             ) from None
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise UserInputError(f"load_path {path} holds no state dict (expected a checkpoint of this classifier)")
-    hp = ckpt.get("hyper_parameters")
-    if isinstance(hp, Mapping) and isinstance(hp.get("config"), Mapping):  # mdpl: MDPLModule.model.<keys>
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return dict(state)
-
-
-def clip_backbone_for_run(config: Mapping[str, Any]) -> ClipBackbone:
-    """The CLIP backbone of a run: sizes checked against the transform; with ``test_only`` every weight
-    comes from the checkpoint loaded afterwards, so ``clip_path`` is not read."""
-    check_image_size(config)
-    if not config.get("test_only", False):
-        return build_clip_backbone(config)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="clip_path is empty")
-        return build_clip_backbone({**config, "clip_path": ""})
-
-
-def build_dcp_classifier(config: Mapping[str, Any]) -> DCPClassifier:
-    """DCP classifier on a CLIP backbone built and loaded from the config (``clip_path``, ``clip_*`` sizes).
-
-    ``load_path`` (a DCP checkpoint) is loaded over it with :meth:`DCPClassifier.load_dcp_state_dict`.
-    With ``test_only`` the backbone is not read from ``clip_path``: every weight comes from the checkpoint.
-    """
-    model = DCPClassifier(config, clip_backbone_for_run(config))
-    path = str(config.get("load_path", "") or "")
-    if path:
-        model.load_dcp_state_dict(read_dcp_checkpoint(path))
-    return model
-
-
-def dcp_loss(logits: torch.Tensor, label: torch.Tensor, dataset: str) -> torch.Tensor:
-    """Task loss of §7.5 (for tests; the engine owns the training loss)."""
-    if dataset == "mmimdb":
-        return F.binary_cross_entropy_with_logits(logits, label.float())
-    return F.cross_entropy(logits, label.long())
-
-
-# ------------------------------------------------------------------------------------ DCP on ViLT
-@register_prompt_method("dcp")
-class DCPViLT(PromptMethod):
-    """DCP on the single-stream ViLT (``backbone='vilt'``) — our mapping, not defined by the DCP paper.
-
-    * Both "streams" have the ViLT width D: :class:`DCPPromptLearner` is built with image width =
-      text width = D, so the correlated chain (§6.3) still generates each layer's image-side and
-      text-side prompts from both sides' prompts of the previous layer (LN + bottleneck on [2D]).
-    * Common prompts (§6.3): ``C_v``, ``C_t`` from the per-type common prompt, as on CLIP.
-    * Dynamic prompts: one ``attn_prompt`` (1-head MHA, width D) with the three query sets
-      ``prompts_dynamic_*`` (buffers unless ``dcp_dynamic_trainable``), attending over the block-0
-      joint [text ; image] sequence with its key-padding mask (CLIP's text tower had no padding mask).
-    * Insertion before block 0, in front of the joint sequence:
-      ``[R_t^0 ; R_v^0 (2n) ; C_t ; C_v (2 n_common) ; Dyn (n_dynamic) ; text ; image]``, mask ones;
-      before blocks 1..depth-1 the first 2n tokens are **replaced** by ``[R_t^l ; R_v^l]`` (§6.4).
-    * Pooled = ViLT pooler on the text [CLS] (at offset 2n + 2 n_common + n_dynamic); ViLT MLP head;
-      no feature zeroing (one joint feature). Trainable: prompt learner, ``attn_prompt``, pooler,
-      head (ViLT frozen as for MAP, §3.4).
-    """
-
-    def __init__(self, info: BackboneInfo, layout: DCPLayout, independent_init: bool = False,
-                 dynamic_trainable: bool = False) -> None:
-        super().__init__(info)
-        if layout.depth > info.num_layers:
-            raise UserInputError(f"prompt_depth={layout.depth} exceeds the {info.num_layers} ViLT blocks")
-        self.layout = layout
-        self.prompt_learner = DCPPromptLearner(layout, info.hidden_size, info.hidden_size, independent_init)
-        if layout.dynamic:
-            attach_dynamic_prompts(self, layout.n, info.hidden_size, dynamic_trainable)
-        self._prompts: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], info: BackboneInfo) -> "DCPViLT":
-        return cls(info, DCPLayout.from_config(config), bool(_cfg(config, "dcp_independent_init")),
-                   bool(_cfg(config, "dcp_dynamic_trainable")))
-
-    def _dynamic(self, x: torch.Tensor, mask: torch.Tensor, missing_type: torch.Tensor) -> torch.Tensor:
-        """Dyn [B, n, D]: the sample's query set attending over the joint sequence (padding masked)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, missing_type: torch.Tensor) -> torch.Tensor:
+        """`mask`: bool [B, N] (True = real token) for a stream whose attention masks padding, else None."""
         queries = torch.stack([getattr(self, name)[:, 0] for name in DYNAMIC_NAMES])  # [3, n, D]
         q = queries[missing_type].to(x.dtype)
-        return self.attn_prompt(q, x, x, key_padding_mask=~mask, need_weights=False)[0]
+        padding = None if mask is None else ~mask
+        return self.attn_prompt(q, x, x, key_padding_mask=padding, need_weights=False)[0]
 
-    def before_block(self, index: int, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
-                     missing_type: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+
+PerTypePrompts = dict[str, list[torch.Tensor]]
+"""Modality -> per layer [3, k_l, width] (layer 0: ``[R^0 ; C]``, k_0 = n + n_common; later layers R^l)."""
+
+
+@register_method("dcp")
+class DeepCorrelatedPrompts(PromptMethod):
+    """DCP (§6): correlated, dynamic and modal-common prompts on every stream."""
+
+    preset = "dcp"
+    config_class = DCPConfig
+    drops_missing_streams = True
+
+    def __init__(self, config: DCPConfig, info: BackboneInfo) -> None:
+        super().__init__(config, info)
+        self.layout = DCPLayout.from_config(config)
+        self.prompt_learner = DCPPromptLearner(self.layout, info.width_of(IMAGE), info.width_of(TEXT),
+                                               config.dcp_independent_init)
+        if self.layout.dynamic:
+            self.dynamic = nn.ModuleDict({s.name: DynamicPrompts(self.layout.n, s.width, config.dcp_dynamic_trainable)
+                                          for s in info.streams})
+
+    @property
+    def skip_missing(self) -> bool:
+        return bool(self.config.dcp_skip_missing)
+
+    def prepare(self, missing_type: torch.Tensor) -> PerTypePrompts:
+        """The per-type prompts of every layer, once per forward for all streams (§6.3)."""
+        img, txt = self.prompt_learner.per_type()
+        return {IMAGE: img, TEXT: txt}
+
+    def _gathered(self, stream: StreamInfo, prompts: PerTypePrompts, layer: int, part: slice,
+                  missing_type: torch.Tensor) -> torch.Tensor:
+        """Tokens `part` of `layer` for the stream's modalities (text before image), gathered by missing type."""
+        return torch.cat([prompts[m][layer][:, part] for m in stream.modalities], dim=1)[missing_type]
+
+    def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
+                     layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         lay = self.layout
         if index >= lay.depth:
             return x, mask, layout
-        if index == 0:
-            self._prompts = self.prompt_learner.per_type()
-        img, txt = self._prompts
-        layer = torch.cat([txt[index][:, :lay.n], img[index][:, :lay.n]], dim=1)[missing_type]  # [B, 2n, D]
-        if index == lay.depth - 1:
-            self._prompts = None
+        layer = self._gathered(stream, ctx.prepared, index, slice(0, lay.n), ctx.missing_type).to(x.dtype)
         if index > 0:  # replace the evolved layer prompts, keep everything else (§6.4)
             span = layout.span("dcp.layer")
-            return torch.cat([x[:, :span.start], layer.to(x.dtype), x[:, span.stop:]], dim=1), mask, layout
+            return torch.cat([x[:, :span.start], layer, x[:, span.stop:]], dim=1), mask, layout
         new = [("dcp.layer", layer)]
         if lay.common:
-            new.append(("dcp.common", torch.cat([txt[0][:, lay.n:], img[0][:, lay.n:]], dim=1)[missing_type]))
+            common = self._gathered(stream, ctx.prepared, 0, slice(lay.n, None), ctx.missing_type)
+            new.append(("dcp.common", common))
         if lay.dynamic:
-            new.append(("dcp.dynamic", self._dynamic(x, mask, missing_type)))
+            key_mask = mask if stream.masks_padding else None
+            new.append(("dcp.dynamic", self.dynamic[stream.name](x, key_mask, ctx.missing_type)))
         x, mask = splice_tokens(x, mask, 0, [t for _, t in new])
-        return x, mask, layout.prepend([(n, t.shape[1]) for n, t in new])
+        return x, mask, layout.prepend([(name, t.shape[1]) for name, t in new])
+
+    @classmethod
+    def added_tokens(cls, config: DCPConfig, info: BackboneInfo) -> dict[str, int]:
+        """Layer and common prompts per modality of the stream, plus one set of dynamic prompts."""
+        lay = DCPLayout.from_config(config)
+        return {s.name: (lay.n + lay.n_common) * len(s.modalities) + lay.n_dynamic for s in info.streams}
+
+    @classmethod
+    def complete_reference_state(cls, state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                                 config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The reference draws the dynamic queries at construction and never saves them (D-34), so its checkpoints
+        alone do not define the model they were trained as: evaluating one with other queries would report another
+        model's numbers. They come from ``dcp_dynamic_queries``, a file holding exactly the model's
+        ``*.prompts_dynamic_*`` keys (reference or mdpl names); without it this is a UserInputError."""
+        wanted = sorted(k for k in own if ".prompts_dynamic_" in k)
+        if not wanted or all(k in state for k in wanted):
+            return state
+        path = config.get("dcp_dynamic_queries") or ""
+        if not path:
+            raise UserInputError("this DCP checkpoint lacks its dynamic prompt queries (the reference code draws them "
+                                 "at construction and never saves them), so it cannot be evaluated exactly: pass "
+                                 "dcp_dynamic_queries=<file holding the queries of that run>")
+        if not os.path.isfile(path):
+            raise UserInputError(f"dcp_dynamic_queries={path!r} does not exist")
+        try:
+            queries = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a file that is not a tensor file
+            raise UserInputError(f"dcp_dynamic_queries={path!r} cannot be read as a tensor file ({err})") from None
+        queries = cls.upgrade_state_dict(queries) if isinstance(queries, Mapping) else queries
+        if not isinstance(queries, Mapping) or sorted(queries) != wanted:
+            found = sorted(queries) if isinstance(queries, Mapping) else type(queries).__name__
+            raise UserInputError(f"dcp_dynamic_queries={path!r} must hold exactly the keys {', '.join(wanted)}; "
+                                 f"found {found}")
+        return {**state, **queries}
+
+    @classmethod
+    def upgrade_state_dict(cls, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reference DCP checkpoints and earlier mdpl ones: the reference layout ``model.*`` (learner under
+        ``model.prompt_learner``, dynamic prompts on block 0 of each tower) and, on ViLT, ``prompt.attn_prompt``."""
+        return {_upgraded_key(k): v for k, v in state.items()}
+
+
+_TOWER_BLOCK0 = re.compile(r"^model\.(image|text)_encoder\.transformer\.resblocks\.0\.(attn_prompt\.|prompts_dynamic_)")
+
+
+def _upgraded_key(key: str) -> str:
+    """One key of the reference DCP layout (or of an earlier mdpl DCP-on-ViLT model) in today's names."""
+    tower = _TOWER_BLOCK0.match(key)
+    if tower:
+        return f"prompt.dynamic.{tower.group(1)}." + key[len(tower.group(0)) - len(tower.group(2)):]
+    if key.startswith("model.prompt_learner."):
+        return "prompt." + key[len("model."):]
+    if key.startswith("model."):
+        return "backbone." + key[len("model."):]
+    if key.startswith(("prompt.attn_prompt.", "prompt.prompts_dynamic_")):
+        return "prompt.dynamic.joint." + key[len("prompt."):]
+    return key

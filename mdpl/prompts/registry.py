@@ -1,13 +1,19 @@
-"""Registry of ViLT prompt methods: ``@register_prompt_method("name")`` + `build_prompt_method`.
+"""The one registry of prompt methods: ``@register_method("name")`` on a `PromptMethod` subclass.
 
-Adding a method = one new file defining a `PromptMethod` subclass decorated with
-`register_prompt_method`, plus its module name in `_BUILTIN_MODULES` below.
+Adding a method = one new file defining a :class:`~mdpl.prompts.base.MethodConfig` dataclass and a
+:class:`~mdpl.prompts.base.PromptMethod` subclass decorated with ``@register_method("name")``; the built-in
+ones are listed in ``_BUILTIN_MODULES`` (a method defined elsewhere, e.g. in a test or a plugin, registers
+itself when its module is imported). Config validation, checkpoint checks, the benchmark and the demo read
+this registry; nothing else names methods.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
+from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo, PromptMethod
 
 _BUILTIN_MODULES = (
@@ -18,29 +24,29 @@ _BUILTIN_MODULES = (
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
-# Two-tower (CLIP) variants of the methods (mdpl.prompts.towers); DCP's own CLIP model is built by
-# mdpl.prompts.dcp.build_dcp_classifier and is listed here only by name (see `clip_prompt_methods`).
-_TOWER_REGISTRY: dict[str, type] = {}
 
 
-def _registrar(registry: dict[str, type], what: str) -> Callable[[str], Callable[[type], type]]:
-    """A class decorator factory adding classes to `registry` under a name (refusing a second class)."""
+def register_method(name: str) -> Callable[[type[PromptMethod]], type[PromptMethod]]:
+    """Class decorator registering a `PromptMethod` under `name` (the config's ``prompt_method``)."""
 
-    def register(name: str) -> Callable[[type], type]:
-        def deco(cls: type) -> type:
-            if name in registry and registry[name] is not cls:
-                raise ValueError(f"{what} {name!r} registered twice ({registry[name]} and {cls})")
-            cls.name = name
-            registry[name] = cls
-            return cls
+    def deco(cls: type[PromptMethod]) -> type[PromptMethod]:
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"prompt method {name!r} registered twice ({_REGISTRY[name]} and {cls})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
 
-        return deco
-
-    return register
+    return deco
 
 
-#: Class decorator registering a `PromptMethod` under `name` (the config's `prompt_method`).
-register_prompt_method = _registrar(_REGISTRY, "prompt method")
+@contextmanager
+def registered(cls: type[PromptMethod], name: str) -> Iterator[type[PromptMethod]]:
+    """Register `cls` under `name` for the duration of a ``with`` block (tests, plugins tried out interactively)."""
+    register_method(name)(cls)
+    try:
+        yield cls
+    finally:
+        _REGISTRY.pop(name, None)
 
 
 def _load_builtins() -> None:
@@ -48,37 +54,33 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
-def available_prompt_methods() -> list[str]:
+def available_methods() -> list[str]:
+    """Names of the registered methods."""
     _load_builtins()
     return sorted(_REGISTRY)
 
 
-def build_prompt_method(config: Mapping[str, Any], info: BackboneInfo) -> PromptMethod:
-    """Build the method named by ``config["prompt_method"]`` ('none' if absent)."""
+def method_class(name: str) -> type[PromptMethod]:
+    """The class registered as `name`; UserInputError naming the choices otherwise."""
     _load_builtins()
-    name = config.get("prompt_method", "none")
     if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown prompt_method {name!r} for the ViLT backbone; choose one of {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[name].from_config(config, info)
+        raise UserInputError(f"unknown prompt_method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
-#: Class decorator registering a `TwoTowerPromptMethod` (CLIP variant) under `name`.
-register_two_tower_method = _registrar(_TOWER_REGISTRY, "two-tower method")
-
-
-def clip_prompt_methods() -> list[str]:
-    """Methods runnable on backbone 'clip': the two-tower registry plus 'dcp' (its own model)."""
+def method_keys() -> dict[str, dict[str, Any]]:
+    """Method name -> {config key: paper default} of every registered method."""
     _load_builtins()
-    return sorted({*_TOWER_REGISTRY, "dcp"})
+    return {name: cls.config_class.keys() for name, cls in sorted(_REGISTRY.items())}
 
 
-def build_two_tower_method(config: Mapping[str, Any], info: Any) -> Any:
-    """Build the CLIP variant of ``config["prompt_method"]`` for a `TwoTowerInfo`."""
+def tiny_method_keys() -> dict[str, dict[str, Any]]:
+    """Method name -> the small values of ``method_sizes='tiny'``."""
     _load_builtins()
-    name = config.get("prompt_method", "none")
-    if name not in _TOWER_REGISTRY:
-        raise ValueError(f"prompt_method {name!r} has no two-tower hooks for the CLIP backbone; choose one of "
-                         f"{sorted(_TOWER_REGISTRY)} (or 'dcp', built by mdpl.prompts.dcp)")
-    return _TOWER_REGISTRY[name].from_config(config, info)
+    return {name: dict(cls.config_class.TINY) for name, cls in sorted(_REGISTRY.items())}
+
+
+def build_method(config: Mapping[str, Any], info: BackboneInfo) -> PromptMethod:
+    """The method named by ``config["prompt_method"]``, its options read from `config`."""
+    cls = method_class(str(config.get("prompt_method", "none")))
+    return cls(cls.config_class.from_config(config), info)

@@ -1,20 +1,23 @@
-"""Raw dataset -> Arrow writers (METHODS.md §1.1-1.2): one module per dataset, shared code in ``common``."""
+"""Raw dataset -> Arrow writers (docs/methods.md §1.1-1.2): one module per dataset, shared code in ``common``.
+
+Which writer a dataset uses is its spec's ``writer`` (mdpl/data/registry.py); :func:`writer_datasets` lists
+the registered datasets that have one.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from mdpl.data.writers import food101, hatememes, mmimdb
+from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.data.writers.common import SkipSample, SplitReport, StrictModeError, default_workers
 from mdpl.errors import UserInputError
 
-WRITERS = {"mmimdb": mmimdb.make_arrow, "food101": food101.make_arrow, "hatememes": hatememes.make_arrow}
-DATASETS = tuple(WRITERS)
-#: The Arrow schema each writer produces (what the datasets expect when they open a file).
-SCHEMAS = {"mmimdb": mmimdb.SCHEMA, "food101": food101.SCHEMA, "hatememes": hatememes.SCHEMA}
+__all__ = ["SkipSample", "SplitReport", "StrictModeError", "default_workers", "make_arrow", "writer_datasets"]
 
-__all__ = ["DATASETS", "SCHEMAS", "WRITERS", "SkipSample", "SplitReport", "StrictModeError", "default_workers",
-           "make_arrow"]
+
+def writer_datasets() -> list[str]:
+    """Registered datasets with a raw-layout writer (the ``make_arrow.py --dataset`` choices)."""
+    return [name for name in available_datasets() if dataset_spec(name).writer is not None]
 
 
 def make_arrow(dataset: str, root: Path, out: Path, **options: Any) -> list[SplitReport]:
@@ -22,9 +25,10 @@ def make_arrow(dataset: str, root: Path, out: Path, **options: Any) -> list[Spli
 
     ``options``: ``strict``, ``max_side``, ``progress``, ``overwrite``, ``log``, ``workers`` (image-reading
     processes, default 1 here; ``make_arrow.py`` defaults to :func:`default_workers`; the files are the same
-    for every value) for every dataset, plus ``val_fraction``/``seed`` (food101) and
-    ``train_file``/``dev_file``/``test_file`` (hatememes).
+    for every value) for every dataset, plus the spec's ``writer_options`` (food101: ``val_fraction``/``seed``;
+    hatememes: ``train_file``/``dev_file``/``test_file``).
     """
-    if dataset not in WRITERS:
-        raise UserInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return WRITERS[dataset](Path(root), Path(out), **options)
+    writer = dataset_spec(dataset).make_arrow_fn() if dataset in writer_datasets() else None
+    if writer is None:
+        raise UserInputError(f"unknown dataset {dataset!r}; choose one of {', '.join(writer_datasets())}")
+    return writer(Path(root), Path(out), **options)

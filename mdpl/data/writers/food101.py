@@ -19,7 +19,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from mdpl.data.constants import ARROW_SPLITS
+from mdpl.data.registry import dataset_spec
 from mdpl.data.writers.common import (NON_UTF8, NO_TEXT, UNKNOWN_CLASS, MALFORMED_JSON, ImageFile, SkipSample,
                                       SplitPlan, SplitReport, load_json_file, require_dir, write_splits)
 from mdpl.errors import UserInputError
@@ -170,7 +170,7 @@ def build_plans(root: Path, val_fraction: float = 0.1, seed: int = 0) -> list[Sp
     if not 0.0 <= val_fraction < 1.0:
         raise UserInputError(f"Food-101: --val-fraction must be in [0, 1), got {val_fraction}")
     meta = load_meta(root, val_fraction, seed)
-    return [SplitPlan(s, ARROW_SPLITS["food101"][s], meta.splits[s], _row_maker(root, meta, s),
+    return [SplitPlan(s, dataset_spec("food101").arrow_stem(s), meta.splits[s], _row_maker(root, meta, s),
                       dict(meta.sources)) for s in SPLITS]
 
 

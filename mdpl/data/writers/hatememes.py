@@ -13,7 +13,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from mdpl.data.constants import ARROW_SPLITS
+from mdpl.data.registry import dataset_spec
 from mdpl.data.writers.common import (BAD_JSONL, ImageFile, SkipSample, SplitPlan, SplitReport, decode_utf8,
                                       parse_json, require_dir, write_splits)
 from mdpl.errors import UserInputError
@@ -82,7 +82,7 @@ def build_plans(root: Path, files: dict[str, str] | None = None) -> list[SplitPl
     for key, name in SPLIT_KEYS.items():
         path = base / files[key]
         meta = {"mdpl.source_file": str(path.relative_to(Path(root))), "mdpl.layout": layout}
-        plans.append(SplitPlan(key, ARROW_SPLITS["hatememes"][name], read_jsonl_lines(path),
+        plans.append(SplitPlan(key, dataset_spec("hatememes").arrow_stem(name), read_jsonl_lines(path),
                                _row_maker(base, path, key), meta))
     return plans
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from mdpl.data.constants import ARROW_SPLITS, MMIMDB_GENRES
+from mdpl.data.registry import MMIMDB_GENRES, dataset_spec
 from mdpl.data.writers.common import (MALFORMED_JSON, NO_TEXT, ImageFile, SkipSample, SplitPlan, SplitReport,
                                       load_json_file, parse_json, read_text_file, require_dir, write_splits)
 from mdpl.errors import UserInputError
@@ -91,7 +91,7 @@ def build_plans(root: Path) -> list[SplitPlan]:
     """Validate the layout and return one plan per split (train, dev, test)."""
     image_dir, label_dir = find_layout(Path(root))
     ids = load_split_ids(root)
-    return [SplitPlan(key, ARROW_SPLITS["mmimdb"][name], ids[key],
+    return [SplitPlan(key, dataset_spec("mmimdb").arrow_stem(name), ids[key],
                       _row_maker(image_dir, label_dir, key),
                       {"mdpl.layout": "archive" if image_dir == label_dir else "images+labels"})
             for key, name in SPLIT_KEYS.items()]

@@ -1,0 +1,44 @@
+"""The one self-attention with a key/value prefix that every block of every backbone runs (docs/architecture.md).
+
+open_clip's ``ResidualAttentionBlock(q_x, k_x, v_x, attn_mask)`` shape: queries, keys and values after the
+in-projection go through fused ``scaled_dot_product_attention``; optional raw prompt keys / values (MAP's
+attention-level prompts, docs/methods.md §3.3, D-17) are put in front of the keys and values, visible to every
+query, and split into heads like them. Written against public module attributes only (timm ``Attention.qkv`` /
+``proj``, ``nn.MultiheadAttention.in_proj_weight`` / ``out_proj``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                       attn_mask: torch.Tensor | None = None,
+                       kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head attention of q [B, Lq, C] over k, v [B, Lk, C] -> [B, Lq, C] (heads merged, before out-proj).
+
+    `attn_mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Lq, Lk] — a key-padding mask
+    [B, 1, 1, Lk] or a causal [Lq, Lk] mask. `kv_prefix`: (keys, values) [B, P, C] prepended to k and v; the mask
+    gets P visible columns in front.
+    """
+    if kv_prefix is not None:
+        k = torch.cat([kv_prefix[0].to(k.dtype), k], dim=1)
+        v = torch.cat([kv_prefix[1].to(v.dtype), v], dim=1)
+        if attn_mask is not None:
+            attn_mask = _with_visible_prefix(attn_mask, kv_prefix[0].shape[1])
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "b l (h d) -> b h l d", h=num_heads)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p)
+    return rearrange(out, "b h l d -> b l (h d)")
+
+
+def _with_visible_prefix(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """`mask` with `length` leading key columns every query may attend to."""
+    visible = True if mask.dtype == torch.bool else 0.0
+    return torch.cat([mask.new_full((*mask.shape[:-1], length), visible), mask], dim=-1)

@@ -1,0 +1,58 @@
+"""What the classifier needs of a backbone (docs/architecture.md): its streams, how a batch enters each stream,
+how each stream's output becomes a feature, the task head that reads the features, and which parts train.
+
+A new backbone is one module subclassing :class:`Backbone` (its streams are
+:class:`~mdpl.backbones.encoder.StreamEncoder` modules), a weight reader, and one ``@register_backbone`` line
+(``mdpl.backbones.registry``). Prompt methods never see this class: only ``info`` (the streams' descriptions).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from mdpl.backbones.encoder import StreamEncoder
+from mdpl.prompts.base import BackboneInfo
+from mdpl.prompts.layout import TokenLayout
+
+Batch = Mapping[str, object]
+
+
+class Backbone(nn.Module):
+    """Base class; subclasses implement every method below."""
+
+    def encoders(self) -> dict[str, StreamEncoder]:
+        """Stream name -> encoder, in the order the classifier encodes them."""
+        raise NotImplementedError
+
+    @property
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(tuple(encoder.info for encoder in self.encoders().values()))
+
+    def embed(self, stream: str, batch: Batch,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """Block-0 input of `stream`: tokens [B, N, D], bool mask [B, N] (True = real token) and the layout of its
+        data segments; only the batch rows `rows` (long [R]) when given."""
+        raise NotImplementedError
+
+    def pool(self, stream: str, x: torch.Tensor, layout: TokenLayout, batch: Batch,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The feature [B, F] of `stream` from its last block's output x (norm, pooled token, projection)."""
+        raise NotImplementedError
+
+    def build_head(self, num_classes: int) -> nn.Module:
+        """The task head on the concatenated stream features."""
+        raise NotImplementedError
+
+    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
+        """Parts trained with the prompts while the rest of the backbone is frozen (ViLT: pooler)."""
+        return []
+
+    def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
+        """Parts no classifier uses, frozen even with ``finetune`` (CLIP's logit scale: it would get no gradient)."""
+        return []
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """Modules frozen without ``finetune``, put in eval mode as a whole by ``frozen_eval_mode``."""
+        return [self]

@@ -1,0 +1,41 @@
+"""The encoder protocol: a stream is embed -> :meth:`StreamEncoder.forward_blocks` -> norm (timm's
+``forward_features``), and the block loop here is the only place where prompt methods act (docs/architecture.md).
+
+Every backbone exposes its streams as `StreamEncoder` modules (ViLT: the joint stream; CLIP: the image and the
+text tower). A subclass says how one block runs (:meth:`StreamEncoder.run_block`, through
+``mdpl.backbones.attention.prefixed_attention``) and describes itself as a
+:class:`~mdpl.prompts.base.StreamInfo`; :meth:`StreamEncoder.forward_blocks` runs the loop with the method's
+hooks before every block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
+from mdpl.prompts.layout import TokenLayout
+
+
+class StreamEncoder(nn.Module):
+    """One token stream of a backbone: its blocks and how one runs. Subclasses set `blocks` and `info`."""
+
+    blocks: nn.ModuleList
+
+    @property
+    def info(self) -> StreamInfo:
+        raise NotImplementedError
+
+    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Block `index` on x [B, N, D]; `mask` bool [B, N] (True = real token); optional prompt keys/values."""
+        raise NotImplementedError
+
+    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
+                       ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """Every block, each preceded by the method's hooks: tokens in or out, then extra keys/values."""
+        info = self.info
+        for index in range(len(self.blocks)):
+            x, mask, layout = method.before_block(info, index, x, mask, layout, ctx)
+            kv_prefix = method.attention_prompts(info, index, x, ctx)
+            x = self.run_block(index, x, mask, kv_prefix)
+        return x, mask, layout

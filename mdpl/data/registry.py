@@ -1,0 +1,233 @@
+"""Dataset registry: a dataset is one :class:`DatasetSpec` registered under its name (docs/methods.md §1).
+
+Everything that depends on the dataset -- the number of classes, single- vs multi-label, the arrow file
+stems, the text column, the loss and metrics, the raw-layout writer of ``make_arrow.py`` and the synthetic
+generator -- is read from the spec, so a new dataset is one :func:`register_dataset` call (as open_clip's
+model configs)::
+
+    from mdpl.data.registry import DatasetSpec, register_dataset
+    register_dataset(DatasetSpec(name="toyset", num_classes=3))   # arrow files toyset_{train,val,test}.arrow
+
+The built-in specs (``mmimdb``, ``food101``, ``hatememes``) are registered when this module is imported.
+References to code that imports heavy modules (writers, synthetic generators, arrow schemas) are
+``"module:attribute"`` strings resolved on use (:func:`resolve`), so importing the registry stays cheap and
+free of import cycles; a spec may also hold the objects themselves.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from mdpl.errors import UserInputError
+
+SPLITS = ("train", "val", "test")
+LOSS_KINDS = ("bce_with_logits", "cross_entropy")
+#: items rules (docs/methods.md §1.3): one item per text of a row, or selectable by ``mmimdb_items``
+#: ('plot' = one per text, 'movie' = the first text of each row).
+TEXT_ITEMS = ("per_text", "selectable")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything mdpl needs to know about one dataset.
+
+    * ``name``: the config value ``dataset=<name>`` and the arrow file prefix.
+    * ``num_classes``: width of the classifier head (multi-label: number of labels).
+    * ``multi_label``: labels are multi-hot lists of ``num_classes`` 0/1 values (else class indices).
+    * ``class_names``: display names in label order (None: unknown or too many to list).
+    * ``arrow_splits``: split (train/val/test) -> arrow file stem; default ``<name>_<split>``.
+    * ``text_column``: the ``list<string>`` column holding the texts of a row.
+    * ``text_items``: ``'per_text'`` (one item per text) or ``'selectable'`` (config ``mmimdb_items``:
+      'plot' = one item per text, 'movie' = the first text of each row).
+    * ``loss``: a kind of :data:`LOSS_KINDS` or a callable ``(logits, label) -> loss`` (mdpl/engine/losses.py);
+      default ``bce_with_logits`` for multi-label, ``cross_entropy`` otherwise.
+    * ``metrics``: metric kinds of ``mdpl.engine.metrics.METRIC_KINDS`` ('f1', 'accuracy', 'AUROC') or
+      callables ``(num_classes) -> Metric`` (logged under their ``__name__`` when the metric returns a
+      tensor); default ``('f1',)`` for multi-label, ``('accuracy',)`` otherwise.
+    * ``primary_metric``: the computed value used as ``the_metric`` (checkpoint selection, sweeps);
+      default ``F1_Macro`` for multi-label, ``accuracy`` otherwise.
+    * ``schema``: the arrow schema (``pyarrow.Schema`` or ``"module:attr"``) files are checked against;
+      None skips the column check.
+    * ``writer``: ``make_arrow(root, out, **options)`` for the raw layout (``"module:attr"`` or callable);
+      None: no raw layout, arrow files are written by other means.
+    * ``writer_options``: the dataset's own ``make_arrow`` keyword options (besides the common ones).
+    * ``synthetic``: ``write(root, counts, rng, image_size, layout)`` writing a tiny raw dataset
+      (mdpl/data/synthetic.py); ``synthetic_layouts``: its layouts, the first the default.
+    * ``max_text_len``: the text length of the dataset's ``task_finetune_<name>`` config (None: no default).
+    """
+
+    name: str
+    num_classes: int
+    multi_label: bool = False
+    class_names: tuple[str, ...] | None = None
+    arrow_splits: Mapping[str, str] | None = None
+    text_column: str = "text"
+    text_items: str = "per_text"
+    loss: str | Callable[..., Any] | None = None
+    metrics: tuple[str | Callable[[int], Any], ...] | None = None
+    primary_metric: str | None = None
+    schema: Any = None
+    writer: str | Callable[..., Any] | None = None
+    writer_options: tuple[str, ...] = ()
+    synthetic: str | Callable[..., Any] | None = None
+    synthetic_layouts: tuple[str, ...] = ()
+    max_text_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"DatasetSpec.name must be a non-empty string, got {self.name!r}")
+        if int(self.num_classes) < 1:
+            raise ValueError(f"DatasetSpec {self.name!r}: num_classes must be >= 1, got {self.num_classes!r}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"DatasetSpec {self.name!r}: {len(self.class_names)} class_names for "
+                             f"{self.num_classes} classes")
+        if self.text_items not in TEXT_ITEMS:
+            raise ValueError(f"DatasetSpec {self.name!r}: text_items must be one of {TEXT_ITEMS}")
+        if isinstance(self.loss, str) and self.loss not in LOSS_KINDS:
+            raise ValueError(f"DatasetSpec {self.name!r}: loss must be one of {LOSS_KINDS} or a callable")
+        splits = dict(self.arrow_splits or {s: f"{self.name}_{s}" for s in SPLITS})
+        if set(splits) != set(SPLITS):
+            raise ValueError(f"DatasetSpec {self.name!r}: arrow_splits must map exactly {SPLITS}")
+        self._set(arrow_splits={s: splits[s] for s in SPLITS},
+                  loss=self.loss or ("bce_with_logits" if self.multi_label else "cross_entropy"),
+                  metrics=tuple(self.metrics or (("f1",) if self.multi_label else ("accuracy",))),
+                  primary_metric=self.primary_metric or ("F1_Macro" if self.multi_label else "accuracy"))
+        if self.class_names is not None:
+            self._set(class_names=tuple(self.class_names))
+
+    def _set(self, **values: Any) -> None:
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def arrow_stem(self, split: str) -> str:
+        """The arrow file stem of ``split`` (train, val or test)."""
+        if split not in self.arrow_splits:
+            raise ValueError(f"unknown split {split!r} (expected train, val or test)")
+        return self.arrow_splits[split]
+
+    def arrow_file_names(self) -> list[str]:
+        """``<stem>.arrow`` of every split, in train/val/test order."""
+        return [f"{stem}.arrow" for stem in self.arrow_splits.values()]
+
+    def per_text_items(self, mmimdb_items: str = "plot") -> bool:
+        """True: one item per text; False: one item (the first text) per row (docs/methods.md §1.3)."""
+        return self.text_items == "per_text" or mmimdb_items == "plot"
+
+    def arrow_schema(self) -> Any:
+        """The ``pyarrow.Schema`` the arrow files must have, or None (no column check)."""
+        return resolve(self.schema)
+
+    def make_arrow_fn(self) -> Callable[..., Any] | None:
+        """The raw-layout writer ``make_arrow(root, out, **options)``, or None."""
+        return resolve(self.writer)
+
+    def synthetic_fn(self) -> Callable[..., Any] | None:
+        """The synthetic raw-layout generator, or None."""
+        return resolve(self.synthetic)
+
+
+def resolve(ref: Any) -> Any:
+    """A ``"package.module:attribute"`` string -> the attribute (imported now); anything else unchanged."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Register ``spec`` under ``spec.name`` and return it; registering an equal spec again is a no-op.
+
+    A second, different spec under a name already registered raises ValueError (unregister it first).
+    """
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"register_dataset expects a DatasetSpec, got {type(spec).__name__}")
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old != spec:
+        raise ValueError(f"dataset {spec.name!r} is already registered with another spec; "
+                         "unregister_dataset it first")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_dataset(name: str) -> DatasetSpec | None:
+    """Remove ``name`` from the registry and return its spec (None if absent). For tests and plugins."""
+    return _REGISTRY.pop(name, None)
+
+
+@contextmanager
+def registered(spec: DatasetSpec) -> Iterator[DatasetSpec]:
+    """Register ``spec`` for the ``with`` block only (for tests and plugins), as :func:`register_dataset`
+    (an equal spec already registered stays registered afterwards)."""
+    added = spec.name not in _REGISTRY
+    register_dataset(spec)
+    try:
+        yield spec
+    finally:
+        if added:
+            unregister_dataset(spec.name)
+
+
+def available_datasets() -> list[str]:
+    """Names of the registered datasets, built-ins first, in registration order."""
+    return list(_REGISTRY)
+
+
+def is_registered(name: Any) -> bool:
+    """True when ``name`` is a registered dataset name."""
+    return isinstance(name, str) and name in _REGISTRY
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec registered under ``name``; UserInputError (one line, naming the choices) if none."""
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise UserInputError(f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())} "
+                             "(or register it with mdpl.data.registry.register_dataset)")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ built-ins
+#: docs/methods.md §1.1: fixed genre order of the MM-IMDb multi-hot label (index = position).
+MMIMDB_GENRES = (
+    "Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
+    "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
+    "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir",
+)
+
+MMIMDB = register_dataset(DatasetSpec(
+    name="mmimdb", num_classes=23, multi_label=True, class_names=MMIMDB_GENRES,
+    arrow_splits={"train": "mmimdb_train", "val": "mmimdb_dev", "test": "mmimdb_test"},
+    text_column="plots", text_items="selectable",
+    loss="bce_with_logits", metrics=("f1",), primary_metric="F1_Macro",
+    schema="mdpl.data.writers.mmimdb:SCHEMA", writer="mdpl.data.writers.mmimdb:make_arrow",
+    synthetic="mdpl.data.synthetic:_write_mmimdb", synthetic_layouts=("split", "archive"),
+    max_text_len=1024,
+))
+FOOD101 = register_dataset(DatasetSpec(
+    name="food101", num_classes=101,
+    arrow_splits={"train": "food101_train", "val": "food101_val", "test": "food101_test"},
+    loss="cross_entropy", metrics=("accuracy",), primary_metric="accuracy",
+    schema="mdpl.data.writers.food101:SCHEMA", writer="mdpl.data.writers.food101:make_arrow",
+    writer_options=("val_fraction", "seed"),
+    synthetic="mdpl.data.synthetic:_write_food101", synthetic_layouts=("both", "json", "csv"),
+    max_text_len=512,
+))
+HATEMEMES = register_dataset(DatasetSpec(
+    name="hatememes", num_classes=2, class_names=("not hateful", "hateful"),
+    arrow_splits={"train": "hatememes_train", "val": "hatememes_dev", "test": "hatememes_test"},
+    loss="cross_entropy", metrics=("AUROC", "accuracy"), primary_metric="AUROC",
+    schema="mdpl.data.writers.hatememes:SCHEMA", writer="mdpl.data.writers.hatememes:make_arrow",
+    writer_options=("train_file", "dev_file", "test_file"),
+    synthetic="mdpl.data.synthetic:_write_hatememes", synthetic_layouts=("data", "flat"),
+    max_text_len=128,
+))
+BUILTIN_DATASETS = ("mmimdb", "food101", "hatememes")
