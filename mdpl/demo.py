@@ -45,7 +45,12 @@ DEFAULTS = {
     "demo_test_types": ["text", "image", "both"],
     "demo_test_ratios": [0.0, 0.3, 0.7, 1.0],
 }
-METHOD_NAMES = {"none": "baseline (no prompt)", "map": "MAP", "memprompt": "MemPrompt", "dcp": "DCP (CLIP)"}
+
+
+def method_title(method: str) -> str:
+    """The method's display name (its registry entry)."""
+    from mdpl.prompts.registry import method_class
+    return method_class(method).title or method
 
 
 def _get(config: Mapping, key: str):
@@ -177,7 +182,7 @@ def train_and_sweep(config: dict, method: str, backbone_path: Path, out: Path) -
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     rows = result_rows(sweep, cfg, best)
     module.sweep = None
-    print(f"[demo] {METHOD_NAMES.get(method, method)}: trained and evaluated in {time.perf_counter() - start:.0f} s")
+    print(f"[demo] {method_title(method)}: trained and evaluated in {time.perf_counter() - start:.0f} s")
     return rows
 
 
@@ -205,7 +210,7 @@ def format_table(columns: Sequence[str], table: Mapping[str, Mapping[str, float]
              head, "|---|" + "---:|" * len(columns)]
     for method, values in table.items():
         cells = ["–" if math.isnan(values.get(c, math.nan)) else f"{100 * values[c]:.1f}" for c in columns]
-        lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_title(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +226,7 @@ def plot(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
     for ax, t in zip(axes[0], types):
         for m in methods:
             pts = sorted((float(r["ratio"]), float(r[primary])) for r in rows if r["type"] == t and r["method"] == m)
-            ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=METHOD_NAMES.get(m, m))
+            ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=method_title(m))
         ax.set_title(f"{t} missing")
         ax.set_xlabel("missing rate at test time (%)")
         ax.grid(True, alpha=0.3)

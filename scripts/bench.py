@@ -51,13 +51,19 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,  # noqa: E402
                                      sdpa_flop_count)
 
-METHODS = ("none", "map", "memprompt", "dcp")
+from mdpl.prompts.keys import method_presets  # noqa: E402
+from mdpl.prompts.registry import available_methods, method_class  # noqa: E402
+
+METHODS = tuple(available_methods())
 DATASETS = ("mmimdb", "food101", "hatememes")
 PRECISIONS = {"fp32": "fp32", "32": "fp32", "32-true": "fp32",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
               "fp16": "fp16-mixed", "16": "fp16-mixed", "16-mixed": "fp16-mixed", "fp16-mixed": "fp16-mixed"}
-METHOD_PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
-BACKBONE = {"none": "vilt", "map": "vilt", "memprompt": "vilt", "dcp": "clip"}
+
+
+def paper_backbone(method: str) -> str:
+    """The backbone each method is benchmarked on: its paper's."""
+    return method_class(method).paper_backbone
 
 # Dense peak TFLOP/s by (GPU name fragment, precision); fp32 = plain FP32 (TF32 off, the PyTorch default).
 PEAK_TFLOPS = {
@@ -107,8 +113,10 @@ def resolve_config(method: str, dataset: str, small: bool, overrides: dict | Non
         from sacred.initialize import create_run
 
         from config import ex
-    presets = [f"task_finetune_{dataset}", METHOD_PRESET[method]] + (["tiny"] if small else [])
+    preset = method_presets().get(method)
+    presets = [f"task_finetune_{dataset}", *([preset] if preset else [])] + (["tiny"] if small else [])
     updates = {"load_path": "", "clip_path": "", "dataset": dataset, "test_only": False,
+               **({} if preset else {"prompt_method": method, "backbone": paper_backbone(method)}),
                **({"max_text_len": SMALL_TEXT_LEN[dataset]} if small else {}), **(overrides or {})}
     return _plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
 
@@ -247,26 +255,18 @@ def count_flops(model: torch.nn.Module, cfg: dict, batch: dict, device: torch.de
     return Flops(float(forward.get_total_flops()), float(train.get_total_flops()))
 
 
-def _inserted_prompt_tokens(cfg: dict) -> int:
-    """Tokens a ViLT prompt method inserts into the joint sequence (MAP input prompts, MemPrompt's prompts)."""
-    method = cfg["prompt_method"]
-    if method == "map" and cfg["prompt_type"] == "input":
-        return len(cfg["prompt_layers"]) * int(cfg["prompt_length"])
-    if method == "memprompt":
-        return 2 * (len(cfg["shared_prompt_layers"]) * int(cfg["shared_prompt_length"])
-                    + len(cfg["gen_prompt_layers"]) * int(cfg["gen_prompt_length"]))
-    return 0
-
-
-def sequence_length(cfg: dict, batch: dict) -> int:
-    """Longest joint sequence (ViLT, after all prompt insertions) or vision-tower length (CLIP)."""
+def sequence_length(cfg: dict, batch: dict, model: torch.nn.Module) -> int:
+    """Longest sequence after every prompt insertion: the joint ViLT sequence, or CLIP's vision tower (the
+    method's `added_tokens`)."""
+    method = model.prompt
+    added = method.added_tokens(method.config, model.backbone.info)
     if cfg["backbone"] == "clip":
         side, patch = batch["image"].shape[-1], int(cfg["clip_patch_size"])
-        return (side // patch) ** 2 + 1 + int(cfg["prompt_length"])
+        return (side // patch) ** 2 + 1 + added.get("image", 0)
     p = int(cfg["patch_size"])
     sizes = batch["image_sizes"].cpu()
     m = int((((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)).max())
-    return batch["text_ids"].shape[1] + 1 + m + _inserted_prompt_tokens(cfg)
+    return batch["text_ids"].shape[1] + 1 + m + added.get("joint", 0)
 
 
 def peak_tflops(device: torch.device, precision: str, override: float | None, tf32: bool) -> float | None:
@@ -400,10 +400,10 @@ def _is_oom(err: BaseException) -> bool:
 def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, device: torch.device) -> dict:
     """One table row: build, train-time, eval-time, memory and MFU."""
     size_key = "small" if args.small else "full"
-    dynamic = bool(args.dynamic_text_padding) and BACKBONE[method] == "vilt"
+    dynamic = bool(args.dynamic_text_padding) and paper_backbone(method) == "vilt"
     cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size,
                                                        "dynamic_text_padding": dynamic})
-    row: dict[str, Any] = {"method": method, "backbone": BACKBONE[method], "dataset": dataset,
+    row: dict[str, Any] = {"method": method, "backbone": paper_backbone(method), "dataset": dataset,
                            "precision": precision, "batch": batch_size, "dynamic_text_padding": dynamic,
                            "status": "ok"}
     if device.type == "cpu" and precision == "fp16-mixed":
@@ -414,7 +414,7 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
     model = torch.compile(raw) if args.compile else raw
     row["params_total"], row["params_trainable"] = raw.trainable_parameters_report()
     batches = [synthetic_batch(cfg, batch_size, size_key, device, seed=s) for s in range(2)]
-    row["seq_len"] = sequence_length(cfg, batches[0])
+    row["seq_len"] = sequence_length(cfg, batches[0], raw)
     row["text_len"] = int(batches[0]["text_ids"].shape[1])
     row["image_hw"] = list(batches[0]["image"].shape[-2:])
     meter = MemoryMeter(device)
@@ -628,7 +628,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
     loader_rows = []
     if not args.no_loader:
         workers = [int(w) for w in _csv(args.loader_workers or ("2" if args.small else "8"))]
-        backbones = sorted({BACKBONE[m] for m in args.method_list}, reverse=True)  # vilt first
+        backbones = sorted({paper_backbone(m) for m in args.method_list}, reverse=True)  # vilt first
         datasets = _csv(args.loader_datasets) if args.loader_datasets else args.dataset_list
         with tempfile.TemporaryDirectory(prefix="mdpl_bench_") as tmp:
             for backbone in backbones:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdpl.models import build_classifier
-from mdpl.models.clip_classifier import TwoTowerClassifier
-from mdpl.prompts.dcp import DCPClassifier
+from mdpl.backbones.clip import residual_block
+from mdpl.models import PromptedClassifier, build_classifier
+from mdpl.prompts import PromptContext
 
 METHODS = ("none", "map", "memprompt", "dcp")
 BACKBONES = ("vilt", "clip")
@@ -72,9 +72,7 @@ def types_for(b: int) -> torch.Tensor:
 @pytest.mark.parametrize("method,backbone", CELLS)
 def test_forward_shapes_and_missing_awareness(tiny, method, backbone) -> None:
     model = build(tiny, method, backbone).eval()
-    expected = {("dcp", "clip"): DCPClassifier, ("none", "clip"): TwoTowerClassifier,
-                ("map", "clip"): TwoTowerClassifier, ("memprompt", "clip"): TwoTowerClassifier}
-    assert type(model).__name__ == expected.get((method, backbone), type(model)).__name__
+    assert type(model) is PromptedClassifier    # one classifier class for every method x backbone pairing
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
     b = batch(backbone, labels, types_for(6))
     with torch.no_grad():  # MAP's init is permutation-symmetric across types (no positions): perturb it
@@ -90,6 +88,17 @@ def test_forward_shapes_and_missing_awareness(tiny, method, backbone) -> None:
     changed = not torch.allclose(out["logits"], flipped["logits"], atol=1e-6)
     # 'none' ignores the missing type; every prompt method selects its prompts by it
     assert changed == (method != "none")
+    if backbone == "clip":  # pooled = [f_v ; f_t]: DCP zeroes the half of the missing modality (docs/methods.md
+        # §6.5), the other methods keep both towers' features
+        e = tiny["clip_embed_dim"]
+        types = b["missing_type"]
+        image_half, text_half = out["pooled"][:, :e], out["pooled"][:, e:]
+        zero_text = text_half.eq(0).all(1)
+        zero_image = image_half.eq(0).all(1)
+        if method == "dcp":
+            assert torch.equal(zero_text, types == 1) and torch.equal(zero_image, types == 2)
+        else:
+            assert not zero_text.any() and not zero_image.any()
 
 
 @pytest.mark.parametrize("method,backbone", CELLS)
@@ -133,15 +142,18 @@ def test_clip_attention_prompts_extend_keys(tiny) -> None:
     x = torch.randn(2, 77, tiny["clip_text_width"])
     mask = model.backbone.text_encoder.causal_mask(77, x.device)
     tower = model.backbone.text_encoder
+    real = torch.ones(2, 77, dtype=torch.bool)   # run_block's mask: the real tokens (CLIP ignores it)
     ref = block(x, attn_mask=mask)  # open_clip's own forward (nn.MultiheadAttention)
-    torch.testing.assert_close(tower.run_block(0, x, mask), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tower.run_block(0, x, real), ref, atol=1e-5, rtol=0)
     zeros = torch.zeros(2, 0, x.shape[-1])
-    torch.testing.assert_close(tower.run_block(0, x, mask, (zeros, zeros)), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tower.run_block(0, x, real, (zeros, zeros)), ref, atol=1e-5, rtol=0)
     k = torch.randn(2, 3, x.shape[-1])
-    with_prompts = tower.run_block(0, x, mask, (k, k))
+    with_prompts = tower.run_block(0, x, real, (k, k))
     assert not torch.allclose(with_prompts, ref, atol=1e-4)
-    allowed = torch.ones(77, 77, dtype=torch.bool).tril()  # the same causal mask as booleans (True = attend)
-    torch.testing.assert_close(tower.run_block(0, x, allowed, (k, k)), with_prompts, atol=1e-5, rtol=0)
+    # the tower builds its causal mask itself; the same mask as booleans (True = attend) gives the same block
+    torch.testing.assert_close(residual_block(block, x, mask, (k, k)), with_prompts, atol=1e-5, rtol=0)
+    allowed = torch.ones(77, 77, dtype=torch.bool).tril()
+    torch.testing.assert_close(residual_block(block, x, allowed, (k, k)), with_prompts, atol=1e-5, rtol=0)
     out = model(batch("clip", torch.tensor([0, 1, 1]), types_for(3)))
     assert out["logits"].shape == (3, 2)
 
@@ -152,30 +164,32 @@ def test_dcp_vilt_layout_replaces_layer_prompts(tiny) -> None:
     n = model.prompt.layout.prompt_length // 3
     assert n == 2                                       # tiny's DCP prompt_length, 6
     b = batch("vilt", torch.tensor([0, 1]), torch.tensor([0, 2]))
-    x, mask, layout = model.backbone.embed(b["text_ids"], b["text_masks"], b["image"], b["image_sizes"])
+    x, mask, layout = model.backbone.embed_joint(b["text_ids"], b["text_masks"], b["image"], b["image_sizes"])
     mt = b["missing_type"]
-    x1, mask1, layout1 = model.prompt.before_block(0, x, mask, layout, mt)
+    stream = model.backbone.info.stream("joint")
+    ctx = PromptContext(mt, model.prompt.prepare(mt))
+    x1, mask1, layout1 = model.prompt.before_block(stream, 0, x, mask, layout, ctx)
     assert layout1.names == ["dcp.layer", "dcp.common", "dcp.dynamic", "text", "image"]
     assert [s.length for s in layout1.segments[:3]] == [2 * n, 2 * n, n]
     assert torch.equal(x1[:, 5 * n:], x) and bool(mask1[:, :5 * n].all())
-    x2, _, layout2 = model.prompt.before_block(1, x1, mask1, layout1, mt)
+    x2, _, layout2 = model.prompt.before_block(stream, 1, x1, mask1, layout1, ctx)
     assert layout2 == layout1
     assert torch.equal(x2[:, 2 * n:], x1[:, 2 * n:]) and not torch.equal(x2[:, :2 * n], x1[:, :2 * n])
-    assert model.prompt.pooled_position(layout2) == 5 * n
+    assert layout2.offset("text") == 5 * n             # the pooled text [CLS]
 
 
 def test_two_tower_memprompt_prepends_per_tower(tiny) -> None:
     """MemPrompt on CLIP: [S, G] prepended in each tower with that tower's width; accumulating."""
     model = build(tiny, "memprompt", "clip").eval()
     seen: dict[str, list] = {"image": [], "text": []}
-    hook = model.prompt.tower_before_block
+    hook = model.prompt.before_block
 
-    def spy(tower, index, x, mask, layout, mt):
-        x, mask, layout = hook(tower, index, x, mask, layout, mt)
-        seen[tower].append((x.shape[-1], layout.names))
+    def spy(stream, index, x, mask, layout, ctx):
+        x, mask, layout = hook(stream, index, x, mask, layout, ctx)
+        seen[stream.name].append((x.shape[-1], layout.names))
         return x, mask, layout
 
-    model.prompt.tower_before_block = spy
+    model.prompt.before_block = spy
     model(batch("clip", torch.tensor([0, 1]), torch.tensor([1, 2])))
     assert seen["image"][-1] == (tiny["clip_vision_width"], ["mem.shared_v.1", "mem.gen_v.1", "mem.shared_v.0",
                                                               "mem.gen_v.0", "image"])
@@ -183,7 +197,7 @@ def test_two_tower_memprompt_prepends_per_tower(tiny) -> None:
                                                            "mem.gen_t.0", "text"])
 
 
-# Full paper sizes (MM-IMDb, each method's preset): (total, trainable). Original pairings match METHODS
+# Full paper sizes (MM-IMDb, each method's preset): (total, trainable). Original pairings match docs/methods.md
 # §3.4 (MAP 2,031,383), §4.1 (MemPrompt 5,358,935) and §6.6 (DCP 2,006,784 + 2,362,368 + 1,050,624 +
 # 1,536 + 1,024 + 393,216 + 23,575 = 5,839,127).
 FULL_COUNTS = {

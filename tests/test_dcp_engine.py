@@ -113,7 +113,7 @@ def test_checkpoint_holds_dynamic_buffers_and_test_only_reproduces(trained) -> N
     cfg, batch = trained["cfg"], trained["batch"]
     ckpt = torch.load(trained["last"], map_location="cpu", weights_only=False)
     dynamic = sorted(k for k in ckpt["state_dict"] if ".prompts_dynamic_" in k)
-    assert len(dynamic) == 6 and all(k.startswith("model.model.") for k in dynamic)
+    assert len(dynamic) == 6 and all(k.startswith("model.prompt.dynamic.") for k in dynamic)
     # run.py's test_only loading path rebuilds the module from the checkpoint alone (fresh random init first)
     torch.manual_seed(123)
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ b. perturbing one prompt tensor changes the logits of exactly the rows whose typ
    are covered by each method), zeroing all of them changes every row;
 c. with the backbone and head weights of a no-prompt baseline copied in, the method's logits differ from the
    baseline's on every row;
-d. the trainable set is exactly the method's parameters + the backbone parts the method declares + the
+d. the trainable set is exactly the method's parameters + the backbone parts the backbone declares + the
    head, and it is larger than the baseline's; finetune=True trains every tensor that gets a gradient.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ from runs import resolved_config
 from mdpl.data.missing import apply_missing
 from mdpl.engine.optim import build_optimizer
 from mdpl.models import build_classifier
-from mdpl.prompts.dcp import DCPClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,8 +60,8 @@ NEVER_UPDATED = {
         # skipping the tower whose feature half is zeroed is exact: the reference zeroes that half after
         # encoding, so a text-missing row's text tower (and an image-missing row's image tower) gets no gradient
         # either; these query sets are selected only by those rows.
-        "model.text_encoder.transformer.resblocks.0.prompts_dynamic_image",
-        "model.image_encoder.transformer.resblocks.0.prompts_dynamic_text",
+        "prompt.dynamic.text.prompts_dynamic_image",
+        "prompt.dynamic.image.prompts_dynamic_text",
     },
 }
 
@@ -126,23 +125,19 @@ def make_batch(backbone: str, seed: int = 0) -> dict:
 
 
 def is_method_key(model: torch.nn.Module, name: str) -> bool:
-    """Whether a parameter / buffer name belongs to the prompt method (DCP on CLIP keeps its block-0 parts
-    inside the CLIP towers)."""
-    if isinstance(model, DCPClassifier):
-        return (name.startswith("model.prompt_learner.") or ".resblocks.0.attn_prompt." in name
-                or ".resblocks.0.prompts_dynamic_" in name)
+    """Whether a parameter / buffer name belongs to the prompt method (every method, on every backbone, lives
+    under the classifier's ``prompt``)."""
     return name.startswith("prompt.")
 
 
 def declared_backbone(model: torch.nn.Module, backbone: str) -> set[str]:
-    """Backbone parameters the method declares trainable: ViLT's pooler (MAP/MemPrompt's rule); CLIP's ln_post,
-    ln_final and vision proj (DCP's rule, kept for every method on CLIP)."""
+    """Backbone parameters the backbone declares trainable (its ``trainable_parts``): ViLT's pooler (MAP/MemPrompt's
+    rule); CLIP's ln_post, ln_final and vision proj (DCP's rule, kept for every method on CLIP)."""
     names = {n for n, _ in model.named_parameters() if not is_method_key(model, n)}
     if backbone == "vilt":
         return {n for n in names if n.startswith("backbone.pooler.")}
-    root = "model." if isinstance(model, DCPClassifier) else "backbone."
-    parts = (f"{root}image_encoder.ln_post.", f"{root}text_encoder.ln_final.")
-    return {n for n in names if n.startswith(parts) or n == f"{root}image_encoder.proj"}
+    parts = ("backbone.image_encoder.ln_post.", "backbone.text_encoder.ln_final.")
+    return {n for n in names if n.startswith(parts) or n == "backbone.image_encoder.proj"}
 
 
 def head_names(model: torch.nn.Module) -> set[str]:
@@ -275,10 +270,7 @@ def test_perturbing_a_prompt_changes_exactly_the_rows_that_select_it(variant, ba
 # --- c. not the baseline ---------------------------------------------------------------------------------
 def copy_shared_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """Load the baseline's backbone and head into `target`: every key of `target` but the method's is set."""
-    rename = ("backbone.", "model.") if isinstance(target, DCPClassifier) else ("backbone.", "backbone.")
-    state = {(rename[1] + k[len(rename[0]):] if k.startswith(rename[0]) else k): v
-             for k, v in source.state_dict().items()}
-    result = target.load_state_dict(state, strict=False)
+    result = target.load_state_dict(source.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     method_keys = {k for k in target.state_dict() if is_method_key(target, k)}
     assert set(result.missing_keys) == method_keys, sorted(set(result.missing_keys) ^ method_keys)
@@ -328,8 +320,7 @@ def test_trainable_set_is_what_the_method_declares(variant, backbone) -> None:
     # would never get a gradient and DDP would stop on it); every trainable tensor gets a gradient
     tuned = build(method, backbone, finetune=True, **updates).train()
     frozen = {n for n, p in tuned.named_parameters() if not p.requires_grad}
-    assert frozen == ({"model.logit_scale" if isinstance(tuned, DCPClassifier) else "backbone.logit_scale"}
-                      if backbone == "clip" else set())
+    assert frozen == ({"backbone.logit_scale"} if backbone == "clip" else set())
     task_loss(tuned(make_batch(backbone))["logits"]).backward()
     silent = {n for n, p in tuned.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.ne(0).any())}
     assert silent == NEVER_UPDATED.get((variant, backbone), set())

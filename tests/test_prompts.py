@@ -1,4 +1,4 @@
-"""Prompt methods (METHODS.md §3 MAP, §4 MemPrompt, 'none'), token layout, registry, classifier counts."""
+"""Prompt methods (docs/methods.md §3 MAP, §4 MemPrompt, 'none'), token layout, registry, classifier counts."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,19 @@ import warnings
 import pytest
 import torch
 
+from mdpl.backbones.vilt import BackboneOutput
+from mdpl.errors import UserInputError
 from mdpl.models import build_classifier
-from mdpl.prompts import BackboneInfo, TokenLayout, build_prompt_method, splice_tokens
-from mdpl.prompts.map import MissingAwarePrompts
-from mdpl.prompts.memprompt import MemPrompt, MemPromptOptions, PromptMemory
+from mdpl.prompts import (IMAGE, TEXT, BackboneInfo, PromptContext, StreamInfo, TokenLayout, build_method,
+                          splice_tokens)
+from mdpl.prompts.map import MapConfig, MissingAwarePrompts
+from mdpl.prompts.memprompt import MemPrompt, MemPromptConfig, PromptMemory
+from mdpl.validate import validate_config
 
 TINY = dict(vocab_size=60, hidden_size=32, num_layers=3, num_heads=4, mlp_ratio=4, patch_size=8,
             image_size=32, max_text_len=10, drop_rate=0.1, load_path="", dataset="mmimdb")
-INFO = BackboneInfo(hidden_size=32, num_layers=3, num_heads=4)
+STREAM = StreamInfo("joint", width=32, num_layers=3, num_heads=4, modalities=(TEXT, IMAGE))  # ViLT's one stream
+INFO = BackboneInfo((STREAM,))
 
 
 def _build(**over):
@@ -44,6 +49,19 @@ def _noisy(model):
     return model
 
 
+def _map(**options) -> MissingAwarePrompts:
+    return MissingAwarePrompts(MapConfig.from_config(options), INFO)
+
+
+def _prompted_features(model, batch) -> BackboneOutput:
+    """The joint ViLT stream with the model's method: embed -> the block loop with its hooks -> final LayerNorm."""
+    x, mask, layout = model.backbone.embed("joint", batch)
+    mt = batch["missing_type"]
+    ctx = PromptContext(mt, model.prompt.prepare(mt))
+    x, mask, layout = model.backbone.encoders()["joint"].forward_blocks(x, mask, layout, model.prompt, ctx)
+    return BackboneOutput(hidden=model.backbone.transformer.norm(x), mask=mask, layout=layout)
+
+
 # --- layout ------------------------------------------------------------------------------------------
 def test_token_layout_offsets_and_splice():
     lay = TokenLayout([("text", 5), ("image", 7)]).prepend([("p0", 2)]).insert_after("text", [("q0", 3)])
@@ -58,8 +76,8 @@ def test_token_layout_offsets_and_splice():
 
 # --- MAP -----------------------------------------------------------------------------------------------
 def test_map_init_per_spec():
-    inp = MissingAwarePrompts(INFO, prompt_type="input", prompt_length=6, prompt_layers=[0, 1])
-    att = MissingAwarePrompts(INFO, prompt_type="attention", prompt_length=6, prompt_layers=[0, 1])
+    inp = _map(prompt_type="input", prompt_length=6, prompt_layers=[0, 1])
+    att = _map(prompt_type="attention", prompt_length=6, prompt_layers=[0, 1])
     for mod, extra in ((inp, False), (att, True)):
         for t, (name, k) in enumerate((("complete_prompt", 0), ("missing_text_prompt", 2),
                                        ("missing_img_prompt", 1))):
@@ -68,11 +86,11 @@ def test_map_init_per_spec():
             ones = {k, 3 + k} if extra else {k}
             for tok in range(6):
                 assert torch.all(p[:, tok] == (1.0 if tok in ones else 0.0)), (name, tok)
-    assert MissingAwarePrompts(INFO, prompt_layers=[0, 2], multi_layer_prompt=False).complete_prompt.shape[0] == 1
+    assert _map(prompt_layers=[0, 2], multi_layer_prompt=False).complete_prompt.shape[0] == 1
 
 
 def test_map_selection_by_index_equals_per_sample_loop():
-    mod = MissingAwarePrompts(INFO, prompt_length=4, prompt_layers=[0, 2])
+    mod = _map(prompt_length=4, prompt_layers=[0, 2])
     with torch.no_grad():
         for p in mod.parameters():
             p.normal_()
@@ -80,36 +98,35 @@ def test_map_selection_by_index_equals_per_sample_loop():
     names = ["complete_prompt", "missing_text_prompt", "missing_img_prompt"]
     for j, layer in enumerate([0, 2]):
         loop = torch.stack([getattr(mod, names[int(t)])[j] for t in mt])
-        assert torch.equal(mod.select(layer, mt), loop)
+        assert torch.equal(mod.select(STREAM, layer, mt), loop)
 
 
 def test_map_input_mode_prepends_and_pools_text_cls():
     model = _noisy(_build(prompt_method="map", prompt_length=4, prompt_layers=[0, 2]))
     batch = _batch()
     with torch.no_grad():
-        out = model.backbone.forward_features(batch["text_ids"], batch["text_masks"], batch["image"],
-                                              batch["image_sizes"], model.prompt, batch["missing_type"])
+        out = _prompted_features(model, batch)
         res = model(batch)
     assert out.layout.names == ["map.2", "map.0", "text", "image"]
     assert out.layout.offset("text") == 8 and out.hidden.shape[1] == 8 + 10 + 17
     assert out.mask[:, :8].all()
-    torch.testing.assert_close(res["pooled"], model.backbone.pool(out.hidden, 8))
+    torch.testing.assert_close(res["pooled"], model.backbone.pooler(out.hidden[:, 8]))
     assert res["logits"].shape == (4, 23)
 
 
 def test_map_attention_mode_keeps_length():
     model = _noisy(_build(prompt_method="map", prompt_type="attention", prompt_length=4, prompt_layers=[1]))
     batch = _batch()
+    ctx = PromptContext(batch["missing_type"])
     with torch.no_grad():
-        out = model.backbone.forward_features(batch["text_ids"], batch["text_masks"], batch["image"],
-                                              batch["image_sizes"], model.prompt, batch["missing_type"])
-        k, v = model.prompt.attention_prompts(1, out.hidden, batch["missing_type"])
+        out = _prompted_features(model, batch)
+        k, v = model.prompt.attention_prompts(STREAM, 1, out.hidden, ctx)
         plain = model.backbone.forward_features(batch["text_ids"], batch["text_masks"], batch["image"],
                                                 batch["image_sizes"])
     assert out.layout.names == ["text", "image"] and out.hidden.shape == plain.hidden.shape
-    assert k.shape == v.shape == (4, 2, 32) and model.prompt.attention_prompts(0, out.hidden, batch["missing_type"]) is None
+    assert k.shape == v.shape == (4, 2, 32) and model.prompt.attention_prompts(STREAM, 0, out.hidden, ctx) is None
     assert not torch.allclose(out.hidden, plain.hidden)  # prompts act
-    assert model.prompt.pooled_position(out.layout) == 0
+    assert out.layout.offset("text") == 0   # the pooled text [CLS] stays in front
 
 
 def test_map_missing_type_changes_output_per_sample_only():
@@ -140,10 +157,11 @@ def test_prompt_memory_matches_unsorted_reference_formula():
 
 
 def test_shared_prompts_gather_equals_per_sample_loop():
-    mod = MemPrompt(INFO, MemPromptOptions(gen_prompt_length=2, shared_prompt_length=3, gen_prompt_layers=(0, 1),
-                                           shared_prompt_layers=(1, 2), mem_size=4, top_k=2, bottleneck_dim=5))
+    mod = MemPrompt(MemPromptConfig(gen_prompt_length=2, shared_prompt_length=3, gen_prompt_layers=(0, 1),
+                                    shared_prompt_layers=(1, 2), mem_size=4, top_k=2, bottleneck_dim=5), INFO)
     mt = torch.tensor([1, 0, 2, 2, 0])
-    st, sv = mod.shared_prompts(2, mt)  # layer 2 = position 1 in the shared list (D-28)
+    # layer 2 = position 1 in the shared list (D-28)
+    st, sv = mod.shared_prompt(TEXT, 2, mt), mod.shared_prompt(IMAGE, 2, mt)
     t, v = mod.shared_missing_t[1], mod.shared_missing_v[1]
     for i, m in enumerate(mt.tolist()):
         s = t + v if m == 0 else (t if m == 1 else v)
@@ -156,25 +174,25 @@ def test_memprompt_layout_and_pooling():
                    gen_prompt_layers=[0, 1], shared_prompt_layers=[0, 1], mem_size=4, top_k=2, bottleneck_dim=4)
     batch = _batch()
     with torch.no_grad():
-        out = model.backbone.forward_features(batch["text_ids"], batch["text_masks"], batch["image"],
-                                              batch["image_sizes"], model.prompt, batch["missing_type"])
+        out = _prompted_features(model, batch)
         res = model(batch)
     assert out.layout.names == ["mem.shared_t.1", "mem.gen_t.1", "mem.shared_t.0", "mem.gen_t.0", "text",
                                 "mem.shared_v.1", "mem.gen_v.1", "mem.shared_v.0", "mem.gen_v.0", "image"]
     assert out.layout.offset("text") == 10 and out.layout.offset("image") == 10 + 10 + 10
-    torch.testing.assert_close(res["pooled"], model.backbone.pool(out.hidden, 10))
+    torch.testing.assert_close(res["pooled"], model.backbone.pooler(out.hidden[:, 10]))
     pm = out.mask
     assert pm[:, :10].all() and pm[:, 20:30].all() and not pm[:, 17:20].any()
 
 
 def test_memprompt_default_sizes_give_192_prompt_tokens_per_side():
-    mod = MemPrompt(BackboneInfo(32, 12, 4))  # default lengths 16, layers 0..5
+    stream = StreamInfo("joint", width=32, num_layers=12, num_heads=4, modalities=(TEXT, IMAGE))
+    mod = MemPrompt(MemPromptConfig(), BackboneInfo((stream,)))  # default lengths 16, layers 0..5
     x, mask = torch.randn(2, 9, 32), torch.ones(2, 9, dtype=torch.bool)
     lay = TokenLayout([("text", 4), ("image", 5)])
-    mt = torch.tensor([0, 2])
+    ctx = PromptContext(torch.tensor([0, 2]))
     with torch.no_grad():
         for i in range(12):
-            x, mask, lay = mod.before_block(i, x, mask, lay, mt)
+            x, mask, lay = mod.before_block(stream, i, x, mask, lay, ctx)
     assert lay.offset("text") == 192 and lay.offset("image") - lay.end("text") == 192 and x.shape[1] == 9 + 384
 
 
@@ -209,7 +227,6 @@ def test_memprompt_mask_padding_makes_predictions_batch_invariant(mask_padding):
     (dict(prompt_method="map", prompt_layers=[1, 1]), "duplicate"),
     (dict(prompt_method="memprompt", gen_prompt_layers=[0, 5]), "out of range"),
     (dict(prompt_method="memprompt", top_k=0), "top_k"),
-    (dict(prompt_method="memprompt", prompt_type="attention"), "prompt_type"),
     (dict(dataset="cifar"), "dataset"),
 ])
 def test_bad_config_raises_value_error(over, match):
@@ -217,15 +234,24 @@ def test_bad_config_raises_value_error(over, match):
         _build(**over)
 
 
-def test_build_prompt_method_registry():
-    assert type(build_prompt_method({"prompt_method": "map", "prompt_layers": [0]}, INFO)).__name__ == \
+def test_memprompt_refuses_map_prompt_type():
+    """prompt_type is a MAP key: MemPrompt does not read it, and config validation refuses it for memprompt."""
+    assert "prompt_type" not in MemPromptConfig.keys() and "prompt_type" in MapConfig.keys()
+    config = {**TINY, "prompt_method": "memprompt", "method_sizes": "tiny"}
+    validate_config(config, check_data=False)
+    with pytest.raises(UserInputError, match="prompt_type='attention' is read only by map"):
+        validate_config({**config, "prompt_type": "attention"}, check_data=False)
+
+
+def test_build_method_registry():
+    assert type(build_method({"prompt_method": "map", "prompt_layers": [0]}, INFO)).__name__ == \
         "MissingAwarePrompts"
-    assert build_prompt_method({}, INFO).name == "none"
+    assert build_method({}, INFO).name == "none"
 
 
 @pytest.mark.parametrize("method, expected", [("map", 2_031_383), ("memprompt", 5_358_935), ("none", 1_810_199)])
 def test_trainable_counts_mmimdb_default_sizes(method, expected):
-    """METHODS.md §3.4 / §4.1 counts, built on the meta device (no memory, no init cost)."""
+    """docs/methods.md §3.4 / §4.1 counts, built on the meta device (no memory, no init cost)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""ViLT backbone (METHODS.md §2): visual embedding, masking, prompt attention, freezing modes."""
+"""ViLT backbone (docs/methods.md §2): visual embedding, masking, prompt attention, freezing modes."""
 from __future__ import annotations
 
 import warnings
@@ -6,7 +6,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from mdpl.backbones.vilt import ViLTBackbone, _attention_with_prompts
+from mdpl.backbones.attention import prefixed_attention
+from mdpl.backbones.vilt import ViLTBackbone
 from mdpl.models import build_classifier
 
 TINY = dict(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4, patch_size=8,
@@ -123,10 +124,15 @@ def test_prompt_attention_matches_masked_softmax_and_plain_block():
     kp, vp = torch.randn(3, 4, 32), torch.randn(3, 4, 32)
     with torch.no_grad():
         h = blk.norm1(x)
-        torch.testing.assert_close(_attention_with_prompts(blk.attn, h, mask, kp, vp),
-                                   _manual_attention(blk.attn, h, mask, kp, vp), atol=1e-5, rtol=0)
+        q, k, v = blk.attn.qkv(h).chunk(3, dim=-1)
+        ours = blk.attn.proj(prefixed_attention(q, k, v, blk.attn.num_heads, mask[:, None, None, :], (kp, vp)))
+        torch.testing.assert_close(ours, _manual_attention(blk.attn, h, mask, kp, vp), atol=1e-5, rtol=0)
         empty = torch.zeros(3, 0, 32)
-        torch.testing.assert_close(m.run_block(0, x, mask, (empty, empty)), m.run_block(0, x, mask),
+        vit = m.transformer
+        torch.testing.assert_close(vit.run_block(0, x, mask, (empty, empty)), vit.run_block(0, x, mask),
+                                   atol=1e-5, rtol=0)
+        # the shared block runner equals timm's own Block with the same key-padding mask
+        torch.testing.assert_close(vit.run_block(0, x, mask), blk(x, attn_mask=mask[:, None, None, :]),
                                    atol=1e-5, rtol=0)
 
 

@@ -145,7 +145,7 @@ def test_hf_vilt_model_weights_give_same_outputs():
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=masks, pixel_values=img, pixel_mask=pixel_mask)
         out = ours.forward_features(ids, masks, img)
-        pooled = ours.pool(out.hidden, 0)
+        pooled = ours.pooler(out.hidden[:, 0])
     torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.hidden[:, :13], ref.last_hidden_state[:, :13], atol=1e-5, rtol=0)
     for b, n in enumerate((16, 6)):  # valid image tokens: same multiset -> same sum

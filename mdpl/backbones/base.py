@@ -22,13 +22,16 @@ Batch = Mapping[str, object]
 class Backbone(nn.Module):
     """Base class; subclasses implement every method below."""
 
+    described_as = "the backbone"
+    """How error messages name it, with its depth keys (e.g. "the ViLT backbone (num_layers)")."""
+
     def encoders(self) -> dict[str, StreamEncoder]:
         """Stream name -> encoder, in the order the classifier encodes them."""
         raise NotImplementedError
 
     @property
     def info(self) -> BackboneInfo:
-        return BackboneInfo(tuple(encoder.info for encoder in self.encoders().values()))
+        return BackboneInfo(tuple(encoder.info for encoder in self.encoders().values()), what=self.described_as)
 
     def embed(self, stream: str, batch: Batch,
               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:

@@ -207,6 +207,8 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 class ClipBackbone(Backbone):
     """The two CLIP towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
 
+    described_as = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
+
     def __init__(self, sizes: ClipSizes) -> None:
         super().__init__()
         oc = _build_open_clip(sizes)

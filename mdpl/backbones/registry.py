@@ -47,14 +47,15 @@ def _load_builtins() -> None:
 
 
 def available_backbones() -> list[str]:
+    """Registered backbone names in registration order (vilt, clip first)."""
     _load_builtins()
-    return sorted(_REGISTRY)
+    return list(_REGISTRY)
 
 
 def backbone_entry(name: str) -> BackboneEntry:
     _load_builtins()
     if name not in _REGISTRY:
-        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+        raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(available_backbones())}")
     return _REGISTRY[name]
 
 

@@ -181,6 +181,8 @@ class ViLTSizes:
 class ViLTBackbone(Backbone):
     """ViLT: BERT text embeddings + ViT-B/32 joint encoder + pooler (§2)."""
 
+    described_as = "the ViLT backbone (num_layers)"
+
     def __init__(self, *, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4, patch_size: int = 32, image_size: int = 384,
                  max_text_len: int = 40, drop_rate: float = 0.1, max_image_len: int = -1):

@@ -271,11 +271,11 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
 
     An mdpl checkpoint is loaded strictly after checking that its config agrees with the module's on the
     model-defining keys (`MODEL_KEYS`). Any other file must be a trained checkpoint of the selected method
-    that `mdpl.models.classifier.load_trained_weights` reads completely (the original MAP / MemPrompt code's,
+    that `mdpl.models.checkpoints.load_trained_weights` reads completely (the original MAP / MemPrompt code's,
     through the key converter). Raises UserInputError (one line) naming the mismatched or offending keys.
     """
     if not is_mdpl_checkpoint(checkpoint):
-        from mdpl.models.classifier import load_trained_weights
+        from mdpl.models.checkpoints import load_trained_weights
         load_trained_weights(module.model, checkpoint, module.config)
         return "reference"
     from mdpl.prompts.keys import complete_method_keys
@@ -283,13 +283,15 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
     mismatches = config_mismatches(ckpt_config, complete_method_keys(module.config))
     if mismatches:
         raise UserInputError("checkpoint does not match the config: " + "; ".join(mismatches))
-    own, given = set(module.state_dict()), set(checkpoint["state_dict"])
+    from mdpl.models.checkpoints import upgrade_state
+    state = upgrade_state(checkpoint["state_dict"], str(module.config["prompt_method"]), prefix="model.")
+    own, given = set(module.state_dict()), set(state)
     missing, unexpected = sorted(own - given), sorted(given - own)
     if missing or unexpected:  # e.g. DCP dynamic queries (prompts_dynamic_*) stripped from the file (D-34)
         raise UserInputError(f"checkpoint state_dict lacks {len(missing)} keys {missing[:6]} and has "
                              f"{len(unexpected)} unexpected keys {unexpected[:6]}; it was not written by this "
                              f"model's mdpl version")
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.load_state_dict(state, strict=True)
     return "mdpl"
 
 

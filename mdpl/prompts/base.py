@@ -58,6 +58,7 @@ class BackboneInfo:
     """The streams of a backbone, in the order the classifier encodes them."""
 
     streams: tuple[StreamInfo, ...]
+    what: str = "the backbone"        # how error messages name it, e.g. "the ViLT backbone (num_layers)"
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +125,10 @@ class PromptMethod(nn.Module):
     name: ClassVar[str] = "base"
     preset: ClassVar[str | None] = None
     """The named config of config.py selecting this method (None: set ``prompt_method=<name>``)."""
+    title: ClassVar[str] = ""
+    """Display name in tables and plots (default: the registered name)."""
+    paper_backbone: ClassVar[str] = "vilt"
+    """The backbone the method's paper used (the benchmark's default pairing)."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
@@ -177,25 +182,26 @@ class PromptMethod(nn.Module):
         return {}
 
 
-def check_layers(key: str, layers: Any, num_layers: int, allow_empty: bool = False) -> list[int]:
+def check_layers(key: str, layers: Any, info: BackboneInfo, allow_empty: bool = False) -> list[int]:
     """Validate a prompt-layer list: unique ints in [0, num_layers), non-empty unless allowed (D-19, D-28)."""
     if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
-        raise UserInputError(f"{key} must be a list of block indices, got {layers!r}")
+        raise UserInputError(f"{key} must be a list of layer indices, got {layers!r}")
     out = list(layers)
     if not out and not allow_empty:
         raise UserInputError(f"{key} must not be empty")
     if any(not isinstance(i, int) or isinstance(i, bool) for i in out):
-        raise UserInputError(f"{key} must contain ints, got {out!r}")
-    if len(set(out)) != len(out):
-        raise UserInputError(f"{key} has duplicate entries: {out!r}")
-    bad = [i for i in out if not 0 <= i < num_layers]
+        raise UserInputError(f"{key} must be a list of layer indices, got {out!r}")
+    n = info.num_layers
+    bad = [i for i in out if not 0 <= i < n]
     if bad:
-        raise UserInputError(f"{key} entries {bad} out of range: the backbone has blocks 0..{num_layers - 1}")
+        raise UserInputError(f"{key}={out} has layers {bad} outside 0..{n - 1} ({info.what} has {n} layers)")
+    if len(set(out)) != len(out):
+        raise UserInputError(f"{key}={out} names a layer twice; list each prompted layer once")
     return out
 
 
 def check_positive(key: str, value: Any) -> int:
     """Validate a positive integer option."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserInputError(f"{key} must be a positive int, got {value!r}")
+        raise UserInputError(f"{key} must be a positive integer, got {value!r}")
     return value

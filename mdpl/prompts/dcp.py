@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptContext, PromptMethod, StreamInfo
+from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptContext, PromptMethod, StreamInfo, check_positive
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout, splice_tokens
 from mdpl.prompts.registry import register_method
 
@@ -62,8 +62,8 @@ class DCPConfig(MethodConfig):
     def check(self, info: BackboneInfo) -> None:
         depth = self.prompt_depth
         if not (isinstance(depth, int) and 0 <= depth <= info.num_layers):
-            raise UserInputError(f"prompt_depth={depth!r} must be an integer in 0..{info.num_layers} (it exceeds or "
-                                 f"undercuts the {info.num_layers} blocks of the backbone)")
+            raise UserInputError(f"prompt_depth={depth!r} must be an integer in 0..{info.num_layers} ({info.what} has "
+                                 f"{info.num_layers} layers)")
         DCPLayout.from_config(self)
 
 
@@ -88,9 +88,11 @@ class DCPLayout:
         if self.depth == 0 and (self.dynamic or self.common):
             raise UserInputError("prompt_depth=0 inserts no prompts, so dcp_dynamic and dcp_common cannot be on; also "
                                  "set dcp_dynamic=False dcp_common=False (or choose prompt_depth >= 1)")
-        if self.depth > 0 and (self.prompt_length <= 0 or self.prompt_length % 3):
-            raise UserInputError(f"prompt_length={self.prompt_length} must be a positive multiple of 3 for dcp: a "
-                                 "third each for the layer, modal-common and dynamic prompts (e.g. prompt_length=36)")
+        if self.depth > 0:
+            check_positive("prompt_length", self.prompt_length)
+        if self.depth > 0 and self.prompt_length % 3:
+            raise UserInputError(f"prompt_length={self.prompt_length} must be a multiple of 3 for dcp: a third each "
+                                 "for the layer, modal-common and dynamic prompts (e.g. prompt_length=36)")
 
     @property
     def n(self) -> int:
@@ -235,6 +237,8 @@ PerTypePrompts = dict[str, list[torch.Tensor]]
 class DeepCorrelatedPrompts(PromptMethod):
     """DCP (§6): correlated, dynamic and modal-common prompts on every stream."""
 
+    title = "DCP"
+    paper_backbone = "clip"
     preset = "dcp"
     config_class = DCPConfig
     drops_missing_streams = True

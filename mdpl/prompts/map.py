@@ -55,7 +55,7 @@ class MapConfig(MethodConfig):
         if not self.prompt_layers:
             raise UserInputError("prompt_layers=[] prompts no layer; give the layers MAP prompts (e.g. "
                                  "prompt_layers=[0,1,2,3,4,5])")
-        check_layers("prompt_layers", self.prompt_layers, info.num_layers)
+        check_layers("prompt_layers", self.prompt_layers, info)
         if self.prompt_type == "attention" and self.learnt_p and self.prompt_length % 2:
             raise UserInputError(f"prompt_length={self.prompt_length} must be even with prompt_type=attention: "
                                  "learnt attention prompts are split into key and value halves (e.g. "
@@ -80,6 +80,7 @@ def map_initial_prompts(num_slices: int, length: int, dim: int, prompt_type: str
 class MissingAwarePrompts(PromptMethod):
     """MAP prompts (§3) on every stream of the backbone."""
 
+    title = "MAP"
     preset = "map"
     config_class = MapConfig
 

@@ -121,8 +121,8 @@ class MemPromptConfig(MethodConfig):
     def check(self, info: BackboneInfo) -> None:
         for key in ("gen_prompt_length", "shared_prompt_length", "mem_size", "top_k", "bottleneck_dim"):
             check_positive(key, getattr(self, key))
-        check_layers("gen_prompt_layers", self.gen_prompt_layers, info.num_layers, True)
-        check_layers("shared_prompt_layers", self.shared_prompt_layers, info.num_layers, True)
+        check_layers("gen_prompt_layers", self.gen_prompt_layers, info, True)
+        check_layers("shared_prompt_layers", self.shared_prompt_layers, info, True)
         if not self.gen_prompt_layers and not self.shared_prompt_layers:
             raise UserInputError("gen_prompt_layers and shared_prompt_layers are both empty: MemPrompt would prompt "
                                  "no layer; give at least one of them layers (e.g. gen_prompt_layers=[0,1,2,3,4,5])")
@@ -135,6 +135,7 @@ class MemPromptConfig(MethodConfig):
 class MemPrompt(PromptMethod):
     """MemPrompt (§4) on every stream of the backbone."""
 
+    title = "MemPrompt"
     preset = "memprompt"
     config_class = MemPromptConfig
 

@@ -10,4 +10,5 @@ from mdpl.prompts.registry import register_method
 class NoPrompt(PromptMethod):
     """Inserts nothing in any stream."""
 
+    title = "baseline (no prompt)"
     preset = "baseline"

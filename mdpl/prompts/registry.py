@@ -54,30 +54,37 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
+def _order(name: str) -> tuple[int, int]:
+    """Built-ins in the order of `_BUILTIN_MODULES`, then the others in registration order."""
+    module = _REGISTRY[name].__module__
+    builtin = _BUILTIN_MODULES.index(module) if module in _BUILTIN_MODULES else len(_BUILTIN_MODULES)
+    return builtin, list(_REGISTRY).index(name)
+
+
 def available_methods() -> list[str]:
-    """Names of the registered methods."""
+    """Names of the registered methods (built-ins first: none, map, memprompt, dcp)."""
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY, key=_order)
 
 
 def method_class(name: str) -> type[PromptMethod]:
     """The class registered as `name`; UserInputError naming the choices otherwise."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise UserInputError(f"unknown prompt_method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+        raise UserInputError(f"unknown prompt_method {name!r}; registered methods: {', '.join(available_methods())}")
     return _REGISTRY[name]
 
 
 def method_keys() -> dict[str, dict[str, Any]]:
     """Method name -> {config key: paper default} of every registered method."""
     _load_builtins()
-    return {name: cls.config_class.keys() for name, cls in sorted(_REGISTRY.items())}
+    return {name: _REGISTRY[name].config_class.keys() for name in available_methods()}
 
 
 def tiny_method_keys() -> dict[str, dict[str, Any]]:
     """Method name -> the small values of ``method_sizes='tiny'``."""
     _load_builtins()
-    return {name: dict(cls.config_class.TINY) for name, cls in sorted(_REGISTRY.items())}
+    return {name: dict(_REGISTRY[name].config_class.TINY) for name in available_methods()}
 
 
 def build_method(config: Mapping[str, Any], info: BackboneInfo) -> PromptMethod:
