@@ -17,13 +17,10 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import method_default, method_presets
+from mdpl.prompts.keys import method_default, method_presets, paper_backbone, paper_run
 
 ex = Experiment("mdpl", save_git_info=False)
 
-MISSING_TYPES = ("text", "image", "both")
-PAPER_RUN = {"none": (1e-2, 0), "map": (1e-2, 0), "memprompt": (5e-3, 42), "dcp": (1e-2, 0)}
-"""prompt_method -> (learning_rate, seed) its paper used (baseline: as MAP). MemPrompt used 1e-3 on Hateful Memes."""
 NAMED_CONFIG_KINDS = {
     "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
     "method preset": tuple(method_presets().values()),
@@ -66,8 +63,8 @@ def base_config():
     exp_name = "mdpl"
     prompt_method = ""            # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' (or the preset of that name)
     method_sizes = "paper"        # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
-    backbone = "clip" if prompt_method == "dcp" else "vilt"   # the method's paper backbone; on_clip / on_vilt switch it
-    seed = PAPER_RUN.get(prompt_method, (0, 0))[1]  # seeds Lightning, the model init and every missing table
+    backbone = paper_backbone(prompt_method)   # the method's paper backbone; on_clip / on_vilt switch it
+    seed = paper_run(prompt_method, (0, 0))[1]  # seeds Lightning, the model init and every missing table
     log_dir = "result"            # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
 
     # --- data -----------------------------------------------------------------------------------
@@ -88,7 +85,7 @@ def base_config():
     vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
     mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only
 
-    # --- missing modalities (METHODS.md §1.4) -------------------------------------------------------
+    # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
     missing_type = {"train": "both", "val": "both", "test": "both"}   # 'text' | 'image' | 'both'
     both_ratio = 0.5              # for 'both': share of the missing rows that miss the image
@@ -107,11 +104,10 @@ def base_config():
     mlp_ratio = 4
     patch_size = 32
     drop_rate = 0.1
-    # CLIP (METHODS.md §5); tower sizes default to OpenAI ViT-B/16, only tests change them
+    # CLIP (docs/methods.md §5); tower sizes default to OpenAI ViT-B/16, only tests change them
     clip_path = ""                # local ViT-B-16.pt (TorchScript archive) or OpenAI-layout state dict; "" = random init
     clip_sha256 = ""              # optional SHA-256 check of clip_path
     clip_embed_dim = 512
-    clip_image_size = 224
     clip_patch_size = 16
     clip_vision_width = 768
     clip_vision_layers = 12
@@ -159,10 +155,9 @@ def base_config():
     # a file with the dynamic queries of a reference DCP run (its checkpoints lack them): needed to evaluate one
     dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
 
-    # --- optimisation (METHODS.md §7.3-7.4) -------------------------------------------------------
-    optim_type = "adamw"
+    # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
-    learning_rate = PAPER_RUN.get(prompt_method, (1e-4, 0))[0]   # the method's paper value (PAPER_RUN)
+    learning_rate = paper_run(prompt_method, (1e-4, 0))[0]   # the method's paper value (its class's paper_run)
     weight_decay = 0.01
     lr_mult = 1
     decay_power = 1               # polynomial power, or 'cosine'
@@ -245,7 +240,7 @@ def task_finetune_hatememes():
 
 
 # --- method presets: `map` is short for prompt_method=map, and so on. The method's own keys, its learning
-# rate and seed (PAPER_RUN) and its paper's backbone follow from prompt_method in base_config, so a preset
+# rate and seed (each method's paper_run) and its paper's backbone follow from prompt_method in base_config, so a preset
 # sets nothing else and composes with a task config in either order.
 
 
@@ -307,7 +302,6 @@ def tiny():
     max_text_len = 24
     method_sizes = "tiny"         # the selected method's keys take small values (the TINY values of its config class)
     clip_embed_dim = 32
-    clip_image_size = 64
     clip_vision_width = 64
     clip_vision_layers = 2
     clip_vision_head_width = 32

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a raw dataset folder into the Arrow files used for training (METHODS.md §1.1-1.2, DATA.md).
+"""Convert a raw dataset folder into the Arrow files used for training (docs/methods.md §1.1-1.2, DATA.md).
 
 Example:
     python make_arrow.py --dataset mmimdb --root /data/raw/mmimdb --out /data/arrow/mmimdb

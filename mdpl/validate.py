@@ -1,4 +1,4 @@
-"""Config validation before any work starts (METHODS.md §7, §9): one clear line per mistake.
+"""Config validation before any work starts (docs/methods.md §7, §9): one clear line per mistake.
 
 `validate_config(config)` raises UserInputError (a ValueError, mdpl.errors) naming the key, the bad value and what to do, for:
 no prompt_method (there is no default: name a preset or set it), unknown dataset / backbone / prompt_method (or a
@@ -225,7 +225,7 @@ def method_bool_keys() -> list[str]:
     from mdpl.prompts.registry import method_keys
     return sorted({k for keys in method_keys().values() for k, v in keys.items() if isinstance(v, bool)})
 VILT_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "patch_size", "image_size", "vocab_size")
-CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
                   "clip_vision_head_width", "clip_context_length", "clip_vocab_size", "clip_text_width",
                   "clip_text_heads", "clip_text_layers")
 OPTIMIZER_IMPLS = ("legacy_hf", "torch")
@@ -273,16 +273,12 @@ def check_model_sizes(config: Mapping) -> None:
     if config.get("backbone", "vilt") == "clip":
         for key in CLIP_SIZE_KEYS:
             _check_int(config, key, 1)
-        size, clip_size = config.get("image_size"), config.get("clip_image_size")
         _check_int(config, "image_size", 1)
-        if size is not None and clip_size is not None and size != clip_size:
-            _fail(f"image_size={size} (the CLIP transform) differs from clip_image_size={clip_size} (the CLIP "
-                  "vision tower's positions); set both to the same value (224 for ViT-B/16)")
-        for key, divisor in (("clip_image_size", "clip_patch_size"), ("clip_vision_width", "clip_vision_head_width"),
+        for key, divisor in (("image_size", "clip_patch_size"), ("clip_vision_width", "clip_vision_head_width"),
                              ("clip_text_width", "clip_text_heads")):
             if config.get(key) is not None and config.get(divisor) is not None and config[key] % config[divisor]:
                 _fail(f"{key}={config[key]} is not a multiple of {divisor}={config[divisor]}; choose sizes that "
-                      f"divide (ViT-B/16: clip_image_size=224 clip_patch_size=16, clip_vision_width=768 "
+                      f"divide (ViT-B/16: image_size=224 clip_patch_size=16, clip_vision_width=768 "
                       f"clip_vision_head_width=64, clip_text_width=512 clip_text_heads=8)")
         for key, fixed, what in (("clip_context_length", CLIP_CONTEXT_LENGTH, "text positions"),
                                  ("clip_vocab_size", CLIP_VOCAB_SIZE, "token ids")):
@@ -353,8 +349,6 @@ def check_optimisation(config: Mapping) -> None:
     """Optimizer and learning-rate schedule keys (training only; learning_rate itself: `check_batch`)."""
     if config.get("test_only"):
         return
-    if config.get("optim_type", "adamw") != "adamw":
-        _fail(f"optim_type={config['optim_type']!r} is not supported; use optim_type=adamw")
     if config.get("optimizer_impl", "legacy_hf") not in OPTIMIZER_IMPLS:
         _fail(f"optimizer_impl={config['optimizer_impl']!r} is not supported; use {' or '.join(OPTIMIZER_IMPLS)}")
     _check_number(config, "weight_decay", 0.0, hint=" (e.g. weight_decay=0.01)")

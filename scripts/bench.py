@@ -168,7 +168,7 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
     dataset = cfg["dataset"]
     fill = TEXT_FILL[size_key][dataset]
     if cfg["backbone"] == "clip":
-        side = int(cfg["clip_image_size"])
+        side = int(cfg["image_size"])
         sizes = torch.full((batch_size, 2), side, dtype=torch.long)
         image = torch.randn(batch_size, 3, side, side, generator=gen)
         ids, masks = _text(batch_size, int(cfg["clip_context_length"]), fill, (1, CLIP_SOT), CLIP_SOT, CLIP_EOT, gen)
@@ -517,7 +517,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny widths/layers, short texts (CPU, < 2 min)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of none,map,memprompt,dcp")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma list of mmimdb,food101,hatememes")
     p.add_argument("--precisions", default=None,
                    help="comma list of fp32,bf16-mixed,fp16-mixed (default: all on CUDA, fp32,bf16-mixed on CPU)")

@@ -54,7 +54,7 @@ PAPER_CSV = Path(__file__).resolve().with_name("paper_results.csv")
 DATASETS = ("mmimdb", "food101", "hatememes")
 TYPES = ("text", "image", "both")
 METRIC = {"mmimdb": "F1_Macro", "food101": "accuracy", "hatememes": "AUROC"}
-"""Primary metric per dataset: the results.csv column (METHODS.md §8)."""
+"""Primary metric per dataset: the results.csv column (docs/methods.md §8)."""
 METRIC_LABEL = {"mmimdb": "F1-Macro", "food101": "accuracy", "hatememes": "AUROC"}
 PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
 PAPER_BACKBONE = {"none": "vilt", "map": "vilt", "memprompt": "vilt", "dcp": "clip"}

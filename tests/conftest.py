@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: tiny Arrow splits (METHODS.md §1.2 schemas, real JPEG/PNG bytes), a tiny BERT
+"""Shared pytest fixtures: tiny Arrow splits (docs/methods.md §1.2 schemas, real JPEG/PNG bytes), a tiny BERT
 WordPiece vocabulary and a base config dict. Generic on purpose: every test file may use them.
 
 * ``bert_vocab_dir`` -> folder with vocab.txt ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then words).

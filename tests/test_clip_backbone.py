@@ -10,7 +10,7 @@ from torch import nn
 from mdpl.backbones.clip import ClipBackbone, ClipSizes, _build_open_clip, build_clip_backbone
 from mdpl.backbones.clip_weights import OPENAI_EXTRA_KEYS, read_openai_checkpoint, sha256_of
 
-TINY = dict(clip_embed_dim=32, clip_image_size=32, clip_patch_size=16, clip_vision_width=48, clip_vision_layers=2,
+TINY = dict(clip_embed_dim=32, image_size=32, clip_patch_size=16, clip_vision_width=48, clip_vision_layers=2,
             clip_vision_head_width=24, clip_vocab_size=1000, clip_text_width=32, clip_text_heads=2, clip_text_layers=2)
 
 

@@ -95,11 +95,11 @@ def pretrained_clip(data) -> Path:
 def test_backbone_switches_compose_with_presets_and_tiny() -> None:
     from mdpl.models import build_classifier
     full = resolve("task_finetune_food101", "map", "on_clip")
-    assert (full["backbone"], full["prompt_method"], full["image_size"], full["clip_image_size"]) == ("clip", "map", 224, 224)
+    assert (full["backbone"], full["prompt_method"], full["image_size"], full.get("clip_image_size")) == ("clip", "map", 224, None)
     full = resolve("task_finetune_food101", "dcp", "on_vilt")
     assert (full["backbone"], full["prompt_method"], full["image_size"], full["prompt_length"]) == ("vilt", "dcp", 384, 36)
     tiny = resolve("task_finetune_food101", "memprompt", "on_clip", "tiny")
-    assert (tiny["backbone"], tiny["image_size"], tiny["clip_image_size"]) == ("clip", 64, 64)
+    assert (tiny["backbone"], tiny["image_size"], tiny.get("clip_image_size")) == ("clip", 64, None)
     tiny = resolve("task_finetune_food101", "dcp", "on_vilt", "tiny")
     assert (tiny["backbone"], tiny["image_size"], tiny["prompt_length"] % 3) == ("vilt", 64, 0)
     # on_clip sets only the backbone (the transform size follows from it), so its place does not matter

@@ -67,7 +67,7 @@ def test_clip_batches(arrow_root, data_config):
 
 
 def _dataset_side_batch(ds: ArrowMultimodalDataset, collator: Collator, types: list[int]) -> dict:
-    """Reference behaviour (METHODS.md §1.4): replace the item's image by ones / its text by '' before collation."""
+    """Reference behaviour (docs/methods.md §1.4): replace the item's image by ones / its text by '' before collation."""
     items = []
     for idx, mtype in enumerate(types):
         item = dict(ds[idx])

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "ref_dcp_tiny.pt")
-TINY = dict(dataset="mmimdb", backbone="clip", prompt_method="dcp", clip_embed_dim=32, clip_image_size=32, clip_patch_size=16, clip_vision_width=48,
+TINY = dict(dataset="mmimdb", backbone="clip", prompt_method="dcp", clip_embed_dim=32, image_size=32, clip_patch_size=16, clip_vision_width=48,
             clip_vision_layers=3, clip_vision_head_width=24, clip_vocab_size=1000, clip_text_width=32,
             clip_text_heads=2, clip_text_layers=3, prompt_length=6, prompt_depth=2)
 N_DATA_V = 1 + (32 // 16) ** 2          # CLS + 4 patches

@@ -1,9 +1,9 @@
 """DCP through the engine and run.py on synthetic data (raw -> make_arrow -> run.run -> checkpoint -> test_only), CPU.
 
 * `task_finetune_<ds> dcp tiny` resolves to a consistent tiny model (prompt_length multiple of 3, transform size =
-  clip_image_size), and so does `task_finetune_<ds> tiny dcp` (the preset sets only prompt_method);
+  image_size), and so does `task_finetune_<ds> tiny dcp` (the preset sets only prompt_method);
 * learning: a randomly initialised, frozen tiny CLIP with DCP's trainable set (prompt learner, attn_prompt,
-  ln_post, visual proj, ln_final, head; METHODS.md §6.6) separates synthetic Hateful Memes (30 % missing) far above
+  ln_post, visual proj, ln_final, head; docs/methods.md §6.6) separates synthetic Hateful Memes (30 % missing) far above
   chance (AUROC 0.5);
 * persistence (D-34): the Lightning checkpoint holds the six dynamic-query buffers; the module rebuilt by run.py's
   test_only path gives the trained module's logits exactly (all three missing types) and the same test metrics;
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_batch(cfg: dict) -> dict:
-    """The whole val split as one batch, after the device-side dummies (METHODS.md §1.4)."""
+    """The whole val split as one batch, after the device-side dummies (docs/methods.md §1.4)."""
     dm = MDPLDataModule(cfg)
     dm.setup("validate")
     batch = next(iter(DataLoader(dm.datasets["val"], batch_size=64, collate_fn=dm.collator)))
@@ -97,7 +97,7 @@ def trained(tmp_path_factory) -> dict:
 def test_dcp_tiny_config_is_consistent_in_either_order(tmp_path) -> None:
     cfg = resolve("task_finetune_food101", "dcp", "tiny")
     assert (cfg["backbone"], cfg["prompt_method"], cfg["prompt_length"] % 3) == ("clip", "dcp", 0)
-    assert cfg["image_size"] == cfg["clip_image_size"] == 64
+    assert cfg["image_size"] == 64 and "clip_image_size" not in cfg   # one image size: transform and tower
     assert resolve("task_finetune_food101", "tiny", "dcp") == cfg
 
 

@@ -1,4 +1,4 @@
-"""Raw -> Arrow writers and the make_arrow.py CLI (METHODS.md §1.1-1.2, defects D-3..D-6)."""
+"""Raw -> Arrow writers and the make_arrow.py CLI (docs/methods.md §1.1-1.2, defects D-3..D-6)."""
 from __future__ import annotations
 
 import importlib.util

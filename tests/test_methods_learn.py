@@ -112,7 +112,7 @@ def make_batch(backbone: str, seed: int = 0) -> dict:
     cfg = config("none", backbone)
     g = torch.Generator().manual_seed(seed)
     b = len(TYPES)
-    side = cfg["clip_image_size"] if backbone == "clip" else cfg["image_size"]
+    side = cfg["image_size"]
     length, start, end = (77, SOT, EOT) if backbone == "clip" else (cfg["max_text_len"], CLS, SEP)
     ids = torch.zeros(b, length, dtype=torch.long)
     ids[:, 1:9] = torch.randint(1000, 2000, (b, 8), generator=g)

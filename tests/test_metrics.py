@@ -1,4 +1,4 @@
-"""Task metrics vs hand-computed values (METHODS.md §8, torchmetrics 0.9.3 semantics)."""
+"""Task metrics vs hand-computed values (docs/methods.md §8, torchmetrics 0.9.3 semantics)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Missing tables, simulation, overrides and device-side dummies (METHODS.md §1.4, D-11..D-15)."""
+"""Missing tables, simulation, overrides and device-side dummies (docs/methods.md §1.4, D-11..D-15)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Parameter groups, legacy AdamW update and LR schedule (METHODS.md §7.3-7.4)."""
+"""Parameter groups, legacy AdamW update and LR schedule (docs/methods.md §7.3-7.4)."""
 from __future__ import annotations
 
 import math

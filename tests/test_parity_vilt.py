@@ -9,7 +9,7 @@ reference weights through `load_reference_finetuned`, and checks (eval mode, flo
 * logits and pooled feature (atol 1e-5), loss (atol 1e-6) with `mdpl.engine.losses.task_loss`;
 * the trainable-parameter set and every gradient (atol 1e-6 + rtol 1e-4);
 * the optimizer's parameter groups and one `optimizer_impl='legacy_hf'` step (atol 1e-6);
-* the pixel-validity rule: dropping ``image_sizes`` gives the same logits (METHODS.md §2.3);
+* the pixel-validity rule: dropping ``image_sizes`` gives the same logits (docs/methods.md §2.3);
 * float64: logits and pooled vs the reference float64 re-run (atol 1e-9).
 
 Tolerances are those documented in the fixture README (fp32 vs fp64 reference gap ≈ 1e-6).

@@ -1,4 +1,4 @@
-"""BERT WordPiece (ViLT) and CLIP BPE tokenizers (METHODS.md §1.6)."""
+"""BERT WordPiece (ViLT) and CLIP BPE tokenizers (docs/methods.md §1.6)."""
 from __future__ import annotations
 
 import pytest

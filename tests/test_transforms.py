@@ -1,4 +1,4 @@
-"""ViLT 'pixelbert' and CLIP image transforms (METHODS.md §1.5)."""
+"""ViLT 'pixelbert' and CLIP image transforms (docs/methods.md §1.5)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""ViLT weight loading (METHODS.md §2.2, D-20, D-22): Lightning ckpt, HF ViltModel layout, fine-tuned ckpts."""
+"""ViLT weight loading (docs/methods.md §2.2, D-20, D-22): Lightning ckpt, HF ViltModel layout, fine-tuned ckpts."""
 from __future__ import annotations
 
 import math

@@ -47,9 +47,10 @@ class ClipSizes:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ClipSizes":
-        """Read ``clip_<field>`` keys (missing keys keep the ViT-B/16 default)."""
-        kwargs = {f.name: int(config[f"clip_{f.name}"]) for f in fields(cls) if f"clip_{f.name}" in config}
-        return cls(**kwargs)
+        """Read ``clip_<field>`` keys, and ``image_size`` (the one image size of a run: the transform's and the
+        vision tower's); missing keys keep the ViT-B/16 default."""
+        keys = {f.name: "image_size" if f.name == "image_size" else f"clip_{f.name}" for f in fields(cls)}
+        return cls(**{name: int(config[key]) for name, key in keys.items() if config.get(key) is not None})
 
 
 def _build_open_clip(sizes: ClipSizes) -> nn.Module:
@@ -273,14 +274,6 @@ class ClipBackbone(Backbone):
         return {backbone_to_openai_key(k): v for k, v in self.state_dict().items()}
 
 
-def check_image_size(config: Mapping[str, Any]) -> None:
-    """The CLIP transform resizes to ``image_size``; the vision tower's positions fit ``clip_image_size``."""
-    if "image_size" in config and "clip_image_size" in config \
-            and int(config["image_size"]) != int(config["clip_image_size"]):
-        raise UserInputError(f"image_size={config['image_size']} (CLIP transform) differs from clip_image_size="
-                             f"{config['clip_image_size']} (CLIP model); set both to the same value (224 for ViT-B/16)")
-
-
 def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
     """ClipBackbone from ``clip_*`` size keys; loads ``clip_path`` (random init + warning if empty)."""
     backbone = ClipBackbone(ClipSizes.from_config(config))
@@ -298,9 +291,8 @@ def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
 
 @register_backbone("clip", weights_key="clip_path")
 def build_clip_for_run(config: Mapping[str, Any]) -> ClipBackbone:
-    """The CLIP backbone of a run: sizes checked against the transform; with ``test_only`` every weight comes from
-    the evaluated checkpoint, so ``clip_path`` is not read."""
-    check_image_size(config)
+    """The CLIP backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
+    ``clip_path`` is not read."""
     if not config.get("test_only", False):
         return build_clip_backbone(config)
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 One stream, ``"joint"`` = ``[text ; image]`` tokens: embed -> ``transformer.forward_blocks`` (the encoder protocol,
 ``mdpl.backbones.encoder``) -> ``transformer.norm`` -> pooler on the text [CLS] -> the MLP head of §2.1.
 
-Module names match the ViLT checkpoint keys of METHODS.md §2.2 (``text_embeddings.*``,
+Module names match the ViLT checkpoint keys of docs/methods.md §2.2 (``text_embeddings.*``,
 ``token_type_embeddings.*``, ``transformer.{cls_token,pos_embed,patch_embed.proj,blocks.i.*,norm}``,
 ``pooler.dense.*``), so that checkpoint loads directly (see `mdpl.backbones.vilt_weights`).
 

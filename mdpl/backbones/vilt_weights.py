@@ -1,4 +1,4 @@
-"""Loading ViLT weights (METHODS.md §2.2, §12) and reference fine-tuned MAP / MemPrompt checkpoints.
+"""Loading ViLT weights (docs/methods.md §2.2, §12) and reference fine-tuned MAP / MemPrompt checkpoints.
 
 Accepted sources for the backbone (`load_vilt_checkpoint`):
 

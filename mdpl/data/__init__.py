@@ -1,1 +1,1 @@
-"""mdpl.data: datasets, arrow writers and missing-modality simulation (METHODS.md §1)."""
+"""mdpl.data: datasets, arrow writers and missing-modality simulation (docs/methods.md §1)."""

@@ -1,4 +1,4 @@
-"""LightningDataModule of mdpl (METHODS.md §1.3-1.7; fixes D-8, D-12, D-14).
+"""LightningDataModule of mdpl (docs/methods.md §1.3-1.7; fixes D-8, D-12, D-14).
 
 * ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test), each with
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
@@ -113,7 +113,7 @@ class MDPLDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------- missing modality
     def dummy_text(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoding of "" as ([1, L] ids, [1, L] masks): the text-missing dummy (METHODS.md §1.4)."""
+        """Encoding of "" as ([1, L] ids, [1, L] masks): the text-missing dummy (docs/methods.md §1.4)."""
         return self._dummy_ids.clone(), self._dummy_masks.clone()
 
     def missing_table(self, split: str, spec: MissingSpec | None = None) -> torch.Tensor:
@@ -162,7 +162,7 @@ class MDPLDataModule(pl.LightningDataModule):
         return None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Device side of METHODS.md §1.4: missing types (override / simulation), then the dummies."""
+        """Device side of docs/methods.md §1.4: missing types (override / simulation), then the dummies."""
         split = self._current_split()
         trainer = getattr(self, "trainer", None)
         epoch = int(getattr(trainer, "current_epoch", 0) or 0)

@@ -1,4 +1,4 @@
-"""Map-style dataset over one memory-mapped Arrow split (METHODS.md §1.2-1.4).
+"""Map-style dataset over one memory-mapped Arrow split (docs/methods.md §1.2-1.4).
 
 Items follow §1.3: Food-101 / Hateful Memes one item per row; MM-IMDb one item per plot by default
 (``mmimdb_items='plot'``, reference parity, D-7) or the first plot of each movie (``'movie'``).
@@ -36,7 +36,7 @@ MMIMDB_ITEMS = ("plot", "movie")
 
 
 def arrow_path(data_root: str | os.PathLike, dataset: str, split: str) -> Path:
-    """``<data_root>/<stem>.arrow`` for a split (METHODS.md §1.2 file names)."""
+    """``<data_root>/<stem>.arrow`` for a split (docs/methods.md §1.2 file names)."""
     return Path(data_root) / f"{dataset_spec(dataset).arrow_stem(split)}.arrow"
 
 
@@ -168,7 +168,7 @@ class ArrowMultimodalDataset(Dataset):
 
     # ------------------------------------------------------------------------------------ building
     def _build_index(self, table: pa.Table, per_text: bool) -> None:
-        """Item -> (row, text) index (METHODS.md §1.3): one item per text, or the first text per row."""
+        """Item -> (row, text) index (docs/methods.md §1.3): one item per text, or the first text per row."""
         col = table.column(self.spec.text_column).combine_chunks()
         lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

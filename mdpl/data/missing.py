@@ -1,6 +1,6 @@
-"""Deterministic missing-modality tables, per-epoch simulation and device-side dummies (METHODS.md §1.4).
+"""Deterministic missing-modality tables, per-epoch simulation and device-side dummies (docs/methods.md §1.4).
 
-Differences from the references (METHODS.md §10.2, D-11..D-15), all deliberate:
+Differences from the references (docs/methods.md §10.2, D-11..D-15), all deliberate:
 
 * Each split's table depends only on ``(seed, dataset, split, type, ratio, both_ratio)``: the rows are
   drawn with a private ``torch.Generator`` seeded from a SHA-256 of those values, so no global RNG is
@@ -46,7 +46,7 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class MissingSpec:
-    """One missing-modality setting (METHODS.md §1.4): ``type`` in text|image|both, ``ratio`` of missing rows."""
+    """One missing-modality setting (docs/methods.md §1.4): ``type`` in text|image|both, ``ratio`` of missing rows."""
 
     type: str
     ratio: float
@@ -84,7 +84,7 @@ def _stable_seed(*parts: object) -> int:
 
 
 def missing_counts(n_rows: int, spec: MissingSpec) -> tuple[int, int]:
-    """``(n_text_missing, n_image_missing)`` of a table of ``n_rows`` rows (METHODS.md §1.4, exact counts)."""
+    """``(n_text_missing, n_image_missing)`` of a table of ``n_rows`` rows (docs/methods.md §1.4, exact counts)."""
     n_missing = round(n_rows * float(spec.ratio))
     if spec.type == "text":
         return n_missing, 0
@@ -95,7 +95,7 @@ def missing_counts(n_rows: int, spec: MissingSpec) -> tuple[int, int]:
 
 
 def make_missing_table(n_rows: int, spec: MissingSpec, dataset: str, split: str) -> torch.Tensor:
-    """Per-row missing types (LongTensor[n_rows], 0/1/2) drawn with a private generator (METHODS.md §1.4).
+    """Per-row missing types (LongTensor[n_rows], 0/1/2) drawn with a private generator (docs/methods.md §1.4).
 
     Depends only on ``(spec.seed, dataset, split, spec.type, spec.ratio, spec.both_ratio)``.
     """
@@ -118,7 +118,7 @@ def missing_table_path(root: str | os.PathLike, stem: str, spec: MissingSpec) ->
 
 
 def reference_table_name(stem: str, missing_type: str, ratio: float) -> str:
-    """File name the reference repos use (METHODS.md §1.4 step 3): ``str(ratio)`` without the dot."""
+    """File name the reference repos use (docs/methods.md §1.4 step 3): ``str(ratio)`` without the dot."""
     return f"{stem}_missing_{missing_type}_{str(ratio).replace('.', '')}.pt"
 
 
@@ -203,7 +203,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def load_or_create_missing_table(root: str | os.PathLike, stem: str, n_rows: int, spec: MissingSpec,
                                  dataset: str, split: str) -> torch.Tensor:
-    """Cached :func:`make_missing_table` (METHODS.md §1.4; D-11..D-13).
+    """Cached :func:`make_missing_table` (docs/methods.md §1.4; D-11..D-13).
 
     Ratio 0 -> all zeros, nothing written. An existing file is used only if its version, n_rows, spec,
     dataset and split match the request and its table matches that metadata (type codes, counts, hash);
@@ -269,7 +269,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def simulated_types(table_types: torch.Tensor, epoch: int, seed: int, item_index: torch.Tensor) -> torch.Tensor:
-    """``simulate_missing`` (METHODS.md §1.4, D-15): complete items get a type uniform in {0, 1, 2}.
+    """``simulate_missing`` (docs/methods.md §1.4, D-15): complete items get a type uniform in {0, 1, 2}.
 
     Stateless hash of ``(seed, epoch, item_index)``: the same item gets the same type within an epoch,
     independently of workers, batch composition, device and every global RNG; redrawn each epoch.
@@ -287,7 +287,7 @@ def simulated_types(table_types: torch.Tensor, epoch: int, seed: int, item_index
 # ---------------------------------------------------------------------------------------------- dummies
 def apply_missing(batch: Mapping, missing_type: torch.Tensor, dummy_text_ids: torch.Tensor,
                   dummy_text_masks: torch.Tensor) -> dict:
-    """Replace missing modalities by the dummies of METHODS.md §1.4 (new dict; inputs not mutated).
+    """Replace missing modalities by the dummies of docs/methods.md §1.4 (new dict; inputs not mutated).
 
     type 2 -> ``image`` := 1.0 inside each sample's valid ``image_sizes`` region (padding stays 0);
     type 1 -> ``text_ids`` / ``text_masks`` := the encoding of "" (``dummy_*``, shape [1, L] or [L]).

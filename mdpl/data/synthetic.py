@@ -1,4 +1,4 @@
-"""Tiny synthetic datasets in the real raw layouts (METHODS.md §1.1), for tests and the demo.
+"""Tiny synthetic datasets in the real raw layouts (docs/methods.md §1.1), for tests and the demo.
 
 Labels depend on both modalities: some classes (genres, the positive class) are signalled only by a
 coloured shape drawn in the image, others only by a keyword in the text; the remaining content (muted

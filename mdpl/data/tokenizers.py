@@ -1,4 +1,4 @@
-"""Text tokenizers of the backbones (METHODS.md §1.6), with a common batched interface.
+"""Text tokenizers of the backbones (docs/methods.md §1.6), with a common batched interface.
 
 ``encode(texts) -> (ids, masks)`` (LongTensor[B, L] each, masks 1 = real token), ``empty()`` (the
 encoding of "" as [1, L] tensors: the text-missing dummy of §1.4), ``max_length`` (= L).
@@ -36,7 +36,7 @@ MIN_TEXT_LEN = 3
 
 
 class BertTextTokenizer:
-    """BERT WordPiece for ViLT (METHODS.md §1.6): ``padding='max_length'``, truncation, lower case."""
+    """BERT WordPiece for ViLT (docs/methods.md §1.6): ``padding='max_length'``, truncation, lower case."""
 
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -53,7 +53,7 @@ class BertTextTokenizer:
 
 
 class ClipTextTokenizer:
-    """OpenAI CLIP BPE via open_clip's bundled vocabulary (METHODS.md §1.6); context 77."""
+    """OpenAI CLIP BPE via open_clip's bundled vocabulary (docs/methods.md §1.6); context 77."""
 
     def __init__(self, context_length: int = CLIP_CONTEXT_LENGTH) -> None:
         from open_clip.tokenizer import SimpleTokenizer  # heavy import, only when CLIP is used

@@ -1,4 +1,4 @@
-"""Image transforms of the backbones (METHODS.md §1.5): ViLT 'pixelbert' and OpenAI CLIP.
+"""Image transforms of the backbones (docs/methods.md §1.5): ViLT 'pixelbert' and OpenAI CLIP.
 
 Both take an RGB PIL image (the dataset decodes and converts to RGB) and return a float32 tensor
 [3, H, W]; no augmentation, identical for train and evaluation (as in the references).
@@ -19,7 +19,7 @@ PIXELBERT_STD = (0.5, 0.5, 0.5)
 
 
 def minmax_size(width: int, height: int, shorter: int, longer: int, multiple: int = 32) -> tuple[int, int]:
-    """Target ``(width, height)`` of the ViLT min-max resize (METHODS.md §1.5 step 2).
+    """Target ``(width, height)`` of the ViLT min-max resize (docs/methods.md §1.5 step 2).
 
     Scale the shorter side to ``shorter``; if the longer side then exceeds ``longer`` scale both down
     so it equals ``longer``; round half up; floor each side to a multiple of ``multiple``.
@@ -61,14 +61,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def pixelbert_transform(image_size: int = 384, multiple: int = 32) -> Callable[[Image.Image], torch.Tensor]:
-    """ViLT 'pixelbert' (METHODS.md §1.5): min-max resize (shorter=image_size, longer<=1333/800*image_size,
+    """ViLT 'pixelbert' (docs/methods.md §1.5): min-max resize (shorter=image_size, longer<=1333/800*image_size,
     sides floored to ``multiple``), to tensor, normalise mean=std=0.5 (range [-1, 1])."""
     return T.Compose([T.Lambda(_to_rgb), MinMaxResize(image_size, multiple=multiple), T.ToTensor(),
                       T.Normalize(PIXELBERT_MEAN, PIXELBERT_STD)])
 
 
 def clip_transform(image_size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
-    """OpenAI CLIP preprocessing (METHODS.md §1.5): shorter side -> image_size (PIL bicubic), centre crop,
+    """OpenAI CLIP preprocessing (docs/methods.md §1.5): shorter side -> image_size (PIL bicubic), centre crop,
     RGB, to tensor, normalise with the OpenAI mean/std."""
     return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
                       T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])

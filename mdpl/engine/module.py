@@ -1,4 +1,4 @@
-"""`MDPLModule`: the LightningModule that trains and evaluates one classifier (METHODS.md §7-§8, §10.5).
+"""`MDPLModule`: the LightningModule that trains and evaluates one classifier (docs/methods.md §7-§8, §10.5).
 
 Logged keys (D-50: test runs log under `test/`, not `val/` as the references did):
 * every training step: `{dataset}/train/loss`;
@@ -25,17 +25,22 @@ from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
 from mdpl.errors import UserInputError
 
 PHASES = ("train", "val", "test")
-# Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them.
+# Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them. The selected
+# method's own keys come from its config class (`structural_keys`).
 MODEL_KEYS = {
     "*": ("dataset", "backbone", "prompt_method"),
     "vilt": ("hidden_size", "num_layers", "num_heads", "patch_size"),
-    "clip": ("clip_embed_dim", "clip_image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+    "clip": ("clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
              "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"),
-    "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
-    "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
-                  "mem_size", "top_k", "bottleneck_dim", "memprompt_mask_padding"),
-    "dcp": ("prompt_length", "prompt_depth", "dcp_correlated", "dcp_dynamic", "dcp_common", "dcp_dynamic_trainable"),
 }
+
+
+def method_model_keys(method: str) -> tuple[str, ...]:
+    """The keys of `method` that change the model it builds (empty for an unknown name)."""
+    from mdpl.prompts.registry import available_methods, method_class
+    if method not in available_methods():
+        return ()
+    return method_class(method).config_class.structural_keys()
 
 
 def to_plain(obj):
@@ -61,7 +66,7 @@ def parameter_report(model: nn.Module) -> str:
 def config_mismatches(ckpt_config: Mapping, config: Mapping, extra_keys: tuple[str, ...] = ()) -> list[str]:
     """Model-defining keys (MODEL_KEYS), then `extra_keys`, whose checkpoint value differs from `config`'s."""
     keys = (MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("backbone", "vilt")), ())
-            + MODEL_KEYS.get(str(config.get("prompt_method")), ()) + tuple(extra_keys))
+            + method_model_keys(str(config.get("prompt_method"))) + tuple(extra_keys))
     return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
             for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
 

@@ -1,4 +1,4 @@
-"""Optimizer: the references' four parameter groups and AdamW (METHODS.md §7.3, defect D-48).
+"""Optimizer: the references' four parameter groups and AdamW (docs/methods.md §7.3, defect D-48).
 
 `optimizer_impl='legacy_hf'` selects `LegacyAdamW`, our implementation of the update rule of
 HuggingFace's removed `transformers.AdamW` (bias correction folded into the step size, eps added to
@@ -21,12 +21,10 @@ NO_DECAY_PATTERNS = (
     "bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
     "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight",
 )
-HEAD_NAMES = ("vqa_classifier", "mmimdb_classifier", "food101_classifier", "hatememes_classifier",
-              "nlvr2_classifier")
 
 
 def param_group_index(name: str, head_names: Iterable[str]) -> int:
-    """0..3 = group 1..4 of METHODS.md §7.3: +1 if no-decay pattern, +2 if head name (substring rules)."""
+    """0..3 = group 1..4 of docs/methods.md §7.3: +1 if no-decay pattern, +2 if head name (substring rules)."""
     no_decay = any(p in name for p in NO_DECAY_PATTERNS)
     head = any(h in name for h in head_names)
     return int(no_decay) + 2 * int(head)
@@ -40,7 +38,7 @@ def build_param_groups(model: nn.Module, config: dict) -> list[dict]:
     """
     lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
     head_lr = lr * float(config.get("lr_mult", 1))
-    heads = tuple(dict.fromkeys((*HEAD_NAMES, f"{config['dataset']}_classifier")))
+    heads = (f"{config['dataset']}_classifier",)
     specs = [("decay", wd, lr), ("no_decay", 0.0, lr), ("head_decay", wd, head_lr), ("head_no_decay", 0.0, head_lr)]
     buckets: list[list[Tensor]] = [[], [], [], []]
     for name, param in model.named_parameters():
@@ -53,7 +51,7 @@ def build_param_groups(model: nn.Module, config: dict) -> list[dict]:
 
 
 class LegacyAdamW(torch.optim.Optimizer):
-    """Legacy HuggingFace AdamW update (METHODS.md §7.3), per parameter with a gradient at step t:
+    """Legacy HuggingFace AdamW update (docs/methods.md §7.3), per parameter with a gradient at step t:
 
     m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
     p <- p - lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);  then  p <- p - lr*wd*p.
@@ -114,8 +112,6 @@ class LegacyAdamW(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
     """AdamW (betas (0.9, 0.98), eps 1e-8) over `build_param_groups`; impl from config optimizer_impl."""
-    if config.get("optim_type", "adamw") != "adamw":
-        raise UserInputError(f"optim_type={config.get('optim_type')!r} is not supported; use 'adamw'")
     groups = build_param_groups(model, config)
     lr = float(config["learning_rate"])
     impl = config.get("optimizer_impl", "legacy_hf")

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: warmup + polynomial (or cosine) decay, stepped per optimizer step (METHODS.md §7.4, D-47).
+"""Learning-rate schedule: warmup + polynomial (or cosine) decay, stepped per optimizer step (docs/methods.md §7.4, D-47).
 
 The multiplier of step s (LambdaLR, so the very first update uses multiplier(0) = 0 when W > 0):
 * s < W: s / W

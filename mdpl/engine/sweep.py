@@ -3,7 +3,7 @@
     python run.py with task_finetune_food101 map load_path=CKPT test_only=True \
         test_types=[text,image,both] test_ratios=[0.1,0.3,0.5,0.7,0.9]
 
-How (METHODS.md §1.4 missing tables and dummies, §8 metrics):
+How (docs/methods.md §1.4 missing tables and dummies, §8 metrics):
 * The DataModule delivers the *complete* test batch (its test split is overridden by a ratio-0 spec, i.e. no
   dummies), so each batch is read and decoded once.
 * For scenario s the batch's missing types are ``missing_table('test', spec_s)[row_index]`` -- the same

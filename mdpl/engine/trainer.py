@@ -1,4 +1,4 @@
-"""`build_trainer(config, run_dir)`: the Lightning Trainer of a run (METHODS.md §7.4, defects D-47, D-49, D-55).
+"""`build_trainer(config, run_dir)`: the Lightning Trainer of a run (docs/methods.md §7.4, defects D-47, D-49, D-55).
 
 Decisions:
 * Devices: num_gpus = 0 -> CPU with num_cpu_processes processes (default 1); num_gpus > 0 -> that many GPUs per

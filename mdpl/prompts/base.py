@@ -109,6 +109,13 @@ class MethodConfig:
         return out
 
     @classmethod
+    def structural_keys(cls) -> tuple[str, ...]:
+        """The keys that change the model (a checkpoint must agree on them to be evaluated): every key but those
+        with ``metadata={"structural": False}`` (options that do not change outputs, side files)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if not f.metadata.get("shared_key") and f.metadata.get("structural", True))
+
+    @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "MethodConfig":
         """The options from a config: keys absent or None take the defaults."""
         values = {f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None}
@@ -127,6 +134,8 @@ class PromptMethod(nn.Module):
     """The named config of config.py selecting this method (None: set ``prompt_method=<name>``)."""
     title: ClassVar[str] = ""
     """Display name in tables and plots (default: the registered name)."""
+    paper_run: ClassVar[tuple[float, int]] = (1e-2, 0)
+    """(learning rate, seed) of the method's paper; config.py's defaults when it is selected."""
     paper_backbone: ClassVar[str] = "vilt"
     """The backbone the method's paper used (the benchmark's default pairing)."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig

@@ -26,6 +26,7 @@ earlier mdpl versions) use the reference layout (``model.prompt_learner.*``, que
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -53,9 +54,12 @@ class DCPConfig(MethodConfig):
     dcp_dynamic: bool = True                # off: no dynamic prompts
     dcp_common: bool = True                 # off: no modal-common prompts
     dcp_dynamic_trainable: bool = False     # reference: the dynamic queries are frozen (saved as buffers, D-34)
-    dcp_independent_init: bool = False      # reference: the per-layer projections start as identical copies (D-39)
-    dcp_skip_missing: bool = True           # skip the tower whose feature is zeroed (exact)
-    dcp_dynamic_queries: str = ""           # file with a reference run's dynamic queries (its checkpoints lack them)
+    dcp_independent_init: bool = dataclasses.field(default=False, metadata={"structural": False})
+    """Reference: the per-layer projections start as identical copies (D-39); an initialisation choice only."""
+    dcp_skip_missing: bool = dataclasses.field(default=True, metadata={"structural": False})
+    """Skip the tower whose feature is zeroed (exact: the outputs do not change)."""
+    dcp_dynamic_queries: str = dataclasses.field(default="", metadata={"structural": False})
+    """File with a reference run's dynamic queries (its checkpoints lack them)."""
 
     TINY = {"prompt_length": 6, "prompt_depth": 2}   # a multiple of 3: 2 layer + 2 common + 2 dynamic prompts
 

@@ -24,6 +24,18 @@ def method_presets() -> dict[str, str]:
     return {name: method_class(name).preset for name in available_methods() if method_class(name).preset}
 
 
+def paper_run(method: str, default: tuple[float, int]) -> tuple[float, int]:
+    """(learning rate, seed) the method's paper used; `default` for no method or an unknown one."""
+    from mdpl.prompts.registry import available_methods
+    return method_class(method).paper_run if method in available_methods() else default
+
+
+def paper_backbone(method: str) -> str:
+    """The backbone the method's paper used ('vilt' for no method or an unknown one)."""
+    from mdpl.prompts.registry import available_methods
+    return method_class(method).paper_backbone if method in available_methods() else "vilt"
+
+
 def method_defaults(method: str, sizes: str = "paper") -> dict[str, Any]:
     """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown)."""
     values = {**method_keys().get(method, {}), **(tiny_method_keys().get(method, {}) if sizes == "tiny" else {})}

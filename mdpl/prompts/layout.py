@@ -1,4 +1,4 @@
-"""Token layout of the joint ViLT sequence (METHODS.md §3.2, §4.3, §12).
+"""Token layout of the joint ViLT sequence (docs/methods.md §3.2, §4.3, §12).
 
 A `TokenLayout` is an immutable, ordered list of named segments, e.g.
 ``[("map.1", 16), ("map.0", 16), ("text", 40), ("image", 145)]``. Prompt methods never do index
@@ -98,7 +98,7 @@ def splice_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert `tokens` ([B, n_i, D] each, in order) at sequence index `position`.
 
-    The key mask gets ones (= attend) for every inserted token (METHODS.md §3.2, §4.3 step 4).
+    The key mask gets ones (= attend) for every inserted token (docs/methods.md §3.2, §4.3 step 4).
     """
     if not tokens:
         return x, mask

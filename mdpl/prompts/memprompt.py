@@ -53,7 +53,7 @@ def _shared_prompts(n: int, length: int, width: int) -> nn.ParameterList:
 
 
 class PromptMemory(nn.Module):
-    """Key-addressed prompt bank (METHODS.md §4.2): cosine top-k, softmax, weighted sum."""
+    """Key-addressed prompt bank (docs/methods.md §4.2): cosine top-k, softmax, weighted sum."""
 
     def __init__(self, mem_size: int, prompt_length: int, dim: int, top_k: int):
         super().__init__()
@@ -137,6 +137,7 @@ class MemPrompt(PromptMethod):
 
     title = "MemPrompt"
     preset = "memprompt"
+    paper_run = (5e-3, 42)      # the reference's Hateful Memes runs used 1e-3
     config_class = MemPromptConfig
 
     def __init__(self, config: MemPromptConfig, info: BackboneInfo):

@@ -1,4 +1,4 @@
-"""Shared machinery of the raw-dataset -> Arrow writers (METHODS.md §1.1-1.2, defects D-4/D-5/D-6).
+"""Shared machinery of the raw-dataset -> Arrow writers (docs/methods.md §1.1-1.2, defects D-4/D-5/D-6).
 
 Every writer turns each split into a :class:`SplitPlan` (a list of work items plus a function that
 turns one item into a row or raises :class:`SkipSample`; the row names its image as an

@@ -1,4 +1,4 @@
-"""UPMC Food-101 raw layout -> ``food101_{train,val,test}.arrow`` (METHODS.md §1.1-1.2, D-5).
+"""UPMC Food-101 raw layout -> ``food101_{train,val,test}.arrow`` (docs/methods.md §1.1-1.2, D-5).
 
 Raw layout: ``root/images/{train,test}/<class>/<class>_<n>.jpg`` plus either the three reference
 json files (``text.json`` name -> title, ``split.json`` train/val/test -> names, ``class_idx.json``
@@ -177,7 +177,7 @@ def build_plans(root: Path, val_fraction: float = 0.1, seed: int = 0) -> list[Sp
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
                progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
                val_fraction: float = 0.1, seed: int = 0, workers: int = 1) -> list[SplitReport]:
-    """Write ``food101_{train,val,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
+    """Write ``food101_{train,val,test}.arrow`` into ``out`` (docs/methods.md §1.2)."""
     plans = build_plans(Path(root), val_fraction, seed)
     return write_splits(plans, Path(out), SCHEMA, "food101", strict=strict, progress=progress,
                         overwrite=overwrite, log=log, max_side=max_side, workers=workers)

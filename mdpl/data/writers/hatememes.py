@@ -1,4 +1,4 @@
-"""Hateful Memes raw layout -> ``hatememes_{train,dev,test}.arrow`` (METHODS.md §1.1-1.2, D-1, D-3).
+"""Hateful Memes raw layout -> ``hatememes_{train,dev,test}.arrow`` (docs/methods.md §1.1-1.2, D-1, D-3).
 
 Two layouts are accepted (D-3): the reference writer's ``root/data/{train,dev,test}.jsonl`` with
 images under ``root/data/img/``, and the DATA.md layout ``root/{train,dev,test}.jsonl`` with
@@ -91,7 +91,7 @@ def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | N
                progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
                train_file: str | None = None, dev_file: str | None = None,
                test_file: str | None = None, workers: int = 1) -> list[SplitReport]:
-    """Write ``hatememes_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
+    """Write ``hatememes_{train,dev,test}.arrow`` into ``out`` (docs/methods.md §1.2)."""
     files = {"train": train_file, "dev": dev_file, "test": test_file}
     return write_splits(build_plans(Path(root), files), Path(out), SCHEMA, "hatememes", strict=strict,
                         progress=progress, overwrite=overwrite, log=log, max_side=max_side, workers=workers)

@@ -1,4 +1,4 @@
-"""MM-IMDb raw layout -> ``mmimdb_{train,dev,test}.arrow`` (METHODS.md §1.1-1.2).
+"""MM-IMDb raw layout -> ``mmimdb_{train,dev,test}.arrow`` (docs/methods.md §1.1-1.2).
 
 Raw layout (either):
 * ``root/split.json`` + ``root/images/<id>.jpeg`` + ``root/labels/<id>.json`` (reference writer), or
@@ -100,6 +100,6 @@ def build_plans(root: Path) -> list[SplitPlan]:
 def make_arrow(root: Path, out: Path, *, strict: bool = False, max_side: int | None = None,
                progress: bool = True, overwrite: bool = False, log: Callable[[str], None] = print,
                workers: int = 1) -> list[SplitReport]:
-    """Write ``mmimdb_{train,dev,test}.arrow`` into ``out`` (METHODS.md §1.2)."""
+    """Write ``mmimdb_{train,dev,test}.arrow`` into ``out`` (docs/methods.md §1.2)."""
     return write_splits(build_plans(Path(root)), Path(out), SCHEMA, "mmimdb", strict=strict, progress=progress,
                         overwrite=overwrite, log=log, max_side=max_side, workers=workers)

@@ -1,0 +1,338 @@
+"""scripts/reproduce.py: the paper-reproduction driver over run.py.
+
+* every table's --dry-run exits 0 and prints one command per runnable cell and seed, with the keys the cell
+  means (checked exactly on a few cells) and keys that run.py's config has; run.py's own CLI parses them;
+* one small real table (dcp_length, 5 cells) with --tiny end to end on the CPU: the .md/.csv carry every cell,
+  ours, the paper's number and the difference;
+* re-running skips the finished cells (no new run directory); a finished training whose results lack a
+  scenario is re-evaluated with test_only (no new training);
+* --cells i/N shards partition the runnable cells; the registry's paper ids resolve in paper_results.csv.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "reproduce.py"
+PAPER_CSV = REPO / "scripts" / "paper_results.csv"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module          # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+rp = _load()
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dry_run_commands(stdout: str) -> dict[tuple[str, str, int], list[str]]:
+    """(table, cell id, seed) -> argv of the printed command."""
+    out, header = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("# ") and " seed " in line and "[" in line and not line.startswith("# skip"):
+            table, cell = line[2:].split(" ", 2)[:2]
+            header = (table, cell, int(line.rsplit(" seed ", 1)[1]))
+        elif line.startswith("python run.py with ") and header is not None:
+            out[header] = shlex.split(line)
+            header = None
+    return out
+
+
+def cell_by(table: str, **want):
+    found = [c for c in rp.TABLES[table].cells
+             if all(getattr(c, k) == v for k, v in want.items() if k != "keys") and
+             ("keys" not in want or dict(c.keys) == want["keys"])]
+    assert len(found) == 1, (table, want, found)
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------------ (a)
+@pytest.fixture(scope="module")
+def dry_all(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry")
+    res = cli("all", "--dry-run", "--data-root", "/data/arrow", "--weights", "/w", "--out", str(out),
+              "--seeds", "0,1")
+    assert res.returncode == 0, res.stderr
+    return {"stdout": res.stdout, "commands": dry_run_commands(res.stdout), "out": out}
+
+
+def test_dry_run_every_table_one_command_per_runnable_cell_and_seed(dry_all):
+    commands = dry_all["commands"]
+    for name, table in rp.TABLES.items():
+        got = {(cell, seed) for t, cell, seed in commands if t == name}
+        assert got == {(c.id, s) for c in table.runnable for s in (0, 1)}, name
+    for argv in commands.values():
+        assert argv[:3] == ["python", "run.py", "with"] and argv[3].startswith("task_finetune_")
+        keys = [a.split("=", 1)[0] for a in argv[3:] if "=" in a]
+        assert len(keys) == len(set(keys)), argv                      # no key given twice
+    assert not list(dry_all["out"].iterdir())                          # a dry run writes nothing
+    # every not-yet-expressible cell is named with its switch, never run
+    for name, table in rp.TABLES.items():
+        for cell in table.cells:
+            if cell.needs:
+                assert f"# skip {name} {cell.id} [{cell.label}]: not yet expressible: needs {cell.needs}" \
+                    in dry_all["stdout"]
+
+
+def _cmd(dry_all, table: str, seed: int = 0, **want) -> str:
+    return shlex.join(dry_all["commands"][(table, cell_by(table, **want).id, seed)])
+
+
+def test_dry_run_exact_cells(dry_all):
+    # DCP Table 4, MM-IMDb, missing text 50 %, DCP on CLIP: train = val = test setting, one scenario
+    cmd = _cmd(dry_all, "dcp_main", seed=1, dataset="mmimdb", method="dcp", train=("text", 0.5))
+    assert cmd.startswith("python run.py with task_finetune_mmimdb dcp missing_type.train=text missing_type.val=text "
+                          "missing_type.test=text missing_ratio.train=0.5 missing_ratio.val=0.5 missing_ratio.test=0.5 "
+                          "data_root=/data/arrow/mmimdb clip_path=/w/ViT-B-16.pt seed=1 log_dir=")
+    assert cmd.endswith(" 'test_types=[text]' 'test_ratios=[0.5]'") and "load_path" not in cmd
+    # its baseline is the frozen CLIP (baseline on_clip)
+    cmd = _cmd(dry_all, "dcp_main", dataset="hatememes", method="none", train=("both", 0.9))
+    assert "with task_finetune_hatememes baseline on_clip missing_type.train=both" in cmd
+    assert "missing_ratio.test=0.9 data_root=/data/arrow/hatememes clip_path=/w/ViT-B-16.pt seed=0" in cmd
+    # Table 7: DCP on ViLT reads the ViLT checkpoint and the BERT vocabulary
+    cmd = _cmd(dry_all, "dcp_table7", dataset="food101", method="dcp", train=("image", 0.7))
+    assert ("with task_finetune_food101 dcp on_vilt missing_type.train=image" in cmd and
+            "load_path=/w/vilt_200k_mlm_itm.ckpt tokenizer=/w/bert-base-uncased seed=0" in cmd)
+    # the MAP run of Table 7 is the map_main run, swept over the scenarios of every table using it
+    shared = _cmd(dry_all, "dcp_table7", dataset="food101", method="map", train=("image", 0.7))
+    assert shared == _cmd(dry_all, "map_main", dataset="food101", method="map", train=("image", 0.7), keys={})
+    assert shared.endswith(" 'test_types=[text,image,both]' 'test_ratios=[0.0,0.1,0.3,0.5,0.7,0.9,1.0]'")
+    # component / design ablations, MemPrompt ablations, MAP attention, learning rate of MemPrompt on Hateful Memes
+    cmd = _cmd(dry_all, "dcp_components", keys={"dcp_dynamic": False, "dcp_common": False})
+    assert "missing_ratio.test=0.7 dcp_dynamic=False dcp_common=False data_root=" in cmd
+    assert "'gen_prompt_layers=[]' data_root=/data/arrow/mmimdb load_path=" in _cmd(
+        dry_all, "memprompt_ablation", label="w/o generative prompts")
+    assert "missing_type.train=image" in _cmd(dry_all, "memprompt_ablation", label="w/o shared prompts")
+    assert "shared_prompt_layers=[]" in _cmd(dry_all, "memprompt_ablation", label="w/o shared prompts")
+    assert " mem_size=16 top_k=8 " in _cmd(dry_all, "memprompt_top_k", x=8)
+    assert " prompt_depth=12 data_root=" in _cmd(dry_all, "dcp_depth", x=12)        # real runs: no tiny keys
+    assert " prompt_length=60 " in _cmd(dry_all, "dcp_length", x=60)
+    assert " prompt_type=attention " in _cmd(dry_all, "map_main", dataset="mmimdb", label="MAP attention",
+                                             train=("both", 0.7))
+    assert " learning_rate=0.001 " in _cmd(dry_all, "memprompt_main", dataset="hatememes", method="memprompt",
+                                           train=("text", 0.7))
+    # Fig. 4: trained at missing-both 30 %, swept over every type and rate
+    cmd = _cmd(dry_all, "dcp_fig4", train=("both", 0.3))
+    assert "missing_ratio.train=0.3" in cmd and cmd.endswith(
+        "'test_types=[text,image,both]' 'test_ratios=[0.0,0.1,0.3,0.5,0.7,0.9,1.0]'")
+    assert "# skip dcp_table6_coca mmimdb/dcp/train=text0.7 [DCP (CoCa)]: not yet expressible: needs backbone=coca" \
+        in dry_all["stdout"]
+
+
+def test_dry_run_keys_exist_in_config_and_run_py_parses_them(dry_all, tmp_path):
+    """Every key a command sets is a key of config.py, and run.py's Sacred CLI reads two commands as meant."""
+    from runs import resolved_config
+
+    known = set(resolved_config(["task_finetune_mmimdb", "dcp"], {}))
+    used = {a.split("=", 1)[0].split(".")[0] for argv in dry_all["commands"].values() for a in argv[3:] if "=" in a}
+    assert used <= known, used - known
+    for table, want, expect in (
+            ("memprompt_ablation", {"label": "w/o generative prompts"}, ["gen_prompt_layers = []", "mem_size = 16"]),
+            ("dcp_table7", {"dataset": "hatememes", "method": "dcp", "train": ("both", 0.7)},
+             ["backbone = 'vilt'", "prompt_method = 'dcp'", "test_types = '[both]'", "test_ratios = [0.7]",
+              "load_path = '/w/vilt_200k_mlm_itm.ckpt'"])):
+        argv = dry_all["commands"][(table, cell_by(table, **want).id, 0)]
+        res = subprocess.run([sys.executable, "run.py", "print_config", *argv[2:]], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        for text in expect:
+            assert text in res.stdout, (text, res.stdout[-3000:])
+
+
+# ------------------------------------------------------------------------------------------ (b), (c)
+def _version_dirs(out: Path) -> set[Path]:
+    return set((out / "runs").rglob("version_*"))
+
+
+def test_tiny_table_end_to_end_then_resume(tmp_path):
+    """dcp_length (5 cells with a paper number each) on synthetic data, one seed, 2 runs at a time; then a second
+    run skips every cell; then a run whose results.csv is gone is re-evaluated, not retrained."""
+    table = rp.TABLES["dcp_length"]
+    started = time.perf_counter()
+    res = cli("dcp_length", "--tiny", "--out", str(tmp_path), "--seeds", "0", "--jobs", "2")
+    elapsed = time.perf_counter() - started
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    print(f"dcp_length --tiny: {elapsed:.0f} s")
+    runs = _version_dirs(tmp_path)
+    assert len(runs) == len(table.cells)
+
+    with open(tmp_path / "dcp_length.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    paper = {r["id"]: float(r["value"]) for r in csv.DictReader(open(PAPER_CSV, newline=""))}
+    assert [r["cell"] for r in rows] == [c.id for c in table.cells]
+    for row, cell in zip(rows, table.cells):
+        assert row["status"] == "done" and row["n"] == "1" and row["seeds"] == "0"
+        assert 0 <= float(row["ours_mean"]) <= 100 and float(row["ours_std"]) == 0.0
+        assert float(row["paper"]) == paper[cell.paper] and row["paper_split"] == "val"
+        assert float(row["diff"]) == pytest.approx(float(row["ours_val_best_mean"]) - float(row["paper"]), abs=1e-3)
+        assert row["diff_basis"] == "val (best)" and row["x"] == str(cell.x)
+    md = (tmp_path / "dcp_length.md").read_text()
+    for row, cell in zip(rows, table.cells):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {row['index']} | {cell.label} |"))
+        assert f"| {row['paper']} | val | {float(row['diff']):+.2f} | done |" in line
+        assert f"| {float(row['ours_mean']):.2f} |" in line
+    assert "Δ = ours − paper" in md
+    png = tmp_path / "dcp_length.png"
+    assert png.is_file() and png.stat().st_size > 5_000
+
+    # (c) resumable: nothing runs again, every cell is reported as done
+    res = cli("dcp_length", "--tiny", "--out", str(tmp_path), "--seeds", "0", "--jobs", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _version_dirs(tmp_path) == runs
+    assert res.stdout.count("# skip dcp_length ") == len(table.cells) and "training ..." not in res.stdout
+    assert list(csv.DictReader(open(tmp_path / "dcp_length.csv", newline=""))) == rows
+
+    # a finished training without the cell's results (e.g. the table gained a scenario): evaluated, not retrained
+    first = table.cells[0]
+    (done,) = [p for p in runs if p.is_relative_to(rp.seed_dir(first, _tiny_ctx(tmp_path), 0))]
+    (done / "results.csv").unlink()
+    res = cli("dcp_length", "--tiny", "--out", str(tmp_path), "--seeds", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    new = _version_dirs(tmp_path) - runs
+    assert len(new) == 1 and (next(iter(new)).parents[1].name == "eval"), new
+    assert f"{first.id} [{first.label}] seed 0: evaluating ..." in res.stdout
+    log = (rp.seed_dir(first, _tiny_ctx(tmp_path), 0) / "eval.log").read_text()
+    assert "test_only=True" in log and f"load_path={done}/checkpoints/best-" in log
+
+
+def _tiny_ctx(out: Path):
+    return rp.Context(out=out, tiny=True, seeds=(0,))
+
+
+# ------------------------------------------------------------------------------------------------ (d)
+def _shard_ids(capsys, table: str, shard: str) -> list[str]:
+    assert rp.main([table, "--dry-run", "--data-root", "/d", "--weights", "/w", "--out", "/nonexistent/out",
+                    "--seeds", "0", "--cells", shard]) == 0
+    return [cell for (_, cell, _) in dry_run_commands(capsys.readouterr().out)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cells_shards_partition_the_runnable_cells(capsys, n):
+    for name, table in rp.TABLES.items():
+        shards = [_shard_ids(capsys, name, f"{i}/{n}") for i in range(1, n + 1)]
+        flat = [c for s in shards for c in s]
+        assert sorted(flat) == sorted(c.id for c in table.runnable), name     # every cell once
+        assert len(flat) == len(set(flat))
+        if len(table.runnable) >= n:
+            assert all(shards), name                                          # round robin: none empty
+
+
+def test_cli_refuses_bad_arguments(tmp_path):
+    for args in (["dcp_main", "--cells", "0/2", "--dry-run"], ["dcp_main", "--cells", "3/2", "--dry-run"],
+                 ["nope", "--dry-run"], ["dcp_main"], ["dcp_main", "--dry-run", "--set", "seed=3"],
+                 ["dcp_main", "--dry-run", "--seeds", "0,0"], ["dcp_main", "--dry-run", "--jobs", "0"]):
+        with pytest.raises(SystemExit) as err:
+            rp.main([*args, "--out", str(tmp_path)])
+        assert err.value.code == 2, args
+    # a real run checks its data and weights before running anything
+    assert rp.main(["dcp_fig3", "--data-root", str(tmp_path / "no"), "--weights", str(tmp_path / "w"),
+                    "--out", str(tmp_path / "out"), "--seeds", "0"]) == 1
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------ registry & data
+def test_registry_and_paper_results():
+    with open(PAPER_CSV, newline="") as fh:
+        paper = list(csv.DictReader(fh))
+    ids = [r["id"] for r in paper]
+    assert len(ids) == len(set(ids))
+    assert "/work/shared" not in PAPER_CSV.read_text() and "shared" not in PAPER_CSV.read_text()
+    values = {r["id"]: r["value"] for r in paper}
+    for pid, value in {"dcp/t4/mmimdb/test/both/70/dcp": "51.42", "dcp/t4/food101/val/image/90/dcp": "86.26",
+                       "dcp/t4/hatememes/test/text/90/mmp": "57.21", "dcp/t4/food101/test/image/50/dept": "82.14",
+                       "dcp/t7/hatememes/both/mmp": "66.07", "dcp/t7/mmimdb/text/dcp": "45.26",
+                       "dcp/t6/food101/image/dcp": "86.26", "dcp/t1/no_projection": "52.54",
+                       "dcp/t8/len36": "54.24", "dcp/t5/mmp/0.2M": "51.34",
+                       "memprompt/abstract/food101/memprompt": "77.06"}.items():
+        assert values[pid] == value, pid
+    assert sum(r["source"] == "Table 4" for r in paper) == 3 * 9 * 10
+    ctx = rp.Context(out=Path("/x"))
+    counts = {}
+    for name, table in rp.TABLES.items():
+        ids_t = [c.id for c in table.cells]
+        assert len(ids_t) == len(set(ids_t)), name
+        keys = [rp.run_key(c, ctx) for c in table.runnable]
+        assert len(keys) == len(set(keys)), name          # shards of one table never train the same run
+        for cell in table.cells:
+            assert not cell.paper or cell.paper in values, (name, cell.paper)
+        counts[name] = (len(table.cells), len(table.runnable))
+    assert counts["dcp_main"] == (54, 54) and counts["map_main"] == (27, 27) and counts["dcp_table7"] == (18, 18)
+    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 0) and counts["dcp_design"] == (14, 0)
+    # the DCP cells of Table 4 all carry their paper number
+    assert all(c.paper for c in rp.TABLES["dcp_main"].cells if c.method == "dcp")
+
+
+def test_report_mean_std_over_seeds_and_the_papers_split(tmp_path):
+    """collect() from fabricated run outputs: mean ± sample std over seeds, val-split paper compared with the best
+    validation score, a seed without results leaves the cell partial."""
+    ctx = rp.Context(out=tmp_path, seeds=(0, 1, 2))
+    cell = cell_by("dcp_length", x=12)
+    for seed, (test, vals) in {0: (0.40, [0.30, 0.50]), 1: (0.44, [0.52])}.items():
+        run = rp.seed_dir(cell, ctx, seed) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
+        (run / "csv").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "best-epoch00-step1.ckpt").write_text("x")
+        (run / "test_metrics.json").write_text(json.dumps({"checkpoint": str(run / "checkpoints/best-epoch00-step1.ckpt"),
+                                                           "metrics": {}}))
+        (run / "results.csv").write_text("dataset,method,backbone,checkpoint,type,ratio,seed,F1_Macro,F1_Micro,loss\n"
+                                         f"mmimdb,dcp,clip,c,both,0.7,{seed},{test},0.9,1.0\n")
+        (run / "csv" / "metrics.csv").write_text("epoch,val/the_metric,step\n" +
+                                                 "".join(f"0,{v},1\n,,2\n" for v in vals))
+    rows = rp.collect(rp.TABLES["dcp_length"], ctx, rp.load_paper())
+    row = rows[0]
+    assert (row["n"], row["seeds"], row["status"]) == (2, "0 1", "2/3 seeds")
+    assert float(row["ours_mean"]) == pytest.approx(42.0) and float(row["ours_std"]) == pytest.approx(2.8284, abs=1e-4)
+    assert float(row["ours_val_best_mean"]) == pytest.approx(51.0)          # best of each run: 50, 52
+    assert float(row["diff"]) == pytest.approx(51.0 - 53.56) and row["paper"] == "53.56"
+    assert all(r["status"] == "pending" and r["ours_mean"] == "" for r in rows[1:])
+    md = rp.markdown(rp.TABLES["dcp_length"], rows, ctx, "")
+    assert "| 1 | prompt_length=12 | mmimdb | F1-Macro | both 70% | both 70% | 42.00 ± 2.83 | 51.00 ± 1.41 | 53.56 | " \
+           "val | -2.56 | 2/3 seeds |" in md
+    # a killed training (last.ckpt, no test) resumes; a finished one with missing scenarios is re-evaluated
+    other = cell_by("dcp_length", x=24)
+    run = rp.seed_dir(other, ctx, 0) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("x")
+    assert rp.training_state(other, ctx, 0)[0] == "resume"
+    cmd = rp.train_command(other, ctx, 0, (["both"], [0.7]), resume=True)
+    assert cmd[-1] == "resume=True"
+    assert rp.training_state(cell, ctx, 0)[0] == "trained"
+
+
+def test_list_and_device_hours_from_bench_json(tmp_path, capsys):
+    assert rp.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in rp.TABLES:
+        assert f"\n{name} " in out
+    assert "distinct training runs per seed" in out
+    bench = {"rows": [{"method": m, "backbone": b, "dataset": d, "precision": "bf16-mixed", "status": "ok",
+                       "train_samples_per_s": 100.0, "eval_samples_per_s": 400.0}
+                      for m, b in (("dcp", "clip"), ("map", "vilt")) for d in rp.DATASETS]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    ctx = rp.Context(out=tmp_path)
+    cell = cell_by("dcp_length", x=12)
+    n_train, n_val, n_test = rp.NOMINAL_SIZES["mmimdb"]
+    expected = (20 * n_train / 100 + 20 * 5 * n_val / 400 + 1 * n_test / 400) / 3600
+    assert rp.run_hours(cell, ctx, bench["rows"], "bf16-mixed", 1) == pytest.approx(expected)
+    assert rp.main(["dcp_length", "--list", "--bench", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert "dcp_length" in out and "prompt_length=60" in out
