@@ -84,7 +84,7 @@ def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
             run_dir.parent.rmdir()
 
 
-def build_test_module(config: dict, model=None):
+def build_test_module(config: dict, model=None, sweep=None):
     """MDPLModule whose every weight is read from load_path (test_only), or UserInputError (one line).
 
     The classifier is built without reading load_path or clip_path (`model` injects one), then `mdpl.engine.module.load_for_test`
@@ -102,7 +102,7 @@ def build_test_module(config: dict, model=None):
     if not path.exists():
         raise UserInputError(f"load_path {str(path)!r} does not exist; pass the .ckpt written by a training run")
     checkpoint = read_test_checkpoint(path)
-    module = MDPLModule(config, model=model, weights_from_checkpoint=True)   # reads no pre-training file
+    module = MDPLModule(config, model=model, weights_from_checkpoint=True, sweep=sweep)   # reads no pre-training file
     try:
         load_for_test(module, checkpoint)
     except ValueError as err:
@@ -120,7 +120,7 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     import pytorch_lightning as pl
 
     from mdpl.engine.module import MDPLModule, to_plain
-    from mdpl.engine.sweep import attach_sweep, sweep_specs, write_outputs
+    from mdpl.engine.sweep import prepare_sweep, sweep_specs, write_outputs
     from mdpl.engine.trainer import RunDirectory, build_trainer, logger_names
     from mdpl.validate import validate_config
 
@@ -137,23 +137,22 @@ def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> di
     if resume_path:
         check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone, seed, ...)
     # test_only: the checkpoint is checked (other method / backbone -> error) before the run directory exists
-    module = build_test_module(config, model) if config.get("test_only") else None
+    sweep = prepare_sweep(datamodule, config)   # None unless test_types / test_ratios are set
+    module = build_test_module(config, model, sweep) if config.get("test_only") else None
     # chosen (and created) by global rank 0 when the run starts, then shared with every rank
     directory = RunDirectory(config, choose=lambda: new_run_dir(config, resume_path))
     trainer = None
     try:
         if config.get("test_only"):
-            sweep = attach_sweep(module, datamodule, config)   # None unless test_types / test_ratios are set
             trainer = build_trainer(config, directory, **trainer_overrides)
             results = trainer.test(module, datamodule=datamodule)
             best = config["load_path"]
         else:
-            module = MDPLModule(config, model=model)
+            module = MDPLModule(config, model=model, sweep=sweep)
             trainer = build_trainer(config, directory, **trainer_overrides)
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)  # resume_from / resume=True / SLURM requeue
             callback = trainer.checkpoint_callback
             best = callback.best_model_path if callback is not None and callback.best_model_path else None
-            sweep = attach_sweep(module, datamodule, config)
             results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
     except BaseException:
         if directory.created:

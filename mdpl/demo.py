@@ -169,7 +169,8 @@ def pretrain_backbone(config: dict, out: Path) -> Path:
 
 def train_and_sweep(config: dict, method: str, backbone_path: Path, out: Path) -> list[dict]:
     """Train ``method`` on the frozen pre-trained backbone, then evaluate its best checkpoint on every scenario."""
-    from mdpl.engine.sweep import attach_sweep, result_rows
+    from mdpl.engine.module import MDPLModule
+    from mdpl.engine.sweep import prepare_sweep, result_rows
 
     cfg = {**with_method(config, method), "finetune": False, "load_path": str(backbone_path),
            "max_epoch": int(_get(config, "demo_epochs")), "exp_name": f"demo_{method}",
@@ -178,10 +179,10 @@ def train_and_sweep(config: dict, method: str, backbone_path: Path, out: Path) -
     start = time.perf_counter()
     module, datamodule, trainer = fit(cfg, out / method)
     best = trainer.checkpoint_callback.best_model_path or None
-    sweep = attach_sweep(module, datamodule, cfg)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    sweep = prepare_sweep(datamodule, cfg)
+    trainer.test(MDPLModule(cfg, model=module.model, sweep=sweep), datamodule=datamodule, ckpt_path=best,
+                 verbose=False)
     rows = result_rows(sweep, cfg, best)
-    module.sweep = None
     print(f"[demo] {method_title(method)}: trained and evaluated in {time.perf_counter() - start:.0f} s")
     return rows
 

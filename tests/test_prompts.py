@@ -220,12 +220,12 @@ def test_memprompt_mask_padding_makes_predictions_batch_invariant(mask_padding):
 # --- config validation / registry / counts ---------------------------------------------------------------
 @pytest.mark.parametrize("over, match", [
     (dict(prompt_method="nope"), "unknown prompt_method"),
-    (dict(prompt_method="map", prompt_layers=[0, 3]), "out of range"),
+    (dict(prompt_method="map", prompt_layers=[0, 3]), "outside 0..2"),
     (dict(prompt_method="map", prompt_length=0), "prompt_length"),
     (dict(prompt_method="map", prompt_type="deep"), "prompt_type"),
     (dict(prompt_method="map", prompt_type="attention", prompt_length=5, prompt_layers=[0]), "even"),
-    (dict(prompt_method="map", prompt_layers=[1, 1]), "duplicate"),
-    (dict(prompt_method="memprompt", gen_prompt_layers=[0, 5]), "out of range"),
+    (dict(prompt_method="map", prompt_layers=[1, 1]), "names a layer twice"),
+    (dict(prompt_method="memprompt", gen_prompt_layers=[0, 5]), "outside 0..2"),
     (dict(prompt_method="memprompt", top_k=0), "top_k"),
     (dict(dataset="cifar"), "dataset"),
 ])

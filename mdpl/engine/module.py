@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
+from mdpl.engine.sweep import MissingSweep
 from mdpl.engine.optim import build_optimizer
 from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
 from mdpl.errors import UserInputError
@@ -88,8 +89,12 @@ class MDPLModule(pl.LightningModule):
 
     SYNC_FREE_DEVICES: tuple[str, ...] = ("cpu",)  # reading a tensor here costs no device sync: check every step
 
-    def __init__(self, config: Mapping, model: nn.Module | None = None, weights_from_checkpoint: bool = False) -> None:
+    def __init__(self, config: Mapping, model: nn.Module | None = None, weights_from_checkpoint: bool = False,
+                 sweep: MissingSweep | None = None) -> None:
+        """`sweep` (``mdpl.engine.sweep.prepare_sweep``): test every missing scenario in one pass instead of the
+        configured one."""
         super().__init__()
+        self.sweep = sweep
         self.config = to_plain(config)
         self.save_hyperparameters({"config": self.config})
         self.dataset = self.config["dataset"]
@@ -174,7 +179,7 @@ class MDPLModule(pl.LightningModule):
         self._shared_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if getattr(self, "sweep", None) is not None:  # every missing scenario per batch (mdpl/engine/sweep.py)
+        if self.sweep is not None:  # every missing scenario per batch (mdpl/engine/sweep.py)
             return self.sweep.step(self.model, batch)
         self._shared_step(batch, "test")
 
@@ -212,7 +217,7 @@ class MDPLModule(pl.LightningModule):
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        if getattr(self, "sweep", None) is not None:
+        if self.sweep is not None:
             return self.sweep.log_to(self)
         self._log_epoch("test")
 

@@ -151,8 +151,9 @@ class MissingSweep(nn.Module):
                 module.log(f"{self.dataset}/test/{scenario_tag(spec)}/{name}", value)
 
 
-def attach_sweep(module: nn.Module, datamodule, config: Mapping) -> MissingSweep | None:
-    """Set ``module.sweep`` and make ``datamodule`` deliver complete test batches; None if no sweep is configured.
+def prepare_sweep(datamodule, config: Mapping) -> MissingSweep | None:
+    """The evaluation sweep of `config` (hand it to ``MDPLModule(..., sweep=)``), with ``datamodule`` set to deliver
+    complete test batches; None if no sweep is configured.
 
     The scenario tables are ``datamodule.missing_table('test', spec)`` (deterministic, cached like the
     single-scenario ones), the dummies ``datamodule.dummy_text()``.
@@ -168,7 +169,6 @@ def attach_sweep(module: nn.Module, datamodule, config: Mapping) -> MissingSweep
     datamodule.set_missing_override("test", complete)   # ratio 0 -> all rows complete, no dummies
     ids, masks = datamodule.dummy_text()
     sweep = MissingSweep(config["dataset"], specs, tables, ids, masks)
-    module.sweep = sweep
     print(f"[mdpl] evaluation sweep: {len(specs)} scenarios ({_describe(specs)}) in one pass over the test set")
     return sweep
 
