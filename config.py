@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import method_default, method_presets, paper_backbone, paper_run
+from mdpl.prompts.keys import method_default, method_presets, padding_is_inert, paper_backbone, paper_run
 
 ex = Experiment("mdpl", save_git_info=False)
 
@@ -77,10 +77,11 @@ def base_config():
     max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
     max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
     interpolate_text_positions = False  # ViLT: interpolate the checkpoint's 40 text positions to a longer max_text_len
-    dynamic_text_padding = False  # ViLT: pad each batch to its longest text, not max_text_len (faster on MM-IMDb/Food-101).
-                                  # MemPrompt then max-pools its text query over real tokens only (the reference pools over
-                                  # [PAD] too): results differ from the reference but do not depend on the batch. MAP, DCP and
-                                  # the baseline mask padded keys, so their outputs are unchanged (up to rounding).
+    # ViLT: pad each batch to its longest text, not max_text_len (much faster on MM-IMDb/Food-101). On by default where it
+    # is exact (the baseline, MAP, DCP mask padded keys: outputs unchanged up to rounding); off for MemPrompt, whose text
+    # query max-pools over [PAD] too (as the reference): set True there and it pools over real tokens only, which
+    # differs from the reference but does not depend on the batch.
+    dynamic_text_padding = padding_is_inert(prompt_method)
     tokenizer = ""                # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
     vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
     mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only

@@ -26,7 +26,7 @@ A fused attention backward computes the gradients of queries, keys and values ev
 Examples:
   python scripts/bench.py --small                                     # CPU, < 2 min on 2 cores
   python scripts/bench.py --device cuda --json bench_h100.json        # full size, all methods/precisions
-  python scripts/bench.py --device cuda --dynamic-text-padding --methods none,map,memprompt  # ViLT, cut padding
+  python scripts/bench.py --device cuda --text-padding full --methods none,map,memprompt  # ViLT, pad to max_text_len
 """
 from __future__ import annotations
 
@@ -400,9 +400,9 @@ def _is_oom(err: BaseException) -> bool:
 def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, device: torch.device) -> dict:
     """One table row: build, train-time, eval-time, memory and MFU."""
     size_key = "small" if args.small else "full"
-    dynamic = bool(args.dynamic_text_padding) and paper_backbone(method) == "vilt"
-    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size,
-                                                       "dynamic_text_padding": dynamic})
+    padding = {} if args.text_padding == "default" else {"dynamic_text_padding": args.text_padding == "dynamic"}
+    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size, **padding})
+    dynamic = bool(cfg["dynamic_text_padding"]) and cfg["backbone"] == "vilt"
     row: dict[str, Any] = {"method": method, "backbone": paper_backbone(method), "dataset": dataset,
                            "precision": precision, "batch": batch_size, "dynamic_text_padding": dynamic,
                            "status": "ok"}
@@ -528,8 +528,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: GPU table)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 rows (peak becomes TF32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
-    p.add_argument("--dynamic-text-padding", action="store_true",
-                   help="ViLT rows: pad each batch to its longest text (config dynamic_text_padding=True)")
+    p.add_argument("--text-padding", choices=("default", "dynamic", "full"), default="default",
+                   help="ViLT rows: 'dynamic' pads each batch to its longest text, 'full' to max_text_len; 'default': "
+                        "the config's default (dynamic where exact: baseline, MAP, DCP; full for MemPrompt)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --small, where tiny ops gain nothing from more)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -642,7 +643,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
                                                    else platform.processor() or platform.machine()),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
             "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
-            "dynamic_text_padding": bool(args.dynamic_text_padding),
+            "text_padding": args.text_padding,
             "flops": "torch.utils.flop_counter.FlopCounterMode on each row's evaluation forward and training "
                      "forward + loss + backward (CPU fused attention counted with torch's fused-attention "
                      "formulas); MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",

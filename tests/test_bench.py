@@ -71,8 +71,7 @@ def direct_counts(method: str, dataset: str, batch_size: int, math_attention: bo
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
-    cfg = bench.resolve_config(method, dataset, True, {"per_gpu_batchsize": batch_size,
-                                                       "dynamic_text_padding": False})
+    cfg = bench.resolve_config(method, dataset, True, {"per_gpu_batchsize": batch_size})   # the bench's defaults
     torch.manual_seed(0)
     model = bench.build_model(cfg)
     counts = []
@@ -120,7 +119,7 @@ def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, capsys):
 
 
 def test_synthetic_batch_follows_the_contract():
-    cfg = bench.resolve_config("map", "mmimdb", True)
+    cfg = bench.resolve_config("map", "mmimdb", True, {"dynamic_text_padding": False})
     batch = bench.synthetic_batch(cfg, 6, "small", torch.device("cpu"))
     assert batch["image"].shape[:2] == (6, 3) and batch["image"].shape[2] > batch["image"].shape[3]  # posters
     assert batch["text_ids"].shape == (6, cfg["max_text_len"]) and batch["text_ids"].dtype == torch.long
@@ -147,7 +146,7 @@ def test_dynamic_text_padding_cuts_the_batch_to_its_longest_text():
 
 def test_training_memory_counts_the_first_step():
     """The meter starts before the warm-up, so gradients + optimizer state (allocated once) are seen on CPU."""
-    args = bench.parse_args(["--small", "--steps", "1", "--warmup", "1", "--dynamic-text-padding"])
+    args = bench.parse_args(["--small", "--steps", "1", "--warmup", "1", "--text-padding", "dynamic"])
     row = bench.bench_row("memprompt", "hatememes", "fp32", 4, args, torch.device("cpu"))
     assert row["status"] == "ok" and row["dynamic_text_padding"] is True
     assert row["text_len"] < bench.SMALL_TEXT_LEN["hatememes"]

@@ -170,6 +170,19 @@ def test_dynamic_text_padding_is_padding_invariant(method: str, overrides: dict,
         assert (cut - full).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("preset,method,dynamic", [
+    ("baseline", "none", True), ("map", "map", True), ("dcp", "dcp", True), ("memprompt", "memprompt", False)])
+def test_dynamic_text_padding_is_on_by_default_exactly_where_it_is_exact(preset, method, dynamic) -> None:
+    """The default follows the method's `padding_is_inert` (the exactness shown above); the user's value wins."""
+    from runs import resolved_config
+    from mdpl.prompts.registry import method_class
+
+    assert resolved_config(["task_finetune_mmimdb", preset], {})["dynamic_text_padding"] is dynamic
+    assert method_class(method).padding_is_inert is dynamic
+    assert resolved_config(["task_finetune_mmimdb", preset], {"dynamic_text_padding": not dynamic}
+                           )["dynamic_text_padding"] is (not dynamic)
+
+
 # ------------------------------------------------------------------------------- compile, precision
 def test_compile_option_keeps_checkpoint_keys() -> None:
     cfg, _ = _vilt("map", dataset="hatememes")

@@ -137,6 +137,9 @@ class PromptMethod(nn.Module):
     paper_run: ClassVar[tuple[float, int]] = (1e-2, 0)
     """(learning rate, seed) of the method's paper; config.py's defaults when it is selected."""
     paper_backbone: ClassVar[str] = "vilt"
+    padding_is_inert: ClassVar[bool] = True
+    """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
+    exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
     """The backbone the method's paper used (the benchmark's default pairing)."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     drops_missing_streams: ClassVar[bool] = False

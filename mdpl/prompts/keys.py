@@ -36,6 +36,13 @@ def paper_backbone(method: str) -> str:
     return method_class(method).paper_backbone if method in available_methods() else "vilt"
 
 
+def padding_is_inert(method: str) -> bool:
+    """Whether the method's outputs are independent of how far texts are padded (so ``dynamic_text_padding`` is
+    exact and on by default); False for no method or an unknown one."""
+    from mdpl.prompts.registry import available_methods
+    return bool(method_class(method).padding_is_inert) if method in available_methods() else False
+
+
 def method_defaults(method: str, sizes: str = "paper") -> dict[str, Any]:
     """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown)."""
     values = {**method_keys().get(method, {}), **(tiny_method_keys().get(method, {}) if sizes == "tiny" else {})}

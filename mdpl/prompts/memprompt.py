@@ -137,7 +137,8 @@ class MemPrompt(PromptMethod):
 
     title = "MemPrompt"
     preset = "memprompt"
-    paper_run = (5e-3, 42)      # the reference's Hateful Memes runs used 1e-3
+    paper_run = (5e-3, 42)
+    padding_is_inert = False    # the text query max-pools over [PAD] positions too (D-30)      # the reference's Hateful Memes runs used 1e-3
     config_class = MemPromptConfig
 
     def __init__(self, config: MemPromptConfig, info: BackboneInfo):
