@@ -100,8 +100,9 @@ def _record_blocks(model: PromptedClassifier, batch) -> dict[str, list]:
     seen: dict[str, list] = {"image": [], "text": []}
     towers = (("image", model.backbone.image_encoder), ("text", model.backbone.text_encoder))
     for key, tower in towers:
-        def run_block(index, x, mask=None, kv_prefix=None, key=key, inner=tower.run_block, tower=tower):
-            out = inner(index, x, mask, kv_prefix)
+        def run_block(index, x, mask=None, kv_prefix=None, query_index=None, key=key, inner=tower.run_block,
+                      tower=tower):
+            out = inner(index, x, mask, kv_prefix, query_index)
             seen[key].append((x.detach().clone(), tower.attention_mask(x.shape[1], x.device, x.dtype), out))
             return out
         tower.run_block = run_block

@@ -134,7 +134,7 @@ def test_dry_run_exact_cells(dry_all):
     cmd = _cmd(dry_all, "dcp_fig4", train=("both", 0.3))
     assert "missing_ratio.train=0.3" in cmd and cmd.endswith(
         "'test_types=[text,image,both]' 'test_ratios=[0.0,0.1,0.3,0.5,0.7,0.9,1.0]'")
-    assert "# skip dcp_table6_coca mmimdb/dcp/train=text0.7 [DCP (CoCa)]: not yet expressible: needs backbone=coca" \
+    assert "# skip dcp_table6_coca mmimdb/dcp@coca/train=text0.7/DCP [DCP]: not yet expressible: needs backbone=coca" \
         in dry_all["stdout"]
 
 
@@ -143,8 +143,13 @@ def test_dry_run_keys_exist_in_config_and_run_py_parses_them(dry_all, tmp_path):
     from runs import resolved_config
 
     known = set(resolved_config(["task_finetune_mmimdb", "dcp"], {}))
-    used = {a.split("=", 1)[0].split(".")[0] for argv in dry_all["commands"].values() for a in argv[3:] if "=" in a}
-    assert used <= known, used - known
+    tiny = cli("all", "--dry-run", "--tiny", "--out", str(tmp_path), "--seeds", "0")
+    assert tiny.returncode == 0, tiny.stderr
+    tiny_commands = dry_run_commands(tiny.stdout)
+    assert all(argv[5] == "tiny" or argv[6] == "tiny" for argv in tiny_commands.values())   # after task + method
+    for argv in [*dry_all["commands"].values(), *tiny_commands.values()]:
+        used = {a.split("=", 1)[0].split(".")[0] for a in argv[3:] if "=" in a}
+        assert used <= known, (used - known, argv)
     for table, want, expect in (
             ("memprompt_ablation", {"label": "w/o generative prompts"}, ["gen_prompt_layers = []", "mem_size = 16"]),
             ("dcp_table7", {"dataset": "hatememes", "method": "dcp", "train": ("both", 0.7)},

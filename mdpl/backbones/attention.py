@@ -38,6 +38,23 @@ def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_he
     return rearrange(out, "b h l d -> b l (h d)")
 
 
+def project_qkv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                query_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from one fused in-projection (rows q, k, v of `weight`); with `query_index` (long [B]) the queries
+    only of those positions, q [B, 1, C] — the last block of a stream, whose other rows nobody reads."""
+    if query_index is None:
+        return F.linear(h, weight, bias).chunk(3, dim=-1)
+    c = h.shape[-1]
+    k, v = F.linear(h, weight[c:], None if bias is None else bias[c:]).chunk(2, dim=-1)
+    q = F.linear(take_rows(h, query_index), weight[:c], None if bias is None else bias[:c])
+    return q, k, v
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for every b, as [B, 1, D]."""
+    return x.gather(1, index[:, None, None].expand(-1, 1, x.shape[-1]))
+
+
 def _with_visible_prefix(mask: torch.Tensor, length: int) -> torch.Tensor:
     """`mask` with `length` leading key columns every query may attend to."""
     visible = True if mask.dtype == torch.bool else 0.0

@@ -39,9 +39,14 @@ class Backbone(nn.Module):
         data segments; only the batch rows `rows` (long [R]) when given."""
         raise NotImplementedError
 
-    def pool(self, stream: str, x: torch.Tensor, layout: TokenLayout, batch: Batch,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The feature [B, F] of `stream` from its last block's output x (norm, pooled token, projection)."""
+    def readout(self, stream: str, layout: TokenLayout, batch: Batch,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Long [B]: the position of the token each row's feature is read from, in the final `layout` (the text
+        [CLS], the image CLS, the text EOT); the last block computes only these positions."""
+        raise NotImplementedError
+
+    def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
+        """The feature [B, F] of `stream` from its read-out token [B, D] after the last block (norm, projection)."""
         raise NotImplementedError
 
     def build_head(self, num_classes: int) -> nn.Module:

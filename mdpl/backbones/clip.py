@@ -15,10 +15,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mdpl.backbones.attention import prefixed_attention
+from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch
 from mdpl.backbones.clip_weights import (backbone_to_openai_key, check_state_dict, openai_to_backbone_key,
                                         read_openai_checkpoint)
@@ -93,15 +92,18 @@ class _Tower(StreamEncoder):
         return None
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor | None = None,
-                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Block ``index`` on batch-first ``x`` [B, L, D] (`residual_block`); `mask` (real tokens) is unused:
-        CLIP attends to padding; the text tower's causal mask follows the current length."""
+        CLIP attends to padding; the text tower's causal mask follows the current length. Only the positions
+        `query_index` when given (`StreamEncoder.run_block`)."""
         attn_mask = self.attention_mask(x.shape[1], x.device, x.dtype)
-        return residual_block(self.blocks[index], x, attn_mask, kv_prefix)
+        return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index)
 
 
 def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   query_index: torch.Tensor | None = None) -> torch.Tensor:
     """open_clip ``ResidualAttentionBlock`` on batch-first ``x`` [B, L, D] with fused SDPA.
 
     Computes ``block(x, attn_mask=attn_mask)``: x + ls_1(MHA(ln_1 x)), then + ls_2(MLP(ln_2 x)), with the block's
@@ -113,11 +115,16 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     ``attn_mask``: additive [L, L] (the text tower's causal mask) or boolean (True = attend).
     ``kv_prefix``: raw keys / values [B, P, D] (after the in-projection) put in front of the sequence's and visible
     to every query — MAP's attention-level prompts (§3.3).
+    ``query_index``: long [B]; only that position of each row is computed -> [B, 1, D] (its row of the mask).
     """
     attn = block.attn
     if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
         raise ValueError("residual_block supports open_clip's plain self-attention only")
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index)
+    if query_index is not None:
+        x = take_rows(x, query_index)
+        if attn_mask is not None:
+            attn_mask = attn_mask[query_index][:, None, None, :]
     out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix)
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -237,13 +244,19 @@ class ClipBackbone(Backbone):
             x, mask = self.text_encoder.embed(ids), ids != 0
         return x, mask, TokenLayout([(stream, x.shape[1])])
 
-    def pool(self, stream: str, x: torch.Tensor, layout: TokenLayout, batch: Batch,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        """f_v: the image CLS wherever the prompts moved it -> ln_post -> @proj; f_t: the EOT of the text segment
-        -> ln_final -> @text_projection."""
+    def readout(self, stream: str, layout: TokenLayout, batch: Batch,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The image CLS, or the text EOT (= the largest id), wherever the prompts moved them."""
         if stream == IMAGE:
-            return self.image_encoder.pool(x, layout.offset(IMAGE))
-        return self.text_encoder.pool(x[:, layout.span(TEXT)], _take(batch["text_ids"], rows))
+            n = batch["image"].shape[0] if rows is None else rows.shape[0]
+            return torch.full((n,), layout.offset(IMAGE), dtype=torch.long, device=batch["image"].device)
+        return _take(batch["text_ids"], rows).argmax(dim=-1) + layout.offset(TEXT)
+
+    def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
+        """f_v = ln_post(CLS) @ proj; f_t = ln_final(EOT) @ text_projection (§5.2)."""
+        if stream == IMAGE:
+            return self.image_encoder.ln_post(token) @ self.image_encoder.proj
+        return self.text_encoder.ln_final(token) @ self.text_encoder.text_projection
 
     def build_head(self, num_classes: int) -> nn.Module:
         """Linear(2E, C), N(0, 0.02) / 0 (§6.5)."""

@@ -9,6 +9,8 @@ hooks before every block.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -26,16 +28,26 @@ class StreamEncoder(nn.Module):
         raise NotImplementedError
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
-                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Block `index` on x [B, N, D]; `mask` bool [B, N] (True = real token); optional prompt keys/values."""
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Block `index` on x [B, N, D]; `mask` bool [B, N] (True = real token); optional prompt keys/values.
+        With `query_index` (long [B]) only that position of each row is computed (keys and values still come
+        from every position): the output is [B, 1, D]."""
         raise NotImplementedError
 
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
-                       ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
-        """Every block, each preceded by the method's hooks: tokens in or out, then extra keys/values."""
+                       ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """Every block, each preceded by the method's hooks: tokens in or out, then extra keys/values.
+
+        `readout` (layout -> long [B]): the position each row's feature is read from after the last block; the last
+        block then computes only that position (exact: no other output of it is read) and x comes back [B, 1, D].
+        """
         info = self.info
+        last = len(self.blocks) - 1
         for index in range(len(self.blocks)):
             x, mask, layout = method.before_block(info, index, x, mask, layout, ctx)
             kv_prefix = method.attention_prompts(info, index, x, ctx)
-            x = self.run_block(index, x, mask, kv_prefix)
+            query_index = readout(layout) if readout is not None and index == last else None
+            x = self.run_block(index, x, mask, kv_prefix, query_index)
         return x, mask, layout

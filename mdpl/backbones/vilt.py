@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
-from mdpl.backbones.attention import prefixed_attention
+from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
@@ -106,14 +106,17 @@ class ViLTVisionTransformer(StreamEncoder):
                           causal=False, masks_padding=True)
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
-                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """timm pre-LN ``Block`` `index` with a key-padding mask; optional prompt K/V after the projection (§3.3)."""
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """timm pre-LN ``Block`` `index` with a key-padding mask; optional prompt K/V after the projection (§3.3);
+        only the positions `query_index` when given (`StreamEncoder.run_block`)."""
         blk = self.blocks[index]
         attn = blk.attn
         h = blk.norm1(x)
-        q, k, v = attn.qkv(h).chunk(3, dim=-1)
+        q, k, v = project_qkv(h, attn.qkv.weight, attn.qkv.bias, query_index)
         out = prefixed_attention(q, k, v, attn.num_heads, mask[:, None, None, :], kv_prefix,
                                  attn.attn_drop.p if attn.training else 0.0)
+        x = x if query_index is None else take_rows(x, query_index)
         x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
@@ -222,10 +225,15 @@ class ViLTBackbone(Backbone):
         return self.embed_joint(batch["text_ids"], batch["text_masks"], batch["image"], batch.get("image_sizes"),
                                 batch.get("image_sizes_host"))
 
-    def pool(self, stream: str, x: torch.Tensor, layout: TokenLayout, batch: Batch,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tanh(W norm(h_[CLS]) + b) of the text [CLS] wherever the prompts moved it (§2.1)."""
-        return self.pooler(self.transformer.norm(x[:, layout.offset(TEXT)]))
+    def readout(self, stream: str, layout: TokenLayout, batch: Batch,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The text [CLS], wherever the prompts moved it."""
+        n = batch["text_ids"].shape[0]
+        return torch.full((n,), layout.offset(TEXT), dtype=torch.long, device=batch["text_ids"].device)
+
+    def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
+        """tanh(W norm(h_[CLS]) + b) (§2.1)."""
+        return self.pooler(self.transformer.norm(token))
 
     def build_head(self, num_classes: int) -> nn.Module:
         return build_vilt_head(self.hidden_size, num_classes)

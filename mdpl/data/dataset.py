@@ -4,7 +4,8 @@ Items follow §1.3: Food-101 / Hateful Memes one item per row; MM-IMDb one item 
 (``mmimdb_items='plot'``, reference parity, D-7) or the first plot of each movie (``'movie'``).
 The missing table is per row (movie), so all plots of a movie share its missing type.
 
-``__getitem__`` returns a dict: ``image`` (transformed float tensor [3, H, W]), ``text`` (str),
+``__getitem__`` returns a dict: ``image`` (transformed float tensor [3, H, W]; decoded from the arrow file, or
+read from the opt-in pixel cache, mdpl/data/pixel_cache.py, with the same result), ``text`` (str),
 ``label`` (int, or float multi-hot tensor [23] for MM-IMDb), ``row_index``, ``item_index`` and
 ``missing_type`` (the table's type for the row; simulation and dummies are applied on device, see
 mdpl/data/missing.py). Tokenisation happens batched in the collate function (mdpl/data/collate.py).
@@ -165,6 +166,14 @@ class ArrowMultimodalDataset(Dataset):
         self._table: pa.Table | None = None  # opened lazily per process (workers re-map the file)
         self._pid = -1
         self.missing_table = self._make_missing(missing_spec, missing_table_root)
+        self.pixel_cache = None   # a mdpl.data.pixel_cache.PixelCache: images read from it, not decoded
+
+    def use_pixel_cache(self, cache) -> None:
+        """Read images from ``cache`` (mdpl/data/pixel_cache.py: the transform's output, bit for bit) instead of
+        decoding them; None goes back to decoding."""
+        if cache is not None and len(cache) != self.n_rows:
+            raise ValueError(f"pixel cache {cache.path} has {len(cache)} rows, {self.path} has {self.n_rows}")
+        self.pixel_cache = cache
 
     # ------------------------------------------------------------------------------------ building
     def _build_index(self, table: pa.Table, per_text: bool) -> None:
@@ -262,7 +271,7 @@ class ArrowMultimodalDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = int(self.item_rows[index])
         return {
-            "image": self.transform(self._decode(row)),
+            "image": self.transform(self._decode(row)) if self.pixel_cache is None else self.pixel_cache.image(row),
             "text": self.texts[int(self.item_text_pos[index])],
             "label": self.labels[row] if self.spec.multi_label else int(self.labels[row]),
             "row_index": row,

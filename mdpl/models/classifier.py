@@ -15,6 +15,7 @@ Build order (backbone, its weights, head, method) follows the ViLT references fo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -84,8 +85,9 @@ class PromptedClassifier(nn.Module):
         x, mask, layout = self.backbone.embed(stream.name, batch, rows)
         ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared)
         encoder = self.backbone.encoders()[stream.name]
-        x, mask, layout = encoder.forward_blocks(x, mask, layout, self.prompt, ctx)
-        feature = self.backbone.pool(stream.name, x, layout, batch, rows)
+        readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
+        token, _, _ = encoder.forward_blocks(x, mask, layout, self.prompt, ctx, readout)
+        feature = self.backbone.pool(stream.name, token[:, 0])
         if keep is None:
             return feature
         if rows is None:
