@@ -10,7 +10,7 @@ value types and ranges of the run settings (`check_switches`, `check_model_sizes
 `check_optimisation`, `check_data_options`: on/off keys that are not booleans, sizes that do not divide, GPUs
 without CUDA, unknown precision, a run length of 0, warmup/decay/optimizer values, sweep lists) and the files the
 run reads or writes (`check_files`: clip_path / clip_sha256, the format of load_path and resume_from, the
-tokenizer folder, dcp_dynamic_queries, log_dir and missing_table_root).
+tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_root and pixel_cache).
 
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
@@ -32,6 +32,7 @@ from typing import Any
 from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
+from mdpl.data.pixel_cache import pixel_cache_folder
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import (METHOD_SIZES, complete_method_keys, key_readers,  # noqa: F401 (re-exported)
                                method_default, method_defaults, method_presets)
@@ -432,8 +433,8 @@ def _folder_problem(path: str, writable: bool) -> str:
 
 def check_files(config: Mapping, data: bool = True) -> None:
     """The files and folders the run reads or writes, before any work: clip_path (+ clip_sha256), load_path's
-    format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's) the tokenizer folder and
-    missing_table_root."""
+    format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's) the tokenizer folder,
+    missing_table_root and pixel_cache (a bool or a string; the folder exists or can be created)."""
     backbone, test_only = config.get("backbone", "vilt"), bool(config.get("test_only"))
     clip_path, sha = str(config.get("clip_path") or ""), str(config.get("clip_sha256") or "")
     if backbone != "clip":
@@ -489,6 +490,15 @@ def check_files(config: Mapping, data: bool = True) -> None:
     problem = _folder_problem(root, writable=False) if root and data else ""
     if problem:   # a read-only folder is fine: tables found there are read, new ones are kept in memory
         _fail(f"missing_table_root={root!r} {problem}; set it to a folder (or '' for <data_root>/missing_tables)")
+    cache = config.get("pixel_cache", "")
+    if cache is not None and not isinstance(cache, (str, bool)):
+        _fail(f"pixel_cache={cache!r} must be '' (off: decode every epoch), a folder path, or True "
+              "(<data_root>/pixel_cache)")
+    folder = pixel_cache_folder(config) if data and cache not in (None, "", False) else None
+    problem = _folder_problem(str(folder), writable=False) if folder is not None else ""
+    if problem:   # read-only is fine when the cache files are there; writing them says so otherwise
+        _fail(f"pixel_cache={cache!r} ({folder}) {problem}; set it to a folder for the decoded images "
+              "(or '' to decode every epoch)")
 
 
 # ------------------------------------------------------------------------------------------ entry

@@ -197,6 +197,7 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
     batch = {k: v.to(device) for k, v in batch.items()}
     # as the collator does: the sizes as Python ints too, so ViLT sizes its patch tensor without a device sync
     batch["image_sizes_host"] = tuple((int(h), int(w)) for h, w in sizes.tolist())
+    batch["text_len_host"] = max(2, int(masks.sum(dim=1).max()))   # the collator's bound on the real text length
     return apply_missing(batch, batch["missing_type"], dummy_ids, dummy_masks)
 
 

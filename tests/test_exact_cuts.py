@@ -1,8 +1,11 @@
 """The exact cuts of the forward pass equal the uncut computation (logits and gradients, fp32, 1e-5).
 
 * The last block of every stream computes only the position its feature is read from (ViLT: the text [CLS];
-  CLIP: the image CLS and the text EOT) — `StreamEncoder.forward_blocks(readout=...)`. The uncut reference here
-  runs every position of the last block and then reads the same token.
+  CLIP: the image CLS and the text EOT) — `StreamEncoder.forward_blocks(readout=...)`.
+* The causal CLIP text tower drops the positions after the batch's last EOT once the method has read every position
+  for the last time (`needed`, `PromptMethod.reads_every_position_until`): MemPrompt after its last generative
+  layer, DCP after block 0's dynamic prompts, the others before block 0.
+The uncut reference here runs every position of every block and then reads the same tokens.
 
 Every method on both backbones, random inputs with mixed text lengths and all three missing types.
 """
@@ -50,6 +53,18 @@ def _batch(backbone: str) -> dict:
             "label": torch.randint(0, 101, (b,), generator=g)}
 
 
+def test_text_tower_runs_only_up_to_the_last_eot() -> None:
+    """The cut is real: the text tower's blocks see 1 + 70 + 1 = 72 data positions, not 77 (longest text: 70)."""
+    model = _model("map", "clip")
+    seen = []
+    tower = model.backbone.text_encoder
+    inner = tower.run_block
+    tower.run_block = lambda index, x, *a: seen.append(x.shape[1]) or inner(index, x, *a)
+    with torch.no_grad():
+        model(_batch("clip"))
+    assert seen == [72 + 6, 72 + 6 + 6, 72 + 6 + 6]   # MAP tiny: 6 prompts before blocks 0 and 1
+
+
 def _uncut_forward(model, batch: dict) -> torch.Tensor:
     """The classifier's forward with every position of every block computed, the feature token read afterwards."""
     mt = batch["missing_type"]
@@ -68,10 +83,13 @@ def _uncut_forward(model, batch: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("backbone", ["vilt", "clip"])
 @pytest.mark.parametrize("method", METHODS)
-def test_last_block_readout_equals_the_full_block(method: str, backbone: str) -> None:
+@pytest.mark.parametrize("host_length", [True, False], ids=["text_len_host", "from_ids"])
+def test_cut_forward_equals_the_full_computation(method: str, backbone: str, host_length: bool) -> None:
     over = {"dcp_skip_missing": False} if method == "dcp" else {}
     model = _model(method, backbone, **over)
     batch = _batch(backbone)
+    if host_length:   # as the collator gives it: the longest real text (CLIP: SOT .. EOT)
+        batch["text_len_host"] = int((batch["text_ids"] != 0).sum(1).max()) if backbone == "clip" else 12
     cut = model(batch)["logits"]
     full = _uncut_forward(model, batch)
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)

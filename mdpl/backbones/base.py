@@ -45,6 +45,10 @@ class Backbone(nn.Module):
         [CLS], the image CLS, the text EOT); the last block computes only these positions."""
         raise NotImplementedError
 
+    def needed_length(self, stream: str, batch: Batch) -> int | None:
+        """On a causal stream: how many leading data positions can change a read-out token (None: all)."""
+        return None
+
     def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
         """The feature [B, F] of `stream` from its read-out token [B, D] after the last block (norm, projection)."""
         raise NotImplementedError

@@ -252,6 +252,15 @@ class ClipBackbone(Backbone):
             return torch.full((n,), layout.offset(IMAGE), dtype=torch.long, device=batch["image"].device)
         return _take(batch["text_ids"], rows).argmax(dim=-1) + layout.offset(TEXT)
 
+    def needed_length(self, stream: str, batch: Batch) -> int | None:
+        """Text: up to the last EOT of the batch (causal attention: later positions cannot change it), from the
+        collator's host-side ``text_len_host`` when present (no device sync)."""
+        if stream != TEXT:
+            return None
+        if "text_len_host" in batch:
+            return int(batch["text_len_host"])
+        return int((batch["text_ids"] != 0).sum(dim=1).max())
+
     def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
         """f_v = ln_post(CLS) @ proj; f_t = ln_final(EOT) @ text_projection (§5.2)."""
         if stream == IMAGE:

@@ -37,17 +37,31 @@ class StreamEncoder(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                        ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+                       needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         """Every block, each preceded by the method's hooks: tokens in or out, then extra keys/values.
 
         `readout` (layout -> long [B]): the position each row's feature is read from after the last block; the last
         block then computes only that position (exact: no other output of it is read) and x comes back [B, 1, D].
+        `needed` (causal streams): how many leading positions of the stream's data segment can matter (up to the
+        last read-out token); the rest is dropped once the method has read every position for the last time.
         """
         info = self.info
         last = len(self.blocks) - 1
+        cut = max(method.reads_every_position_until(info), 0) if needed is not None else -1
         for index in range(len(self.blocks)):
             x, mask, layout = method.before_block(info, index, x, mask, layout, ctx)
+            if index == cut:
+                x, mask, layout = _drop_tail(x, mask, layout, info.name, needed)
             kv_prefix = method.attention_prompts(info, index, x, ctx)
             query_index = readout(layout) if readout is not None and index == last else None
             x = self.run_block(index, x, mask, kv_prefix, query_index)
         return x, mask, layout
+
+
+def _drop_tail(x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, segment: str,
+               needed: int) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+    """Keep the first `needed` positions of `segment` when it ends the sequence (prompts go in front)."""
+    if segment not in layout or layout.end(segment) != layout.total or needed >= layout.length(segment):
+        return x, mask, layout
+    end = layout.offset(segment) + needed
+    return x[:, :end], mask[:, :end], layout.resized(segment, needed)

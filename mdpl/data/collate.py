@@ -13,15 +13,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad [3, h, w] tensors bottom/right to the max (h, w) -> ([B, 3, Hmax, Wmax], sizes int64 [B, 2])."""
     sizes = torch.tensor([[img.shape[-2], img.shape[-1]] for img in images], dtype=torch.long)
     h_max, w_max = (int(v) for v in sizes.max(dim=0).values)
-    padded = [F.pad(img, (0, w_max - img.shape[-1], 0, h_max - img.shape[-2])) for img in images]
-    return torch.stack(padded), sizes
+    if all(img.shape[-2:] == (h_max, w_max) for img in images):
+        return torch.stack(list(images)), sizes
+    out = images[0].new_zeros((len(images), images[0].shape[0], h_max, w_max))   # one copy per image, no F.pad
+    for i, img in enumerate(images):
+        out[i, :, :img.shape[-2], :img.shape[-1]] = img
+    return out, sizes
 
 
 class Collator:
@@ -48,6 +51,7 @@ class Collator:
             "text": texts,
             "text_ids": text_ids,
             "text_masks": text_masks,
+            "text_len_host": max(2, int(text_masks.sum(dim=1).max())),   # longest real text (a device-sync-free bound)
             "label": label,
             "missing_type": torch.tensor([it["missing_type"] for it in items], dtype=torch.long),
             "row_index": torch.tensor([it["row_index"] for it in items], dtype=torch.long),

@@ -2,7 +2,8 @@
 
 * ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test), each with
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
-  ``test_type`` overrides applied to copies).
+  ``test_type`` overrides applied to copies) and, with ``pixel_cache`` (opt-in), its pixel cache: the resized
+  uint8 images, written on first use and memory-mapped after (mdpl/data/pixel_cache.py; same tensors).
 * Loaders: ``per_gpu_batchsize``, ``num_workers``, persistent workers when > 0, pinned memory on CUDA;
   train in the order of :class:`mdpl.data.sampler.SeededTrainSampler` (a function of seed and epoch, sharded
   over DDP ranks), val/test in order; under DDP val/test get an unpadded sampler (rank r reads items r, r+W,
@@ -25,6 +26,7 @@ from mdpl.data.dataset import ArrowMultimodalDataset, arrow_path, count_rows, ch
 from mdpl.data.sampler import SeededTrainSampler
 from mdpl.data.missing import (SPLITS, MissingSpec, apply_missing, load_or_create_missing_table,
                                missing_specs, simulated_types)
+from mdpl.data.pixel_cache import open_pixel_cache, pixel_cache_folder, pixel_stages
 from mdpl.data.tokenizers import build_tokenizer
 from mdpl.data.transforms import build_transform
 
@@ -55,6 +57,8 @@ class MDPLDataModule(pl.LightningDataModule):
         self.specs: dict[str, MissingSpec] = missing_specs(self.config)
         self.table_root = self.config.get("missing_table_root") or str(Path(self.data_root) / "missing_tables")
         self.transform = build_transform(self.config)
+        self.pixel_cache = pixel_cache_folder(self.config)   # None: decode every epoch
+        self.pixel_stages = pixel_stages(self.config, self.transform) if self.pixel_cache is not None else None
         self.tokenizer = build_tokenizer(self.config)
         self.collator = Collator(self.tokenizer, dynamic_text_padding=bool(self.config.get("dynamic_text_padding", False))
                                  and self.config.get("backbone", "vilt") == "vilt")  # CLIP keeps its 77 positions
@@ -71,10 +75,15 @@ class MDPLDataModule(pl.LightningDataModule):
                 self.datasets[split] = self.build_dataset(split)
 
     def build_dataset(self, split: str) -> ArrowMultimodalDataset:
-        """One split with its missing table (cached under ``missing_table_root``)."""
-        return ArrowMultimodalDataset(self.data_root, self.dataset_name, split, self.transform,
-                                      missing_spec=self.specs[split], missing_table_root=self.table_root,
-                                      mmimdb_items=self.config.get("mmimdb_items", "plot"))
+        """One split with its missing table (cached under ``missing_table_root``) and, with ``pixel_cache``, its
+        pixel cache (written on first use, mdpl/data/pixel_cache.py)."""
+        dataset = ArrowMultimodalDataset(self.data_root, self.dataset_name, split, self.transform,
+                                         missing_spec=self.specs[split], missing_table_root=self.table_root,
+                                         mmimdb_items=self.config.get("mmimdb_items", "plot"))
+        if self.pixel_cache is not None:
+            dataset.use_pixel_cache(open_pixel_cache(self.pixel_cache, dataset, self.pixel_stages,
+                                                     workers=int(self.config.get("num_workers", 0))))
+        return dataset
 
     # ------------------------------------------------------------------------------------- loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -86,7 +86,8 @@ class PromptedClassifier(nn.Module):
         ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared)
         encoder = self.backbone.encoders()[stream.name]
         readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
-        token, _, _ = encoder.forward_blocks(x, mask, layout, self.prompt, ctx, readout)
+        needed = self.backbone.needed_length(stream.name, batch)
+        token, _, _ = encoder.forward_blocks(x, mask, layout, self.prompt, ctx, readout, needed)
         feature = self.backbone.pool(stream.name, token[:, 0])
         if keep is None:
             return feature

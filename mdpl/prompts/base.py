@@ -171,6 +171,12 @@ class PromptMethod(nn.Module):
         """Extra (K, V) of block `index` of `stream`, each [B, P, width], or None."""
         return None
 
+    def reads_every_position_until(self, stream: StreamInfo) -> int:
+        """The last block whose hooks read every position of `stream` (e.g. a max-pool over its padding too), -1 if
+        none: on a causal stream the positions after the last read-out token are dropped after that block's hooks
+        (exact: later positions cannot change earlier ones)."""
+        return -1
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the method learns (the classifier's freezing routine trains exactly these of its parameters)."""
         return (p for p in self.parameters() if p.requires_grad)

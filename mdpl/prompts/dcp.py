@@ -289,6 +289,10 @@ class DeepCorrelatedPrompts(PromptMethod):
         x, mask = splice_tokens(x, mask, 0, [t for _, t in new])
         return x, mask, layout.prepend([(name, t.shape[1]) for name, t in new])
 
+    def reads_every_position_until(self, stream: StreamInfo) -> int:
+        """The dynamic prompts attend over every position of the block-0 input (on CLIP, padding too)."""
+        return 0 if self.layout.dynamic else -1
+
     @classmethod
     def added_tokens(cls, config: DCPConfig, info: BackboneInfo) -> dict[str, int]:
         """Layer and common prompts per modality of the stream, plus one set of dynamic prompts."""

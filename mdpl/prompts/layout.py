@@ -82,6 +82,10 @@ class TokenLayout:
     def insert_after(self, name: str, new: Sequence[tuple[str, int] | Segment]) -> "TokenLayout":
         return self.insert_at(self._index(name) + 1, new)
 
+    def resized(self, name: str, length: int) -> "TokenLayout":
+        """The same layout with segment `name` `length` tokens long."""
+        return TokenLayout([Segment(s.name, length) if s.name == name else s for s in self.segments])
+
     def prepend(self, new: Sequence[tuple[str, int] | Segment]) -> "TokenLayout":
         return self.insert_at(0, new)
 

@@ -189,6 +189,12 @@ class MemPrompt(PromptMethod):
             out.append((f"mem.gen_{side}.{index}", self.generative_prompt(modality, index, x, mask, layout)))
         return out
 
+    def reads_every_position_until(self, stream: StreamInfo) -> int:
+        """The retrieval queries max-pool over every text position, [PAD] included, unless padding is masked."""
+        if TEXT not in stream.modalities or self.mask_text_padding or not self.gen_prompt_layers:
+            return -1
+        return max(self.gen_prompt_layers)
+
     # --- hook ----------------------------------------------------------------------------------------
     def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                      layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
