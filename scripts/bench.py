@@ -13,7 +13,8 @@ the batch format of mdpl.data.collate (mixed missing types, dummies applied with
 reporting samples/s, peak memory (CUDA ``max_memory_allocated``; on CPU the peak-RSS increase, via
 ``/proc/self/clear_refs``) and an MFU estimate. Then it times the DataModule's train loader (decode +
 transform + tokenise + collate) on an arrow file (``--data-root``, or a synthetic one written with
-``mdpl.data.synthetic`` + ``make_arrow``).
+``mdpl.data.synthetic`` + ``make_arrow``), and again with the pixel cache (config ``pixel_cache``: the resized
+uint8 images read memory-mapped instead of decoded; same tensors), reporting images/s and images/s per core.
 
 FLOPs: counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real computation of each row, on its
 two batches, at its precision (``count_flops``): the evaluation forward, and the training forward + task loss +
@@ -22,11 +23,19 @@ fused attention (multiply-add = 2; elementwise ops, norms, softmax and embedding
 of the CUDA fused attention kernels are applied to the CPU fused kernel too, which it does not count by itself.
 A fused attention backward computes the gradients of queries, keys and values even where only some are needed.
   MFU = FLOPs per step / step time / peak FLOP/s (--peak-tflops, or a table for H100/H200/A100 dense).
+"need GF" (``*_gflops_needed_per_sample``): the same count on every sample alone, its text cut to its own length
+(``needed_flops``): the computation the answer needs, against the executed "GF/smp" of the batched step (padding,
+rows of a dropped modality). For MemPrompt, whose faithful text query reads [PAD] positions, it is the
+padding-free answer. "cpu tr ms": process CPU time per training step (all threads), beside the wall time.
+Batches: missing types drawn 30 % complete / 35 % text missing / 35 % image missing (``missing_ratio`` 0.7,
+'both'), real texts of a uniform length in each dataset's ``TEXT_FILL`` range, images at realistic aspects.
 
 Examples:
   python scripts/bench.py --small                                     # CPU, < 2 min on 2 cores
   python scripts/bench.py --device cuda --json bench_h100.json        # full size, all methods/precisions
   python scripts/bench.py --device cuda --text-padding full --methods none,map,memprompt  # ViLT, pad to max_text_len
+  python scripts/bench.py --loader-only --small --methods none --datasets hatememes --loader-image-px 700 \
+      --loader-rows 256 --loader-batch-size 32 --loader-batches 12 --loader-workers 0 --threads 1  # decode vs cache
 """
 from __future__ import annotations
 
@@ -371,8 +380,9 @@ def make_eval_step(model, device: torch.device, precision: str) -> Callable:
 
 
 def time_loop(step: Callable, batches: list[dict], warmup: int, steps: int, device: torch.device,
-              meter: MemoryMeter) -> tuple[float, float | None]:
-    """Seconds per step (mean over ``steps`` after ``warmup``) and the peak memory of all the steps.
+              meter: MemoryMeter) -> tuple[float, float, float | None]:
+    """Wall seconds and process CPU seconds per step (means over ``steps`` after ``warmup``) and the peak memory of
+    all the steps.
 
     The meter starts before the warm-up: the first training step allocates the gradients and the
     optimizer state, and on CPU the allocator keeps that memory, so a meter started later sees ~0."""
@@ -380,11 +390,34 @@ def time_loop(step: Callable, batches: list[dict], warmup: int, steps: int, devi
     for i in range(warmup):
         step(batches[i % len(batches)])
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(steps):
         step(batches[i % len(batches)])
     _sync(device)
-    return (time.perf_counter() - t0) / steps, meter.peak_mib()
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps, meter.peak_mib()
+
+
+def single_samples(batch: dict) -> list[dict]:
+    """Each sample of `batch` alone, its text cut to its own length: the inputs of the computation the answer
+    needs (no padding of any kind, a dropped modality not computed)."""
+    out = []
+    for i in range(batch["missing_type"].shape[0]):
+        one = {k: v[i:i + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        length = max(2, int(one["text_masks"].sum()))
+        one["text_len_host"] = length
+        if "image_sizes_host" in batch:
+            one["image_sizes_host"] = batch["image_sizes_host"][i:i + 1]
+        if one["text_ids"].shape[1] != 77:   # ViLT: the text segment itself; CLIP keeps 77 ids, cut by the model
+            one["text_ids"], one["text_masks"] = one["text_ids"][:, :length], one["text_masks"][:, :length]
+        out.append(one)
+    return out
+
+
+def needed_flops(model, cfg: dict, batch: dict, device: torch.device, precision: str) -> Flops:
+    """FLOPs of the same model on every sample alone and unpadded (`single_samples`), summed: what the answer
+    needs, against which the executed FLOPs of the batched step are compared."""
+    counts = [count_flops(model, cfg, one, device, precision) for one in single_samples(batch)]
+    return Flops(sum(c.forward for c in counts), sum(c.train for c in counts))
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -426,15 +459,16 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
         if hasattr(raw, "set_frozen_modes"):
             raw.set_frozen_modes()
         step, opt = make_train_step(model, cfg, device, precision)
-        t_train, row["train_peak_mib"] = time_loop(step, batches, args.warmup, args.steps, device, meter)
+        t_train, cpu_train, row["train_peak_mib"] = time_loop(step, batches, args.warmup, args.steps, device, meter)
         opt.zero_grad(set_to_none=True)
         del step, opt
         _free(device)
         model.eval()
-        t_eval, row["eval_peak_mib"] = time_loop(make_eval_step(model, device, precision), batches,
-                                                 args.warmup, args.steps, device, meter)
+        t_eval, cpu_eval, row["eval_peak_mib"] = time_loop(make_eval_step(model, device, precision), batches,
+                                                           args.warmup, args.steps, device, meter)
         # counted after the timed loops, so that the memory figures are those of the steps alone
         flops = [count_flops(raw, cfg, b, device, precision) for b in batches]
+        needed = [needed_flops(raw, cfg, b, device, precision) for b in batches]
     except RuntimeError as err:
         if not _is_oom(err):
             raise
@@ -442,8 +476,13 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
         return row
     fl_train = sum(f.train for f in flops) / len(flops)
     fl_eval = sum(f.forward for f in flops) / len(flops)
+    need_train = sum(f.train for f in needed) / len(needed)
+    need_eval = sum(f.forward for f in needed) / len(needed)
     row.update({
         "train_step_ms": 1e3 * t_train, "eval_step_ms": 1e3 * t_eval,
+        "train_cpu_ms": 1e3 * cpu_train, "eval_cpu_ms": 1e3 * cpu_eval,
+        "train_gflops_needed_per_sample": need_train / batch_size / 1e9,
+        "eval_gflops_needed_per_sample": need_eval / batch_size / 1e9,
         "train_samples_per_s": batch_size / t_train, "eval_samples_per_s": batch_size / t_eval,
         "train_gflops_per_sample": fl_train / batch_size / 1e9, "eval_gflops_per_sample": fl_eval / batch_size / 1e9,
         "train_tflops_per_s": fl_train / t_train / 1e12, "eval_tflops_per_s": fl_eval / t_eval / 1e12,
@@ -467,8 +506,29 @@ def _synthetic_arrow(dataset: str, root: Path, rows: int, image_px: int) -> Path
     return out
 
 
+def _time_train_loader(dm, n_target: int) -> tuple[int, int, float]:
+    """(batches timed, images, seconds) over ``n_target`` train batches after the first (epochs repeat)."""
+    loader = dm.train_dataloader()
+    seen, images, t0 = 0, 0, None
+    while seen <= n_target:
+        for batch in loader:
+            if t0 is None:  # the first batch pays for worker start-up
+                t0 = time.perf_counter()
+            else:
+                images += batch["image"].shape[0]
+            seen += 1
+            if seen > n_target:
+                break
+    elapsed = time.perf_counter() - t0
+    del loader
+    return seen - 1, images, elapsed
+
+
 def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) -> dict:
-    """Train-loader images/s: decode + transform + tokenise + collate (+ pinned memory on CUDA)."""
+    """Train-loader images/s: decode + transform + tokenise + collate (+ pinned memory on CUDA), then the same
+    with the pixel cache (config pixel_cache: the resized uint8 images memory-mapped, no decoding; same tensors),
+    unless --no-loader-cache. Per core = images/s / max(workers, 1) (workers=0: the main process only; run with
+    --threads 1 so the normalisation is not spread over several threads)."""
     from mdpl.data.datamodule import MDPLDataModule
     from mdpl.data.synthetic import write_wordpiece_vocab
 
@@ -482,31 +542,38 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
         if args.tokenizer:
             overrides["tokenizer"] = args.tokenizer
     else:
-        overrides["data_root"] = str(_synthetic_arrow(dataset, work, rows, 128 if args.small else 512))
+        image_px = args.loader_image_px or (128 if args.small else 512)
+        overrides["data_root"] = str(_synthetic_arrow(dataset, work / f"px{image_px}", rows, image_px))
         vocab = write_wordpiece_vocab(work / "vocab" / "vocab.txt")
         overrides["tokenizer"] = str(vocab.parent)
         overrides["vocab_size"] = len(vocab.read_text(encoding="utf-8").splitlines())
     cfg = resolve_config(method, dataset, args.small, overrides)
+    n_target = args.loader_batches or (6 if args.small else 40)
+    cores = max(workers, 1)
     dm = MDPLDataModule(cfg)
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    n_target = args.loader_batches or (6 if args.small else 40)
-    seen, images, t0 = 0, 0, None
-    while seen <= n_target:
-        for batch in loader:
-            if t0 is None:  # the first batch pays for worker start-up
-                t0 = time.perf_counter()
-            else:
-                images += batch["image"].shape[0]
-            seen += 1
-            if seen > n_target:
-                break
-    elapsed = time.perf_counter() - t0
-    del loader, dm
+    timed, images, elapsed = _time_train_loader(dm, n_target)
+    del dm
     gc.collect()
-    return {"dataset": dataset, "backbone": backbone, "workers": workers, "batch": batch_size,
-            "batches_timed": seen - 1, "images_per_s": images / elapsed if elapsed > 0 else None,
-            "source": args.data_root or "synthetic"}
+    decode = images / elapsed if elapsed > 0 else None
+    row = {"dataset": dataset, "backbone": backbone, "workers": workers, "batch": batch_size,
+           "batches_timed": timed, "images_per_s": decode, "images_per_s_per_core": decode and decode / cores,
+           "cache_images_per_s": None, "cache_images_per_s_per_core": None, "cache_speedup": None,
+           "cache_write_s": None, "source": args.data_root or "synthetic"}
+    if args.no_loader_cache:
+        return row
+    with tempfile.TemporaryDirectory(prefix="pixel_cache_", dir=work) as folder:
+        started = time.perf_counter()
+        dm = MDPLDataModule({**cfg, "pixel_cache": folder})
+        dm.setup("fit")   # writes the train and val caches (num_workers processes)
+        row["cache_write_s"] = time.perf_counter() - started
+        _, images, elapsed = _time_train_loader(dm, n_target)
+        del dm
+        gc.collect()
+    cached = images / elapsed if elapsed > 0 else None
+    row.update(cache_images_per_s=cached, cache_images_per_s_per_core=cached and cached / cores,
+               cache_speedup=cached / decode if cached and decode else None)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -543,6 +610,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-batch-size", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None, help="timed loader batches")
     p.add_argument("--loader-rows", type=int, default=None, help="rows of the synthetic train arrow")
+    p.add_argument("--loader-image-px", type=int, default=None,
+                   help="side of the synthetic images (default 128 small, 512 full; Hateful Memes-like: 700)")
+    p.add_argument("--no-loader-cache", action="store_true", help="time the decode path only, not the pixel cache")
+    p.add_argument("--loader-only", action="store_true", help="only the dataloader benchmark (no model rows)")
     args = p.parse_args(list(argv) if argv is not None else None)
     args.method_list = _csv(args.methods)
     args.dataset_list = _csv(args.datasets)
@@ -561,7 +632,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: list[dict], loader: list[dict]) -> str:
     head = (f"{'method':<10}{'backbone':<9}{'dataset':<10}{'precision':<11}{'batch':>6}{'seq':>6}"
-            f"{'train/s':>10}{'eval/s':>10}{'mem tr MiB':>11}{'mem ev MiB':>11}{'GF/smp':>9}{'MFU tr':>8}{'MFU ev':>8}")
+            f"{'train/s':>10}{'eval/s':>10}{'cpu tr ms':>10}{'mem tr MiB':>11}{'mem ev MiB':>11}{'need GF':>9}"
+            f"{'GF/smp':>9}{'MFU tr':>8}{'MFU ev':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] != "ok":
@@ -572,14 +644,19 @@ def format_table(rows: list[dict], loader: list[dict]) -> str:
         mfu_e = None if r["eval_mfu"] is None else 100 * r["eval_mfu"]
         lines.append(
             f"{r['method']:<10}{r['backbone']:<9}{r['dataset']:<10}{r['precision']:<11}{r['batch']:>6}{r['seq_len']:>6}"
-            f"{r['train_samples_per_s']:>10.4g}{r['eval_samples_per_s']:>10.4g}{_fmt(r['train_peak_mib'], '>11.1f')}"
-            f"{_fmt(r['eval_peak_mib'], '>11.1f')}{r['train_gflops_per_sample']:>9.3g}"
+            f"{r['train_samples_per_s']:>10.4g}{r['eval_samples_per_s']:>10.4g}{r['train_cpu_ms']:>10.4g}"
+            f"{_fmt(r['train_peak_mib'], '>11.1f')}{_fmt(r['eval_peak_mib'], '>11.1f')}"
+            f"{r['train_gflops_needed_per_sample']:>9.3g}{r['train_gflops_per_sample']:>9.3g}"
             f"{_fmt(mfu_t, '>7.1f') + ('%' if mfu_t is not None else ''):>8}"
             f"{_fmt(mfu_e, '>7.1f') + ('%' if mfu_e is not None else ''):>8}")
     if loader:
-        lines += ["", f"{'loader':<10}{'backbone':<9}{'workers':>8}{'batch':>6}{'images/s':>10}"]
+        lines += ["", f"{'loader':<10}{'backbone':<9}{'workers':>8}{'batch':>6}{'images/s':>10}{'/core':>9}"
+                      f"{'cached/s':>10}{'/core':>9}{'speedup':>9}{'write s':>9}"]
         lines += [f"{r['dataset']:<10}{r['backbone']:<9}{r['workers']:>8}{r['batch']:>6}"
-                  f"{_fmt(r['images_per_s'], '>10.1f')}" for r in loader]
+                  f"{_fmt(r['images_per_s'], '>10.1f')}{_fmt(r.get('images_per_s_per_core'), '>9.1f')}"
+                  f"{_fmt(r.get('cache_images_per_s'), '>10.1f')}{_fmt(r.get('cache_images_per_s_per_core'), '>9.1f')}"
+                  f"{_fmt(r.get('cache_speedup'), '>8.1f') + ('x' if r.get('cache_speedup') else ''):>9}"
+                  f"{_fmt(r.get('cache_write_s'), '>9.1f')}" for r in loader]
     return "\n".join(lines)
 
 
@@ -617,7 +694,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict:
         raise SystemExit("--steps must be >= 1")
 
     rows = []
-    for method in args.method_list:
+    for method in ([] if args.loader_only else args.method_list):
         for dataset in args.dataset_list:
             for precision in precisions:
                 for bs in batch_sizes:
