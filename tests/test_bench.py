@@ -107,6 +107,9 @@ def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, capsys):
             assert f_train == m_train
         else:                                        # the fused backward recomputes the scores (and all of dQ/dK/dV)
             assert m_train < f_train < m_train + f_fwd
+    for phase in ("train", "eval"):   # the answer needs no more than the batched step executes (padding, rows)
+        assert 0 < row[f"{phase}_gflops_needed_per_sample"] <= row[f"{phase}_gflops_per_sample"] * (1 + 1e-9)
+        assert row[f"{phase}_cpu_ms"] > 0
     for phase in ("train", "eval"):
         flops = row[f"{phase}_gflops_per_sample"] * 1e9 * batch_size
         seconds = row[f"{phase}_step_ms"] / 1e3
