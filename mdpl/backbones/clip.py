@@ -193,7 +193,13 @@ class ClipTextTower(_Tower):
         return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
 
     def attention_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return self.causal_mask(length, device, dtype)
+        """The causal mask of the current length, made once per (length, device, dtype) rather than per block."""
+        key = (length, device, dtype, torch.is_inference_mode_enabled())   # no inference tensor in autograd
+        cached = getattr(self, "_causal_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.causal_mask(length, device, dtype))
+            self._causal_cache = cached
+        return cached[1]
 
     def pool(self, x: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
         """Data-token outputs [B, 77, D] -> ``ln_final`` -> EOT (= argmax id) -> @ ``text_projection``."""
