@@ -24,7 +24,7 @@ ex = Experiment("mdpl", save_git_info=False)
 NAMED_CONFIG_KINDS = {
     "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
     "method preset": tuple(method_presets().values()),
-    "backbone switch": ("on_clip", "on_vilt"),
+    "backbone switch": ("on_clip", "on_vilt", "on_coca"),
     "size config": ("tiny", "demo"),
 }
 
@@ -73,7 +73,7 @@ def base_config():
     num_workers = 8
     batch_size = 256              # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
     per_gpu_batchsize = 4         # micro-batch per device
-    image_size = 224 if backbone == "clip" else 384   # ViLT 'pixelbert' shorter side 384; CLIP 224
+    image_size = 224 if backbone in ("clip", "coca") else 384   # ViLT 'pixelbert' shorter side 384; CLIP, CoCa 224
     max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
     max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
     interpolate_text_positions = False  # ViLT: interpolate the checkpoint's 40 text positions to a longer max_text_len
@@ -85,6 +85,10 @@ def base_config():
     tokenizer = ""                # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
     vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
     mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only
+    # Opt-in pixel cache (mdpl/data/pixel_cache.py): each split's resized uint8 images, written on first use and
+    # memory-mapped after; the model gets the same tensors, bit for bit. Disk ~ images x H x W x 3 bytes per transform
+    # (README "Data"); a cache of another arrow file / image_size / transform is refused.
+    pixel_cache = ""              # "" = off (decode every epoch) | a folder | True = <data_root>/pixel_cache
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
@@ -118,6 +122,21 @@ def base_config():
     clip_text_width = 512
     clip_text_heads = 8
     clip_text_layers = 12
+    # CoCa (docs/methods.md §5b): open_clip coca_ViT-B-32, its image tower and unimodal text tower; sizes as CLIP's
+    coca_path = ""                # local open_clip CoCa state dict (.bin, .pt, .safetensors); "" = random init
+    coca_sha256 = ""              # optional SHA-256 check of coca_path
+    coca_embed_dim = 512
+    coca_patch_size = 32
+    coca_vision_width = 768
+    coca_vision_layers = 12
+    coca_vision_head_width = 64
+    coca_attn_pooler_heads = 8
+    coca_context_length = 76      # text ids; CoCa appends its CLS token as position 77
+    coca_vocab_size = 49408
+    coca_text_width = 512
+    coca_text_heads = 8
+    coca_text_layers = 12
+    coca_pool_prompts = False     # True: the attentional pooler (image feature) also attends over the prompt tokens
     finetune = False              # True: train the backbone too (baseline 'finetune' option)
     frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
@@ -147,6 +166,18 @@ def base_config():
     dcp_correlated = method_default(prompt_method, method_sizes, "dcp_correlated")
     dcp_dynamic = method_default(prompt_method, method_sizes, "dcp_dynamic")        # off: no dynamic prompts
     dcp_common = method_default(prompt_method, method_sizes, "dcp_common")          # off: no modal-common prompts
+    # DCP ablation switches of the paper's Tables 1-3, our readings (docs/methods.md §6.7); defaults = the reference
+    # correlated-chain projections F_l: 'mlp' (LN -> bottleneck MLP, r = 16) | 'fc' (LN -> one Linear)
+    dcp_projection = method_default(prompt_method, method_sizes, "dcp_projection")
+    # 'bi': each side's next prompts from both sides' previous ones | 'uni': from its own side's only
+    dcp_correlated_inputs = method_default(prompt_method, method_sizes, "dcp_correlated_inputs")
+    dcp_dynamic_depth = method_default(prompt_method, method_sizes, "dcp_dynamic_depth")  # fresh Dyn at blocks 0..d-1
+    # 'attention' | 'max' | 'min' | 'avg': pool the block input in n windows, then one Linear
+    dcp_dynamic_mode = method_default(prompt_method, method_sizes, "dcp_dynamic_mode")
+    dcp_common_depth = method_default(prompt_method, method_sizes, "dcp_common_depth")    # fresh C at blocks 0..d-1
+    # modal-common projections G: 'mlp' (bottleneck, text width // dcp_common_reduction) | 'fc' (one Linear)
+    dcp_common_projection = method_default(prompt_method, method_sizes, "dcp_common_projection")
+    dcp_common_reduction = method_default(prompt_method, method_sizes, "dcp_common_reduction")  # paper: 16
     # reference: dynamic queries are frozen (saved as buffers here, D-34)
     dcp_dynamic_trainable = method_default(prompt_method, method_sizes, "dcp_dynamic_trainable")
     # reference: the per-layer projections start as identical copies (D-39)
@@ -283,6 +314,12 @@ def on_clip():
 
 
 @ex.named_config
+def on_coca():
+    # CoCa ViT-B/32 two towers (DCP appendix Table 6): 224 px CLIP transform, text 76 BPE tokens + CoCa's CLS.
+    backbone = "coca"
+
+
+@ex.named_config
 def on_vilt():
     # ViLT ViT-B/32 single stream: 384 px 'pixelbert' shorter side.
     backbone = "vilt"
@@ -309,6 +346,13 @@ def tiny():
     clip_text_width = 64
     clip_text_heads = 2
     clip_text_layers = 2
+    coca_embed_dim = 32
+    coca_vision_width = 64
+    coca_vision_layers = 2
+    coca_vision_head_width = 32
+    coca_text_width = 64
+    coca_text_heads = 2
+    coca_text_layers = 2
     num_gpus = 0
     num_workers = 0
     precision = "32-true"

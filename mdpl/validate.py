@@ -9,8 +9,8 @@ that does not exist, and a ``data_root`` that is not a folder or lacks the arrow
 value types and ranges of the run settings (`check_switches`, `check_model_sizes`, `check_trainer`,
 `check_optimisation`, `check_data_options`: on/off keys that are not booleans, sizes that do not divide, GPUs
 without CUDA, unknown precision, a run length of 0, warmup/decay/optimizer values, sweep lists) and the files the
-run reads or writes (`check_files`: clip_path / clip_sha256, the format of load_path and resume_from, the
-tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_root and pixel_cache).
+run reads or writes (`check_files`: clip_path / clip_sha256, coca_path / coca_sha256, the format of load_path and
+resume_from, the tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_root and pixel_cache).
 
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
@@ -126,6 +126,9 @@ def _depth(config: Mapping) -> tuple[int, str]:
     if config.get("backbone", "vilt") == "clip":
         n = min(int(config.get("clip_vision_layers") or 12), int(config.get("clip_text_layers") or 12))
         return n, "the CLIP backbone (clip_vision_layers, clip_text_layers)"
+    if config.get("backbone", "vilt") == "coca":
+        n = min(int(config.get("coca_vision_layers") or 12), int(config.get("coca_text_layers") or 12))
+        return n, "the CoCa backbone (coca_vision_layers, coca_text_layers)"
     return int(config.get("num_layers") or 12), "the ViLT backbone (num_layers)"
 
 
@@ -216,7 +219,7 @@ def check_data_root(config: Mapping) -> None:
 
 # ---------------------------------------------------------------------------------- run settings
 BOOL_KEYS = ("test_only", "finetune", "frozen_eval_mode", "simulate_missing", "compile", "resume",
-             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters")
+             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters", "coca_pool_prompts")
 """Switches of the run: True or False only (a string such as 'no' would count as True). The methods' own
 switches are their boolean keys (`method_bool_keys`)."""
 
@@ -229,6 +232,9 @@ VILT_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "patch_size", "image
 CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
                   "clip_vision_head_width", "clip_context_length", "clip_vocab_size", "clip_text_width",
                   "clip_text_heads", "clip_text_layers")
+COCA_SIZE_KEYS = ("coca_embed_dim", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
+                  "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_vocab_size",
+                  "coca_text_width", "coca_text_heads", "coca_text_layers")
 OPTIMIZER_IMPLS = ("legacy_hf", "torch")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _DURATION = re.compile(r"\d+:\d+:\d+:\d+")   # Lightning's time-based val_check_interval, 'DD:HH:MM:SS'
@@ -286,6 +292,9 @@ def check_model_sizes(config: Mapping) -> None:
             if config.get(key) is not None and config[key] != fixed:
                 _fail(f"{key}={config[key]} must be {fixed}: the CLIP tokenizer (OpenAI BPE) always gives "
                       f"{fixed} {what}")
+        return
+    if config.get("backbone", "vilt") == "coca":
+        _check_coca_sizes(config)
         return
     for key in VILT_SIZE_KEYS:
         _check_int(config, key, 1)
@@ -431,10 +440,50 @@ def _folder_problem(path: str, writable: bool) -> str:
     return ""
 
 
+def _check_coca_sizes(config: Mapping) -> None:
+    """CoCa's size keys (open_clip coca_ViT-B-32 by default): positive, dividing, the BPE vocabulary."""
+    from mdpl.data.tokenizers import CLIP_VOCAB_SIZE
+
+    for key in COCA_SIZE_KEYS:
+        _check_int(config, key, 1)
+    _check_int(config, "image_size", 1)
+    _check_int(config, "coca_context_length", 2, " (text ids: SOT, the text and EOT; coca_ViT-B-32: 76)")
+    for key, divisor in (("image_size", "coca_patch_size"), ("coca_vision_width", "coca_vision_head_width"),
+                         ("coca_text_width", "coca_text_heads"), ("coca_embed_dim", "coca_attn_pooler_heads")):
+        if config.get(key) is not None and config.get(divisor) is not None and config[key] % config[divisor]:
+            _fail(f"{key}={config[key]} is not a multiple of {divisor}={config[divisor]}; choose sizes that divide "
+                  f"(coca_ViT-B-32: image_size=224 coca_patch_size=32, coca_vision_width=768 "
+                  f"coca_vision_head_width=64, coca_text_width=512 coca_text_heads=8, coca_embed_dim=512 "
+                  f"coca_attn_pooler_heads=8)")
+    if config.get("coca_vocab_size") is not None and config["coca_vocab_size"] != CLIP_VOCAB_SIZE:
+        _fail(f"coca_vocab_size={config['coca_vocab_size']} must be {CLIP_VOCAB_SIZE}: CoCa's tokenizer (OpenAI BPE) "
+              f"gives {CLIP_VOCAB_SIZE} token ids")
+
+
+def _check_coca_files(config: Mapping, backbone: str, test_only: bool) -> None:
+    """coca_path (+ coca_sha256), as clip_path: read only by backbone=coca, and not at all with test_only."""
+    coca_path, sha = str(config.get("coca_path") or ""), str(config.get("coca_sha256") or "")
+    if backbone != "coca":
+        for key, value in (("coca_path", coca_path), ("coca_sha256", sha)):
+            if value:
+                _fail(f"{key}={value!r} is read only by backbone=coca, but backbone is {backbone!r}; remove {key} "
+                      "or name on_coca")
+    if sha and not coca_path:
+        _fail("coca_sha256 is set but coca_path is empty, so there is no file to check; set coca_path=<CoCa "
+              "checkpoint> or remove coca_sha256")
+    if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        _fail(f"coca_sha256={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum "
+              "open_clip_pytorch_model.bin`)")
+    if coca_path and not test_only:   # test_only: every weight comes from load_path, coca_path is not read
+        _check_checkpoint_file("coca_path", coca_path, "a local open_clip CoCa checkpoint (open_clip_pytorch_model"
+                                                       ".bin, a .pt state dict or a .safetensors file)")
+
+
 def check_files(config: Mapping, data: bool = True) -> None:
-    """The files and folders the run reads or writes, before any work: clip_path (+ clip_sha256), load_path's
-    format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's) the tokenizer folder,
-    missing_table_root and pixel_cache (a bool or a string; the folder exists or can be created)."""
+    """The files and folders the run reads or writes, before any work: clip_path (+ clip_sha256), coca_path
+    (+ coca_sha256), load_path's format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's)
+    the tokenizer folder, missing_table_root and pixel_cache (a bool or a string; the folder exists or can be
+    created)."""
     backbone, test_only = config.get("backbone", "vilt"), bool(config.get("test_only"))
     clip_path, sha = str(config.get("clip_path") or ""), str(config.get("clip_sha256") or "")
     if backbone != "clip":
@@ -450,11 +499,12 @@ def check_files(config: Mapping, data: bool = True) -> None:
     if clip_path and not test_only:   # test_only: every weight comes from load_path, clip_path is not read
         _check_checkpoint_file("clip_path", clip_path, "a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout "
                                                        "CLIP state dict")
+    _check_coca_files(config, backbone, test_only)
     load_path = str(config.get("load_path") or "")
     if load_path and Path(load_path).is_dir():
-        if not test_only and backbone == "clip":
-            _fail(f"load_path {load_path!r} is a folder; with backbone=clip load_path is a checkpoint file of this "
-                  "classifier (e.g. <run_dir>/checkpoints/last.ckpt) or empty")
+        if not test_only and backbone in ("clip", "coca"):
+            _fail(f"load_path {load_path!r} is a folder; with backbone={backbone} load_path is a checkpoint file of "
+                  "this classifier (e.g. <run_dir>/checkpoints/last.ckpt) or empty")
         if not test_only and not any((Path(load_path) / name).is_file() for name in HF_WEIGHT_FILES):
             _fail(f"load_path {load_path!r} is a folder without {' or '.join(HF_WEIGHT_FILES)}; pass the ViLT "
                   "checkpoint file (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel folder")

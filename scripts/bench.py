@@ -506,29 +506,33 @@ def _synthetic_arrow(dataset: str, root: Path, rows: int, image_px: int) -> Path
     return out
 
 
-def _time_train_loader(dm, n_target: int) -> tuple[int, int, float]:
-    """(batches timed, images, seconds) over ``n_target`` train batches after the first (epochs repeat)."""
+def _time_train_loader(dm, n_target: int) -> tuple[int, int, float, float, dict]:
+    """(batches timed, images, seconds, CPU seconds of this process, last batch) over ``n_target`` train batches
+    after the first (epochs repeat)."""
     loader = dm.train_dataloader()
-    seen, images, t0 = 0, 0, None
+    seen, images, t0, cpu0, batch = 0, 0, None, 0.0, {}
     while seen <= n_target:
         for batch in loader:
             if t0 is None:  # the first batch pays for worker start-up
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
             else:
                 images += batch["image"].shape[0]
             seen += 1
             if seen > n_target:
                 break
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     del loader
-    return seen - 1, images, elapsed
+    return seen - 1, images, elapsed, cpu, batch
 
 
 def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) -> dict:
     """Train-loader images/s: decode + transform + tokenise + collate (+ pinned memory on CUDA), then the same
-    with the pixel cache (config pixel_cache: the resized uint8 images memory-mapped, no decoding; same tensors),
-    unless --no-loader-cache. Per core = images/s / max(workers, 1) (workers=0: the main process only; run with
-    --threads 1 so the normalisation is not spread over several threads)."""
+    with the pixel cache (config pixel_cache: the resized uint8 images memory-mapped, no decoding), unless
+    --no-loader-cache. Per core = images/s / max(workers, 1) (workers=0: the main process only; run with
+    --threads 1); with workers=0 also images per CPU second of the process (``*_per_cpu_s``: what one core does,
+    whatever else runs on the machine). With the cache the loader yields uint8 batches and the normalisation runs where the batch
+    lands (on_after_batch_transfer): its CPU cost per image is timed on the last batch (``cache_cpu_norm_ms``;
+    on a GPU it is a table lookup)."""
     from mdpl.data.datamodule import MDPLDataModule
     from mdpl.data.synthetic import write_wordpiece_vocab
 
@@ -552,14 +556,19 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
     cores = max(workers, 1)
     dm = MDPLDataModule(cfg)
     dm.setup("fit")
-    timed, images, elapsed = _time_train_loader(dm, n_target)
+    timed, images, elapsed, cpu, _ = _time_train_loader(dm, n_target)
     del dm
     gc.collect()
     decode = images / elapsed if elapsed > 0 else None
+
+    def per_cpu(n: int, t: float) -> float | None:   # workers > 0: their CPU time is not this process's
+        return n / t if workers == 0 and t > 0 else None
+
     row = {"dataset": dataset, "backbone": backbone, "workers": workers, "batch": batch_size,
            "batches_timed": timed, "images_per_s": decode, "images_per_s_per_core": decode and decode / cores,
+           "images_per_cpu_s": per_cpu(images, cpu), "cache_images_per_cpu_s": None,
            "cache_images_per_s": None, "cache_images_per_s_per_core": None, "cache_speedup": None,
-           "cache_write_s": None, "source": args.data_root or "synthetic"}
+           "cache_write_s": None, "cache_cpu_norm_ms": None, "source": args.data_root or "synthetic"}
     if args.no_loader_cache:
         return row
     with tempfile.TemporaryDirectory(prefix="pixel_cache_", dir=work) as folder:
@@ -567,8 +576,13 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
         dm = MDPLDataModule({**cfg, "pixel_cache": folder})
         dm.setup("fit")   # writes the train and val caches (num_workers processes)
         row["cache_write_s"] = time.perf_counter() - started
-        _, images, elapsed = _time_train_loader(dm, n_target)
-        del dm
+        _, images, elapsed, cpu, batch = _time_train_loader(dm, n_target)
+        row["cache_images_per_cpu_s"] = per_cpu(images, cpu)
+        started = time.perf_counter()
+        for _ in range(3):
+            dm.pixel_stages.batch_to_float(batch["image"], batch["image_sizes"])
+        row["cache_cpu_norm_ms"] = (time.perf_counter() - started) / 3 / len(batch["image"]) * 1e3
+        del dm, batch
         gc.collect()
     cached = images / elapsed if elapsed > 0 else None
     row.update(cache_images_per_s=cached, cache_images_per_s_per_core=cached and cached / cores,
@@ -630,6 +644,10 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.1f}x" if a and b else "-"
+
+
 def format_table(rows: list[dict], loader: list[dict]) -> str:
     head = (f"{'method':<10}{'backbone':<9}{'dataset':<10}{'precision':<11}{'batch':>6}{'seq':>6}"
             f"{'train/s':>10}{'eval/s':>10}{'cpu tr ms':>10}{'mem tr MiB':>11}{'mem ev MiB':>11}{'need GF':>9}"
@@ -651,12 +669,16 @@ def format_table(rows: list[dict], loader: list[dict]) -> str:
             f"{_fmt(mfu_e, '>7.1f') + ('%' if mfu_e is not None else ''):>8}")
     if loader:
         lines += ["", f"{'loader':<10}{'backbone':<9}{'workers':>8}{'batch':>6}{'images/s':>10}{'/core':>9}"
-                      f"{'cached/s':>10}{'/core':>9}{'speedup':>9}{'write s':>9}"]
+                      f"{'cached/s':>10}{'/core':>9}{'speedup':>9}{'/cpu-s':>9}{'cached':>9}{'speedup':>9}"
+                      f"{'write s':>9}{'norm ms':>9}"]
         lines += [f"{r['dataset']:<10}{r['backbone']:<9}{r['workers']:>8}{r['batch']:>6}"
-                  f"{_fmt(r['images_per_s'], '>10.1f')}{_fmt(r.get('images_per_s_per_core'), '>9.1f')}"
-                  f"{_fmt(r.get('cache_images_per_s'), '>10.1f')}{_fmt(r.get('cache_images_per_s_per_core'), '>9.1f')}"
-                  f"{_fmt(r.get('cache_speedup'), '>8.1f') + ('x' if r.get('cache_speedup') else ''):>9}"
-                  f"{_fmt(r.get('cache_write_s'), '>9.1f')}" for r in loader]
+                  f"{_fmt(r['images_per_s'], '>10.1f')}{_fmt(r.get('images_per_s_per_core'), '.1f'):>9}"
+                  f"{_fmt(r.get('cache_images_per_s'), '.1f'):>10}{_fmt(r.get('cache_images_per_s_per_core'), '.1f'):>9}"
+                  f"{_ratio(r.get('cache_images_per_s'), r.get('images_per_s')):>9}"
+                  f"{_fmt(r.get('images_per_cpu_s'), '.1f'):>9}{_fmt(r.get('cache_images_per_cpu_s'), '.1f'):>9}"
+                  f"{_ratio(r.get('cache_images_per_cpu_s'), r.get('images_per_cpu_s')):>9}"
+                  f"{_fmt(r.get('cache_write_s'), '.1f'):>9}{_fmt(r.get('cache_cpu_norm_ms'), '.2f'):>9}"
+                  for r in loader]
     return "\n".join(lines)
 
 

@@ -281,7 +281,7 @@ def test_registry_and_paper_results():
             assert not cell.paper or cell.paper in values, (name, cell.paper)
         counts[name] = (len(table.cells), len(table.runnable))
     assert counts["dcp_main"] == (54, 54) and counts["map_main"] == (27, 27) and counts["dcp_table7"] == (18, 18)
-    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 0) and counts["dcp_design"] == (14, 0)
+    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 0) and counts["dcp_design"] == (14, 14)
     # the DCP cells of Table 4 all carry their paper number
     assert all(c.paper for c in rp.TABLES["dcp_main"].cells if c.method == "dcp")
 

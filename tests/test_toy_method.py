@@ -1,4 +1,5 @@
-"""A fifth prompt method defined in this file alone: registered, trained and evaluated end to end on both backbones.
+"""A fifth prompt method defined in this file alone: registered, trained and evaluated end to end on every backbone
+(ViLT, CLIP, CoCa).
 
 It proves the architecture's promise (docs/architecture.md, "How to add a method"): a method is a config dataclass,
 a `PromptMethod` subclass and one registration — no file under ``mdpl/`` names it. The toy method puts
@@ -70,14 +71,14 @@ def data(tmp_path_factory) -> dict:
 
 
 def _config(data: dict, backbone: str, log_dir: Path, **updates) -> dict:
-    switch = {"vilt": "on_vilt", "clip": "on_clip"}[backbone]
+    switch = {"vilt": "on_vilt", "clip": "on_clip", "coca": "on_coca"}[backbone]
     return resolved_config(["task_finetune_food101", switch, "tiny"], {
         "prompt_method": "toy", "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]),
         "vocab_size": data["vocab_size"], "log_dir": str(log_dir), "max_epoch": 2, "per_gpu_batchsize": 16,
         "batch_size": 16, "val_check_interval": 1.0, "load_path": "", "clip_path": "", **updates})
 
 
-@pytest.mark.parametrize("backbone", ["vilt", "clip"])
+@pytest.mark.parametrize("backbone", ["vilt", "clip", "coca"])
 def test_toy_method_trains_and_evaluates_end_to_end(toy, data, tmp_path, backbone) -> None:
     config = _config(data, backbone, tmp_path / "result")
     assert config.get("toy_tokens") is None       # not a config.py key: the method's default (TINY) applies

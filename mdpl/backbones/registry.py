@@ -13,7 +13,7 @@ from typing import Any
 from mdpl.backbones.base import Backbone
 from mdpl.errors import UserInputError
 
-_BUILTIN_MODULES = ("mdpl.backbones.vilt", "mdpl.backbones.clip")
+_BUILTIN_MODULES = ("mdpl.backbones.vilt", "mdpl.backbones.clip", "mdpl.backbones.coca")
 
 Builder = Callable[[Mapping[str, Any]], Backbone]
 

@@ -21,9 +21,12 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     h_max, w_max = (int(v) for v in sizes.max(dim=0).values)
     if all(img.shape[-2:] == (h_max, w_max) for img in images):
         return torch.stack(list(images)), sizes
-    out = images[0].new_zeros((len(images), images[0].shape[0], h_max, w_max))   # one copy per image, no F.pad
+    out = images[0].new_empty((len(images), images[0].shape[0], h_max, w_max))   # one write per pixel, no F.pad
     for i, img in enumerate(images):
-        out[i, :, :img.shape[-2], :img.shape[-1]] = img
+        h, w = img.shape[-2:]
+        out[i, :, :h, :w] = img
+        out[i, :, h:, :] = 0
+        out[i, :, :h, w:] = 0
     return out, sizes
 
 

@@ -3,14 +3,15 @@
 * ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test), each with
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
   ``test_type`` overrides applied to copies) and, with ``pixel_cache`` (opt-in), its pixel cache: the resized
-  uint8 images, written on first use and memory-mapped after (mdpl/data/pixel_cache.py; same tensors).
+  uint8 images, written on first use and memory-mapped after (mdpl/data/pixel_cache.py). Items and batches then
+  carry those uint8 pixels; ``on_after_batch_transfer`` turns them into the decode path's float batch, bit for bit.
 * Loaders: ``per_gpu_batchsize``, ``num_workers``, persistent workers when > 0, pinned memory on CUDA;
   train in the order of :class:`mdpl.data.sampler.SeededTrainSampler` (a function of seed and epoch, sharded
   over DDP ranks), val/test in order; under DDP val/test get an unpadded sampler (rank r reads items r, r+W,
   ...: no sample is evaluated twice).
-* ``on_after_batch_transfer`` (on device): optional per-split override table (``set_missing_override``,
-  for evaluation sweeps), ``simulate_missing`` for training batches (per-item hash of
-  (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
+* ``on_after_batch_transfer`` (on device): cached uint8 pixels to the normalised float batch, optional per-split
+  override table (``set_missing_override``, for evaluation sweeps), ``simulate_missing`` for training batches
+  (per-item hash of (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
 """
 from __future__ import annotations
 
@@ -171,7 +172,10 @@ class MDPLDataModule(pl.LightningDataModule):
         return None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Device side of docs/methods.md §1.4: missing types (override / simulation), then the dummies."""
+        """Device side of docs/methods.md §1.4: missing types (override / simulation), then the dummies. A batch of
+        cached uint8 pixels (``pixel_cache``) first becomes the decode path's float batch, bit for bit."""
+        if batch["image"].dtype == torch.uint8 and self.pixel_stages is not None:
+            batch = {**batch, "image": self.pixel_stages.batch_to_float(batch["image"], batch["image_sizes"])}
         split = self._current_split()
         trainer = getattr(self, "trainer", None)
         epoch = int(getattr(trainer, "current_epoch", 0) or 0)

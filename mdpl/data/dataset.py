@@ -4,8 +4,9 @@ Items follow §1.3: Food-101 / Hateful Memes one item per row; MM-IMDb one item 
 (``mmimdb_items='plot'``, reference parity, D-7) or the first plot of each movie (``'movie'``).
 The missing table is per row (movie), so all plots of a movie share its missing type.
 
-``__getitem__`` returns a dict: ``image`` (transformed float tensor [3, H, W]; decoded from the arrow file, or
-read from the opt-in pixel cache, mdpl/data/pixel_cache.py, with the same result), ``text`` (str),
+``__getitem__`` returns a dict: ``image`` (transformed float tensor [3, H, W]; with the opt-in pixel cache,
+mdpl/data/pixel_cache.py, the transform's uint8 stage read from it instead, normalised on the device to the same
+bits), ``text`` (str),
 ``label`` (int, or float multi-hot tensor [23] for MM-IMDb), ``row_index``, ``item_index`` and
 ``missing_type`` (the table's type for the row; simulation and dummies are applied on device, see
 mdpl/data/missing.py). Tokenisation happens batched in the collate function (mdpl/data/collate.py).
@@ -169,8 +170,9 @@ class ArrowMultimodalDataset(Dataset):
         self.pixel_cache = None   # a mdpl.data.pixel_cache.PixelCache: images read from it, not decoded
 
     def use_pixel_cache(self, cache) -> None:
-        """Read images from ``cache`` (mdpl/data/pixel_cache.py: the transform's output, bit for bit) instead of
-        decoding them; None goes back to decoding."""
+        """Read images from ``cache`` (mdpl/data/pixel_cache.py) instead of decoding them: items then carry the
+        transform's uint8 stage ([3, H, W]; ``cache.stages`` turns it into the transform's output, bit for bit).
+        None goes back to decoding."""
         if cache is not None and len(cache) != self.n_rows:
             raise ValueError(f"pixel cache {cache.path} has {len(cache)} rows, {self.path} has {self.n_rows}")
         self.pixel_cache = cache

@@ -8,9 +8,12 @@ only then does ``ToTensor`` turn it into floats (``/255``) and ``Normalize`` shi
 * the first time a split is used, every row of its arrow file is decoded and put through the PIL stage
   (``num_workers`` processes, a progress bar on stderr) and the uint8 RGB pixels are written, planar (C, H, W),
   into one file per split and transform, ``<pixel_cache>/<arrow stem>.<transform>.pixels``;
-* afterwards items read their pixels from that file (memory-mapped) and apply the *same* ``ToTensor`` and
-  ``Normalize`` objects as the decode path, so every tensor the model sees is bit-for-bit the one the decode
-  path gives (tests/test_pixel_cache.py compares every item of ViLT and CLIP splits).
+* afterwards items carry their uint8 pixels, read from that file (memory-mapped; no decoding, no float work in
+  the loader), batches are zero-padded in uint8 (a quarter of the bytes to the device), and the DataModule's
+  ``on_after_batch_transfer`` applies the tensor stage on the device (:meth:`PixelStages.batch_to_float`): on the
+  CPU the transform's own ToTensor/Normalize operations, elsewhere a lookup in a per-channel table of the 256
+  values those operations give on the CPU; the padding becomes 0.0. So every tensor the model sees is, bit for bit,
+  the one the decode path gives (tests/test_pixel_cache.py compares every item and batch of ViLT and CLIP splits).
 
 File format (version :data:`FORMAT_VERSION`): a 4096-byte header (magic, JSON length, JSON), the pixels of
 row 0, 1, ... back to back (row r is ``3 * H_r * W_r`` bytes), then the index: int64 offsets [N + 1] (relative
@@ -24,8 +27,10 @@ replaced silently either (delete it, or point ``pixel_cache`` at another folder)
 Writing is atomic: a temporary file ``<name>.<random>.tmp`` in the same folder, renamed to the final name once
 complete (a folder holding only a temporary file has no cache: it is rebuilt). One writer: processes (DDP ranks,
 several runs) take an exclusive ``flock`` on ``<name>.lock`` before writing; the others wait on it and then open
-the finished file. Where the file system has no locks, LOCAL_RANK 0 writes and the other ranks wait for the
-final file to appear.
+the finished file (the lock file is removed after a successful write). Where the file system has no locks,
+LOCAL_RANK 0 writes and the other ranks wait for the final file to appear.
+
+Disk: about N_rows x 3 x H x W bytes per split and transform (README "Data", DATA.md "Pixel cache").
 """
 from __future__ import annotations
 
@@ -58,8 +63,9 @@ MAGIC = b"MDPLPIX\x01"
 HEADER_BYTES = 4096
 SUFFIX = ".pixels"
 DEFAULT_FOLDER = "pixel_cache"
-TRANSFORM_NAMES = {"vilt": "pixelbert", "clip": "clip"}
-"""The transform name (part of the file name) of each backbone (mdpl.data.transforms.build_transform)."""
+TRANSFORM_NAMES = {"vilt": "pixelbert", "clip": "clip", "coca": "clip"}
+"""The transform name (part of the file name) of each backbone (mdpl.data.transforms.build_transform); another
+backbone's transform is named after the backbone."""
 
 
 def pixel_cache_folder(config: Mapping) -> Path | None:
@@ -119,20 +125,62 @@ class PixelStages:
         return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
 
     def tensor(self, chw: np.ndarray) -> torch.Tensor:
-        """The tensor stage on cached pixels: the transform's ToTensor (on an (H, W, C) view: /255 in float) and
-        Normalize (in place on the fresh tensor: the same kernel as the decode path's out-of-place call)."""
+        """The tensor stage on one image's cached pixels: the transform's ToTensor (on an (H, W, C) view: /255 in
+        float) and Normalize (in place on the fresh tensor: the same kernel as the decode path's out-of-place call)."""
         image = self.to_tensor(chw.transpose(1, 2, 0))
         for step in self.normalize:
             image = TF.normalize(image, step.mean, step.std, inplace=True)
         return image
 
+    def lut(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """float [3, 256]: the tensor stage's output for each uint8 value of each channel, computed by
+        :meth:`tensor` itself (its steps are per value: ToTensor divides, Normalize shifts and scales per channel)."""
+        device = torch.device(device)
+        luts = self.__dict__.setdefault("_luts", {})
+        if device not in luts:
+            values = np.repeat(np.arange(256, dtype=np.uint8)[None, :], 3, axis=0)[:, None, :]   # [3, 1, 256]
+            luts[device] = self.tensor(values)[:, 0, :].contiguous().to(device)
+        return luts[device]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_luts"}   # no device tensors into workers
+
+    def batch_to_float(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                       use_lut: bool | None = None) -> torch.Tensor:
+        """A collated uint8 batch [B, 3, H, W] (zero-padded bottom/right) -> exactly the float batch the decode path
+        collates: each image through the tensor stage, the padding 0.0 (``image_sizes`` [B, 2]: each valid (h, w)).
+
+        On the CPU the tensor stage's own operations run on the batch (per value, so the same bits); on other devices
+        (whose scalar division may round differently) each pixel is looked up in :meth:`lut`, computed on the CPU
+        (``use_lut`` forces either way).
+        """
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a uint8 batch [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if not (images.device.type != "cpu" if use_lut is None else use_lut):
+            out = torch.empty(images.shape, dtype=torch.get_default_dtype(), device=images.device)
+            sizes = image_sizes.tolist() if image_sizes is not None else [images.shape[-2:]] * len(images)
+            for i, (h, w) in enumerate(sizes):   # image by image (stays in the CPU caches), in place
+                torch.div(images[i].to(dtype=out.dtype), 255, out=out[i])   # torchvision ToTensor's operations
+                for step in self.normalize:
+                    TF.normalize(out[i], step.mean, step.std, inplace=True)
+                out[i, :, h:, :] = 0
+                out[i, :, :h, w:] = 0
+            return out
+        offsets = torch.arange(0, 3 * 256, 256, device=images.device).view(1, 3, 1, 1)
+        out = torch.take(self.lut(images.device), images.long() + offsets)
+        if image_sizes is not None:
+            h, w = out.shape[-2:]
+            sizes = image_sizes.to(out.device).view(-1, 2, 1, 1)
+            valid = ((torch.arange(h, device=out.device).view(1, h, 1) < sizes[:, 0]) &
+                     (torch.arange(w, device=out.device).view(1, 1, w) < sizes[:, 1]))       # [B, H, W]
+            out = torch.where(valid[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
+
 
 def pixel_stages(config: Mapping, transform: Callable) -> PixelStages:
     """:class:`PixelStages` of the run's transform (``build_transform(config)``)."""
-    backbone = config.get("backbone", "vilt")
-    if backbone not in TRANSFORM_NAMES:
-        raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt' or 'clip')")
-    return PixelStages(transform, TRANSFORM_NAMES[backbone], int(config["image_size"]))
+    backbone = str(config.get("backbone", "vilt"))
+    return PixelStages(transform, TRANSFORM_NAMES.get(backbone, backbone), int(config["image_size"]))
 
 
 # ----------------------------------------------------------------------------------------------- record
@@ -198,7 +246,8 @@ def read_record(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- reading
 class PixelCache:
-    """A finished cache file of one split: ``image(row)`` = the transform's output tensor for arrow row ``row``.
+    """A finished cache file of one split: ``image(row)`` = the transform's uint8 stage of arrow row ``row``
+    (``stages.tensor`` / ``stages.batch_to_float`` of it = the transform's output, bit for bit).
 
     Opening checks the record against ``expected`` (:func:`expected_record`; UserInputError on any difference);
     the file is memory-mapped lazily in each process (DataLoader workers map it again, nothing is pickled).
@@ -238,8 +287,9 @@ class PixelCache:
         return np.array(self._mapped()[start:start + 3 * h * w]).reshape(3, h, w)
 
     def image(self, row: int) -> torch.Tensor:
-        """What the transform gives for row ``row`` (float32 [3, H, W], normalised)."""
-        return self.stages.tensor(self.pixels(row))
+        """The cached uint8 image [3, H, W] of row ``row``: ``stages.tensor(...)`` of it is what the transform gives;
+        batches of them are converted on the device (:meth:`PixelStages.batch_to_float`)."""
+        return torch.from_numpy(self.pixels(row))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None, "_pid": -1}
@@ -320,7 +370,7 @@ def write_cache(path: Path, dataset, stages: PixelStages, workers: int = 0, prog
         if os.path.exists(tmp):
             os.unlink(tmp)
     if progress:
-        print(f"[mdpl] pixel cache {path}: {n_rows} images, {pos / 1e9:.2f} GB, written in "
+        print(f"[mdpl] pixel cache {path}: {n_rows} images, {pos / 1e6:,.1f} MB, written in "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
@@ -389,6 +439,8 @@ def open_pixel_cache(folder: str | os.PathLike, dataset, stages: PixelStages, wo
                     stale.unlink(missing_ok=True)
             if locked or int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 write_cache(path, dataset, stages, workers=workers, progress=progress)
+                if locked:   # safe: whoever still waits on it finds the file and writes nothing
+                    path.with_name(path.name + ".lock").unlink(missing_ok=True)
             else:
                 _wait_for(path)
     return PixelCache(path, stages, expected)

@@ -33,6 +33,9 @@ MODEL_KEYS = {
     "vilt": ("hidden_size", "num_layers", "num_heads", "patch_size"),
     "clip": ("clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
              "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"),
+    "coca": ("coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
+             "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width",
+             "coca_text_heads", "coca_text_layers", "coca_pool_prompts"),
 }
 
 

@@ -152,6 +152,17 @@ def set_rng_states(states: Mapping) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _every_rank(value: object, trainer: pl.Trainer) -> list:
+    """[value of rank 0, rank 1, ...] on every rank (a collective: every rank saves the checkpoint's content)."""
+    import torch.distributed as dist
+
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        out: list = [None] * trainer.world_size
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
 class ResumeState(pl.Callback):
     """Saves the global RNG states and the position in the epoch in every checkpoint; restores them on resume.
 
@@ -164,7 +175,7 @@ class ResumeState(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         loop = trainer.fit_loop.epoch_loop
-        checkpoint[STATE_KEY] = {"rng": rng_states(), "epoch": trainer.current_epoch,
+        checkpoint[STATE_KEY] = {"rng_per_rank": _every_rank(rng_states(), trainer), "epoch": trainer.current_epoch,
                                  "batches_done": int(loop.batch_progress.current.processed),
                                  "num_batches": trainer.num_training_batches}
 
@@ -175,7 +186,11 @@ class ResumeState(pl.Callback):
         if not state:
             raise UserInputError("this checkpoint has no mdpl resume state (RNG, epoch position); resume from the "
                                  "last.ckpt or best-*.ckpt of an mdpl training run")
-        self._rng = state["rng"]
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) != trainer.world_size:
+            raise UserInputError(f"this checkpoint was written by {len(per_rank)} processes, the run has "
+                                 f"{trainer.world_size}: resume with the same number of processes")
+        self._rng = per_rank[trainer.global_rank]   # each rank's own: under DDP their dropout draws differ
         done, total = int(state["batches_done"]), state["num_batches"]
         if 0 < done < total:
             skip = getattr(trainer.datamodule, "skip_train_batches", None)

@@ -8,9 +8,12 @@ Pieces:
   common-prompt projections (§6.1, §6.3), computed once per forward (``prepare``) for every stream and gathered
   by missing type (D-36).
 * :class:`DynamicPrompts` — per stream a single-head ``attn_prompt`` and three persistent query sets
-  ``prompts_dynamic_{complete,image,text}`` (D-34): the sample's query set attends over the block-0 input.
+  ``prompts_dynamic_{complete,image,text}`` (D-34): the sample's query set attends over the block-0 input
+  (or, with ``dcp_dynamic_mode`` max / min / avg, window pooling of that input and one Linear).
 * :class:`DeepCorrelatedPrompts` — the method. Before block 0 of a stream it inserts
-  ``[R^0 ; C ; Dyn ; data]``; before blocks 1..depth-1 it replaces the ``R`` tokens (§6.4). On CLIP (the paper's
+  ``[R^0 ; C ; Dyn ; data]``; before blocks 1..depth-1 it replaces the ``R`` tokens (§6.4), and, with the
+  ablation switches ``dcp_common_depth`` / ``dcp_dynamic_depth`` above 1, the ``C`` / ``Dyn`` tokens of the
+  blocks below those depths (§6.7). On CLIP (the paper's
   setting) each tower gets its modality's prompts and the classifier zeroes the feature of a missing modality
   (``drops_missing_streams``, §6.5), skipping those rows exactly (``dcp_skip_missing``).
   On the joint ViLT stream (our mapping, not defined by the DCP paper) both modalities' prompts go in front of
@@ -42,6 +45,12 @@ from mdpl.prompts.registry import register_method
 
 DYNAMIC_NAMES = ("prompts_dynamic_complete", "prompts_dynamic_image", "prompts_dynamic_text")
 """Dynamic query sets in missing-type order 0, 1, 2 (§6.2)."""
+PROJECTIONS = ("mlp", "fc")
+"""``dcp_projection`` / ``dcp_common_projection``: bottleneck MLP (reference) or a single Linear (Tables 1, 3 "Fc")."""
+CORRELATED_INPUTS = ("bi", "uni")
+"""``dcp_correlated_inputs``: the chain reads both sides' previous prompts (reference) or its own side's only."""
+DYNAMIC_MODES = ("attention", "max", "min", "avg")
+"""``dcp_dynamic_mode``: the reference's attention, or Table 2's "Max / Min / Avg & Projection"."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,26 @@ class DCPConfig(MethodConfig):
     """Skip the tower whose feature is zeroed (exact: the outputs do not change)."""
     dcp_dynamic_queries: str = dataclasses.field(default="", metadata={"structural": False})
     """File with a reference run's dynamic queries (its checkpoints lack them)."""
+    # Ablation switches of the paper's Tables 1-3 ("our ablation switches", docs/methods.md §6.7); defaults = reference
+    dcp_projection: str = "mlp"
+    """Table 1 "MLP (r=16)" / "Fc": each correlated-chain F_l is LN -> bottleneck MLP ('mlp') or LN -> one Linear
+    ('fc'; our reading: the LayerNorm stays, only the MLP becomes a Linear)."""
+    dcp_correlated_inputs: str = "bi"
+    """Table 1 "bi-modal" / "uni-modal": F_l reads [R_v^(l-1) ; R_t^(l-1)] ('bi') or its own side's R^(l-1) only
+    ('uni'; LN and input width = that side's width, MLP hidden width = that width // 16, our reading)."""
+    dcp_dynamic_depth: int = 1
+    """Table 2 "Depth": blocks 0..d-1 get fresh dynamic prompts; before block l >= 1 block l's own generator, on the
+    block input's data tokens, replaces the dynamic tokens (our reading)."""
+    dcp_dynamic_mode: str = "attention"
+    """Table 2 "Attention" / "Max|Min|Avg & Projection": the queries' attention, or max / min / mean over n
+    consecutive windows of the input tokens followed by one Linear(width, width) (our reading; no queries)."""
+    dcp_common_depth: int = 1
+    """Table 3 "Depth": blocks 0..d-1 get fresh modal-common prompts; block l >= 1 has its own per-type prompts and
+    projections, built as block 0's, replacing the common tokens (our reading)."""
+    dcp_common_projection: str = "mlp"
+    """Table 3 "MLP" / "Fc": the modal-common projections G_t, G_v are bottleneck MLPs or one Linear each."""
+    dcp_common_reduction: int = 16
+    """Table 3 "MLP (r=4|8|16)": G's MLP hidden width = text width // r ('mlp' only)."""
 
     TINY = {"prompt_length": 6, "prompt_depth": 2}   # a multiple of 3: 2 layer + 2 common + 2 dynamic prompts
 
@@ -68,7 +97,36 @@ class DCPConfig(MethodConfig):
         if not (isinstance(depth, int) and 0 <= depth <= info.num_layers):
             raise UserInputError(f"prompt_depth={depth!r} must be an integer in 0..{info.num_layers} ({info.what} has "
                                  f"{info.num_layers} layers)")
+        for key, choices in (("dcp_projection", PROJECTIONS), ("dcp_correlated_inputs", CORRELATED_INPUTS),
+                             ("dcp_dynamic_mode", DYNAMIC_MODES), ("dcp_common_projection", PROJECTIONS)):
+            value = getattr(self, key)
+            if value not in choices:
+                raise UserInputError(f"{key}={value!r} must be one of {', '.join(choices)}")
+        for key in ("dcp_dynamic_depth", "dcp_common_depth"):
+            value = getattr(self, key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= info.num_layers):
+                raise UserInputError(f"{key}={value!r} must be an integer in 1..{info.num_layers} ({info.what} has "
+                                     f"{info.num_layers} layers)")
+        check_positive("dcp_common_reduction", self.dcp_common_reduction)
         DCPLayout.from_config(self)
+        defaults = DCPConfig()
+        groups = ((self.dcp_correlated and depth > 0, "dcp_correlated=False (or prompt_depth=0) removes the correlated "
+                   "projection chain", ("dcp_projection", "dcp_correlated_inputs")),
+                  (self.dcp_dynamic, "dcp_dynamic=False removes the dynamic prompts",
+                   ("dcp_dynamic_depth", "dcp_dynamic_mode")),
+                  (self.dcp_common, "dcp_common=False removes the modal-common prompts",
+                   ("dcp_common_depth", "dcp_common_projection", "dcp_common_reduction")))
+        for on, why, keys in groups:
+            for key in keys:
+                if not on and getattr(self, key) != getattr(defaults, key):
+                    raise UserInputError(f"{key}={getattr(self, key)!r} has no effect: {why}; drop {key} or switch "
+                                         "that component on")
+        if self.dcp_common_projection == "fc" and self.dcp_common_reduction != defaults.dcp_common_reduction:
+            raise UserInputError(f"dcp_common_reduction={self.dcp_common_reduction!r} has no effect with "
+                                 "dcp_common_projection='fc' (a single Linear has no hidden width); drop it or use 'mlp'")
+        if self.dcp_dynamic_trainable and self.dcp_dynamic_mode != "attention":
+            raise UserInputError(f"dcp_dynamic_trainable=True has no effect with dcp_dynamic_mode="
+                                 f"{self.dcp_dynamic_mode!r} (only the attention form has queries); drop it")
 
 
 @dataclass(frozen=True)
@@ -85,6 +143,8 @@ class DCPLayout:
     correlated: bool = True
     dynamic: bool = True
     common: bool = True
+    dynamic_depth: int = 1          # blocks 0..dynamic_depth-1 receive fresh dynamic prompts
+    common_depth: int = 1           # blocks 0..common_depth-1 receive fresh modal-common prompts
 
     def __post_init__(self) -> None:
         if self.depth < 0:
@@ -116,10 +176,17 @@ class DCPLayout:
         """Prompt tokens in front of the data tokens from block 0 on (36 by default)."""
         return self.n + self.n_common + self.n_dynamic
 
+    @property
+    def blocks(self) -> int:
+        """Blocks before which the method inserts or replaces tokens (0..blocks-1; = depth by default)."""
+        if self.depth == 0:
+            return 0
+        return max(self.depth, self.common_depth if self.common else 0, self.dynamic_depth if self.dynamic else 0)
+
     @classmethod
     def from_config(cls, config: "DCPConfig") -> "DCPLayout":
         return cls(config.prompt_length, config.prompt_depth, config.dcp_correlated, config.dcp_dynamic,
-                   config.dcp_common)
+                   config.dcp_common, config.dcp_dynamic_depth, config.dcp_common_depth)
 
 
 def _normal(*shape: int) -> nn.Parameter:
@@ -129,6 +196,11 @@ def _normal(*shape: int) -> nn.Parameter:
 def _bottleneck(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> GELU (exact) -> Linear; keys ``.0`` / ``.2`` as in the reference (§6.1)."""
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+def _projection(kind: str, d_in: int, d_out: int, reduction: int) -> nn.Module:
+    """``mlp``: the reference bottleneck (hidden ``d_in // reduction``); ``fc``: one ``nn.Linear(d_in, d_out)``."""
+    return _bottleneck(d_in, d_in // reduction, d_out) if kind == "mlp" else nn.Linear(d_in, d_out)
 
 
 def _replicate(module: nn.Module, count: int, independent: bool) -> nn.ModuleList:
@@ -147,14 +219,22 @@ class DCPPromptLearner(nn.Module):
 
     ``correlated=False`` (our ablation, §6.7): every layer's ``n`` prompts are independent per-type
     parameters ``visual_prompts`` [depth, 3, n, Dv] / ``text_prompts`` [depth, 3, n, Dt] (MMP-style).
+    Ablation switches (§6.7): ``projection='fc'`` makes each F_l one Linear (the LayerNorm stays); ``unimodal``
+    feeds F_l only its own side's previous prompts (LN and input width = that side's width); ``common_depth > 1``
+    adds, for blocks 1..common_depth-1, ``deep_common_prompts`` [common_depth-1, 3, n, Dt] and projections
+    ``deep_common_projections_{image,text}`` (entry k serves block k+1), built as the block-0 ones;
+    ``common_projection`` / ``common_reduction`` choose the form of every G.
     """
 
     def __init__(self, layout: DCPLayout, vision_width: int, text_width: int, independent_init: bool = False,
-                 reduction: int = 16) -> None:
+                 reduction: int = 16, projection: str = "mlp", unimodal: bool = False,
+                 common_projection: str = "mlp", common_reduction: int = 16) -> None:
         super().__init__()
         self.layout = layout
+        self.unimodal = unimodal
         n, depth, dv, dt = layout.n, layout.depth, vision_width, text_width
         joint = dv + dt
+        in_v, in_t = (dv, dt) if unimodal else (joint, joint)
         if layout.correlated and depth > 0:
             self.visual_prompt_complete, self.visual_prompt_missing = _normal(n, dv), _normal(n, dv)
             self.text_prompt_complete, self.text_prompt_missing = _normal(n, dt), _normal(n, dt)
@@ -163,17 +243,24 @@ class DCPPromptLearner(nn.Module):
                 _normal(n, dt), _normal(n, dt), _normal(n, dt))
         if layout.correlated and depth > 0:
             self.compound_prompt_projections_text = _replicate(
-                _bottleneck(joint, joint // reduction, dt), depth, independent_init)
-            self.layernorm_text = nn.ModuleList([nn.LayerNorm(joint) for _ in range(depth)])
+                _projection(projection, in_t, dt, reduction), depth, independent_init)
+            self.layernorm_text = nn.ModuleList([nn.LayerNorm(in_t) for _ in range(depth)])
             self.compound_prompt_projections_image = _replicate(
-                _bottleneck(joint, joint // reduction, dv), depth, independent_init)
-            self.layernorm_image = nn.ModuleList([nn.LayerNorm(joint) for _ in range(depth)])
+                _projection(projection, in_v, dv, reduction), depth, independent_init)
+            self.layernorm_image = nn.ModuleList([nn.LayerNorm(in_v) for _ in range(depth)])
         elif depth > 0:
             self.visual_prompts = _normal(depth, 3, n, dv)
             self.text_prompts = _normal(depth, 3, n, dt)
         if layout.common:
-            self.common_prompt_projection_image = _bottleneck(dt, dt // reduction, dv)
-            self.common_prompt_projection_text = _bottleneck(dt, dt // reduction, dt)
+            self.common_prompt_projection_image = _projection(common_projection, dt, dv, common_reduction)
+            self.common_prompt_projection_text = _projection(common_projection, dt, dt, common_reduction)
+            if layout.common_depth > 1:
+                deep = layout.common_depth - 1
+                self.deep_common_prompts = _normal(deep, 3, n, dt)
+                self.deep_common_projections_image = nn.ModuleList(
+                    [_projection(common_projection, dt, dv, common_reduction) for _ in range(deep)])
+                self.deep_common_projections_text = nn.ModuleList(
+                    [_projection(common_projection, dt, dt, common_reduction) for _ in range(deep)])
 
     def _layer_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-type layer prompts R_v^l [3, n, Dv], R_t^l [3, n, Dt] for l < depth (§6.3)."""
@@ -184,23 +271,46 @@ class DCPPromptLearner(nn.Module):
         txt = torch.stack([self.text_prompt_complete, self.text_prompt_missing, self.text_prompt_complete])
         out_img, out_txt = [], []
         for layer in range(depth):
-            u = torch.cat([img, txt], dim=-1)
-            img = self.compound_prompt_projections_image[layer](self.layernorm_image[layer](u))
-            txt = self.compound_prompt_projections_text[layer](self.layernorm_text[layer](u))
+            if self.unimodal:
+                u_img, u_txt = img, txt
+            else:
+                u_img = u_txt = torch.cat([img, txt], dim=-1)
+            img = self.compound_prompt_projections_image[layer](self.layernorm_image[layer](u_img))
+            txt = self.compound_prompt_projections_text[layer](self.layernorm_text[layer](u_txt))
             out_img.append(img)
             out_txt.append(txt)
         return out_img, out_txt
 
-    def per_type(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-type prompts per layer, index 0..2 = missing type: layer 0 = [R^0 ; C], others R^l."""
-        if self.layout.depth == 0:
+    def _common_prompts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-type modal-common prompts C_v^l [3, n, Dv], C_t^l [3, n, Dt] for l < common_depth (§6.3, §6.7)."""
+        if not self.layout.common or self.layout.depth == 0:
             return [], []
-        img, txt = self._layer_prompts()
-        if self.layout.common:
-            common = torch.stack([self.common_prompt_complete, self.common_prompt_image, self.common_prompt_text])
-            img[0] = torch.cat([img[0], self.common_prompt_projection_image(common)], dim=1)
-            txt[0] = torch.cat([txt[0], self.common_prompt_projection_text(common)], dim=1)
+        common = torch.stack([self.common_prompt_complete, self.common_prompt_image, self.common_prompt_text])
+        img, txt = [self.common_prompt_projection_image(common)], [self.common_prompt_projection_text(common)]
+        for k in range(self.layout.common_depth - 1):
+            img.append(self.deep_common_projections_image[k](self.deep_common_prompts[k]))
+            txt.append(self.deep_common_projections_text[k](self.deep_common_prompts[k]))
         return img, txt
+
+    def parts(self) -> dict[str, dict[str, list[torch.Tensor]]]:
+        """``{"layer": {modality: [R^l]}, "common": {modality: [C^l]}}``, per-type [3, n, width] tensors."""
+        if self.layout.depth == 0:
+            return {"layer": {IMAGE: [], TEXT: []}, "common": {IMAGE: [], TEXT: []}}
+        img, txt = self._layer_prompts()
+        c_img, c_txt = self._common_prompts()
+        return {"layer": {IMAGE: img, TEXT: txt}, "common": {IMAGE: c_img, TEXT: c_txt}}
+
+    def per_type(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-type prompts per block, index 0..2 = missing type: [R^l ; C^l] for the parts block l receives
+        (by default block 0 = [R^0 ; C], blocks 1..depth-1 = R^l)."""
+        parts = self.parts()
+        out = []
+        for modality in (IMAGE, TEXT):
+            layer, common = parts["layer"][modality], parts["common"][modality]
+            blocks = max(len(layer), len(common))
+            out.append([torch.cat(([layer[l]] if l < len(layer) else []) + ([common[l]] if l < len(common) else []),
+                                  dim=1) for l in range(blocks)])
+        return out[0], out[1]
 
     def forward(self, missing_type: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Prompts per layer gathered by sample: lists of [B, k_l, Dv] and [B, k_l, Dt]."""
@@ -208,15 +318,43 @@ class DCPPromptLearner(nn.Module):
         return [p[missing_type] for p in img], [p[missing_type] for p in txt]
 
 
+def window_pool(x: torch.Tensor, mask: torch.Tensor | None, n: int, mode: str) -> torch.Tensor:
+    """[B, N, D] -> [B, n, D]: ``mode`` (max / min / avg) over each of n consecutive windows of the tokens, window j
+    = positions floor(j*N/n) .. ceil((j+1)*N/n)-1 (PyTorch's adaptive pooling windows). `mask` (bool [B, N], True =
+    real token, or None): padding is left out of every window; a window without a real token gives 0."""
+    length = x.shape[1]
+    out = []
+    for j in range(n):
+        w = x[:, (j * length) // n: -((-(j + 1) * length) // n)]
+        keep = None if mask is None else mask[:, (j * length) // n: -((-(j + 1) * length) // n), None]
+        if mode == "avg":
+            out.append(w.mean(1) if keep is None else (w * keep).sum(1) / keep.sum(1).clamp(min=1))
+            continue
+        sign = 1.0 if mode == "max" else -1.0
+        signed = w * sign
+        if keep is None:
+            out.append(signed.amax(1) * sign)
+        else:
+            top = signed.masked_fill(~keep, float("-inf")).amax(1)
+            out.append(torch.where(keep.any(1), top, torch.zeros_like(top)) * sign)
+    return torch.stack(out, dim=1)
+
+
 class DynamicPrompts(nn.Module):
-    """Dyn = MHA(query = the sample's query set, key = value = the block-0 input) -> [B, n, width] (§6.1, §6.4).
+    """Dyn = MHA(query = the sample's query set, key = value = the block input) -> [B, n, width] (§6.1, §6.4).
 
     ``attn_prompt`` is a single-head ``nn.MultiheadAttention``; the three [n, 1, width] N(0, 0.02) query sets are
-    persistent buffers (saved, frozen; D-34) or, with ``trainable``, parameters.
+    persistent buffers (saved, frozen; D-34) or, with ``trainable``, parameters. ``mode`` max / min / avg (our
+    reading of Table 2's "& Projection" rows, §6.7): Dyn = ``proj``(window_pool(input, n windows)), ``proj`` one
+    ``nn.Linear(width, width)``; no queries, no attention.
     """
 
-    def __init__(self, n: int, width: int, trainable: bool = False) -> None:
+    def __init__(self, n: int, width: int, trainable: bool = False, mode: str = "attention") -> None:
         super().__init__()
+        self.n, self.mode = n, mode
+        if mode != "attention":
+            self.proj = nn.Linear(width, width)
+            return
         self.attn_prompt = nn.MultiheadAttention(width, 1, batch_first=True)
         for name in DYNAMIC_NAMES:
             value = nn.init.normal_(torch.empty(n, 1, width), std=0.02)
@@ -227,14 +365,16 @@ class DynamicPrompts(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, missing_type: torch.Tensor) -> torch.Tensor:
         """`mask`: bool [B, N] (True = real token) for a stream whose attention masks padding, else None."""
+        if self.mode != "attention":
+            return self.proj(window_pool(x, mask, self.n, self.mode))
         queries = torch.stack([getattr(self, name)[:, 0] for name in DYNAMIC_NAMES])  # [3, n, D]
         q = queries[missing_type].to(x.dtype)
         padding = None if mask is None else ~mask
         return self.attn_prompt(q, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
-PerTypePrompts = dict[str, list[torch.Tensor]]
-"""Modality -> per layer [3, k_l, width] (layer 0: ``[R^0 ; C]``, k_0 = n + n_common; later layers R^l)."""
+PerTypePrompts = dict[str, dict[str, list[torch.Tensor]]]
+"""``{"layer": {modality: [R^l] per block}, "common": {modality: [C^l] per block}}``, each [3, n, width]."""
 
 
 @register_method("dcp")
@@ -250,42 +390,65 @@ class DeepCorrelatedPrompts(PromptMethod):
     def __init__(self, config: DCPConfig, info: BackboneInfo) -> None:
         super().__init__(config, info)
         self.layout = DCPLayout.from_config(config)
-        self.prompt_learner = DCPPromptLearner(self.layout, info.width_of(IMAGE), info.width_of(TEXT),
-                                               config.dcp_independent_init)
+        text_width, r = info.width_of(TEXT), config.dcp_common_reduction
+        if self.layout.common and config.dcp_common_projection == "mlp" and text_width // r < 1:
+            raise UserInputError(f"dcp_common_reduction={r} leaves the modal-common MLP no hidden unit (text width "
+                                 f"{text_width} // {r} = 0); choose dcp_common_reduction <= {text_width}")
+        self.prompt_learner = DCPPromptLearner(self.layout, info.width_of(IMAGE), text_width,
+                                               config.dcp_independent_init, projection=config.dcp_projection,
+                                               unimodal=config.dcp_correlated_inputs == "uni",
+                                               common_projection=config.dcp_common_projection, common_reduction=r)
         if self.layout.dynamic:
-            self.dynamic = nn.ModuleDict({s.name: DynamicPrompts(self.layout.n, s.width, config.dcp_dynamic_trainable)
-                                          for s in info.streams})
+            def generator() -> nn.ModuleDict:
+                return nn.ModuleDict({s.name: DynamicPrompts(self.layout.n, s.width, config.dcp_dynamic_trainable,
+                                                             config.dcp_dynamic_mode) for s in info.streams})
+            self.dynamic = generator()
+            if self.layout.dynamic_depth > 1:   # blocks 1..d-1: own generators, keys dynamic_deep.<k>.<stream>
+                self.dynamic_deep = nn.ModuleList([generator() for _ in range(self.layout.dynamic_depth - 1)])
 
     @property
     def skip_missing(self) -> bool:
         return bool(self.config.dcp_skip_missing)
 
     def prepare(self, missing_type: torch.Tensor) -> PerTypePrompts:
-        """The per-type prompts of every layer, once per forward for all streams (§6.3)."""
-        img, txt = self.prompt_learner.per_type()
-        return {IMAGE: img, TEXT: txt}
+        """The per-type layer and common prompts of every block, once per forward for all streams (§6.3)."""
+        return self.prompt_learner.parts()
 
-    def _gathered(self, stream: StreamInfo, prompts: PerTypePrompts, layer: int, part: slice,
+    def _gathered(self, stream: StreamInfo, prompts: dict[str, list[torch.Tensor]], layer: int,
                   missing_type: torch.Tensor) -> torch.Tensor:
-        """Tokens `part` of `layer` for the stream's modalities (text before image), gathered by missing type."""
-        return torch.cat([prompts[m][layer][:, part] for m in stream.modalities], dim=1)[missing_type]
+        """Block `layer`'s prompts of the stream's modalities (text before image), gathered by missing type."""
+        return torch.cat([prompts[m][layer] for m in stream.modalities], dim=1)[missing_type]
+
+    def _dynamic(self, stream: StreamInfo, index: int, data: torch.Tensor, mask: torch.Tensor,
+                 ctx: PromptContext) -> torch.Tensor:
+        """Dynamic prompts of block `index` from the block input's data tokens `data` (§6.4, §6.7)."""
+        generator = self.dynamic if index == 0 else self.dynamic_deep[index - 1]
+        return generator[stream.name](data, mask if stream.masks_padding else None, ctx.missing_type)
 
     def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                      layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
-        lay = self.layout
-        if index >= lay.depth:
+        lay, prepared = self.layout, ctx.prepared
+        if index >= lay.blocks:
             return x, mask, layout
-        layer = self._gathered(stream, ctx.prepared, index, slice(0, lay.n), ctx.missing_type).to(x.dtype)
-        if index > 0:  # replace the evolved layer prompts, keep everything else (§6.4)
-            span = layout.span("dcp.layer")
-            return torch.cat([x[:, :span.start], layer, x[:, span.stop:]], dim=1), mask, layout
+        if index > 0:  # replace the evolved prompts of the parts this block receives, keep everything else (§6.4)
+            new = []
+            if index < lay.depth:
+                new.append(("dcp.layer", self._gathered(stream, prepared["layer"], index, ctx.missing_type)))
+            if lay.common and index < lay.common_depth:
+                new.append(("dcp.common", self._gathered(stream, prepared["common"], index, ctx.missing_type)))
+            if lay.dynamic and index < lay.dynamic_depth:
+                start = layout.span("dcp.dynamic").stop
+                new.append(("dcp.dynamic", self._dynamic(stream, index, x[:, start:], mask[:, start:], ctx)))
+            for name, tokens in new:
+                span = layout.span(name)
+                x = torch.cat([x[:, :span.start], tokens.to(x.dtype), x[:, span.stop:]], dim=1)
+            return x, mask, layout
+        layer = self._gathered(stream, prepared["layer"], 0, ctx.missing_type).to(x.dtype)
         new = [("dcp.layer", layer)]
         if lay.common:
-            common = self._gathered(stream, ctx.prepared, 0, slice(lay.n, None), ctx.missing_type)
-            new.append(("dcp.common", common))
+            new.append(("dcp.common", self._gathered(stream, prepared["common"], 0, ctx.missing_type)))
         if lay.dynamic:
-            key_mask = mask if stream.masks_padding else None
-            new.append(("dcp.dynamic", self.dynamic[stream.name](x, key_mask, ctx.missing_type)))
+            new.append(("dcp.dynamic", self._dynamic(stream, 0, x, mask, ctx)))
         x, mask = splice_tokens(x, mask, 0, [t for _, t in new])
         return x, mask, layout.prepend([(name, t.shape[1]) for name, t in new])
 

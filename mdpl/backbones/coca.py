@@ -1,0 +1,376 @@
+"""CoCa backbone (Yu et al., 2022; open_clip ``coca_ViT-B-32``, the backbone of DCP's appendix Table 6), exposed as
+two streams of the encoder protocol (docs/methods.md §5b, docs/architecture.md).
+
+The towers are our own :class:`~mdpl.backbones.encoder.StreamEncoder` modules that *adopt* the sub-modules of
+open_clip's CoCa towers (built by the same open_clip functions ``CoCa.__init__`` calls), so their state-dict keys
+are open_clip's: ``image_encoder.<k>`` <-> ``visual.<k>``, ``text_encoder.<k>`` <-> ``text.<k>``, plus
+``logit_scale`` (``mdpl.backbones.coca_weights`` reads the files). CoCa's multimodal text decoder (captioning) is
+not built: the classifier reads the two contrastive embeddings only.
+
+* ``"image"``: conv -> [CLS] -> +pos -> ln_pre -> blocks -> the **attentional pooler** (``attn_pool``: learned
+  queries attending over the output tokens; its first query is CoCa's contrastive image embedding) -> ``ln_post``
+  -> @ ``proj``. The pooler reads every token of the last block, so this stream has no one read-out token:
+  :meth:`CocaVisionTower.forward_blocks` runs the blocks (the method's hooks as on every stream) and, when the
+  classifier asks for its read-out, returns the pooler output [B, 1, E] instead; ``pool`` applies ln_post and proj.
+  ``coca_pool_prompts`` says whether the pooler also attends over the prompt tokens (default: no, data tokens only).
+* ``"text"`` (the *unimodal* text tower): token + position embeddings of the 76 ids, CoCa's learned ``cls_emb``
+  appended at the end (position 77) -> causal blocks -> ``ln_final`` of the appended CLS -> @ ``text_projection``.
+  Besides the causal mask, open_clip's CoCa masks padding keys for every query; its (legacy) mask is shifted by one
+  position: key 0 is always visible, key j >= 1 is visible when id j-1 is not padding (so SOT ... EOT and the first
+  padding position), and the CLS key only when the text fills all 76 positions. The stream's ``mask`` carries
+  exactly these visible keys (prompts: visible), so the layout of the data tokens is ``[text (76) ; text_cls (1)]``.
+
+The feature is ``[f_v ; f_t]`` and the head a linear layer, as on CLIP. All sequences are batch-first ``[B, L, D]``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
+from mdpl.backbones.base import Backbone, Batch
+from mdpl.backbones.clip import residual_block
+from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
+                                        read_coca_checkpoint)
+from mdpl.backbones.encoder import StreamEncoder
+from mdpl.backbones.registry import register_backbone
+from mdpl.errors import UserInputError
+from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
+from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
+
+TEXT_CLS = "text_cls"
+"""Layout segment of CoCa's appended text CLS token (after the 76 text positions, prompts go in front)."""
+
+
+@dataclass(frozen=True)
+class CocaSizes:
+    """Tower hyper-parameters; defaults are open_clip's ``coca_ViT-B-32``. Config keys: ``coca_<field>``."""
+
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_head_width: int = 64
+    attn_pooler_heads: int = 8
+    context_length: int = 76
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "CocaSizes":
+        """Read ``coca_<field>`` keys and ``image_size`` (the run's one image size); missing keys keep the default."""
+        keys = {f.name: "image_size" if f.name == "image_size" else f"coca_{f.name}" for f in fields(cls)}
+        return cls(**{name: int(config[key]) for name, key in keys.items() if config.get(key) is not None})
+
+
+def build_open_clip_towers(sizes: CocaSizes) -> tuple[nn.Module, nn.Module]:
+    """open_clip's CoCa image tower (attentional pooler) and unimodal text tower (appended CLS), randomly initialised
+    by the functions ``open_clip.coca_model.CoCa`` builds them with (GELU, no QuickGELU); never downloads."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
+
+    for key, divisor in (("vision_width", "vision_head_width"), ("text_width", "text_heads"),
+                         ("embed_dim", "attn_pooler_heads")):
+        if getattr(sizes, key) % getattr(sizes, divisor):
+            raise UserInputError(f"coca_{key}={getattr(sizes, key)} must be a multiple of coca_{divisor}="
+                                 f"{getattr(sizes, divisor)}")
+    vision = CLIPVisionCfg(image_size=sizes.image_size, patch_size=sizes.patch_size, width=sizes.vision_width,
+                           layers=sizes.vision_layers, head_width=sizes.vision_head_width, attentional_pool=True,
+                           attn_pooler_heads=sizes.attn_pooler_heads, output_tokens=True)
+    text = CLIPTextCfg(context_length=sizes.context_length, vocab_size=sizes.vocab_size, width=sizes.text_width,
+                       heads=sizes.text_heads, layers=sizes.text_layers, embed_cls=True, output_tokens=True)
+    return (_build_vision_tower(sizes.embed_dim, vision, quick_gelu=False),
+            _build_text_tower(sizes.embed_dim, text, quick_gelu=False))
+
+
+def coca_open_clip_config(sizes: CocaSizes) -> dict[str, Any]:
+    """The open_clip model config (``coca_ViT-B-32.json`` layout) of `sizes`: ``open_clip.coca_model.CoCa(**cfg)``
+    builds the model whose towers these are (tests compare against it)."""
+    return {"embed_dim": sizes.embed_dim,
+            "vision_cfg": {"image_size": sizes.image_size, "layers": sizes.vision_layers, "width": sizes.vision_width,
+                           "head_width": sizes.vision_head_width, "patch_size": sizes.patch_size,
+                           "attentional_pool": True, "attn_pooler_heads": sizes.attn_pooler_heads,
+                           "output_tokens": True},
+            "text_cfg": {"context_length": sizes.context_length, "vocab_size": sizes.vocab_size,
+                         "width": sizes.text_width, "heads": sizes.text_heads, "layers": sizes.text_layers,
+                         "embed_cls": True, "output_tokens": True},
+            "multimodal_cfg": {"context_length": sizes.context_length, "vocab_size": sizes.vocab_size,
+                               "width": sizes.text_width, "heads": sizes.text_heads, "layers": sizes.text_layers,
+                               "attn_pooler_heads": sizes.attn_pooler_heads}}
+
+
+def _check_plain_blocks(transformer: nn.Module) -> None:
+    for block in transformer.resblocks:
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise ValueError("the CoCa towers must use open_clip's default ResidualAttentionBlock")
+
+
+class CocaVisionTower(StreamEncoder):
+    """Image tower, the ``"image"`` stream: CLIP's ViT blocks, then CoCa's attentional pooler over the output."""
+
+    def __init__(self, visual: nn.Module, pool_prompts: bool = False) -> None:
+        super().__init__()
+        if visual.attn_pool is None or visual.attn_pool_contrastive is not None or visual.pool_type != "tok":
+            raise ValueError("expected open_clip's CoCa image tower (attentional_pool=True, pool_type='tok')")
+        if not isinstance(visual.patch_dropout, nn.Identity):
+            raise ValueError("patch dropout is not supported")
+        _check_plain_blocks(visual.transformer)
+        for name in ("conv1", "ln_pre", "transformer", "attn_pool", "ln_post"):
+            setattr(self, name, getattr(visual, name))
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.proj = visual.proj
+        self.pool_prompts = bool(pool_prompts)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    @property
+    def info(self) -> StreamInfo:
+        return StreamInfo(IMAGE, int(self.transformer.width), len(self.blocks), int(self.blocks[0].attn.num_heads),
+                          (IMAGE,), causal=False, masks_padding=False)
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B,3,H,W] -> ``ln_pre`` output [B, 1+N, D] (block-0 input)."""
+        x = self.conv1(image.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``index`` (open_clip ``ResidualAttentionBlock``, no mask: every image token is real)."""
+        return residual_block(self.blocks[index], x, None, kv_prefix, query_index)
+
+    def attentional_pool(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
+        """CoCa's contrastive image embedding before ``ln_post``: the first query of ``attn_pool`` over the last
+        block's tokens [B, N, D] -> [B, E]. With a `layout` and ``pool_prompts`` off, over the image segment only
+        (CLS + patches, the tokens the pooler was pre-trained on); otherwise over every token, prompts included.
+        (open_clip computes all its queries; the others feed the captioning decoder, and each query's output depends
+        on that query alone.)"""
+        if layout is not None and not self.pool_prompts:
+            x = x[:, layout.span(IMAGE)]
+        pooler = self.attn_pool
+        kv = pooler.ln_k(x)
+        query = pooler.ln_q(pooler.query[:1]).to(kv.dtype).expand(x.shape[0], -1, -1)
+        return pooler.attn(query, kv, kv, need_weights=False)[0][:, 0]
+
+    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
+                       ctx: PromptContext, readout=None, *args: Any, **kwargs: Any,
+                       ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """``StreamEncoder.forward_blocks`` with every position of the last block computed (the pooler reads them
+        all); with `readout` (the classifier's read-out request) the output is the pooler's [B, 1, E], which
+        ``CocaBackbone.pool`` turns into the feature; without it, the last block's tokens [B, N, D] as on any
+        stream."""
+        x, mask, layout = super().forward_blocks(x, mask, layout, method, ctx, None, *args, **kwargs)
+        if readout is None:
+            return x, mask, layout
+        return self.attentional_pool(x, layout)[:, None], mask, layout
+
+    def pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooler output [B, E] -> ``ln_post`` -> @ ``proj`` -> [B, E]."""
+        return self.ln_post(pooled) @ self.proj
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Plain CoCa image embedding, unnormalised (open_clip ``encode_image(normalize=False)``)."""
+        x = self.embed(image)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x)
+        return self.pool(self.attentional_pool(x))
+
+
+class CocaTextTower(StreamEncoder):
+    """Unimodal text tower, the ``"text"`` stream: causal blocks over ``[76 ids ; CLS]``, padding keys masked."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        if getattr(text, "cls_emb", None) is None or not isinstance(text.text_projection, nn.Parameter):
+            raise ValueError("expected open_clip's CoCa text tower (embed_cls=True, a [width, embed] text_projection)")
+        if getattr(text, "attn_mask", None) is None or getattr(text, "use_pad_mask", False):
+            raise ValueError("expected open_clip's causal CoCa text tower")
+        _check_plain_blocks(text.transformer)
+        for name in ("token_embedding", "transformer", "ln_final"):
+            setattr(self, name, getattr(text, name))
+        self.positional_embedding = text.positional_embedding
+        self.cls_emb = text.cls_emb
+        self.text_projection = text.text_projection
+        self.pad_id = int(text.pad_id)
+        self.correct_cls_mask = bool(getattr(text, "correct_cls_mask", False))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    @property
+    def context_length(self) -> int:
+        """Text ids per sample (76 for coca_ViT-B-32); the CLS takes one more position."""
+        return int(self.positional_embedding.shape[0]) - 1
+
+    @property
+    def info(self) -> StreamInfo:
+        return StreamInfo(TEXT, int(self.transformer.width), len(self.blocks), int(self.blocks[0].attn.num_heads),
+                          (TEXT,), causal=True, masks_padding=True)
+
+    def embed(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids [B, 76] -> ``[tokens ; cls_emb]`` + positional embeddings [B, 77, D], and the keys open_clip's CoCa
+        attention reads [B, 77] (module docstring; ``correct_cls_mask``: the real ids and the CLS)."""
+        if text_ids.shape[1] != self.context_length:
+            raise ValueError(f"text_ids has length {text_ids.shape[1]}; CoCa needs exactly {self.context_length}")
+        x = self.token_embedding(text_ids)
+        x = torch.cat([x, self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        valid = text_ids != self.pad_id
+        always = valid.new_ones(valid.shape[0], 1)
+        keys = torch.cat([valid, always] if self.correct_cls_mask else [always, valid], dim=1)
+        return x, keys
+
+    def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
+                  kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``index`` on x [B, N, D]: causal attention over the keys `mask` marks (prompt keys / values of
+        `kv_prefix` visible to every query); only the positions `query_index` when given -> [B, 1, D]."""
+        block = self.blocks[index]
+        attn = block.attn
+        if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
+            raise ValueError("CocaTextTower supports open_clip's plain self-attention only")
+        n = x.shape[1]
+        positions = torch.arange(n, device=x.device)
+        if query_index is None:
+            attn_mask = (mask[:, None, :] & (positions[None, :] <= positions[:, None]))[:, None]   # [B, 1, N, N]
+        else:
+            attn_mask = (mask & (positions[None, :] <= query_index[:, None]))[:, None, None, :]   # [B, 1, 1, N]
+        q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index)
+        if query_index is not None:
+            x = take_rows(x, query_index)
+        out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix)
+        x = x + block.ls_1(attn.out_proj(out))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def pool(self, token: torch.Tensor) -> torch.Tensor:
+        """The CLS output [B, D] -> ``ln_final`` -> @ ``text_projection`` -> [B, E]."""
+        return self.ln_final(token) @ self.text_projection
+
+    def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Plain CoCa text embedding, unnormalised (open_clip ``encode_text(normalize=False)``)."""
+        x, mask = self.embed(text_ids)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, mask)
+        return self.pool(x[:, -1])
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+class CocaBackbone(Backbone):
+    """The two CoCa towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
+
+    described_as = "the CoCa backbone (coca_vision_layers, coca_text_layers)"
+
+    def __init__(self, sizes: CocaSizes, pool_prompts: bool = False) -> None:
+        super().__init__()
+        visual, text = build_open_clip_towers(sizes)
+        self.sizes = sizes
+        self.image_encoder = CocaVisionTower(visual, pool_prompts)
+        self.text_encoder = CocaTextTower(text)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_encoder.text_projection.shape[1])
+
+    # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
+    def encoders(self) -> dict[str, StreamEncoder]:
+        return {IMAGE: self.image_encoder, TEXT: self.text_encoder}
+
+    def embed(self, stream: str, batch: Batch,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """Image: CLS + patches, all real; text: the 76 positions and the CLS, masked as open_clip's CoCa does."""
+        if stream == IMAGE:
+            x = self.image_encoder.embed(_take(batch["image"], rows))
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            return x, mask, TokenLayout([(IMAGE, x.shape[1])])
+        x, mask = self.text_encoder.embed(_take(batch["text_ids"], rows))
+        return x, mask, TokenLayout([(TEXT, x.shape[1] - 1), (TEXT_CLS, 1)])
+
+    def readout(self, stream: str, layout: TokenLayout, batch: Batch,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Text: the appended CLS, wherever the prompts moved it. Image: the CLS position, for completeness only —
+        the image feature is the attentional pooler's over every token (``CocaVisionTower.forward_blocks``)."""
+        key = IMAGE if stream == IMAGE else "text_ids"
+        n = batch[key].shape[0] if rows is None else rows.shape[0]
+        position = layout.offset(IMAGE) if stream == IMAGE else layout.offset(TEXT_CLS)
+        return torch.full((n,), position, dtype=torch.long, device=batch[key].device)
+
+    def pool(self, stream: str, token: torch.Tensor) -> torch.Tensor:
+        """f_v = ln_post(attentional pooler) @ proj; f_t = ln_final(CLS) @ text_projection."""
+        if stream == IMAGE:
+            return self.image_encoder.pool(token)
+        return self.text_encoder.pool(token)
+
+    def build_head(self, num_classes: int) -> nn.Module:
+        """Linear(2E, C), N(0, 0.02) / 0, as on CLIP (§6.5)."""
+        head = nn.Linear(2 * self.embed_dim, num_classes)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
+        """DCP's rule applied to CoCa's names (§6.6: ``ln_post``, ``ln_final``, ``proj``); the pooler stays frozen."""
+        return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
+
+    def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
+        return [self.logit_scale]
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.image_encoder, self.text_encoder]
+
+    # --- weights ------------------------------------------------------------------------------------
+    def load_open_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Strictly load an open_clip-layout CoCa state dict (``visual.*``, ``text.*``, ``logit_scale``; read by
+        ``coca_weights.read_coca_checkpoint``, which drops the decoder)."""
+        mapped = {open_clip_to_backbone_key(k): v for k, v in state_dict.items()}
+        if "logit_scale" in mapped:
+            mapped["logit_scale"] = mapped["logit_scale"].reshape(self.logit_scale.shape)
+        check_coca_state_dict(mapped, self.state_dict(), what="open_clip CoCa checkpoint")
+        self.load_state_dict(mapped, strict=True)
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """This backbone's weights in open_clip layout (no decoder)."""
+        return {backbone_to_open_clip_key(k): v for k, v in self.state_dict().items()}
+
+
+def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
+    """CocaBackbone from ``coca_*`` size keys and ``coca_pool_prompts``; loads ``coca_path`` (random init + warning if
+    empty)."""
+    backbone = CocaBackbone(CocaSizes.from_config(config), bool(config.get("coca_pool_prompts", False)))
+    path = str(config.get("coca_path", "") or "")
+    if path:
+        state = read_coca_checkpoint(path, str(config.get("coca_sha256", "") or ""))
+        try:
+            backbone.load_open_clip_state_dict(state)
+        except UserInputError as err:
+            raise UserInputError(f"coca_path {path}: {err}") from None
+    else:
+        warnings.warn("coca_path is empty: the CoCa backbone is randomly initialised (tests only)", stacklevel=2)
+    return backbone
+
+
+@register_backbone("coca", weights_key="coca_path")
+def build_coca_for_run(config: Mapping[str, Any]) -> CocaBackbone:
+    """The CoCa backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
+    ``coca_path`` is not read."""
+    if not config.get("test_only", False):
+        return build_coca_backbone(config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="coca_path is empty")
+        return build_coca_backbone({**config, "coca_path": ""})
