@@ -61,6 +61,7 @@ from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,
                                      sdpa_flop_count)
 
 from mdpl.prompts.keys import method_presets  # noqa: E402
+from mdpl.backbones.registry import available_backbones  # noqa: E402
 from mdpl.prompts.registry import available_methods, method_class  # noqa: E402
 
 METHODS = tuple(available_methods())
@@ -68,6 +69,10 @@ DATASETS = ("mmimdb", "food101", "hatememes")
 PRECISIONS = {"fp32": "fp32", "32": "fp32", "32-true": "fp32",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
               "fp16": "fp16-mixed", "16": "fp16-mixed", "16-mixed": "fp16-mixed", "fp16-mixed": "fp16-mixed"}
+
+
+TWO_TOWER = ("clip", "coca")
+"""Backbones with an image and a text tower (open_clip BPE texts, square images)."""
 
 
 def paper_backbone(method: str) -> str:
@@ -176,11 +181,12 @@ def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.dev
     gen = torch.Generator().manual_seed(seed)
     dataset = cfg["dataset"]
     fill = TEXT_FILL[size_key][dataset]
-    if cfg["backbone"] == "clip":
+    if cfg["backbone"] in TWO_TOWER:
         side = int(cfg["image_size"])
         sizes = torch.full((batch_size, 2), side, dtype=torch.long)
         image = torch.randn(batch_size, 3, side, side, generator=gen)
-        ids, masks = _text(batch_size, int(cfg["clip_context_length"]), fill, (1, CLIP_SOT), CLIP_SOT, CLIP_EOT, gen)
+        ids, masks = _text(batch_size, int(cfg[f"{cfg['backbone']}_context_length"]), fill, (1, CLIP_SOT), CLIP_SOT,
+                           CLIP_EOT, gen)
         dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
         dummy_ids[0, :2] = torch.tensor([CLIP_SOT, CLIP_EOT])
     else:
@@ -270,8 +276,8 @@ def sequence_length(cfg: dict, batch: dict, model: torch.nn.Module) -> int:
     method's `added_tokens`)."""
     method = model.prompt
     added = method.added_tokens(method.config, model.backbone.info)
-    if cfg["backbone"] == "clip":
-        side, patch = batch["image"].shape[-1], int(cfg["clip_patch_size"])
+    if cfg["backbone"] in TWO_TOWER:
+        side, patch = batch["image"].shape[-1], int(cfg[f"{cfg['backbone']}_patch_size"])
         return (side // patch) ** 2 + 1 + added.get("image", 0)
     p = int(cfg["patch_size"])
     sizes = batch["image_sizes"].cpu()
@@ -397,7 +403,7 @@ def time_loop(step: Callable, batches: list[dict], warmup: int, steps: int, devi
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps, meter.peak_mib()
 
 
-def single_samples(batch: dict) -> list[dict]:
+def single_samples(batch: dict, cut_text: bool) -> list[dict]:
     """Each sample of `batch` alone, its text cut to its own length: the inputs of the computation the answer
     needs (no padding of any kind, a dropped modality not computed)."""
     out = []
@@ -407,7 +413,7 @@ def single_samples(batch: dict) -> list[dict]:
         one["text_len_host"] = length
         if "image_sizes_host" in batch:
             one["image_sizes_host"] = batch["image_sizes_host"][i:i + 1]
-        if one["text_ids"].shape[1] != 77:   # ViLT: the text segment itself; CLIP keeps 77 ids, cut by the model
+        if cut_text:   # ViLT: the text segment itself; the two-tower models keep their fixed ids, cut by the model
             one["text_ids"], one["text_masks"] = one["text_ids"][:, :length], one["text_masks"][:, :length]
         out.append(one)
     return out
@@ -416,7 +422,8 @@ def single_samples(batch: dict) -> list[dict]:
 def needed_flops(model, cfg: dict, batch: dict, device: torch.device, precision: str) -> Flops:
     """FLOPs of the same model on every sample alone and unpadded (`single_samples`), summed: what the answer
     needs, against which the executed FLOPs of the batched step are compared."""
-    counts = [count_flops(model, cfg, one, device, precision) for one in single_samples(batch)]
+    counts = [count_flops(model, cfg, one, device, precision)
+              for one in single_samples(batch, cut_text=cfg["backbone"] not in TWO_TOWER)]
     return Flops(sum(c.forward for c in counts), sum(c.train for c in counts))
 
 
@@ -435,9 +442,10 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
     """One table row: build, train-time, eval-time, memory and MFU."""
     size_key = "small" if args.small else "full"
     padding = {} if args.text_padding == "default" else {"dynamic_text_padding": args.text_padding == "dynamic"}
-    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size, **padding})
+    backbone = {} if args.backbone == "paper" else {"backbone": args.backbone}
+    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size, **padding, **backbone})
     dynamic = bool(cfg["dynamic_text_padding"]) and cfg["backbone"] == "vilt"
-    row: dict[str, Any] = {"method": method, "backbone": paper_backbone(method), "dataset": dataset,
+    row: dict[str, Any] = {"method": method, "backbone": cfg["backbone"], "dataset": dataset,
                            "precision": precision, "batch": batch_size, "dynamic_text_padding": dynamic,
                            "status": "ok"}
     if device.type == "cpu" and precision == "fp16-mixed":
@@ -600,6 +608,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny widths/layers, short texts (CPU, < 2 min)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
+    p.add_argument("--backbone", default="paper", choices=("paper", *available_backbones()),
+                   help="'paper': each method on its paper's backbone (default); or every method on this one")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma list of mmimdb,food101,hatememes")
     p.add_argument("--precisions", default=None,
                    help="comma list of fp32,bf16-mixed,fp16-mixed (default: all on CUDA, fp32,bf16-mixed on CPU)")

@@ -155,3 +155,12 @@ def test_training_memory_counts_the_first_step():
     assert row["text_len"] < bench.SMALL_TEXT_LEN["hatememes"]
     if row["mem_kind"] == "rss_peak_delta" and row["train_peak_mib"] is not None:
         assert row["train_peak_mib"] > 0
+
+
+def test_every_backbone_is_benchmarked_with_backbone_option():
+    """`--backbone coca` runs every method on CoCa (the default pairs each method with its paper's backbone)."""
+    result = bench.main(["--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets", "hatememes",
+                         "--precisions", "fp32", "--batch-size", "4", "--methods", "map,dcp", "--backbone", "coca",
+                         "--no-loader"])
+    assert [(r["method"], r["backbone"], r["status"]) for r in result["rows"]] == [("map", "coca", "ok"),
+                                                                                  ("dcp", "coca", "ok")]

@@ -205,6 +205,19 @@ def _uncut_forward(model, b: dict) -> torch.Tensor:
     return model.head(torch.cat(features, dim=1))
 
 
+@pytest.mark.parametrize("missing", [1, 2])
+def test_dcp_with_every_row_missing_one_modality(missing: int) -> None:
+    """DCP skips the stream of the missing modality; with no row left (here: the whole batch), its dynamic prompts
+    run on zero rows (CoCa's text attention masks padding: a key-padding mask of zero rows)."""
+    model = _model("dcp")
+    b = {**batch(4), "missing_type": torch.full((4,), missing)}
+    out = model(b)
+    half = model.backbone.embed_dim
+    dropped = out["pooled"][:, half:] if missing == 1 else out["pooled"][:, :half]
+    assert torch.isfinite(out["logits"]).all() and torch.equal(dropped, torch.zeros_like(dropped))
+    out["logits"].sum().backward()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_forward_and_exact_cut(method: str) -> None:
     """Each method builds and runs on CoCa; the classifier (last text block: the CLS only) equals the uncut pass."""

@@ -369,6 +369,8 @@ class DynamicPrompts(nn.Module):
             return self.proj(window_pool(x, mask, self.n, self.mode))
         queries = torch.stack([getattr(self, name)[:, 0] for name in DYNAMIC_NAMES])  # [3, n, D]
         q = queries[missing_type].to(x.dtype)
+        if x.shape[0] == 0:   # every row of the batch misses this stream's modality (its rows are skipped)
+            return q
         padding = None if mask is None else ~mask
         return self.attn_prompt(q, x, x, key_padding_mask=padding, need_weights=False)[0]
 
