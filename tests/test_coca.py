@@ -285,7 +285,7 @@ def test_tokenizer_and_transform_are_open_clips() -> None:
     from mdpl.data.tokenizers import build_tokenizer
     from mdpl.data.transforms import build_transform
 
-    tok = build_tokenizer({"backbone": "coca"})
+    tok = build_tokenizer({"backbone": "coca", "coca_context_length": 76})   # config.py's value
     texts = ["a photo of a cat", "word " * 100, ""]
     ids, masks = tok.encode(texts)
     assert ids.shape == (3, 76) and torch.equal(ids, open_clip.get_tokenizer("coca_ViT-B-32")(texts))

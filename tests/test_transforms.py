@@ -63,6 +63,5 @@ def test_clip_transform_matches_open_clip(wh):
 def test_build_transform_dispatch():
     img = _noise(100, 60)
     assert build_transform({"backbone": "vilt", "image_size": 64})(img).shape == (3, 64, 96)
-    assert build_transform({"backbone": "clip", "image_size": 224})(img).shape == (3, 224, 224)
-    with pytest.raises(ValueError, match="backbone"):
-        build_transform({"backbone": "resnet", "image_size": 224})
+    assert build_transform({"backbone": "clip", "image_size": 224})(img).shape == (3, 224, 224)   # and every
+    # other open_clip two-tower backbone (an unknown backbone never gets here: config validation refuses it)

@@ -317,7 +317,9 @@ def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
     return backbone
 
 
-@register_backbone("clip", weights_key="clip_path")
+@register_backbone("clip", weights_key="clip_path", model_keys=(
+    "clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+    "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"))
 def build_clip_for_run(config: Mapping[str, Any]) -> ClipBackbone:
     """The CLIP backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
     ``clip_path`` is not read."""

@@ -365,7 +365,10 @@ def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
     return backbone
 
 
-@register_backbone("coca", weights_key="coca_path")
+@register_backbone("coca", weights_key="coca_path", model_keys=(
+    "coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
+    "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width", "coca_text_heads",
+    "coca_text_layers", "coca_pool_prompts"))
 def build_coca_for_run(config: Mapping[str, Any]) -> CocaBackbone:
     """The CoCa backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
     ``coca_path`` is not read."""

@@ -24,18 +24,20 @@ class BackboneEntry:
 
     build: Builder
     weights_key: str
+    model_keys: tuple[str, ...] = ()
+    """The size keys that define the model: a checkpoint evaluated with ``test_only`` must agree on them."""
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 
 
-def register_backbone(name: str, weights_key: str) -> Callable[[Builder], Builder]:
+def register_backbone(name: str, weights_key: str, model_keys: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
     """Decorator registering a builder under `name` (the config's ``backbone``)."""
 
     def deco(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build.__qualname__ != build.__qualname__:
             raise ValueError(f"backbone {name!r} registered twice")
-        _REGISTRY[name] = BackboneEntry(build, weights_key)
+        _REGISTRY[name] = BackboneEntry(build, weights_key, tuple(model_keys))
         return build
 
     return deco

@@ -63,9 +63,10 @@ MAGIC = b"MDPLPIX\x01"
 HEADER_BYTES = 4096
 SUFFIX = ".pixels"
 DEFAULT_FOLDER = "pixel_cache"
-TRANSFORM_NAMES = {"vilt": "pixelbert", "clip": "clip", "coca": "clip"}
-"""The transform name (part of the file name) of each backbone (mdpl.data.transforms.build_transform); another
-backbone's transform is named after the backbone."""
+def transform_name(backbone: str) -> str:
+    """The transform's name (part of the file name; mdpl.data.transforms.build_transform): ViLT's 'pixelbert', the
+    CLIP preprocessing of every other backbone."""
+    return "pixelbert" if backbone == "vilt" else "clip"
 
 
 def pixel_cache_folder(config: Mapping) -> Path | None:
@@ -180,7 +181,7 @@ class PixelStages:
 def pixel_stages(config: Mapping, transform: Callable) -> PixelStages:
     """:class:`PixelStages` of the run's transform (``build_transform(config)``)."""
     backbone = str(config.get("backbone", "vilt"))
-    return PixelStages(transform, TRANSFORM_NAMES.get(backbone, backbone), int(config["image_size"]))
+    return PixelStages(transform, transform_name(backbone), int(config["image_size"]))
 
 
 # ----------------------------------------------------------------------------------------------- record

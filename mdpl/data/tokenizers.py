@@ -27,7 +27,6 @@ from mdpl.errors import UserInputError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used in forked DataLoader workers
 
 CLIP_CONTEXT_LENGTH = 77
-COCA_CONTEXT_LENGTH = 76
 CLIP_VOCAB_SIZE = 49408
 CLIP_SOT, CLIP_EOT = 49406, 49407
 #: Very common English words: a usable (lower-case) vocabulary knows at least one of them.
@@ -123,15 +122,11 @@ def check_vocabulary(tok, source: str) -> None:
 
 
 def build_tokenizer(config: Mapping) -> BertTextTokenizer | ClipTextTokenizer:
-    """Tokenizer for ``config['backbone']`` ('vilt' -> BERT, checked against ``vocab_size``; 'clip' -> BPE, 77 ids;
-    'coca' -> BPE, ``coca_context_length`` ids)."""
+    """Tokenizer for ``config['backbone']``: 'vilt' -> BERT WordPiece, checked against ``vocab_size``; any other (the
+    open_clip two-tower backbones) -> OpenAI BPE with ``<backbone>_context_length`` ids (77 if the key is absent)."""
     backbone = config.get("backbone", "vilt")
-    if backbone == "clip":
-        return ClipTextTokenizer()
-    if backbone == "coca":   # open_clip's CoCa: the same BPE, 76 ids (the model appends its CLS as position 77)
-        return ClipTextTokenizer(int(config.get("coca_context_length") or COCA_CONTEXT_LENGTH))
     if backbone != "vilt":
-        raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt', 'clip' or 'coca')")
+        return ClipTextTokenizer(int(config.get(f"{backbone}_context_length") or CLIP_CONTEXT_LENGTH))
     max_text_len = check_max_text_len(config["max_text_len"])
     source = str(config.get("tokenizer", "") or "")
     tok = _load_bert(source)

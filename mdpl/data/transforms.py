@@ -75,10 +75,8 @@ def clip_transform(image_size: int = 224) -> Callable[[Image.Image], torch.Tenso
 
 
 def build_transform(config: Mapping) -> Callable[[Image.Image], torch.Tensor]:
-    """Transform for ``config['backbone']``: 'vilt' -> pixelbert, 'clip' and 'coca' -> CLIP (all use ``image_size``)."""
-    backbone = config.get("backbone", "vilt")
-    if backbone == "vilt":
+    """Transform for ``config['backbone']``: 'vilt' -> pixelbert; any other (the open_clip two-tower backbones, whose
+    preprocessing is OpenAI CLIP's) -> CLIP. Both use ``image_size``."""
+    if config.get("backbone", "vilt") == "vilt":
         return pixelbert_transform(int(config["image_size"]))
-    if backbone in ("clip", "coca"):   # open_clip's CoCa preprocesses as OpenAI CLIP (same mean / std)
-        return clip_transform(int(config["image_size"]))
-    raise ValueError(f"unknown backbone {backbone!r} (expected 'vilt', 'clip' or 'coca')")
+    return clip_transform(int(config["image_size"]))

@@ -26,17 +26,15 @@ from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
 from mdpl.errors import UserInputError
 
 PHASES = ("train", "val", "test")
-# Config keys that define the model's structure/behaviour; a test_only checkpoint must agree on them. The selected
-# method's own keys come from its config class (`structural_keys`).
-MODEL_KEYS = {
-    "*": ("dataset", "backbone", "prompt_method"),
-    "vilt": ("hidden_size", "num_layers", "num_heads", "patch_size"),
-    "clip": ("clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
-             "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"),
-    "coca": ("coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
-             "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width",
-             "coca_text_heads", "coca_text_layers", "coca_pool_prompts"),
-}
+MODEL_KEYS = ("dataset", "backbone", "prompt_method")
+"""Config keys that define the model; a test_only checkpoint must agree on them, and on the backbone's size keys
+(its registration's ``model_keys``) and the selected method's structural keys (its config class)."""
+
+
+def backbone_model_keys(backbone: str) -> tuple[str, ...]:
+    """The size keys of `backbone` (empty for an unknown name)."""
+    from mdpl.backbones.registry import available_backbones, backbone_entry
+    return backbone_entry(backbone).model_keys if backbone in available_backbones() else ()
 
 
 def method_model_keys(method: str) -> tuple[str, ...]:
@@ -69,7 +67,7 @@ def parameter_report(model: nn.Module) -> str:
 
 def config_mismatches(ckpt_config: Mapping, config: Mapping, extra_keys: tuple[str, ...] = ()) -> list[str]:
     """Model-defining keys (MODEL_KEYS), then `extra_keys`, whose checkpoint value differs from `config`'s."""
-    keys = (MODEL_KEYS["*"] + MODEL_KEYS.get(str(config.get("backbone", "vilt")), ())
+    keys = (MODEL_KEYS + backbone_model_keys(str(config.get("backbone", "vilt")))
             + method_model_keys(str(config.get("prompt_method"))) + tuple(extra_keys))
     return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
             for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
