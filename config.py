@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import method_default, method_presets, padding_is_inert, paper_backbone, paper_run
+from mdpl.prompts.keys import (method_default, method_presets, padding_is_inert, paper_backbone, paper_missing_type,
+                               paper_run)
 
 ex = Experiment("mdpl", save_git_info=False)
 
@@ -92,7 +93,8 @@ def base_config():
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
-    missing_type = {"train": "both", "val": "both", "test": "both"}   # 'text' | 'image' | 'both'
+    # 'text' | 'image' | 'both'; default: the method's reference setting ('both'; MemPrompt's reference config: 'image')
+    missing_type = dict.fromkeys(("train", "val", "test"), paper_missing_type(prompt_method))
     both_ratio = 0.5              # for 'both': share of the missing rows that miss the image
     missing_table_root = ""       # "" = <data_root>/missing_tables
     simulate_missing = False      # train only: complete rows get a random type per epoch
@@ -189,7 +191,7 @@ def base_config():
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
-    learning_rate = paper_run(prompt_method, (1e-4, 0))[0]   # the method's paper value (its class's paper_run)
+    learning_rate = paper_run(prompt_method, (1e-4, 0), dataset)[0]   # the method's reference value on the dataset
     weight_decay = 0.01
     lr_mult = 1
     decay_power = 1               # polynomial power, or 'cosine'
@@ -290,9 +292,8 @@ def map():
 
 @ex.named_config
 def memprompt():
-    # MemPrompt (IJCAI 2025): lr 5e-3 for MM-IMDb/Food-101 (use learning_rate=1e-3 for Hateful
-    # Memes, as the reference config does), seed 42. The reference trains with missing_type 'image' on
-    # every split (D-32); the task configs keep 'both', so pass missing_type explicitly to match it.
+    # MemPrompt (IJCAI 2025), as its reference config: lr 5e-3 for MM-IMDb/Food-101 and 1e-3 for Hateful Memes,
+    # seed 42, missing_type 'image' on every split (D-32; MAP and DCP use 'both': set missing_type to compare them).
     prompt_method = "memprompt"
 
 

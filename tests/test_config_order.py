@@ -98,3 +98,18 @@ def test_cli_refuses_tiny_before_the_task(tmp_path) -> None:
     assert lines == ["error: name `tiny` after `task_finetune_food101` (`with ... task_finetune_food101 ... tiny`): "
                      "both set the run size and the later one wins"]
     assert not (tmp_path / "result").exists()
+
+
+@pytest.mark.parametrize("task,preset,lr,seed,missing", [
+    ("mmimdb", "memprompt", 5e-3, 42, "image"), ("food101", "memprompt", 5e-3, 42, "image"),
+    ("hatememes", "memprompt", 1e-3, 42, "image"), ("hatememes", "map", 1e-2, 0, "both"),
+    ("mmimdb", "dcp", 1e-2, 0, "both"), ("food101", "baseline", 1e-2, 0, "both")])
+def test_presets_equal_the_reference_configurations(task, preset, lr, seed, missing) -> None:
+    """Each preset trains as its reference config does on that dataset (MemPrompt: 1e-3 on Hateful Memes and the
+    'image' missing type on every split, docs/methods.md D-32); the user's values still win."""
+    from runs import resolved_config
+    config = resolved_config([f"task_finetune_{task}", preset], {})
+    assert (config["learning_rate"], config["seed"]) == (lr, seed)
+    assert config["missing_type"] == {"train": missing, "val": missing, "test": missing}
+    both = {"train": "both", "val": "both", "test": "both"}
+    assert resolved_config([f"task_finetune_{task}", preset], {"missing_type": both})["missing_type"] == both

@@ -136,6 +136,10 @@ class PromptMethod(nn.Module):
     """Display name in tables and plots (default: the registered name)."""
     paper_run: ClassVar[tuple[float, int]] = (1e-2, 0)
     """(learning rate, seed) of the method's paper; config.py's defaults when it is selected."""
+    paper_learning_rates: ClassVar[Mapping[str, float]] = {}
+    """Dataset -> the learning rate the reference used there when it differs from ``paper_run``'s."""
+    paper_missing_type: ClassVar[str] = "both"
+    """The missing type the reference trains and tests with on every split (config.py's default)."""
     paper_backbone: ClassVar[str] = "vilt"
     padding_is_inert: ClassVar[bool] = True
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is

@@ -24,10 +24,19 @@ def method_presets() -> dict[str, str]:
     return {name: method_class(name).preset for name in available_methods() if method_class(name).preset}
 
 
-def paper_run(method: str, default: tuple[float, int]) -> tuple[float, int]:
-    """(learning rate, seed) the method's paper used; `default` for no method or an unknown one."""
+def paper_run(method: str, default: tuple[float, int], dataset: str = "") -> tuple[float, int]:
+    """(learning rate, seed) the method's reference used on `dataset`; `default` for no method or an unknown one."""
     from mdpl.prompts.registry import available_methods
-    return method_class(method).paper_run if method in available_methods() else default
+    if method not in available_methods():
+        return default
+    cls = method_class(method)
+    return cls.paper_learning_rates.get(dataset, cls.paper_run[0]), cls.paper_run[1]
+
+
+def paper_missing_type(method: str) -> str:
+    """The missing type the method's reference trains and tests with ('both' for no method or an unknown one)."""
+    from mdpl.prompts.registry import available_methods
+    return method_class(method).paper_missing_type if method in available_methods() else "both"
 
 
 def paper_backbone(method: str) -> str:

@@ -138,7 +138,9 @@ class MemPrompt(PromptMethod):
     title = "MemPrompt"
     preset = "memprompt"
     paper_run = (5e-3, 42)
-    padding_is_inert = False    # the text query max-pools over [PAD] positions too (D-30)      # the reference's Hateful Memes runs used 1e-3
+    paper_learning_rates = {"hatememes": 1e-3}   # the reference's Hateful Memes config
+    paper_missing_type = "image"                 # the reference config's missing type on every split (D-32)
+    padding_is_inert = False    # the text query max-pools over [PAD] positions too (D-30)
     config_class = MemPromptConfig
 
     def __init__(self, config: MemPromptConfig, info: BackboneInfo):
