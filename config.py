@@ -97,6 +97,8 @@ def base_config():
     missing_type = dict.fromkeys(("train", "val", "test"), paper_missing_type(prompt_method))
     both_ratio = 0.5              # for 'both': share of the missing rows that miss the image
     missing_table_root = ""       # "" = <data_root>/missing_tables
+    # per split: a missing table saved by a reference repo (.pt, one 0/1/2 per row) used instead of mdpl's seeded one
+    reference_missing_tables = {"train": "", "val": "", "test": ""}
     simulate_missing = False      # train only: complete rows get a random type per epoch
     test_ratio = None             # evaluation override of missing_ratio val/test
     test_type = None              # evaluation override of missing_type val/test

@@ -536,6 +536,12 @@ def check_files(config: Mapping, data: bool = True) -> None:
         problem = _folder_problem(str(config["log_dir"] or "."), writable=True)
         if problem:
             _fail(f"log_dir={config['log_dir']!r} {problem}; the run directories go there (set log_dir=<folder>)")
+    tables = config.get("reference_missing_tables") or {}
+    if not isinstance(tables, Mapping) or set(tables) - set(SPLITS):
+        _fail(f"reference_missing_tables={tables!r} must map train/val/test to .pt files (or '')")
+    for split, path in tables.items():
+        if path and not os.path.isfile(str(path)):
+            _fail(f"reference_missing_tables.{split}={path!r} is not a file; pass the .pt table a reference repo saved")
     root = str(config.get("missing_table_root") or "")
     problem = _folder_problem(root, writable=False) if root and data else ""
     if problem:   # a read-only folder is fine: tables found there are read, new ones are kept in memory

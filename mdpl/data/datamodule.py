@@ -29,6 +29,7 @@ from mdpl.data.missing import (SPLITS, MissingSpec, apply_missing, load_or_creat
                                missing_specs, simulated_types)
 from mdpl.data.pixel_cache import open_pixel_cache, pixel_cache_folder, pixel_stages
 from mdpl.data.tokenizers import build_tokenizer
+from mdpl.errors import UserInputError
 from mdpl.data.transforms import build_transform
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
@@ -45,6 +46,22 @@ def eval_sampler(dataset) -> torch.utils.data.Sampler | None:
         return None
     from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+def read_reference_table(path: str, n_rows: int, split: str) -> torch.Tensor:
+    """A reference repo's missing table for `split` (``reference_missing_tables``), checked: one type 0/1/2 per row
+    of the arrow file (docs/methods.md D-12: tables of the reference code can be imported for parity)."""
+    from mdpl.data.missing import import_reference_table
+    try:
+        table = import_reference_table(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserInputError(f"reference_missing_tables.{split}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a file that is not a tensor file
+        raise UserInputError(f"reference_missing_tables.{split}={path!r} cannot be read as a tensor file ({err})") from None
+    if len(table) != n_rows:
+        raise UserInputError(f"reference_missing_tables.{split}={path!r} has {len(table)} entries, the {split} arrow "
+                             f"file has {n_rows} rows: it was made for another split or dataset version")
+    return table
 
 
 class MDPLDataModule(pl.LightningDataModule):
@@ -81,6 +98,9 @@ class MDPLDataModule(pl.LightningDataModule):
         dataset = ArrowMultimodalDataset(self.data_root, self.dataset_name, split, self.transform,
                                          missing_spec=self.specs[split], missing_table_root=self.table_root,
                                          mmimdb_items=self.config.get("mmimdb_items", "plot"))
+        reference = str((self.config.get("reference_missing_tables") or {}).get(split) or "")
+        if reference:
+            dataset.set_missing_table(read_reference_table(reference, dataset.n_rows, split))
         if self.pixel_cache is not None:
             dataset.use_pixel_cache(open_pixel_cache(self.pixel_cache, dataset, self.pixel_stages,
                                                      workers=int(self.config.get("num_workers", 0))))
