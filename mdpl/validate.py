@@ -460,23 +460,32 @@ def _check_coca_sizes(config: Mapping) -> None:
               f"gives {CLIP_VOCAB_SIZE} token ids")
 
 
-def _check_coca_files(config: Mapping, backbone: str, test_only: bool) -> None:
-    """coca_path (+ coca_sha256), as clip_path: read only by backbone=coca, and not at all with test_only."""
-    coca_path, sha = str(config.get("coca_path") or ""), str(config.get("coca_sha256") or "")
-    if backbone != "coca":
-        for key, value in (("coca_path", coca_path), ("coca_sha256", sha)):
+WEIGHT_FILES = {
+    "clip": ("<ViT-B-16.pt>", "ViT-B-16.pt", "a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout CLIP state dict"),
+    "coca": ("<CoCa checkpoint>", "open_clip_pytorch_model.bin", "a local open_clip CoCa checkpoint "
+             "(open_clip_pytorch_model.bin, a .pt state dict or a .safetensors file)"),
+}
+"""Backbones whose weights file is ``<backbone>_path`` (+ ``<backbone>_sha256``): the placeholder, an example file
+name and what the file is, for the messages."""
+
+
+def _check_weights_file(config: Mapping, owner: str, backbone: str, test_only: bool) -> None:
+    """<owner>_path (+ <owner>_sha256): read only by backbone=<owner>, and not at all with test_only."""
+    placeholder, example, what = WEIGHT_FILES[owner]
+    path_key, sha_key = f"{owner}_path", f"{owner}_sha256"
+    path, sha = str(config.get(path_key) or ""), str(config.get(sha_key) or "")
+    if backbone != owner:
+        for key, value in ((path_key, path), (sha_key, sha)):
             if value:
-                _fail(f"{key}={value!r} is read only by backbone=coca, but backbone is {backbone!r}; remove {key} "
-                      "or name on_coca")
-    if sha and not coca_path:
-        _fail("coca_sha256 is set but coca_path is empty, so there is no file to check; set coca_path=<CoCa "
-              "checkpoint> or remove coca_sha256")
+                _fail(f"{key}={value!r} is read only by backbone={owner}, but backbone is {backbone!r}; remove {key} "
+                      f"or name on_{owner}")
+    if sha and not path:
+        _fail(f"{sha_key} is set but {path_key} is empty, so there is no file to check; set {path_key}={placeholder} "
+              f"or remove {sha_key}")
     if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-        _fail(f"coca_sha256={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum "
-              "open_clip_pytorch_model.bin`)")
-    if coca_path and not test_only:   # test_only: every weight comes from load_path, coca_path is not read
-        _check_checkpoint_file("coca_path", coca_path, "a local open_clip CoCa checkpoint (open_clip_pytorch_model"
-                                                       ".bin, a .pt state dict or a .safetensors file)")
+        _fail(f"{sha_key}={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum {example}`)")
+    if path and not test_only:   # test_only: every weight comes from load_path, <owner>_path is not read
+        _check_checkpoint_file(path_key, path, what)
 
 
 def check_files(config: Mapping, data: bool = True) -> None:
@@ -485,21 +494,8 @@ def check_files(config: Mapping, data: bool = True) -> None:
     the tokenizer folder, missing_table_root and pixel_cache (a bool or a string; the folder exists or can be
     created)."""
     backbone, test_only = config.get("backbone", "vilt"), bool(config.get("test_only"))
-    clip_path, sha = str(config.get("clip_path") or ""), str(config.get("clip_sha256") or "")
-    if backbone != "clip":
-        for key, value in (("clip_path", clip_path), ("clip_sha256", sha)):
-            if value:
-                _fail(f"{key}={value!r} is read only by backbone=clip, but backbone is {backbone!r}; remove {key} "
-                      "or name on_clip")
-    if sha and not clip_path:
-        _fail("clip_sha256 is set but clip_path is empty, so there is no file to check; set clip_path=<ViT-B-16.pt> "
-              "or remove clip_sha256")
-    if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-        _fail(f"clip_sha256={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum ViT-B-16.pt`)")
-    if clip_path and not test_only:   # test_only: every weight comes from load_path, clip_path is not read
-        _check_checkpoint_file("clip_path", clip_path, "a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout "
-                                                       "CLIP state dict")
-    _check_coca_files(config, backbone, test_only)
+    for owner in WEIGHT_FILES:
+        _check_weights_file(config, owner, backbone, test_only)
     load_path = str(config.get("load_path") or "")
     if load_path and Path(load_path).is_dir():
         if not test_only and backbone in ("clip", "coca"):

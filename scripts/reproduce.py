@@ -10,7 +10,7 @@
 A table is a list of cells. A cell is one training run (dataset, method, backbone, training missing setting and
 ablation keys) whose final test is the one-pass evaluation sweep over the cell's test scenarios
 (``test_types`` x ``test_ratios``, on the best checkpoint). Nothing here imports mdpl for training or
-evaluation: every run is ``python run.py with <task> <method preset> [on_clip|on_vilt] [tiny] key=value ...``
+evaluation: every run is ``python run.py with <task> <method preset> [on_clip|on_vilt|on_coca] [tiny] key=value ...``
 in a subprocess, and results are read from what a run writes into its run directory (``results.csv`` of the
 sweep, ``test_metrics.json``, and ``csv/metrics.csv`` for the best validation score). ``--tiny`` writes the
 synthetic data with ``mdpl.data.synthetic.write_synthetic`` + ``mdpl.data.writers.make_arrow``.
@@ -61,12 +61,16 @@ PAPER_BACKBONE = {"none": "vilt", "map": "vilt", "memprompt": "vilt", "dcp": "cl
 METHOD_NAME = {"none": "baseline", "map": "MAP", "memprompt": "MemPrompt", "dcp": "DCP"}
 VILT_WEIGHTS = "vilt_200k_mlm_itm.ckpt"
 CLIP_WEIGHTS = "ViT-B-16.pt"
+COCA_WEIGHTS = "coca_ViT-B-32.bin"
+"""open_clip coca_ViT-B-32 state dict (e.g. laion2b_s13b_b90k's open_clip_pytorch_model.bin, renamed) in --weights."""
 TOKENIZER_DIR = "bert-base-uncased"
 FIG_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 """Missing rates of the robustness figures (x axis)."""
 RESOURCE_KEYS = frozenset({"per_gpu_batchsize", "num_gpus", "num_nodes", "num_workers", "num_cpu_processes",
-                           "checkpoint_every_n_steps", "logger", "missing_table_root"})
-"""--set keys that change how a run uses the machine, not what it computes: not part of a run's identity."""
+                           "checkpoint_every_n_steps", "logger", "missing_table_root", "pixel_cache",
+                           "clip_sha256", "coca_sha256"})
+"""--set keys that change how a run uses the machine, not what it computes: not part of a run's identity
+(pixel_cache: an exact loader cache, the model gets the same tensors; *_sha256: a check of the weight file)."""
 TINY_SAMPLES = {"mmimdb": (24, 8, 16), "food101": (24, 8, 16), "hatememes": (24, 8, 16)}
 """--tiny: synthetic train / val / test items per dataset (MM-IMDb: movies, 1-3 plot items each)."""
 ARROW_STEMS = {"mmimdb": ("mmimdb_train", "mmimdb_dev", "mmimdb_test"),
@@ -243,10 +247,14 @@ def _dcp_table5() -> Table:
 
 def _dcp_table6() -> Table:
     cells = [_cell(name, ds, "none" if slug == "baseline" else "dcp", (t, 0.7), backbone="coca",
-                   paper=f"dcp/t6/{ds}/{t}/{slug}", needs="backbone=coca (a CoCa ViT-B/32 backbone)")
+                   paper=f"dcp/t6/{ds}/{t}/{slug}")
              for ds in DATASETS for t in TYPES for name, slug in (("baseline", "baseline"), ("DCP", "dcp"))]
-    return Table("dcp_table6_coca", "DCP Table 6: CoCa backbone, 70 % missing", "table", cells,
-                 notes=["Needs a CoCa backbone; none exists in mdpl."])
+    return Table("dcp_table6_coca", "DCP Table 6: CoCa ViT-B/32 backbone, 70 % missing, train = test setting",
+                 "table", cells,
+                 notes=["`on_coca`: open_clip coca_ViT-B-32 (image tower + unimodal text tower, docs/methods.md §5b), "
+                        f"weights WEIGHTS/{COCA_WEIGHTS} (coca_path). baseline = `baseline on_coca`: frozen "
+                        "CoCa, trained head (+ ln_post, ln_final, visual proj, as DCP trains them).",
+                        "Paper split not stated; Δ uses our test split."])
 
 
 def _dcp_table7() -> Table:
@@ -444,6 +452,8 @@ def path_keys(cell: Cell, ctx: Context) -> list[tuple[str, object]]:
     keys = [("data_root", data / cell.dataset)]
     if cell.net == "vilt":
         keys += [("load_path", weights / VILT_WEIGHTS), ("tokenizer", ctx.tokenizer or weights / TOKENIZER_DIR)]
+    elif cell.net == "coca":
+        keys += [("coca_path", weights / COCA_WEIGHTS)]
     else:
         keys += [("clip_path", weights / CLIP_WEIGHTS)]
     return keys
@@ -600,7 +610,7 @@ def check_inputs(cells: Sequence[Cell], ctx: Context) -> list[str]:
     """Missing data folders / weight files for a real run (one line each)."""
     problems = []
     for path in sorted({str(v) for c in cells for k, v in path_keys(c, ctx)
-                        if k in ("data_root", "load_path", "clip_path", "tokenizer")}):
+                        if k in ("data_root", "load_path", "clip_path", "coca_path", "tokenizer")}):
         if not Path(path).exists():
             problems.append(f"missing: {path}")
     return problems
@@ -966,8 +976,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 DRIVER_KEYS = frozenset({"seed", "log_dir", "test_types", "test_ratios", "test_type", "test_ratio", "test_only",
-                         "resume", "resume_from", "data_root", "load_path", "clip_path", "tokenizer", "vocab_size",
-                         "prompt_method", "backbone", "dataset", "exp_name"})
+                         "resume", "resume_from", "data_root", "load_path", "clip_path", "coca_path", "tokenizer",
+                         "vocab_size", "prompt_method", "backbone", "dataset", "exp_name"})
 """Keys the driver sets itself (or that the cell's named configs decide): --set may not change them."""
 
 
@@ -1025,7 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("table", nargs="?", help="a table name (--list shows them) or 'all'")
     p.add_argument("--data-root", default="", help="folder with one arrow folder per dataset: mmimdb/, food101/, "
                                                    "hatememes/ (make_arrow.py --out)")
-    p.add_argument("--weights", default="", help=f"folder with {VILT_WEIGHTS} (ViLT) and {CLIP_WEIGHTS} (CLIP)")
+    p.add_argument("--weights", default="", help=f"folder with {VILT_WEIGHTS} (ViLT), {CLIP_WEIGHTS} (CLIP) and "
+                                                 f"{COCA_WEIGHTS} (CoCa)")
     p.add_argument("--tokenizer", default="", help=f"BERT vocab.txt folder (default: WEIGHTS/{TOKENIZER_DIR})")
     p.add_argument("--out", default="reproduce", help="output folder: runs/, <TABLE>.md/.csv/.png (default: %(default)s)")
     p.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="comma list (default: 0,1,2)")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mdpl.backbones.attention import take_rows
-from mdpl.backbones.coca import (TEXT_CLS, CocaBackbone, CocaSizes, build_coca_backbone, build_coca_for_run,
+from mdpl.backbones.coca import (TEXT_CLS, CocaBackbone, CocaSizes, build_coca_backbone,
                                  coca_open_clip_config)
 from mdpl.backbones.coca_weights import DECODER_PREFIX, read_coca_checkpoint
 from mdpl.backbones.clip_weights import sha256_of
@@ -173,7 +173,7 @@ def test_wrong_or_truncated_file_is_one_error(tiny_file, tmp_path) -> None:
 def test_test_only_reads_no_coca_path() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")    # no "coca_path is empty" warning either
-        backbone = build_coca_for_run({**TINY, "coca_path": "/nowhere/coca.bin", "test_only": True})
+        backbone = build_coca_backbone({**TINY, "coca_path": "/nowhere/coca.bin", "test_only": True})
     assert isinstance(backbone, CocaBackbone)
 
 

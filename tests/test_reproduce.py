@@ -134,8 +134,15 @@ def test_dry_run_exact_cells(dry_all):
     cmd = _cmd(dry_all, "dcp_fig4", train=("both", 0.3))
     assert "missing_ratio.train=0.3" in cmd and cmd.endswith(
         "'test_types=[text,image,both]' 'test_ratios=[0.0,0.1,0.3,0.5,0.7,0.9,1.0]'")
-    assert "# skip dcp_table6_coca mmimdb/dcp@coca/train=text0.7/DCP [DCP]: not yet expressible: needs backbone=coca" \
-        in dry_all["stdout"]
+    # Table 6: baseline and DCP on CoCa (on_coca) read the open_clip CoCa state dict from WEIGHTS
+    cmd = _cmd(dry_all, "dcp_table6_coca", dataset="food101", method="dcp", train=("image", 0.7))
+    assert ("with task_finetune_food101 dcp on_coca missing_type.train=image" in cmd and
+            " data_root=/data/arrow/food101 coca_path=/w/coca_ViT-B-32.bin seed=0 " in cmd)
+    assert "clip_path" not in cmd and "load_path" not in cmd and "tokenizer" not in cmd
+    assert cmd.endswith(" 'test_types=[image]' 'test_ratios=[0.7]'")
+    cmd = _cmd(dry_all, "dcp_table6_coca", dataset="hatememes", method="none", train=("both", 0.7))
+    assert "with task_finetune_hatememes baseline on_coca missing_type.train=both" in cmd
+    assert "coca_path=/w/coca_ViT-B-32.bin" in cmd
 
 
 def test_dry_run_keys_exist_in_config_and_run_py_parses_them(dry_all, tmp_path):
@@ -150,11 +157,17 @@ def test_dry_run_keys_exist_in_config_and_run_py_parses_them(dry_all, tmp_path):
     for argv in [*dry_all["commands"].values(), *tiny_commands.values()]:
         used = {a.split("=", 1)[0].split(".")[0] for a in argv[3:] if "=" in a}
         assert used <= known, (used - known, argv)
+    coca = [argv for (table, _, _), argv in tiny_commands.items() if table == "dcp_table6_coca"]
+    assert len(coca) == 18 and all(argv[5:7] == ["on_coca", "tiny"] and not any("coca_path" in a for a in argv)
+                                   for argv in coca)     # --tiny: random-init CoCa at the tiny sizes
     for table, want, expect in (
             ("memprompt_ablation", {"label": "w/o generative prompts"}, ["gen_prompt_layers = []", "mem_size = 16"]),
             ("dcp_table7", {"dataset": "hatememes", "method": "dcp", "train": ("both", 0.7)},
              ["backbone = 'vilt'", "prompt_method = 'dcp'", "test_types = '[both]'", "test_ratios = [0.7]",
-              "load_path = '/w/vilt_200k_mlm_itm.ckpt'"])):
+              "load_path = '/w/vilt_200k_mlm_itm.ckpt'"]),
+            ("dcp_table6_coca", {"dataset": "mmimdb", "method": "dcp", "train": ("text", 0.7)},
+             ["backbone = 'coca'", "prompt_method = 'dcp'", "coca_path = '/w/coca_ViT-B-32.bin'",
+              "image_size = 224"])):
         argv = dry_all["commands"][(table, cell_by(table, **want).id, 0)]
         res = subprocess.run([sys.executable, "run.py", "print_config", *argv[2:]], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
@@ -281,9 +294,35 @@ def test_registry_and_paper_results():
             assert not cell.paper or cell.paper in values, (name, cell.paper)
         counts[name] = (len(table.cells), len(table.runnable))
     assert counts["dcp_main"] == (54, 54) and counts["map_main"] == (27, 27) and counts["dcp_table7"] == (18, 18)
-    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 0) and counts["dcp_design"] == (14, 14)
+    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 18) and counts["dcp_design"] == (14, 14)
+    assert counts["dcp_table5"] == (12, 0)
+    assert sum(c for c, _ in counts.values()) == 238 and sum(r for _, r in counts.values()) == 223
+    assert len({rp.run_key(c, ctx) for t in rp.TABLES.values() for c in t.runnable}) == 155
+    # the CoCa runs are their own: no other table trains a CoCa run, and each names the backbone in its folder
+    coca = {rp.run_key(c, ctx) for c in rp.TABLES["dcp_table6_coca"].runnable}
+    assert len(coca) == 18 and all("@coca-" in k for k in coca)
+    assert not coca & {rp.run_key(c, ctx) for n, t in rp.TABLES.items() if n != "dcp_table6_coca" for c in t.runnable}
     # the DCP cells of Table 4 all carry their paper number
     assert all(c.paper for c in rp.TABLES["dcp_main"].cells if c.method == "dcp")
+
+
+def test_resource_keys_do_not_change_a_runs_identity():
+    """--set of a resource key (pixel_cache: an exact loader cache; weight checksums) keeps the run folder; a key
+    that changes what the run computes gives another one."""
+    cell = cell_by("dcp_table6_coca", dataset="mmimdb", method="dcp", train=("both", 0.7))
+    base = rp.Context(out=Path("/x"))
+    key = rp.run_key(cell, base)
+    for extra in (("pixel_cache", "True"), ("pixel_cache", "/cache"), ("coca_sha256", "ab" * 32),
+                  ("per_gpu_batchsize", "32")):
+        assert rp.run_key(cell, rp.Context(out=Path("/x"), sets=(extra,))) == key, extra
+    assert rp.run_key(cell, rp.Context(out=Path("/x"), sets=(("coca_pool_prompts", "True"),))) != key
+    assert "pixel_cache" in rp.RESOURCE_KEYS and rp.parse_set("pixel_cache=True") == ("pixel_cache", "True")
+    for driver_key in ("coca_path", "clip_path", "load_path"):
+        with pytest.raises(rp.argparse.ArgumentTypeError):
+            rp.parse_set(f"{driver_key}=/elsewhere")
+    # a real run checks the CoCa weights file before it starts
+    problems = rp.check_inputs([cell], rp.Context(out=Path("/x"), data_root="/nonexistent/arrow", weights="/nonexistent/w"))
+    assert "missing: /nonexistent/w/coca_ViT-B-32.bin" in problems
 
 
 def test_report_mean_std_over_seeds_and_the_papers_split(tmp_path):

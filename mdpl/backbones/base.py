@@ -7,12 +7,15 @@ A new backbone is one module subclassing :class:`Backbone` (its streams are
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from mdpl.backbones.encoder import StreamEncoder
+from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo
 from mdpl.prompts.layout import TokenLayout
 
@@ -68,3 +71,23 @@ class Backbone(nn.Module):
     def frozen_parts(self) -> list[nn.Module]:
         """Modules frozen without ``finetune``, put in eval mode as a whole by ``frozen_eval_mode``."""
         return [self]
+
+
+def load_pretrained(backbone: Backbone, config: Mapping[str, Any], path_key: str, name: str,
+                    read: Callable[[str, str], Mapping[str, torch.Tensor]],
+                    load: Callable[[Mapping[str, torch.Tensor]], None]) -> Backbone:
+    """`backbone` with the weights of ``config[path_key]`` (read with its ``*_sha256`` key, loaded strictly); a
+    warning when the key is empty (random weights: tests only); nothing with ``test_only`` (every weight then comes
+    from the evaluated checkpoint). A file that does not fit is one UserInputError naming it."""
+    if config.get("test_only", False):
+        return backbone
+    path = str(config.get(path_key) or "")
+    if not path:
+        warnings.warn(f"{path_key} is empty: the {name} backbone is randomly initialised (tests only)", stacklevel=3)
+        return backbone
+    state = read(path, str(config.get(path_key.replace("_path", "_sha256")) or ""))
+    try:
+        load(state)
+    except UserInputError as err:
+        raise UserInputError(f"{path_key} {path}: {err}") from None
+    return backbone

@@ -10,7 +10,6 @@ All sequences are batch-first ``[B, L, D]``.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
-from mdpl.backbones.base import Backbone, Batch
+from mdpl.backbones.base import Backbone, Batch, load_pretrained
 from mdpl.backbones.clip_weights import (backbone_to_openai_key, check_state_dict, openai_to_backbone_key,
                                         read_openai_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -218,7 +217,38 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-class ClipBackbone(Backbone):
+class TwoTowerBackbone(Backbone):
+    """What the open_clip two-tower backbones (CLIP, CoCa) share: ``image_encoder`` / ``text_encoder`` towers with
+    ``ln_post``, ``proj``, ``ln_final``, a ``text_projection`` of the joint width, and ``logit_scale``."""
+
+    image_encoder: nn.Module
+    text_encoder: nn.Module
+    logit_scale: nn.Parameter
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_encoder.text_projection.shape[1])
+
+    def build_head(self, num_classes: int) -> nn.Module:
+        """Linear(2E, C), N(0, 0.02) / 0 (§6.5)."""
+        head = nn.Linear(2 * self.embed_dim, num_classes)
+        nn.init.normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
+        """The backbone parts DCP trains (§6.6: ``ln_post``, ``ln_final``, visual ``proj``), trained under every method
+        so that methods compare alike."""
+        return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
+
+    def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
+        return [self.logit_scale]
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.image_encoder, self.text_encoder]
+
+
+class ClipBackbone(TwoTowerBackbone):
     """The two CLIP towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
 
     described_as = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
@@ -230,10 +260,6 @@ class ClipBackbone(Backbone):
         self.image_encoder = ClipVisionTower(oc.visual)
         self.text_encoder = ClipTextTower(oc)
         self.logit_scale = oc.logit_scale
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.text_encoder.text_projection.shape[1])
 
     # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
     def encoders(self) -> dict[str, StreamEncoder]:
@@ -273,23 +299,6 @@ class ClipBackbone(Backbone):
             return self.image_encoder.ln_post(token) @ self.image_encoder.proj
         return self.text_encoder.ln_final(token) @ self.text_encoder.text_projection
 
-    def build_head(self, num_classes: int) -> nn.Module:
-        """Linear(2E, C), N(0, 0.02) / 0 (§6.5)."""
-        head = nn.Linear(2 * self.embed_dim, num_classes)
-        nn.init.normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
-
-    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
-        """The backbone parts DCP trains (§6.6), trained under every method so that methods compare alike."""
-        return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
-
-    def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
-        return [self.logit_scale]
-
-    def frozen_parts(self) -> list[nn.Module]:
-        return [self.image_encoder, self.text_encoder]
-
     # --- weights ------------------------------------------------------------------------------------
     def load_openai_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Strictly load an OpenAI-layout state dict (``visual.*``, text keys, ``logit_scale``)."""
@@ -302,29 +311,12 @@ class ClipBackbone(Backbone):
         return {backbone_to_openai_key(k): v for k, v in self.state_dict().items()}
 
 
-def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
-    """ClipBackbone from ``clip_*`` size keys; loads ``clip_path`` (random init + warning if empty)."""
-    backbone = ClipBackbone(ClipSizes.from_config(config))
-    path = str(config.get("clip_path", "") or "")
-    if path:
-        state = read_openai_checkpoint(path, str(config.get("clip_sha256", "") or ""))
-        try:
-            backbone.load_openai_state_dict(state)
-        except UserInputError as err:
-            raise UserInputError(f"clip_path {path}: {err}") from None
-    else:
-        warnings.warn("clip_path is empty: the CLIP backbone is randomly initialised (tests only)", stacklevel=2)
-    return backbone
-
-
 @register_backbone("clip", weights_key="clip_path", model_keys=(
     "clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
     "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"))
-def build_clip_for_run(config: Mapping[str, Any]) -> ClipBackbone:
-    """The CLIP backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
-    ``clip_path`` is not read."""
-    if not config.get("test_only", False):
-        return build_clip_backbone(config)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="clip_path is empty")
-        return build_clip_backbone({**config, "clip_path": ""})
+def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
+    """ClipBackbone from ``clip_*`` size keys with the weights of ``clip_path`` (`load_pretrained`: random init +
+    warning if empty; not read with ``test_only``)."""
+    backbone = ClipBackbone(ClipSizes.from_config(config))
+    return load_pretrained(backbone, config, "clip_path", "CLIP", read_openai_checkpoint,
+                           backbone.load_openai_state_dict)

@@ -25,7 +25,6 @@ The feature is ``[f_v ; f_t]`` and the head a linear layer, as on CLIP. All sequ
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -33,8 +32,8 @@ import torch
 from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
-from mdpl.backbones.base import Backbone, Batch
-from mdpl.backbones.clip import residual_block
+from mdpl.backbones.base import Batch, load_pretrained
+from mdpl.backbones.clip import TwoTowerBackbone, residual_block
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -271,7 +270,7 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-class CocaBackbone(Backbone):
+class CocaBackbone(TwoTowerBackbone):
     """The two CoCa towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
 
     described_as = "the CoCa backbone (coca_vision_layers, coca_text_layers)"
@@ -283,10 +282,6 @@ class CocaBackbone(Backbone):
         self.image_encoder = CocaVisionTower(visual, pool_prompts)
         self.text_encoder = CocaTextTower(text)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.text_encoder.text_projection.shape[1])
 
     # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
     def encoders(self) -> dict[str, StreamEncoder]:
@@ -317,23 +312,6 @@ class CocaBackbone(Backbone):
             return self.image_encoder.pool(token)
         return self.text_encoder.pool(token)
 
-    def build_head(self, num_classes: int) -> nn.Module:
-        """Linear(2E, C), N(0, 0.02) / 0, as on CLIP (§6.5)."""
-        head = nn.Linear(2 * self.embed_dim, num_classes)
-        nn.init.normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
-
-    def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
-        """DCP's rule applied to CoCa's names (§6.6: ``ln_post``, ``ln_final``, ``proj``); the pooler stays frozen."""
-        return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
-
-    def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
-        return [self.logit_scale]
-
-    def frozen_parts(self) -> list[nn.Module]:
-        return [self.image_encoder, self.text_encoder]
-
     # --- weights ------------------------------------------------------------------------------------
     def load_open_clip_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Strictly load an open_clip-layout CoCa state dict (``visual.*``, ``text.*``, ``logit_scale``; read by
@@ -349,31 +327,13 @@ class CocaBackbone(Backbone):
         return {backbone_to_open_clip_key(k): v for k, v in self.state_dict().items()}
 
 
-def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
-    """CocaBackbone from ``coca_*`` size keys and ``coca_pool_prompts``; loads ``coca_path`` (random init + warning if
-    empty)."""
-    backbone = CocaBackbone(CocaSizes.from_config(config), bool(config.get("coca_pool_prompts", False)))
-    path = str(config.get("coca_path", "") or "")
-    if path:
-        state = read_coca_checkpoint(path, str(config.get("coca_sha256", "") or ""))
-        try:
-            backbone.load_open_clip_state_dict(state)
-        except UserInputError as err:
-            raise UserInputError(f"coca_path {path}: {err}") from None
-    else:
-        warnings.warn("coca_path is empty: the CoCa backbone is randomly initialised (tests only)", stacklevel=2)
-    return backbone
-
-
 @register_backbone("coca", weights_key="coca_path", model_keys=(
     "coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
     "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width", "coca_text_heads",
     "coca_text_layers", "coca_pool_prompts"))
-def build_coca_for_run(config: Mapping[str, Any]) -> CocaBackbone:
-    """The CoCa backbone of a run; with ``test_only`` every weight comes from the evaluated checkpoint, so
-    ``coca_path`` is not read."""
-    if not config.get("test_only", False):
-        return build_coca_backbone(config)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="coca_path is empty")
-        return build_coca_backbone({**config, "coca_path": ""})
+def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
+    """CocaBackbone from ``coca_*`` size keys and ``coca_pool_prompts``, with the weights of ``coca_path``
+    (`load_pretrained`: random init + warning if empty; not read with ``test_only``)."""
+    backbone = CocaBackbone(CocaSizes.from_config(config), bool(config.get("coca_pool_prompts", False)))
+    return load_pretrained(backbone, config, "coca_path", "CoCa", read_coca_checkpoint,
+                           backbone.load_open_clip_state_dict)

@@ -27,22 +27,25 @@ own ``load_checkpoint`` does."""
 WHAT = "a local open_clip CoCa checkpoint (open_clip_pytorch_model.bin, a .pt state dict or a .safetensors file)"
 
 
+_PREFIXES = (("visual.", "image_encoder."), ("text.", "text_encoder."))
+"""open_clip CoCa prefix -> this backbone's (``logit_scale`` unchanged)."""
+
+
+def _renamed(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def open_clip_to_backbone_key(key: str) -> str:
     """``visual.X`` -> ``image_encoder.X``; ``text.X`` -> ``text_encoder.X``; ``logit_scale`` unchanged."""
-    if key.startswith("visual."):
-        return "image_encoder." + key[len("visual."):]
-    if key.startswith("text."):
-        return "text_encoder." + key[len("text."):]
-    return key
+    return _renamed(key, _PREFIXES)
 
 
 def backbone_to_open_clip_key(key: str) -> str:
     """Inverse of :func:`open_clip_to_backbone_key`."""
-    if key.startswith("image_encoder."):
-        return "visual." + key[len("image_encoder."):]
-    if key.startswith("text_encoder."):
-        return "text." + key[len("text_encoder."):]
-    return key
+    return _renamed(key, tuple((new, old) for old, new in _PREFIXES))
 
 
 def check_coca_state_dict(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
