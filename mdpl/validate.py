@@ -15,7 +15,7 @@ resume_from, the tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_r
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
 
-Method keys: the keys that only some prompt methods read (`METHOD_KEYS`) are ``None`` in a config unless the
+Method keys: the keys that only some prompt methods read (their config classes, `mdpl.prompts.keys`) are ``None`` in a config unless the
 selected method's defaults or the user set them. `complete_method_keys` fills the selected method's unset keys
 (the papers' values, or the small ones of ``method_sizes='tiny'``); a key of another method that is not ``None``
 was set by the user and is refused, naming the method that reads it.

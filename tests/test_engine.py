@@ -92,7 +92,7 @@ def make_config(tmp_path: Path, **kw) -> dict:
                prompt_method="none", hidden_size=32, num_layers=1, num_heads=1, patch_size=32, load_path="",
                per_gpu_batchsize=8, batch_size=16, num_gpus=0, num_nodes=1, precision=16, max_epoch=4,
                max_steps=None, warmup_steps=0.1, learning_rate=1e-2, weight_decay=2e-2, lr_mult=1,
-               decay_power=1, end_lr=0.0, optim_type="adamw", optimizer_impl="legacy_hf",
+               decay_power=1, end_lr=0.0, optimizer_impl="legacy_hf",
                val_check_interval=0.5, test_only=False, fast_dev_run=False)
     cfg.update(kw)
     return cfg

@@ -34,7 +34,7 @@ class _Stub(nn.Module):
 
 
 CFG = {"dataset": "mmimdb", "learning_rate": 1e-2, "weight_decay": 2e-2, "lr_mult": 10, "optimizer_impl": "legacy_hf",
-       "optim_type": "adamw", "warmup_steps": 0.1, "decay_power": 1, "end_lr": 0.0}
+       "warmup_steps": 0.1, "decay_power": 1, "end_lr": 0.0}
 
 
 def test_param_groups_follow_substring_rules() -> None:

@@ -17,7 +17,7 @@ caller allows it (config key ``interpolate_text_positions``, what the references
 Food-101 and Hateful Memes); otherwise loading stops with a UserInputError. Every resize is logged.
 
 `load_reference_finetuned` maps a MAP / MemPrompt fine-tuned Lightning state dict onto
-`mdpl.models.MultimodalClassifier`: backbone keys get the prefix ``backbone.``, prompt-method keys
+`mdpl.models.PromptedClassifier` (ViLT): backbone keys get the prefix ``backbone.``, prompt-method keys
 (``complete_prompt``, ``gen_t_prompt_memory.*``, …) the prefix ``prompt.``, head keys
 (``{dataset}_classifier.*``) are unchanged. Loading is strict (D-22) except for an allow-list of
 legacy keys (``text_embeddings.position_ids``). `load_reference_checkpoint` is what ``test_only`` uses for
@@ -332,7 +332,7 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Map
 
 
 def reference_key_to_mdpl(key: str) -> str:
-    """Reference (MAP / MemPrompt LightningModule) key -> `MultimodalClassifier` key."""
+    """Reference (MAP / MemPrompt LightningModule) key -> `PromptedClassifier` (ViLT) key."""
     if key.startswith(BACKBONE_PREFIXES):
         return "backbone." + key
     if re.match(r"^[a-z0-9]+_classifier\.", key):
