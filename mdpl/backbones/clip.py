@@ -213,7 +213,7 @@ class ClipTextTower(_Tower):
         return self.pool(x, text_ids)
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def batch_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
@@ -228,6 +228,15 @@ class TwoTowerBackbone(Backbone):
     @property
     def embed_dim(self) -> int:
         return int(self.text_encoder.text_projection.shape[1])
+
+    def encoders(self) -> dict[str, StreamEncoder]:
+        return {IMAGE: self.image_encoder, TEXT: self.text_encoder}
+
+    def embed_image(self, batch: Batch, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 TokenLayout]:
+        """The image stream's block-0 input: CLS + patches, all real tokens."""
+        x = self.image_encoder.embed(batch_rows(batch["image"], rows))
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), TokenLayout([(IMAGE, x.shape[1])])
 
     def build_head(self, num_classes: int) -> nn.Module:
         """Linear(2E, C), N(0, 0.02) / 0 (§6.5)."""
@@ -262,19 +271,14 @@ class ClipBackbone(TwoTowerBackbone):
         self.logit_scale = oc.logit_scale
 
     # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
-    def encoders(self) -> dict[str, StreamEncoder]:
-        return {IMAGE: self.image_encoder, TEXT: self.text_encoder}
-
     def embed(self, stream: str, batch: Batch,
               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         """Image: CLS + patches, all real; text: the 77 positions, real where the id is not 0 (padding)."""
         if stream == IMAGE:
-            x = self.image_encoder.embed(_take(batch["image"], rows))
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            ids = _take(batch["text_ids"], rows)
-            x, mask = self.text_encoder.embed(ids), ids != 0
-        return x, mask, TokenLayout([(stream, x.shape[1])])
+            return self.embed_image(batch, rows)
+        ids = batch_rows(batch["text_ids"], rows)
+        x = self.text_encoder.embed(ids)
+        return x, ids != 0, TokenLayout([(TEXT, x.shape[1])])
 
     def readout(self, stream: str, layout: TokenLayout, batch: Batch,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,7 +286,7 @@ class ClipBackbone(TwoTowerBackbone):
         if stream == IMAGE:
             n = batch["image"].shape[0] if rows is None else rows.shape[0]
             return torch.full((n,), layout.offset(IMAGE), dtype=torch.long, device=batch["image"].device)
-        return _take(batch["text_ids"], rows).argmax(dim=-1) + layout.offset(TEXT)
+        return batch_rows(batch["text_ids"], rows).argmax(dim=-1) + layout.offset(TEXT)
 
     def needed_length(self, stream: str, batch: Batch) -> int | None:
         """Text: up to the last EOT of the batch (causal attention: later positions cannot change it), from the

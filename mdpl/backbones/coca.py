@@ -33,7 +33,7 @@ from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
-from mdpl.backbones.clip import TwoTowerBackbone, residual_block
+from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, residual_block
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -266,10 +266,6 @@ class CocaTextTower(StreamEncoder):
         return self.pool(x[:, -1])
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return t if rows is None else t[rows]
-
-
 class CocaBackbone(TwoTowerBackbone):
     """The two CoCa towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
 
@@ -284,17 +280,12 @@ class CocaBackbone(TwoTowerBackbone):
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
 
     # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
-    def encoders(self) -> dict[str, StreamEncoder]:
-        return {IMAGE: self.image_encoder, TEXT: self.text_encoder}
-
     def embed(self, stream: str, batch: Batch,
               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         """Image: CLS + patches, all real; text: the 76 positions and the CLS, masked as open_clip's CoCa does."""
         if stream == IMAGE:
-            x = self.image_encoder.embed(_take(batch["image"], rows))
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            return x, mask, TokenLayout([(IMAGE, x.shape[1])])
-        x, mask = self.text_encoder.embed(_take(batch["text_ids"], rows))
+            return self.embed_image(batch, rows)
+        x, mask = self.text_encoder.embed(batch_rows(batch["text_ids"], rows))
         return x, mask, TokenLayout([(TEXT, x.shape[1] - 1), (TEXT_CLS, 1)])
 
     def readout(self, stream: str, layout: TokenLayout, batch: Batch,
