@@ -233,16 +233,58 @@ def _dcp_design() -> Table:
                         "for dynamic / common depths above 2."])
 
 
+TABLE5_BUDGETS = ("0.2M", "1.6M", "2.8M", "4.0M", "5.2M", "6.4M")
+TABLE5_KEYS = {   # (method, budget) -> (keys, method parameters), chosen once offline (README: "DCP Table 5")
+    ("map", "0.2M"): ((("prompt_length", 9),), 207_360),
+    ("map", "1.6M"): ((("prompt_length", 69),), 1_589_760),
+    ("map", "2.8M"): ((("prompt_length", 122),), 2_810_880),
+    ("map", "4.0M"): ((("prompt_length", 174),), 4_008_960),
+    ("map", "5.2M"): ((("prompt_length", 226),), 5_207_040),
+    ("map", "6.4M"): ((("prompt_length", 278),), 6_405_120),
+    ("dcp", "4.0M"): ((("prompt_length", 72), ("prompt_depth", 1)), 3_900_128),
+    ("dcp", "5.2M"): ((("prompt_length", 72), ("prompt_depth", 5)), 5_155_168),
+    ("dcp", "6.4M"): ((("prompt_length", 66), ("prompt_depth", 9)), 6_402_016),
+}
+"""DCP Table 5 cells: the keys whose method parameters (trainable parameters minus those of `baseline on_clip`,
+0.42 M: head + ln_post, ln_final, visual proj, which every method trains) come closest to the budget. MMP = `map
+on_clip` with MAP's prompt_layers [0..5], prompt_length searched; DCP: prompt_length in 3..72 (multiples of 3) x
+prompt_depth 1..12. Counted on the meta device at full size; tests/test_reproduce.py rebuilds them."""
+TABLE5_MIN_DCP = 3_805_920
+"""DCP's fewest method parameters over prompt_length / prompt_depth (length 3, depth 1): the dynamic prompts'
+attention alone holds 3.41 M, so the 0.2 / 1.6 / 2.8 M budgets are out of reach of these keys."""
+
+
 def _dcp_table5() -> Table:
     cells = []
     for method, slug in (("map", "mmp"), ("dcp", "dcp")):
-        for budget in ("0.2M", "1.6M", "2.8M", "4.0M", "5.2M", "6.4M"):
-            cells.append(_cell(f"{'MMP' if slug == 'mmp' else 'DCP'} {budget} parameters", "mmimdb", method,
-                               DCP_ABLATION_SETTING, backbone="clip", paper=f"dcp/t5/{slug}/{budget}",
-                               needs="a switch that scales the method's width to a parameter budget (the paper shrinks "
-                                     "or widens the channels; not stated how)"))
+        for budget in TABLE5_BUDGETS:
+            label = f"{'MMP' if slug == 'mmp' else 'DCP'} {budget} parameters"
+            chosen = TABLE5_KEYS.get((method, budget))
+            if chosen is None:
+                cells.append(_cell(label, "mmimdb", method, DCP_ABLATION_SETTING, backbone="clip",
+                                   paper=f"dcp/t5/{slug}/{budget}",
+                                   needs=f"a switch that shrinks DCP below {TABLE5_MIN_DCP / 1e6:.2f} M method "
+                                         "parameters (prompt_length 3, prompt_depth 1; the dynamic prompts' attention "
+                                         "holds 3.41 M; the paper does not say how it scales the channels)"))
+                continue
+            keys, count = chosen
+            deep = any(k == "prompt_depth" and v > 2 for k, v in keys)   # --tiny: 2-layer towers hold depth <= 2
+            cells.append(_cell(label, "mmimdb", method, DCP_ABLATION_SETTING, backbone="clip", keys=keys,
+                               tiny_keys=(("clip_vision_layers", 12), ("clip_text_layers", 12)) if deep else (),
+                               paper=f"dcp/t5/{slug}/{budget}",
+                               note=f"{count / 1e6:.2f} M method parameters (budget {budget[:-1]} M), "
+                                    f"{(count + 419_351) / 1e6:.2f} M trainable with head and CLIP's ln/proj"))
     return Table("dcp_table5", "DCP Table 5: DCP vs MMP at matched parameter budgets, MM-IMDb (val)", "table", cells,
-                 notes=[ABLATION_NOTE])
+                 notes=[ABLATION_NOTE,
+                        "Budget = the method's own parameters: trainable parameters minus the 0.42 M that "
+                        "`baseline on_clip` trains too (head, ln_post, ln_final, visual proj); our reading, since "
+                        "the smallest budget (0.2 M) is below those 0.42 M. MMP = `map on_clip` (MAP's input-level "
+                        "prompts on layers 0-5, prompt_length scaled: 3,840 parameters per token); DCP: "
+                        "prompt_length (multiple of 3, <= 72) and prompt_depth chosen closest to the budget. The "
+                        "note of each cell gives its count. MAP's input prompts accumulate, so the large MMP cells "
+                        "run long sequences (6 x prompt_length extra tokens per tower).",
+                        f"DCP 0.2 / 1.6 / 2.8 M: not reachable with prompt_length / prompt_depth (fewest: "
+                        f"{TABLE5_MIN_DCP / 1e6:.2f} M); listed, not run."])
 
 
 def _dcp_table6() -> Table:
@@ -292,15 +334,16 @@ def _dcp_fig4() -> Table:
 
 def _dcp_fig5() -> Table:
     keys = (("simulate_missing", True), ("missing_ratio.val", 0.0))
-    needs = ("a switch re-drawing each pair's missing case every epoch as DCP does (config has simulate_missing, "
-             "MAP's rule: complete rows become complete / text-missing / image-missing uniformly each epoch; DCP's "
-             "rule is not stated in the sources, so it is not assumed)")
-    cells = [_cell(label, "mmimdb", m, ("both", 0.0), (("both",), FIG_RATIOS), backbone=bb, keys=keys, needs=needs)
+    cells = [_cell(label, "mmimdb", m, ("both", 0.0), (("both",), FIG_RATIOS), backbone=bb, keys=keys)
              for label, m, bb in (("baseline (CLIP)", "none", "clip"), ("MMP (CLIP)", "map", "clip"),
                                   ("Ours (DCP)", "dcp", ""))]
     return Table("dcp_fig5", "DCP Fig. 5: trained on complete data with per-epoch re-drawn missing cases", "figure",
-                 cells, notes=["Not yet expressible; the cells carry the keys they would run with "
-                               "(simulate_missing=True on complete training data) once the switch is settled."])
+                 cells, notes=["Complete training data (missing_ratio.train=0) with simulate_missing=True: every "
+                               "training item's case is re-drawn each epoch, uniformly over complete / text missing / "
+                               "image missing, from a hash of (seed, epoch, item) (mdpl.data.missing.simulated_types). "
+                               "This is our reading of DCP's rule: the paper does not give the distribution.",
+                               "Validation on complete data; tested on missing-both at every rate (one sweep). The "
+                               "paper's figure prints no numbers."])
 
 
 def _map_main() -> Table:
@@ -937,24 +980,43 @@ def _bench_rows(path: str) -> list[dict]:
     return [r for r in data.get("rows", []) if r.get("status") == "ok" and r.get("train_samples_per_s")]
 
 
-def run_hours(cell: Cell, ctx: Context, bench: list[dict], precision: str, scenarios: int) -> float | None:
-    """Device-hours of one training run + its sweep from scripts/bench.py samples/s (None: no bench row fits).
+H100_BF16_PEAK_TFLOPS = 989.0
+"""H100 SXM dense bf16 peak (TFLOP/s), the default of --peak-tflops for the FLOP-based estimate (--assume-mfu)."""
+
+
+def run_hours(cell: Cell, ctx: Context, bench: list[dict], precision: str, scenarios: int,
+              mfu: float | None = None, peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> float | None:
+    """Device-hours of one training run + its sweep from scripts/bench.py rows (None: no bench row fits).
 
     epochs x train items / train samples/s + validations x val items / eval samples/s + scenarios x test items /
     eval samples/s, with the task's max_epoch and val_check_interval (validations = epochs x floor(1 / interval)).
-    A method/backbone pair bench.py does not time (e.g. DCP on ViLT) takes the slowest row of its backbone.
+    With `mfu`: the same sample passes x the bench's counted FLOPs per sample (train_gflops_per_sample /
+    eval_gflops_per_sample, FlopCounterMode at full size: they do not depend on the device, so a CPU bench serves)
+    / (peak_tflops x mfu); rows of any precision serve, those of `precision` first.
+    A method/backbone pair bench.py does not time (e.g. DCP on ViLT) takes the slowest (most FLOPs) row of its
+    backbone. The rows are at each method's default sizes: cells that widen a method (longer prompts, deeper
+    prompting, dcp_table5's MMP cells) cost more than this estimate.
     """
     (n_train, n_val, n_test), _ = _dataset_sizes(ctx, cell.dataset)
     epochs, interval = TASK_RUN[cell.dataset]
-    rows = [r for r in bench if r.get("dataset") == cell.dataset and r.get("precision") == precision
-            and r.get("backbone") == cell.net]
-    pick = [r for r in rows if r.get("method") == cell.method] or sorted(rows, key=lambda r: r["train_samples_per_s"])
+    validations = epochs * math.floor(1 / interval)
+    rows = [r for r in bench if r.get("dataset") == cell.dataset and r.get("backbone") == cell.net]
+    if mfu is None:
+        rows = [r for r in rows if r.get("precision") == precision]
+        pick = [r for r in rows if r.get("method") == cell.method] or sorted(rows, key=lambda r: r["train_samples_per_s"])
+        if not pick:
+            return None
+        train, evaluate = pick[0]["train_samples_per_s"], pick[0]["eval_samples_per_s"]
+        seconds = epochs * n_train / train + validations * n_val / evaluate + scenarios * n_test / evaluate
+        return seconds / 3600
+    rows = sorted((r for r in rows if r.get("train_gflops_per_sample") and r.get("eval_gflops_per_sample")),
+                  key=lambda r: r.get("precision") != precision)
+    pick = [r for r in rows if r.get("method") == cell.method] or sorted(rows, key=lambda r: -r["train_gflops_per_sample"])
     if not pick:
         return None
-    train, evaluate = pick[0]["train_samples_per_s"], pick[0]["eval_samples_per_s"]
-    seconds = (epochs * n_train / train + epochs * math.floor(1 / interval) * n_val / evaluate
-               + scenarios * n_test / evaluate)
-    return seconds / 3600
+    flops = 1e9 * (epochs * n_train * pick[0]["train_gflops_per_sample"]
+                   + (validations * n_val + scenarios * n_test) * pick[0]["eval_gflops_per_sample"])
+    return flops / (peak_tflops * 1e12 * mfu) / 3600
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -997,9 +1059,11 @@ def parse_jobs(text: str) -> int:
     return int(text)
 
 
-def print_list(tables: Sequence[Table], ctx: Context, detail: bool, bench: list[dict] | None, precision: str) -> None:
+def print_list(tables: Sequence[Table], ctx: Context, detail: bool, bench: list[dict] | None, precision: str,
+               mfu: float | None = None, peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> None:
     """The tables: cells, runnable cells, not-yet-expressible cells, training runs (per seed; 'new' = not already
-    needed by a table listed above it) and, with --bench, device-hours per seed of the table's runs."""
+    needed by a table listed above it) and, with --bench, device-hours per seed of the table's runs (measured
+    samples/s, or with `mfu` counted FLOPs / (peak_tflops x mfu))."""
     union = scenario_union(ctx)
     seen: dict[str, float | None] = {}
     print(f"{'table':<20} {'kind':<7} {'cells':>5} {'runnable':>8} {'not yet':>7} {'runs':>5} {'new':>4}"
@@ -1009,7 +1073,8 @@ def print_list(tables: Sequence[Table], ctx: Context, detail: bool, bench: list[
         hours: dict[str, float | None] = {}
         if bench is not None:
             for key, cell in keys.items():
-                hours[key] = run_hours(cell, ctx, bench, precision, len(union[key][0]) * len(union[key][1]))
+                hours[key] = run_hours(cell, ctx, bench, precision, len(union[key][0]) * len(union[key][1]),
+                                       mfu, peak_tflops)
         new = [k for k in keys if k not in seen]
         seen.update({k: hours.get(k) for k in new})
         total = "" if bench is None else f"{sum(h for h in hours.values() if h is not None):9.1f}"
@@ -1024,6 +1089,9 @@ def print_list(tables: Sequence[Table], ctx: Context, detail: bool, bench: list[
                 where = (f"runnable #{runnable[id(cell)]}, run {run_key(cell, ctx)}" if id(cell) in runnable
                          else f"not yet expressible: needs {cell.needs}")
                 print(f"  {index:>3}. {cell.id}  [{cell.label}]  {where}")
+    if bench is not None and mfu is not None:
+        print(f"h/seed: estimate from the bench's counted FLOPs per sample at {peak_tflops:g} TFLOP/s peak x "
+              f"{mfu:.0%} assumed MFU (not measured)")
     if len(tables) > 1:
         total = "" if bench is None else f", ~{sum(h for h in seen.values() if h is not None):.1f} device-hours"
         print(f"all listed tables: {len(seen)} distinct training runs per seed{total}")
@@ -1051,6 +1119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
     p.add_argument("--bench", default="", help="with --list: a scripts/bench.py --json file, for device-hours")
     p.add_argument("--precision", default="bf16-mixed", help="with --bench: the bench rows to use (default: %(default)s)")
+    p.add_argument("--assume-mfu", type=float, default=None, metavar="F",
+                   help="with --bench: hours from the bench's counted FLOPs per sample / (--peak-tflops x F), e.g. "
+                        "0.25, instead of its measured samples/s (a CPU bench serves: FLOPs do not depend on the device)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS,
+                   help="with --assume-mfu: peak TFLOP/s (default %(default)s: H100 SXM dense bf16)")
     args = p.parse_args(argv)
 
     def absolute(path: str) -> str:   # runs start in the repository root: relative paths must not change meaning
@@ -1066,7 +1139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown table {args.table!r}; choose one of: {', '.join(TABLES)} (or all)")
     if args.list:
         bench = _bench_rows(args.bench) if args.bench else None
-        print_list(selected, ctx, detail=args.table not in (None, "all"), bench=bench, precision=args.precision)
+        if args.assume_mfu is not None and not (0 < args.assume_mfu <= 1 and args.peak_tflops > 0):
+            p.error("--assume-mfu: give a fraction in (0, 1], e.g. 0.25 (and a positive --peak-tflops)")
+        print_list(selected, ctx, detail=args.table not in (None, "all"), bench=bench, precision=args.precision,
+                   mfu=args.assume_mfu, peak_tflops=args.peak_tflops)
         return 0
     if args.table is None:
         p.error("name a table (or all), or pass --list")

@@ -143,6 +143,51 @@ def test_dry_run_exact_cells(dry_all):
     cmd = _cmd(dry_all, "dcp_table6_coca", dataset="hatememes", method="none", train=("both", 0.7))
     assert "with task_finetune_hatememes baseline on_coca missing_type.train=both" in cmd
     assert "coca_path=/w/coca_ViT-B-32.bin" in cmd
+    # Fig. 5: complete training data, simulate_missing re-draws each item's case every epoch; swept on 'both'
+    cmd = _cmd(dry_all, "dcp_fig5", method="dcp", train=("both", 0.0))
+    assert "missing_ratio.train=0.0 missing_ratio.val=0.0" in cmd and " simulate_missing=True " in cmd
+    assert cmd.endswith(" 'test_types=[both]' 'test_ratios=[0.0,0.1,0.3,0.5,0.7,0.9,1.0]'")
+    # Table 5: the budget keys (MMP = map on_clip)
+    cmd = _cmd(dry_all, "dcp_table5", label="MMP 1.6M parameters")
+    assert "with task_finetune_mmimdb map on_clip " in cmd and " prompt_length=69 " in cmd
+    assert " prompt_length=66 prompt_depth=9 " in _cmd(dry_all, "dcp_table5", label="DCP 6.4M parameters")
+
+
+def test_table5_budget_keys_match_their_counts():
+    """Every runnable DCP Table 5 cell, built at full size on the meta device from its Sacred presets + keys: its
+    method parameters (trainable minus `baseline on_clip`'s) are the count in TABLE5_KEYS / the cell note, within
+    4 % of the budget (one MMP token on 6 layers is 23,040); the DCP budgets left out are below DCP's fewest parameters over these keys."""
+    import warnings
+
+    import torch
+    from sacred.initialize import create_run
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from config import ex
+    from mdpl.models import build_classifier
+
+    def trainable(named: list[str], keys: dict) -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = dict(create_run(ex, "print_config", named_configs=named,
+                                  config_updates={"load_path": "", "clip_path": "", **keys}).config)
+            with torch.device("meta"):
+                return build_classifier(cfg).trainable_parameters_report()[1]
+
+    base = trainable(["task_finetune_mmimdb", "baseline", "on_clip"], {})
+    assert base == 419_351
+    table = rp.TABLES["dcp_table5"]
+    assert {(c.method, c.label.split()[1]) for c in table.runnable} == set(rp.TABLE5_KEYS)
+    for cell in table.runnable:
+        budget = float(cell.label.split()[1][:-1]) * 1e6
+        count = trainable(rp.named_configs(cell, tiny=False), dict(cell.keys)) - base
+        assert count == rp.TABLE5_KEYS[(cell.method, cell.label.split()[1])][1], cell.label
+        assert abs(count - budget) <= 0.04 * budget, (cell.label, count)   # worst: MMP 0.2M, +3.7 %
+        assert f"{count / 1e6:.2f} M method parameters" in cell.note
+    assert trainable(["task_finetune_mmimdb", "dcp"], {"prompt_length": 3, "prompt_depth": 1}) - base == \
+        rp.TABLE5_MIN_DCP
+    assert all(float(c.label.split()[1][:-1]) * 1e6 < rp.TABLE5_MIN_DCP for c in table.cells if c.needs)
 
 
 def test_dry_run_keys_exist_in_config_and_run_py_parses_them(dry_all, tmp_path):
@@ -294,10 +339,10 @@ def test_registry_and_paper_results():
             assert not cell.paper or cell.paper in values, (name, cell.paper)
         counts[name] = (len(table.cells), len(table.runnable))
     assert counts["dcp_main"] == (54, 54) and counts["map_main"] == (27, 27) and counts["dcp_table7"] == (18, 18)
-    assert counts["dcp_fig5"] == (3, 0) and counts["dcp_table6_coca"] == (18, 18) and counts["dcp_design"] == (14, 14)
-    assert counts["dcp_table5"] == (12, 0)
-    assert sum(c for c, _ in counts.values()) == 238 and sum(r for _, r in counts.values()) == 223
-    assert len({rp.run_key(c, ctx) for t in rp.TABLES.values() for c in t.runnable}) == 155
+    assert counts["dcp_fig5"] == (3, 3) and counts["dcp_table6_coca"] == (18, 18) and counts["dcp_design"] == (14, 14)
+    assert counts["dcp_table5"] == (12, 9)
+    assert sum(c for c, _ in counts.values()) == 238 and sum(r for _, r in counts.values()) == 235
+    assert len({rp.run_key(c, ctx) for t in rp.TABLES.values() for c in t.runnable}) == 167
     # the CoCa runs are their own: no other table trains a CoCa run, and each names the backbone in its folder
     coca = {rp.run_key(c, ctx) for c in rp.TABLES["dcp_table6_coca"].runnable}
     assert len(coca) == 18 and all("@coca-" in k for k in coca)
@@ -380,3 +425,21 @@ def test_list_and_device_hours_from_bench_json(tmp_path, capsys):
     assert rp.main(["dcp_length", "--list", "--bench", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
     assert "dcp_length" in out and "prompt_length=60" in out
+
+
+def test_device_hours_from_counted_flops_and_an_assumed_mfu(tmp_path, capsys):
+    """--assume-mfu: sample passes x the bench's FLOPs per sample / (peak x MFU); rows of any precision serve."""
+    bench = {"rows": [{"method": "dcp", "backbone": "clip", "dataset": d, "precision": "fp32", "status": "ok",
+                       "train_samples_per_s": 1.0, "eval_samples_per_s": 2.0,
+                       "train_gflops_per_sample": 30.0, "eval_gflops_per_sample": 10.0} for d in rp.DATASETS]}
+    cell = cell_by("dcp_length", x=12)
+    n_train, n_val, n_test = rp.NOMINAL_SIZES["mmimdb"]
+    flops = 1e9 * (20 * n_train * 30.0 + (20 * 5 * n_val + 2 * n_test) * 10.0)
+    got = rp.run_hours(cell, rp.Context(out=tmp_path), bench["rows"], "bf16-mixed", 2, mfu=0.25)
+    assert got == pytest.approx(flops / (989e12 * 0.25) / 3600)
+    assert rp.run_hours(cell, rp.Context(out=tmp_path), bench["rows"], "bf16-mixed", 2) is None   # no bf16 row
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert rp.main(["dcp_length", "--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "0.25"]) == 0
+    assert "25% assumed MFU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rp.main(["--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "2"])
