@@ -13,43 +13,41 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from mdpl.prompts.registry import method_class, method_keys, tiny_method_keys
+from mdpl.prompts.registry import available_methods, method_class, method_keys, tiny_method_keys
 
 METHOD_SIZES = ("paper", "tiny")
 
 
 def method_presets() -> dict[str, str]:
     """prompt_method -> the named config (config.py) that selects it, for the registered methods that have one."""
-    from mdpl.prompts.registry import available_methods
     return {name: method_class(name).preset for name in available_methods() if method_class(name).preset}
+
+
+def _declared(method: str, attribute: str, default: Any) -> Any:
+    """A class attribute the registered `method` declares; `default` for no method or an unknown one."""
+    return getattr(method_class(method), attribute) if method in available_methods() else default
 
 
 def paper_run(method: str, default: tuple[float, int], dataset: str = "") -> tuple[float, int]:
     """(learning rate, seed) the method's reference used on `dataset`; `default` for no method or an unknown one."""
-    from mdpl.prompts.registry import available_methods
-    if method not in available_methods():
-        return default
-    cls = method_class(method)
-    return cls.paper_learning_rates.get(dataset, cls.paper_run[0]), cls.paper_run[1]
+    lr, seed = _declared(method, "paper_run", default)
+    return _declared(method, "paper_learning_rates", {}).get(dataset, lr), seed
 
 
 def paper_missing_type(method: str) -> str:
     """The missing type the method's reference trains and tests with ('both' for no method or an unknown one)."""
-    from mdpl.prompts.registry import available_methods
-    return method_class(method).paper_missing_type if method in available_methods() else "both"
+    return _declared(method, "paper_missing_type", "both")
 
 
 def paper_backbone(method: str) -> str:
     """The backbone the method's paper used ('vilt' for no method or an unknown one)."""
-    from mdpl.prompts.registry import available_methods
-    return method_class(method).paper_backbone if method in available_methods() else "vilt"
+    return _declared(method, "paper_backbone", "vilt")
 
 
 def padding_is_inert(method: str) -> bool:
     """Whether the method's outputs are independent of how far texts are padded (so ``dynamic_text_padding`` is
     exact and on by default); False for no method or an unknown one."""
-    from mdpl.prompts.registry import available_methods
-    return bool(method_class(method).padding_is_inert) if method in available_methods() else False
+    return bool(_declared(method, "padding_is_inert", False))
 
 
 def method_defaults(method: str, sizes: str = "paper") -> dict[str, Any]:
