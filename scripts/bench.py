@@ -146,10 +146,22 @@ def build_model(cfg: dict) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ batches
+def missing_counts(batch_size: int, probs: tuple[float, ...] = MISSING_PROBS) -> list[int]:
+    """Rows per missing type in a batch of ``batch_size``: ``probs`` scaled to the batch, rounded by largest
+    remainder (ties to the earlier type), so every batch carries the stated mix as closely as its size allows
+    (batch 20: 6 / 7 / 7; batch 4: 1 / 2 / 1). A random draw would let a small batch miss half its images."""
+    exact = [p * batch_size for p in probs]
+    counts = [int(e) for e in exact]
+    by_remainder = sorted(range(len(probs)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: batch_size - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def _missing_types(batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    types = torch.multinomial(torch.tensor(MISSING_PROBS), batch_size, replacement=True, generator=gen)
-    types[: min(3, batch_size)] = torch.arange(min(3, batch_size))  # every type present
-    return types.long()
+    counts = missing_counts(batch_size)
+    types = torch.cat([torch.full((c,), t, dtype=torch.long) for t, c in enumerate(counts)])
+    return types[torch.randperm(batch_size, generator=gen)]
 
 
 def _labels(dataset: str, batch_size: int, gen: torch.Generator) -> torch.Tensor:
