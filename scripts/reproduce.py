@@ -241,17 +241,25 @@ TABLE5_KEYS = {   # (method, budget) -> (keys, method parameters), chosen once o
     ("map", "4.0M"): ((("prompt_length", 174),), 4_008_960),
     ("map", "5.2M"): ((("prompt_length", 226),), 5_207_040),
     ("map", "6.4M"): ((("prompt_length", 278),), 6_405_120),
+    ("dcp", "0.2M"): ((("prompt_depth", 1), ("dcp_reduction", 64), ("dcp_common_reduction", 64),
+                       ("dcp_dynamic_width", 8)), 194_408),
+    ("dcp", "1.6M"): ((("prompt_depth", 4), ("dcp_dynamic_width", 48)), 1_626_592),
+    ("dcp", "2.8M"): ((("prompt_depth", 2), ("dcp_dynamic_width", 384)), 2_721_408),
     ("dcp", "4.0M"): ((("prompt_length", 72), ("prompt_depth", 1)), 3_900_128),
     ("dcp", "5.2M"): ((("prompt_length", 72), ("prompt_depth", 5)), 5_155_168),
     ("dcp", "6.4M"): ((("prompt_length", 66), ("prompt_depth", 9)), 6_402_016),
 }
 """DCP Table 5 cells: the keys whose method parameters (trainable parameters minus those of `baseline on_clip`,
 0.42 M: head + ln_post, ln_final, visual proj, which every method trains) come closest to the budget. MMP = `map
-on_clip` with MAP's prompt_layers [0..5], prompt_length searched; DCP: prompt_length in 3..72 (multiples of 3) x
-prompt_depth 1..12. Counted on the meta device at full size; tests/test_reproduce.py rebuilds them."""
+on_clip` with MAP's prompt_layers [0..5], prompt_length searched; DCP 4.0 / 5.2 / 6.4 M: prompt_length in 3..72
+(multiples of 3) x prompt_depth 1..12. Below DCP's fewest parameters at full channel width (TABLE5_MIN_DCP) the
+channels shrink, as the paper says it does: prompt_length 36, prompt_depth 1..6, one r for dcp_reduction and
+dcp_common_reduction (16..256) and dcp_dynamic_width 8..512; of the settings within 3 % of the budget, the smallest r
+(widest MLPs), then the deepest prompts, then the widest dynamic attention. Counted on the meta device at full size;
+tests/test_reproduce.py rebuilds them."""
 TABLE5_MIN_DCP = 3_805_920
-"""DCP's fewest method parameters over prompt_length / prompt_depth (length 3, depth 1): the dynamic prompts'
-attention alone holds 3.41 M, so the 0.2 / 1.6 / 2.8 M budgets are out of reach of these keys."""
+"""DCP's fewest method parameters at full channel width (prompt_length 3, prompt_depth 1): the dynamic prompts'
+attention alone holds 3.41 M."""
 
 
 def _dcp_table5() -> Table:
@@ -259,18 +267,13 @@ def _dcp_table5() -> Table:
     for method, slug in (("map", "mmp"), ("dcp", "dcp")):
         for budget in TABLE5_BUDGETS:
             label = f"{'MMP' if slug == 'mmp' else 'DCP'} {budget} parameters"
-            chosen = TABLE5_KEYS.get((method, budget))
-            if chosen is None:
-                cells.append(_cell(label, "mmimdb", method, DCP_ABLATION_SETTING, backbone="clip",
-                                   paper=f"dcp/t5/{slug}/{budget}",
-                                   needs=f"a switch that shrinks DCP below {TABLE5_MIN_DCP / 1e6:.2f} M method "
-                                         "parameters (prompt_length 3, prompt_depth 1; the dynamic prompts' attention "
-                                         "holds 3.41 M; the paper does not say how it scales the channels)"))
-                continue
-            keys, count = chosen
-            deep = any(k == "prompt_depth" and v > 2 for k, v in keys)   # --tiny: 2-layer towers hold depth <= 2
-            cells.append(_cell(label, "mmimdb", method, DCP_ABLATION_SETTING, backbone="clip", keys=keys,
-                               tiny_keys=(("clip_vision_layers", 12), ("clip_text_layers", 12)) if deep else (),
+            keys, count = TABLE5_KEYS[(method, budget)]
+            tiny: tuple[tuple[str, object], ...] = ()   # --tiny: 2-layer towers hold depth <= 2, text width 32
+            if any(k == "prompt_depth" and v > 2 for k, v in keys):
+                tiny += (("clip_vision_layers", 12), ("clip_text_layers", 12))
+            if any(k == "dcp_common_reduction" for k, _ in keys):
+                tiny += (("dcp_common_reduction", 16),)
+            cells.append(_cell(label, "mmimdb", method, DCP_ABLATION_SETTING, backbone="clip", keys=keys, tiny_keys=tiny,
                                paper=f"dcp/t5/{slug}/{budget}",
                                note=f"{count / 1e6:.2f} M method parameters (budget {budget[:-1]} M), "
                                     f"{(count + 419_351) / 1e6:.2f} M trainable with head and CLIP's ln/proj"))
@@ -280,11 +283,12 @@ def _dcp_table5() -> Table:
                         "`baseline on_clip` trains too (head, ln_post, ln_final, visual proj); our reading, since "
                         "the smallest budget (0.2 M) is below those 0.42 M. MMP = `map on_clip` (MAP's input-level "
                         "prompts on layers 0-5, prompt_length scaled: 3,840 parameters per token); DCP: "
-                        "prompt_length (multiple of 3, <= 72) and prompt_depth chosen closest to the budget. The "
+                        "prompt_length (multiple of 3, <= 72) and prompt_depth chosen closest to the budget; below "
+                        f"{TABLE5_MIN_DCP / 1e6:.2f} M (DCP's fewest at full channel width) the channel widths shrink "
+                        "too (dcp_reduction, dcp_common_reduction, dcp_dynamic_width: our reading of the paper's "
+                        "\"reducing channel width\"). The "
                         "note of each cell gives its count. MAP's input prompts accumulate, so the large MMP cells "
-                        "run long sequences (6 x prompt_length extra tokens per tower).",
-                        f"DCP 0.2 / 1.6 / 2.8 M: not reachable with prompt_length / prompt_depth (fewest: "
-                        f"{TABLE5_MIN_DCP / 1e6:.2f} M); listed, not run."])
+                        "run long sequences (6 x prompt_length extra tokens per tower)."])
 
 
 def _dcp_table6() -> Table:

@@ -15,7 +15,7 @@ from torch import nn
 
 from mdpl.engine.losses import task_loss
 from mdpl.errors import UserInputError
-from mdpl.prompts.dcp import DCPConfig, window_pool
+from mdpl.prompts.dcp import DCPConfig, NarrowAttention, window_pool
 
 from tiny_models import TYPES, tiny_batch, tiny_model  # noqa: E402,F401
 N = 2                                   # tiny: prompt_length 6 -> 2 layer + 2 common + 2 dynamic prompts, depth 2
@@ -24,12 +24,13 @@ SWITCHES = [("dcp_projection", "fc"), ("dcp_correlated_inputs", "uni"),
             ("dcp_dynamic_depth", 2), ("dcp_dynamic_depth", 3),
             ("dcp_dynamic_mode", "max"), ("dcp_dynamic_mode", "min"), ("dcp_dynamic_mode", "avg"),
             ("dcp_common_depth", 2), ("dcp_common_depth", 3),
-            ("dcp_common_projection", "fc"), ("dcp_common_reduction", 4), ("dcp_common_reduction", 8)]
+            ("dcp_common_projection", "fc"), ("dcp_common_reduction", 4), ("dcp_common_reduction", 8),
+            ("dcp_reduction", 4), ("dcp_reduction", 40), ("dcp_dynamic_width", 8)]
 COMBINED = [{"dcp_dynamic_depth": 2, "dcp_dynamic_mode": "avg"},
             {"dcp_common_depth": 2, "dcp_common_projection": "fc"},
             {"dcp_projection": "fc", "dcp_correlated_inputs": "uni"}]
 NEW_PARAMETERS = {"dcp_dynamic_depth": "prompt.dynamic_deep.", "dcp_dynamic_mode": ".proj.",
-                  "dcp_common_depth": "prompt.prompt_learner.deep_common_"}
+                  "dcp_common_depth": "prompt.prompt_learner.deep_common_", "dcp_dynamic_width": ".attn_prompt.q_proj."}
 
 
 def _model(backbone: str, seed: int = 0, **over) -> nn.Module:
@@ -204,6 +205,67 @@ def test_common_projection_forms(backbone):
         assert learner.compound_prompt_projections_text[0][0].out_features == (dv + dt) // 16   # chain unchanged
 
 
+@pytest.mark.parametrize("backbone", ["clip", "vilt"])
+@pytest.mark.parametrize("unimodal", [False, True])
+def test_reduction_sets_the_chain_hidden_width(backbone, unimodal):
+    info = _model(backbone).prompt.info
+    dv, dt = info.width_of("image"), info.width_of("text")
+    inputs = {"dcp_correlated_inputs": "uni"} if unimodal else {}
+    for r in (2, 4, 16):
+        learner = _model(backbone, dcp_reduction=r, **inputs).prompt.prompt_learner
+        for side, width in (("image", dv), ("text", dt)):
+            mlp = getattr(learner, f"compound_prompt_projections_{side}")[0]
+            d_in = width if unimodal else dv + dt
+            assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (d_in, d_in // r, width)
+        assert learner.common_prompt_projection_text[0].out_features == dt // 16   # G unchanged
+
+
+def test_narrow_attention_at_full_width_is_the_reference_attention():
+    """NarrowAttention(width, width) with nn.MultiheadAttention's weights computes the same attention, with and without
+    a key-padding mask; at a smaller inner width it holds 4 * width * inner + 3 * inner + width parameters."""
+    torch.manual_seed(0)
+    width, n = 16, 3
+    mha = nn.MultiheadAttention(width, 1, batch_first=True)
+    nn.init.normal_(mha.in_proj_bias)
+    nn.init.normal_(mha.out_proj.bias)
+    narrow = NarrowAttention(width, width)
+    q_w, k_w, v_w = mha.in_proj_weight.chunk(3)
+    q_b, k_b, v_b = mha.in_proj_bias.chunk(3)
+    with torch.no_grad():
+        for proj, w, b in ((narrow.q_proj, q_w, q_b), (narrow.k_proj, k_w, k_b), (narrow.v_proj, v_w, v_b)):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        narrow.out_proj.load_state_dict(mha.out_proj.state_dict())
+    query, data = torch.randn(4, n, width), torch.randn(4, 7, width)
+    padding = torch.zeros(4, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[3, 2:] = True
+    for mask in (None, padding):
+        want = mha(query, data, data, key_padding_mask=mask, need_weights=False)[0]
+        torch.testing.assert_close(narrow(query, data, mask), want, rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in NarrowAttention(768, 8).parameters()) == 4 * 768 * 8 + 3 * 8 + 768
+
+
+@pytest.mark.parametrize("backbone", ["clip", "vilt"])
+def test_dynamic_width_narrows_every_stream(backbone):
+    model = _model(backbone, dcp_dynamic_width=8)
+    for stream in model.prompt.info.streams:
+        attn = model.prompt.dynamic[stream.name].attn_prompt
+        assert isinstance(attn, NarrowAttention)
+        assert (attn.q_proj.in_features, attn.q_proj.out_features, attn.out_proj.out_features) == (
+            stream.width, 8, stream.width)
+        assert model.prompt.dynamic[stream.name].prompts_dynamic_complete.shape == (N, 1, stream.width)
+    seen = _record(model, _batch(backbone))
+    for stream in model.prompt.info.streams:   # the inserted tokens are the narrow attention of the block-0 input
+        x, mask, out, layout, types = seen[stream.name][0]
+        gen = model.prompt.dynamic[stream.name]
+        queries = torch.stack([gen.prompts_dynamic_complete[:, 0], gen.prompts_dynamic_image[:, 0],
+                               gen.prompts_dynamic_text[:, 0]])[types]
+        with torch.no_grad():
+            want = gen.attn_prompt(queries, x, ~mask if stream.masks_padding else None)
+        torch.testing.assert_close(out[:, layout.span("dcp.dynamic")], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["max", "min", "avg"])
 def test_window_pool(mode):
     g = torch.Generator().manual_seed(0)
@@ -265,6 +327,21 @@ def test_pooled_dynamic_prompts_are_a_linear_of_the_window_pool(backbone, mode):
     ({"dcp_common": False, "dcp_common_reduction": 4}, r"^dcp_common_reduction=4 has no effect"),
     ({"dcp_common_projection": "fc", "dcp_common_reduction": 4},
      r"^dcp_common_reduction=4 has no effect with dcp_common_projection='fc'"),
+    ({"dcp_reduction": 0}, r"^dcp_reduction must be a positive integer, got 0$"),
+    ({"dcp_reduction": "8"}, r"^dcp_reduction must be a positive integer, got '8'$"),
+    ({"dcp_reduction": 81}, r"^dcp_reduction=81 leaves the correlated MLP no hidden unit \(input width 80 // 81 = "
+                            r"0\); choose dcp_reduction <= 80$"),
+    ({"dcp_correlated_inputs": "uni", "dcp_reduction": 40},
+     r"^dcp_reduction=40 leaves the correlated MLP no hidden unit \(input width 32 // 40"),
+    ({"dcp_projection": "fc", "dcp_reduction": 4}, r"^dcp_reduction=4 has no effect with dcp_projection='fc'"),
+    ({"dcp_correlated": False, "dcp_reduction": 4}, r"^dcp_reduction=4 has no effect: dcp_correlated=False"),
+    ({"dcp_dynamic_width": -1}, r"^dcp_dynamic_width must be 0 \(the stream's width, as the reference\) or a "
+                                r"positive integer, got -1$"),
+    ({"dcp_dynamic_width": True}, r"^dcp_dynamic_width must be 0 .* got True$"),
+    ({"dcp_dynamic_width": 2.5}, r"^dcp_dynamic_width must be 0 .* got 2\.5$"),
+    ({"dcp_dynamic": False, "dcp_dynamic_width": 8}, r"^dcp_dynamic_width=8 has no effect: dcp_dynamic=False"),
+    ({"dcp_dynamic_mode": "avg", "dcp_dynamic_width": 8},
+     r"^dcp_dynamic_width=8 has no effect with dcp_dynamic_mode='avg'"),
     ({"dcp_dynamic_mode": "avg", "dcp_dynamic_trainable": True},
      r"^dcp_dynamic_trainable=True has no effect with dcp_dynamic_mode='avg'"),
 ])

@@ -89,6 +89,13 @@ class DCPConfig(MethodConfig):
     """Table 3 "MLP" / "Fc": the modal-common projections G_t, G_v are bottleneck MLPs or one Linear each."""
     dcp_common_reduction: int = 16
     """Table 3 "MLP (r=4|8|16)": G's MLP hidden width = text width // r ('mlp' only)."""
+    # Channel widths, for the parameter budgets of the paper's Table 5 ("reducing channel width"; our reading, §6.7)
+    dcp_reduction: int = 16
+    """The correlated chain's MLP hidden width = its input width // r ('mlp' only; 16 = the reference: 1280 // 16 =
+    80 on CLIP)."""
+    dcp_dynamic_width: int = 0
+    """0 = the reference's one-head attention at the stream's width; w > 0 = one head whose queries, keys and values
+    are projected to w channels and whose output projection returns to the stream's width ('attention' only)."""
 
     TINY = {"prompt_length": 6, "prompt_depth": 2}   # a multiple of 3: 2 layer + 2 common + 2 dynamic prompts
 
@@ -108,12 +115,17 @@ class DCPConfig(MethodConfig):
                 raise UserInputError(f"{key}={value!r} must be an integer in 1..{info.num_layers} ({info.what} has "
                                      f"{info.num_layers} layers)")
         check_positive("dcp_common_reduction", self.dcp_common_reduction)
+        check_positive("dcp_reduction", self.dcp_reduction)
+        width = self.dcp_dynamic_width
+        if not (isinstance(width, int) and not isinstance(width, bool) and width >= 0):
+            raise UserInputError(f"dcp_dynamic_width must be 0 (the stream's width, as the reference) or a positive "
+                                 f"integer, got {width!r}")
         DCPLayout.from_config(self)
         defaults = DCPConfig()
         groups = ((self.dcp_correlated and depth > 0, "dcp_correlated=False (or prompt_depth=0) removes the correlated "
-                   "projection chain", ("dcp_projection", "dcp_correlated_inputs")),
+                   "projection chain", ("dcp_projection", "dcp_correlated_inputs", "dcp_reduction")),
                   (self.dcp_dynamic, "dcp_dynamic=False removes the dynamic prompts",
-                   ("dcp_dynamic_depth", "dcp_dynamic_mode")),
+                   ("dcp_dynamic_depth", "dcp_dynamic_mode", "dcp_dynamic_width")),
                   (self.dcp_common, "dcp_common=False removes the modal-common prompts",
                    ("dcp_common_depth", "dcp_common_projection", "dcp_common_reduction")))
         for on, why, keys in groups:
@@ -124,6 +136,12 @@ class DCPConfig(MethodConfig):
         if self.dcp_common_projection == "fc" and self.dcp_common_reduction != defaults.dcp_common_reduction:
             raise UserInputError(f"dcp_common_reduction={self.dcp_common_reduction!r} has no effect with "
                                  "dcp_common_projection='fc' (a single Linear has no hidden width); drop it or use 'mlp'")
+        if self.dcp_projection == "fc" and self.dcp_reduction != defaults.dcp_reduction:
+            raise UserInputError(f"dcp_reduction={self.dcp_reduction!r} has no effect with dcp_projection='fc' (a "
+                                 "single Linear has no hidden width); drop it or use 'mlp'")
+        if self.dcp_dynamic_width and self.dcp_dynamic_mode != "attention":
+            raise UserInputError(f"dcp_dynamic_width={self.dcp_dynamic_width!r} has no effect with dcp_dynamic_mode="
+                                 f"{self.dcp_dynamic_mode!r} (only the attention form has a width); drop it")
         if self.dcp_dynamic_trainable and self.dcp_dynamic_mode != "attention":
             raise UserInputError(f"dcp_dynamic_trainable=True has no effect with dcp_dynamic_mode="
                                  f"{self.dcp_dynamic_mode!r} (only the attention form has queries); drop it")
@@ -340,22 +358,48 @@ def window_pool(x: torch.Tensor, mask: torch.Tensor | None, n: int, mode: str) -
     return torch.stack(out, dim=1)
 
 
+class NarrowAttention(nn.Module):
+    """One attention head of ``inner`` channels between streams of ``width`` (``dcp_dynamic_width``, §6.7, our
+    reading of Table 5's "reducing channel width"): ``q_proj`` / ``k_proj`` / ``v_proj`` Linear(width -> inner),
+    scale 1/sqrt(inner), ``out_proj`` Linear(inner -> width). Initialised as ``nn.MultiheadAttention``: Xavier-uniform
+    input projections with zero bias, the output projection's default init with zero bias. 4 * width * inner
+    weights instead of the full attention's 4 * width^2."""
+
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, inner) for _ in range(3))
+        self.out_proj = nn.Linear(inner, width)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, data: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """query [B, n, width], data [B, N, width] (keys = values), key_padding_mask bool [B, N] (True = padding)."""
+        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = nn.functional.scaled_dot_product_attention(
+            self.q_proj(query)[:, None], self.k_proj(data)[:, None], self.v_proj(data)[:, None], attn_mask=keep)
+        return self.out_proj(out[:, 0])
+
+
 class DynamicPrompts(nn.Module):
     """Dyn = MHA(query = the sample's query set, key = value = the block input) -> [B, n, width] (§6.1, §6.4).
 
-    ``attn_prompt`` is a single-head ``nn.MultiheadAttention``; the three [n, 1, width] N(0, 0.02) query sets are
-    persistent buffers (saved, frozen; D-34) or, with ``trainable``, parameters. ``mode`` max / min / avg (our
-    reading of Table 2's "& Projection" rows, §6.7): Dyn = ``proj``(window_pool(input, n windows)), ``proj`` one
-    ``nn.Linear(width, width)``; no queries, no attention.
+    ``attn_prompt`` is a single-head ``nn.MultiheadAttention`` (with ``inner`` > 0 a :class:`NarrowAttention` of
+    ``inner`` channels); the three [n, 1, width] N(0, 0.02) query sets are persistent buffers (saved, frozen; D-34)
+    or, with ``trainable``, parameters. ``mode`` max / min / avg (our reading of Table 2's "& Projection" rows,
+    §6.7): Dyn = ``proj``(window_pool(input, n windows)), ``proj`` one ``nn.Linear(width, width)``; no queries, no
+    attention.
     """
 
-    def __init__(self, n: int, width: int, trainable: bool = False, mode: str = "attention") -> None:
+    def __init__(self, n: int, width: int, trainable: bool = False, mode: str = "attention", inner: int = 0) -> None:
         super().__init__()
         self.n, self.mode = n, mode
         if mode != "attention":
             self.proj = nn.Linear(width, width)
             return
-        self.attn_prompt = nn.MultiheadAttention(width, 1, batch_first=True)
+        self.attn_prompt = (NarrowAttention(width, inner) if inner else
+                            nn.MultiheadAttention(width, 1, batch_first=True))
         for name in DYNAMIC_NAMES:
             value = nn.init.normal_(torch.empty(n, 1, width), std=0.02)
             if trainable:
@@ -372,6 +416,8 @@ class DynamicPrompts(nn.Module):
         if x.shape[0] == 0:   # every row of the batch misses this stream's modality (its rows are skipped)
             return q
         padding = None if mask is None else ~mask
+        if isinstance(self.attn_prompt, NarrowAttention):
+            return self.attn_prompt(q, x, padding)
         return self.attn_prompt(q, x, x, key_padding_mask=padding, need_weights=False)[0]
 
 
@@ -396,14 +442,22 @@ class DeepCorrelatedPrompts(PromptMethod):
         if self.layout.common and config.dcp_common_projection == "mlp" and text_width // r < 1:
             raise UserInputError(f"dcp_common_reduction={r} leaves the modal-common MLP no hidden unit (text width "
                                  f"{text_width} // {r} = 0); choose dcp_common_reduction <= {text_width}")
+        chain_in = (min(info.width_of(IMAGE), text_width) if config.dcp_correlated_inputs == "uni"
+                    else info.width_of(IMAGE) + text_width)
+        if self.layout.correlated and config.dcp_projection == "mlp" and chain_in // config.dcp_reduction < 1:
+            raise UserInputError(f"dcp_reduction={config.dcp_reduction} leaves the correlated MLP no hidden unit "
+                                 f"(input width {chain_in} // {config.dcp_reduction} = 0); choose dcp_reduction <= "
+                                 f"{chain_in}")
         self.prompt_learner = DCPPromptLearner(self.layout, info.width_of(IMAGE), text_width,
-                                               config.dcp_independent_init, projection=config.dcp_projection,
+                                               config.dcp_independent_init, reduction=config.dcp_reduction,
+                                               projection=config.dcp_projection,
                                                unimodal=config.dcp_correlated_inputs == "uni",
                                                common_projection=config.dcp_common_projection, common_reduction=r)
         if self.layout.dynamic:
             def generator() -> nn.ModuleDict:
                 return nn.ModuleDict({s.name: DynamicPrompts(self.layout.n, s.width, config.dcp_dynamic_trainable,
-                                                             config.dcp_dynamic_mode) for s in info.streams})
+                                                             config.dcp_dynamic_mode, config.dcp_dynamic_width)
+                                      for s in info.streams})
             self.dynamic = generator()
             if self.layout.dynamic_depth > 1:   # blocks 1..d-1: own generators, keys dynamic_deep.<k>.<stream>
                 self.dynamic_deep = nn.ModuleList([generator() for _ in range(self.layout.dynamic_depth - 1)])
