@@ -9,9 +9,12 @@
   train in the order of :class:`mdpl.data.sampler.SeededTrainSampler` (a function of seed and epoch, sharded
   over DDP ranks), val/test in order; under DDP val/test get an unpadded sampler (rank r reads items r, r+W,
   ...: no sample is evaluated twice).
-* ``on_after_batch_transfer`` (on device): cached uint8 pixels to the normalised float batch, optional per-split
-  override table (``set_missing_override``, for evaluation sweeps), ``simulate_missing`` for training batches
-  (per-item hash of (seed, epoch, item_index)), then the dummies of §1.4 via :func:`mdpl.data.missing.apply_missing`.
+* ``on_before_batch_transfer`` (on the host): the batch's missing types, with the optional per-split override table
+  (``set_missing_override``, for evaluation sweeps) and ``simulate_missing`` for training batches (per-item hash of
+  (seed, epoch, item_index)); they travel as ``missing_type`` and as the host tuple ``missing_type_host`` (so the
+  model can skip rows without a device sync), with ``row_index_host``.
+* ``on_after_batch_transfer`` (on device): cached uint8 pixels to the normalised float batch, then the dummies of §1.4
+  via :func:`mdpl.data.missing.apply_missing` (a batch that did not pass the host hook gets its types here).
 """
 from __future__ import annotations
 
@@ -191,13 +194,24 @@ class MDPLDataModule(pl.LightningDataModule):
             return "val"
         return None
 
+    def _resolved_types(self, batch: Mapping) -> torch.Tensor:
+        split = self._current_split()
+        epoch = int(getattr(getattr(self, "trainer", None), "current_epoch", 0) or 0)
+        return self.batch_missing_types(batch, split == "train", epoch, split)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Host side of docs/methods.md §1.4: the missing types (override / simulation), kept as a host tuple too."""
+        types = self._resolved_types(batch)
+        return {**batch, "missing_type": types, "missing_type_host": tuple(types.tolist()),
+                "row_index_host": tuple(batch["row_index"].tolist())}
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Device side of docs/methods.md §1.4: missing types (override / simulation), then the dummies. A batch of
-        cached uint8 pixels (``pixel_cache``) first becomes the decode path's float batch, bit for bit."""
+        """Device side of docs/methods.md §1.4: the dummies (and, for a batch that skipped the host hook, the missing
+        types). A batch of cached uint8 pixels (``pixel_cache``) first becomes the decode path's float batch, bit for
+        bit."""
         if batch["image"].dtype == torch.uint8 and self.pixel_stages is not None:
             batch = {**batch, "image": self.pixel_stages.batch_to_float(batch["image"], batch["image_sizes"])}
-        split = self._current_split()
-        trainer = getattr(self, "trainer", None)
-        epoch = int(getattr(trainer, "current_epoch", 0) or 0)
-        types = self.batch_missing_types(batch, split == "train", epoch, split)
-        return apply_missing(batch, types, self._dummy_ids, self._dummy_masks)
+        if "missing_type_host" in batch:   # resolved on the host by on_before_batch_transfer
+            return apply_missing(batch, batch["missing_type"], self._dummy_ids, self._dummy_masks,
+                                 batch["missing_type_host"])
+        return apply_missing(batch, self._resolved_types(batch), self._dummy_ids, self._dummy_masks)

@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -286,16 +286,27 @@ def simulated_types(table_types: torch.Tensor, epoch: int, seed: int, item_index
 
 # ---------------------------------------------------------------------------------------------- dummies
 def apply_missing(batch: Mapping, missing_type: torch.Tensor, dummy_text_ids: torch.Tensor,
-                  dummy_text_masks: torch.Tensor) -> dict:
+                  dummy_text_masks: torch.Tensor, missing_type_host: Sequence[int] | None = None) -> dict:
     """Replace missing modalities by the dummies of docs/methods.md §1.4 (new dict; inputs not mutated).
 
     type 2 -> ``image`` := 1.0 inside each sample's valid ``image_sizes`` region (padding stays 0);
     type 1 -> ``text_ids`` / ``text_masks`` := the encoding of "" (``dummy_*``, shape [1, L] or [L]).
-    Pure tensor ops on the batch's device; sets ``missing_type`` (int64).
+    Pure tensor ops on the batch's device; sets ``missing_type`` (int64) and ``missing_type_host``, the same types
+    as a tuple of ints (`missing_type_host`, or read from `missing_type` when it is on the CPU; otherwise the key is
+    removed, so a host copy never outlives the types it describes). With it the model knows which rows keep a
+    modality without a device sync.
     """
     out = dict(batch)
     image = batch["image"]
     device = image.device
+    if missing_type_host is None and missing_type.device.type == "cpu":
+        missing_type_host = missing_type.tolist()
+    out.pop("missing_type_host", None)
+    if missing_type_host is not None:
+        out["missing_type_host"] = tuple(int(t) for t in missing_type_host)
+        if len(out["missing_type_host"]) != missing_type.shape[0]:
+            raise ValueError(f"missing_type_host has {len(out['missing_type_host'])} types for a batch of "
+                             f"{missing_type.shape[0]}")
     mt = missing_type.to(device=device, dtype=torch.long)
     b, _, h, w = image.shape
     if "image_sizes" in batch:

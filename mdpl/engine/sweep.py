@@ -113,6 +113,7 @@ class MissingSweep(nn.Module):
             raise ValueError(f"need one missing table per scenario (got {len(specs)} specs, {len(tables)} tables)")
         self.dataset, self.specs = dataset, list(specs)
         self.register_buffer("tables", torch.stack([t.long() for t in tables]), persistent=False)
+        self.host_tables = self.tables.clone()   # stays on the host: the rows' types without a device sync
         self.register_buffer("dummy_ids", dummy_ids.reshape(1, -1).clone(), persistent=False)
         self.register_buffer("dummy_masks", dummy_masks.reshape(1, -1).clone(), persistent=False)
         self.metrics = nn.ModuleList([build_task_metrics(dataset) for _ in self.specs])
@@ -123,9 +124,12 @@ class MissingSweep(nn.Module):
     def step(self, model: nn.Module, batch: Mapping) -> None:
         """Evaluate one complete batch under every scenario (dummies applied here, on the batch's device)."""
         types = self.tables[:, batch["row_index"].to(self.tables.device)]          # [S, B]
+        host_rows = batch.get("row_index_host")
+        host = None if host_rows is None else self.host_tables[:, list(host_rows)].tolist()
         label = batch["label"]
         for i in range(len(self.specs)):
-            scenario_batch = apply_missing(batch, types[i], self.dummy_ids, self.dummy_masks)
+            scenario_batch = apply_missing(batch, types[i], self.dummy_ids, self.dummy_masks,
+                                           None if host is None else host[i])
             logits = model(scenario_batch)["logits"]
             loss = task_loss(self.dataset, logits, label)
             self.metrics[i].update(logits.detach(), label)

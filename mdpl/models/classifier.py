@@ -14,7 +14,7 @@ Build order (backbone, its weights, head, method) follows the ViLT references fo
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -78,10 +78,11 @@ class PromptedClassifier(nn.Module):
     def encode(self, stream: StreamInfo, batch: Mapping[str, Any], missing_type: torch.Tensor,
                prepared: Any) -> torch.Tensor:
         """The feature [B, F] of one stream."""
-        keep = missing_type != MISSING_TYPE_OF[stream.modalities[0]] if self._drops(stream) else None
+        dropped = MISSING_TYPE_OF[stream.modalities[0]]
+        keep = missing_type != dropped if self._drops(stream) else None
         rows = None
-        if keep is not None and self.prompt.skip_missing and not bool(keep.all()):
-            rows = keep.nonzero().squeeze(1)
+        if keep is not None and self.prompt.skip_missing:
+            rows = _kept_rows(keep, batch.get("missing_type_host"), dropped)
         x, mask, layout = self.backbone.embed(stream.name, batch, rows)
         ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared)
         encoder = self.backbone.encoders()[stream.name]
@@ -107,6 +108,18 @@ class PromptedClassifier(nn.Module):
         features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
         pooled = torch.cat([f.to(features[0].dtype) for f in features], dim=1)
         return {"logits": self.head(pooled), "pooled": pooled}
+
+
+def _kept_rows(keep: torch.Tensor, host_types: Sequence[int] | None, dropped: int) -> torch.Tensor | None:
+    """The rows that keep a stream's modality (long, ascending), or None when every row does. With the batch's host
+    copy of its missing types there is no device sync: the count comes from the host and a stable sort of the
+    device mask puts the kept rows first, in order. Without it, ``nonzero`` (one sync)."""
+    if host_types is None:
+        return None if bool(keep.all()) else keep.nonzero().squeeze(1)
+    count = sum(int(t) != dropped for t in host_types)
+    if count == len(host_types):
+        return None
+    return torch.argsort((~keep).to(torch.uint8), stable=True)[:count]
 
 
 def build_classifier(config: Mapping[str, Any]) -> PromptedClassifier:
