@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mdpl.backbones.clip import ClipBackbone, ClipSizes, _build_open_clip, build_clip_backbone
+from mdpl.backbones.clip import ClipBackbone, ClipSizes, _build_open_clip, build_clip_backbone, residual_block
 from mdpl.backbones.clip_weights import OPENAI_EXTRA_KEYS, read_openai_checkpoint, sha256_of
 
 TINY = dict(clip_embed_dim=32, image_size=32, clip_patch_size=16, clip_vision_width=48, clip_vision_layers=2,
@@ -144,3 +144,31 @@ def test_text_tower_causal_and_eot():
     assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="77"):
         backbone.text_encoder(ids[:, :40])
+
+
+def test_causal_blocks_use_is_causal_and_equal_the_mask(monkeypatch):
+    """A text block over the whole square sequence passes SDPA `is_causal` (no mask tensor); with prompt keys / values
+    or a single read-out query it keeps the mask. Both give the masked computation's output."""
+    from mdpl.backbones import attention
+
+    backbone = _random_backbone()
+    tower = backbone.text_encoder
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    _, ids = _inputs()
+    x = tower.embed(ids)
+    mask = tower.attention_mask(x.shape[1], x.device, x.dtype)
+    with torch.no_grad():
+        fast = tower.run_block(0, x)
+        want = residual_block(tower.blocks[0], x, mask)
+        last = tower.run_block(0, x, query_index=torch.tensor([6, 3, 2]))
+    assert calls[0] == (True, True) and calls[1] == (False, False) and calls[2] == (False, False)
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last[:, 0], want[torch.arange(3), torch.tensor([6, 3, 2])], rtol=1e-5, atol=1e-6)
+    assert backbone.image_encoder.attention_mask(5, x.device, x.dtype) is None   # the image tower: no mask at all

@@ -16,13 +16,16 @@ from einops import rearrange
 def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                        attn_mask: torch.Tensor | None = None,
                        kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       dropout_p: float = 0.0) -> torch.Tensor:
+                       dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
     """Multi-head attention of q [B, Lq, C] over k, v [B, Lk, C] -> [B, Lq, C] (heads merged, before out-proj).
 
     `attn_mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Lq, Lk] — a key-padding mask
     [B, 1, 1, Lk] or a causal [Lq, Lk] mask. `kv_prefix`: (keys, values) [B, P, C] prepended to k and v; the mask
-    gets P visible columns in front.
+    gets P visible columns in front. `is_causal` (Lq = Lk, no mask, no prefix): SDPA's own causal masking, which
+    lets it pick a kernel that takes no mask tensor.
     """
+    if is_causal and (attn_mask is not None or kv_prefix is not None or q.shape[1] != k.shape[1]):
+        raise ValueError("is_causal needs square attention without a mask or key/value prefix")
     if kv_prefix is not None:
         k = torch.cat([kv_prefix[0].to(k.dtype), k], dim=1)
         v = torch.cat([kv_prefix[1].to(v.dtype), v], dim=1)
@@ -34,7 +37,8 @@ def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_he
     def heads(t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "b l (h d) -> b h l d", h=num_heads)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal)
     return rearrange(out, "b h l d -> b l (h d)")
 
 

@@ -95,14 +95,17 @@ class _Tower(StreamEncoder):
                   query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Block ``index`` on batch-first ``x`` [B, L, D] (`residual_block`); `mask` (real tokens) is unused:
         CLIP attends to padding; the text tower's causal mask follows the current length. Only the positions
-        `query_index` when given (`StreamEncoder.run_block`)."""
+        `query_index` when given (`StreamEncoder.run_block`). A causal tower's block over the whole square sequence
+        (no prompt keys / values, every query) passes SDPA `is_causal` instead of the mask tensor."""
+        if self.causal and kv_prefix is None and query_index is None:
+            return residual_block(self.blocks[index], x, is_causal=True)
         attn_mask = self.attention_mask(x.shape[1], x.device, x.dtype)
         return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index)
 
 
 def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   query_index: torch.Tensor | None = None) -> torch.Tensor:
+                   query_index: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """open_clip ``ResidualAttentionBlock`` on batch-first ``x`` [B, L, D] with fused SDPA.
 
     Computes ``block(x, attn_mask=attn_mask)``: x + ls_1(MHA(ln_1 x)), then + ls_2(MLP(ln_2 x)), with the block's
@@ -115,6 +118,7 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     ``kv_prefix``: raw keys / values [B, P, D] (after the in-projection) put in front of the sequence's and visible
     to every query — MAP's attention-level prompts (§3.3).
     ``query_index``: long [B]; only that position of each row is computed -> [B, 1, D] (its row of the mask).
+    ``is_causal``: causal attention without a mask tensor (in place of the additive causal ``attn_mask``).
     """
     attn = block.attn
     if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
@@ -124,7 +128,7 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
         x = take_rows(x, query_index)
         if attn_mask is not None:
             attn_mask = attn_mask[query_index][:, None, None, :]
-    out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix)
+    out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix, is_causal=is_causal)
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
