@@ -172,3 +172,21 @@ def test_causal_blocks_use_is_causal_and_equal_the_mask(monkeypatch):
     torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(last[:, 0], want[torch.arange(3), torch.tensor([6, 3, 2])], rtol=1e-5, atol=1e-6)
     assert backbone.image_encoder.attention_mask(5, x.device, x.dtype) is None   # the image tower: no mask at all
+
+
+def test_quick_gelu_mlp_folds_the_constant_exactly():
+    """block_mlp with QuickGELU (silu form, constant folded into the weights) equals open_clip's MLP module, output
+    and input gradient; another activation runs the module itself."""
+    from mdpl.backbones.clip import block_mlp
+
+    mlp = _random_backbone().image_encoder.blocks[0].mlp
+    assert type(mlp.gelu).__name__ == "QuickGELU"
+    h = torch.randn(3, 5, 48, requires_grad=True)
+    want = mlp(h)
+    (g_want,) = torch.autograd.grad(want.square().sum(), h)
+    got = block_mlp(mlp, h)
+    (g_got,) = torch.autograd.grad(got.square().sum(), h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+    mlp.gelu = nn.GELU()
+    torch.testing.assert_close(block_mlp(mlp, h), mlp(h), rtol=0, atol=0)

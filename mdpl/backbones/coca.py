@@ -33,7 +33,7 @@ from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
-from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, residual_block
+from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, block_mlp, residual_block
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -252,7 +252,7 @@ class CocaTextTower(StreamEncoder):
             x = take_rows(x, query_index)
         out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix)
         x = x + block.ls_1(attn.out_proj(out))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x + block.ls_2(block_mlp(block.mlp, block.ln_2(x)))
 
     def pool(self, token: torch.Tensor) -> torch.Tensor:
         """The CLS output [B, D] -> ``ln_final`` -> @ ``text_projection`` -> [B, E]."""
