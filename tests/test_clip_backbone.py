@@ -184,7 +184,11 @@ def test_quick_gelu_mlp_folds_the_constant_exactly():
     h = torch.randn(3, 5, 48, requires_grad=True)
     want = mlp(h)
     (g_want,) = torch.autograd.grad(want.square().sum(), h)
+    activation_calls = []
+    quick = mlp.gelu.forward
+    mlp.gelu.forward = lambda x: activation_calls.append(1) or quick(x)
     got = block_mlp(mlp, h)
+    assert activation_calls == []          # the folded path ran, not the module's activation
     (g_got,) = torch.autograd.grad(got.square().sum(), h)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)

@@ -147,8 +147,9 @@ def block_mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
     backward (DCP's CPU training step spent 12 % of its time there). The scaled weights are made per call (a pass
     over the weights, not the activations; nothing is cached, so they follow the module's weights). The same
     function up to float rounding (tests/test_clip_backbone.py)."""
-    act = getattr(mlp, "gelu", None)
-    if type(act).__name__ != "QuickGELU" or not hasattr(mlp, "c_fc") or not hasattr(mlp, "c_proj"):
+    from open_clip.transformer import QuickGELU   # the class whose constant is folded, nothing that looks like it
+
+    if not (isinstance(getattr(mlp, "gelu", None), QuickGELU) and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj")):
         return mlp(h)
     a, fc, proj = QUICK_GELU_SCALE, mlp.c_fc, mlp.c_proj
     hidden = F.silu(F.linear(h, fc.weight * a, None if fc.bias is None else fc.bias * a))
