@@ -182,9 +182,9 @@ def base_config():
     # modal-common projections G: 'mlp' (bottleneck, text width // dcp_common_reduction) | 'fc' (one Linear)
     dcp_common_projection = method_default(prompt_method, method_sizes, "dcp_common_projection")
     dcp_common_reduction = method_default(prompt_method, method_sizes, "dcp_common_reduction")  # paper: 16
-    # channel widths for Table 5's parameter budgets: correlated MLP hidden = input width // dcp_reduction (paper: 16);
-    # dynamic prompts' attention width, 0 = the stream's width (the reference)
-    dcp_reduction = method_default(prompt_method, method_sizes, "dcp_reduction")
+    # channel widths for Table 5's parameter budgets (this key and the next)
+    dcp_reduction = method_default(prompt_method, method_sizes, "dcp_reduction")  # correlated MLP hidden = in // r; 16
+    # dynamic prompts' attention width; 0 = the stream's width (the reference)
     dcp_dynamic_width = method_default(prompt_method, method_sizes, "dcp_dynamic_width")
     # reference: dynamic queries are frozen (saved as buffers here, D-34)
     dcp_dynamic_trainable = method_default(prompt_method, method_sizes, "dcp_dynamic_trainable")
