@@ -1,10 +1,11 @@
 # Quick start: `make test` (the test suite) and `make demo` (end-to-end demo on synthetic data).
 # Both create .venv from requirements.txt (the tested lock) on first use and install mdpl into it in
 # editable mode (no dependencies of its own: the lock already has them).
+# `make docs` builds the documentation site strictly into site/, in its own small venv (docs/requirements.txt).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo venv clean-venv
+.PHONY: test demo docs venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -21,5 +22,16 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) run.py with demo
 
+DOCS_VENV ?= .venv-docs
+
+$(DOCS_VENV)/.installed: docs/requirements.txt
+	test -x $(DOCS_VENV)/bin/python || python3 -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $@
+
+# --strict: a broken link or anchor, a page missing from the nav or an API object that no longer exists fails
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/python -m mkdocs build --strict --clean -f tools/mkdocs.yml
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DOCS_VENV)
