@@ -103,6 +103,13 @@ class BackboneSizes:
         raise NotImplementedError
 
 
+def run_config_for(config: Any, backbone: str) -> Any:
+    """`config` if it is a run config (``mdpl.config.RunConfig``), else the run config of the flat dict `config` with
+    ``backbone=<backbone>`` (a builder called directly, as tests do)."""
+    from mdpl.config.run_config import RunConfig
+    return config if isinstance(config, RunConfig) else RunConfig.from_flat({**config, "backbone": backbone})
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """The pre-trained weights file of a backbone: the config key naming it (and its optional SHA-256 key), how

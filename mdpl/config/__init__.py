@@ -8,7 +8,7 @@
 ``config.py`` (Sacred) is the command-line entry over the same keys and defaults.
 """
 from mdpl.config.checkpoint import checkpoint_mismatches, stored_run_config
-from mdpl.config.run_config import RunConfig, derived_defaults, to_plain
+from mdpl.config.run_config import RunConfig, derived_defaults, inactive_defaults, method_keys_of_all, to_plain
 from mdpl.config.sections import (SECTIONS, DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig,
                                   ModelConfig, OptimConfig, TrainerConfig)
 
@@ -33,12 +33,7 @@ def flat_defaults() -> dict:
 def backbone_size_defaults() -> dict:
     """Every registered backbone's own keys with their defaults (the run-wide ``image_size`` excluded: it follows
     the selected backbone)."""
-    from mdpl.backbones.card import RUN_KEYS
-    from mdpl.backbones.registry import available_backbones, backbone_card
-    out = {}
-    for name in available_backbones():
-        out.update({k: v for k, v in backbone_card(name).sizes.default_values().items() if k not in RUN_KEYS})
-    return out
+    return {k: v for k, v in inactive_defaults().items() if k not in method_keys_of_all()}
 
 
 def backbone_tiny_sizes() -> dict:

@@ -55,10 +55,16 @@ def method_keys_of_all() -> set[str]:
     return {k for keys in method_keys().values() for k in keys}
 
 
-def backbone_keys_of_all() -> set[str]:
-    """Every registered backbone's config keys."""
+def inactive_defaults() -> dict[str, Any]:
+    """What the keys no run reads unless selected hold by default: every registered backbone's own keys (their
+    defaults; the run-wide ``image_size`` excluded) and every method's keys (None)."""
+    from mdpl.backbones.card import RUN_KEYS
     from mdpl.backbones.registry import available_backbones, backbone_card
-    return {k for name in available_backbones() for k in backbone_card(name).sizes.flat_keys().values()}
+
+    out: dict[str, Any] = dict.fromkeys(sorted(method_keys_of_all()))
+    for name in available_backbones():
+        out.update({k: v for k, v in backbone_card(name).sizes.default_values().items() if k not in RUN_KEYS})
+    return out
 
 
 def _listed(value: Any) -> Any:
@@ -120,8 +126,9 @@ class RunConfig:
         return config if isinstance(config, RunConfig) else cls.from_flat(config)
 
     def to_flat(self) -> dict[str, Any]:
-        """Every key of the run as the flat config holds it (what ``print_config`` shows, checkpoints store)."""
-        out: dict[str, Any] = {}
+        """Every key as the flat config holds it (what ``print_config`` shows, checkpoints store): the sections, the
+        backbone's and the method's keys, and every other backbone's and method's keys (kept values, else defaults)."""
+        out: dict[str, Any] = inactive_defaults()
         for name in SECTIONS:
             out.update(getattr(self, name).to_flat())
         out.update(self.backbone.to_flat())
