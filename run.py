@@ -97,9 +97,11 @@ def build_test_module(config: "RunConfig", model=None, sweep=None):
     the ViLT pre-training checkpoint, which has no trained head) is refused: nothing is evaluated with weights
     that were not loaded.
     """
+    from mdpl.config import RunConfig
     from mdpl.engine.module import MDPLModule, load_for_test, read_test_checkpoint
     from mdpl.errors import UserInputError
 
+    config = RunConfig.coerce(config)
     if not config.model.load_path:
         raise UserInputError("test_only=True needs load_path=<checkpoint.ckpt> (e.g. <run_dir>/checkpoints/last.ckpt)")
     path = Path(config.model.load_path)
