@@ -16,16 +16,23 @@ from collections.abc import Sequence
 
 from sacred import Experiment
 
+from mdpl.backbones.registry import available_backbones, backbone_card
+from mdpl.config import backbone_size_defaults, backbone_tiny_sizes
+from mdpl.config.sections import (DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig, ModelConfig,
+                                  OptimConfig, TrainerConfig)
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import (method_default, method_presets, padding_is_inert, paper_backbone, paper_missing_type,
                                paper_run)
 
 ex = Experiment("mdpl", save_git_info=False)
 
+EXPERIMENT, LOGGING, DATA, MISSING = ExperimentConfig(), LoggingConfig(), DataConfig(), MissingConfig()
+MODEL, OPTIM, TRAINER, DEMO = ModelConfig(), OptimConfig(), TrainerConfig(), DemoConfig()
+
 NAMED_CONFIG_KINDS = {
     "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
     "method preset": tuple(method_presets().values()),
-    "backbone switch": ("on_clip", "on_vilt", "on_coca"),
+    "backbone switch": tuple(f"on_{name}" for name in available_backbones()),
     "size config": ("tiny", "demo"),
 }
 
@@ -58,91 +65,60 @@ def seed_is_an_integer(config, command_name, logger):
     return {}
 
 
+ex.add_config(backbone_size_defaults())
+"""Every registered backbone's own keys (hidden_size, clip_*, coca_*, ...) with their defaults: the fields of its card's
+sizes dataclass (mdpl/backbones/<name>.py), so a backbone's keys are declared once, in its file."""
+
+
 @ex.config
 def base_config():
+    # Defaults come from the run config's dataclasses (mdpl/config/sections.py) and, where they follow from the
+    # method, from its class (mdpl.prompts.keys); this scope lists the keys and says what they mean.
     # --- experiment -----------------------------------------------------------------------------
-    exp_name = "mdpl"
-    prompt_method = ""            # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' (or the preset of that name)
-    method_sizes = "paper"        # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
+    exp_name = EXPERIMENT.exp_name
+    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' (or the preset of that name)
+    method_sizes = EXPERIMENT.method_sizes     # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
     backbone = paper_backbone(prompt_method)   # the method's paper backbone; on_clip / on_vilt switch it
-    seed = paper_run(prompt_method, (0, 0))[1]  # seeds Lightning, the model init and every missing table
-    log_dir = "result"            # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
+    seed = paper_run(prompt_method, (0, EXPERIMENT.seed))[1]  # seeds Lightning, the model init and every missing table
+    log_dir = LOGGING.log_dir     # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
 
     # --- data -----------------------------------------------------------------------------------
-    dataset = "mmimdb"            # a registered dataset (mdpl/data/registry.py); the task_* configs set it
-    data_root = ""                # folder holding <dataset>_{train,dev|val,test}.arrow (make_arrow.py --out)
-    num_workers = 8
-    batch_size = 256              # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
-    per_gpu_batchsize = 4         # micro-batch per device
-    image_size = 224 if backbone in ("clip", "coca") else 384   # ViLT 'pixelbert' shorter side 384; CLIP, CoCa 224
-    max_image_len = -1            # ViLT: cap on image patches per sample (-1 = no cap)
-    max_text_len = 40             # ViLT text length (BERT tokens, padded); CLIP always uses 77
-    interpolate_text_positions = False  # ViLT: interpolate the checkpoint's 40 text positions to a longer max_text_len
+    dataset = DATA.dataset        # a registered dataset (mdpl/data/registry.py); the task_* configs set it
+    data_root = DATA.data_root    # folder holding <dataset>_{train,dev|val,test}.arrow (make_arrow.py --out)
+    num_workers = DATA.num_workers
+    batch_size = DATA.batch_size  # effective batch; accumulation = batch_size // (per_gpu_batchsize * devices)
+    per_gpu_batchsize = DATA.per_gpu_batchsize  # micro-batch per device
+    image_size = backbone_card(backbone).sizes().image_size   # the backbone's: ViLT 'pixelbert' shorter side 384; CLIP, CoCa 224
     # ViLT: pad each batch to its longest text, not max_text_len (much faster on MM-IMDb/Food-101). On by default where it
     # is exact (the baseline, MAP, DCP mask padded keys: outputs unchanged up to rounding); off for MemPrompt, whose text
     # query max-pools over [PAD] too (as the reference): set True there and it pools over real tokens only, which
     # differs from the reference but does not depend on the batch.
     dynamic_text_padding = padding_is_inert(prompt_method)
-    tokenizer = ""                # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
-    vocab_size = 30522            # checked against the tokenizer; a mismatch is an error
-    mmimdb_items = "plot"         # 'plot': one item per plot (reference parity); 'movie': first plot only
+    tokenizer = DATA.tokenizer    # ViLT: local folder with vocab.txt (BERT WordPiece) or "" = HF cache of bert-base-uncased
+    mmimdb_items = DATA.mmimdb_items  # 'plot': one item per plot (reference parity); 'movie': first plot only
     # Opt-in pixel cache (mdpl/data/pixel_cache.py): each split's resized uint8 images, written on first use and
     # memory-mapped after; the model gets the same tensors, bit for bit. Disk ~ images x H x W x 3 bytes per transform
     # (README "Data"); a cache of another arrow file / image_size / transform is refused.
-    pixel_cache = ""              # "" = off (decode every epoch) | a folder | True = <data_root>/pixel_cache
+    pixel_cache = DATA.pixel_cache  # "" = off (decode every epoch) | a folder | True = <data_root>/pixel_cache
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
-    missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
+    missing_ratio = MISSING.missing_ratio
     # 'text' | 'image' | 'both'; default: the method's reference setting ('both'; MemPrompt's reference config: 'image')
     missing_type = dict.fromkeys(("train", "val", "test"), paper_missing_type(prompt_method))
-    both_ratio = 0.5              # for 'both': share of the missing rows that miss the image
-    missing_table_root = ""       # "" = <data_root>/missing_tables
+    both_ratio = MISSING.both_ratio  # for 'both': share of the missing rows that miss the image
+    missing_table_root = MISSING.missing_table_root  # "" = <data_root>/missing_tables
     # per split: a missing table saved by a reference repo (.pt, one 0/1/2 per row) used instead of mdpl's seeded one
-    reference_missing_tables = {"train": "", "val": "", "test": ""}
-    simulate_missing = False      # train only: complete rows get a random type per epoch
-    test_ratio = None             # evaluation override of missing_ratio val/test
-    test_type = None              # evaluation override of missing_type val/test
-    test_types = None             # evaluation sweep: list of types, e.g. [text,image,both] (mdpl/engine/sweep.py)
-    test_ratios = None            # evaluation sweep: list of ratios, e.g. [0.1,0.3,0.5,0.7,0.9]; every type x ratio in one pass
+    reference_missing_tables = MISSING.reference_missing_tables
+    simulate_missing = MISSING.simulate_missing  # train only: complete rows get a random type per epoch
+    test_ratio = MISSING.test_ratio  # evaluation override of missing_ratio val/test
+    test_type = MISSING.test_type    # evaluation override of missing_type val/test
+    test_types = MISSING.test_types  # evaluation sweep: list of types, e.g. [text,image,both] (mdpl/engine/sweep.py)
+    test_ratios = MISSING.test_ratios  # evaluation sweep: list of ratios, e.g. [0.1,0.3,0.5,0.7,0.9]; every type x ratio in one pass
 
-    # --- backbone (`backbone` above: 'vilt' = ViT-B/32 + BERT embeddings, single stream; 'clip' = ViT-B/16, two towers)
-    load_path = ""                # ViLT .ckpt / HF ViltModel weights; test_only: a trained mdpl or reference MAP/MemPrompt .ckpt
-    hidden_size = 768
-    num_layers = 12
-    num_heads = 12
-    mlp_ratio = 4
-    patch_size = 32
-    drop_rate = 0.1
-    # CLIP (docs/methods.md §5); tower sizes default to OpenAI ViT-B/16, only tests change them
-    clip_path = ""                # local ViT-B-16.pt (TorchScript archive) or OpenAI-layout state dict; "" = random init
-    clip_sha256 = ""              # optional SHA-256 check of clip_path
-    clip_embed_dim = 512
-    clip_patch_size = 16
-    clip_vision_width = 768
-    clip_vision_layers = 12
-    clip_vision_head_width = 64
-    clip_context_length = 77
-    clip_vocab_size = 49408
-    clip_text_width = 512
-    clip_text_heads = 8
-    clip_text_layers = 12
-    # CoCa (docs/methods.md §5b): open_clip coca_ViT-B-32, its image tower and unimodal text tower; sizes as CLIP's
-    coca_path = ""                # local open_clip CoCa state dict (.bin, .pt, .safetensors); "" = random init
-    coca_sha256 = ""              # optional SHA-256 check of coca_path
-    coca_embed_dim = 512
-    coca_patch_size = 32
-    coca_vision_width = 768
-    coca_vision_layers = 12
-    coca_vision_head_width = 64
-    coca_attn_pooler_heads = 8
-    coca_context_length = 76      # text ids; CoCa appends its CLS token as position 77
-    coca_vocab_size = 49408
-    coca_text_width = 512
-    coca_text_heads = 8
-    coca_text_layers = 12
-    coca_pool_prompts = False     # True: the attentional pooler (image feature) also attends over the prompt tokens
-    finetune = False              # True: train the backbone too (baseline 'finetune' option)
-    frozen_eval_mode = False      # True: frozen modules in eval mode (no dropout); reference keeps train mode
+    # --- model (`backbone` above; its own keys, e.g. hidden_size, clip_*, coca_*: its card, added above) -----------
+    load_path = MODEL.load_path   # ViLT .ckpt / HF ViltModel weights; test_only: a trained mdpl or reference MAP/MemPrompt .ckpt
+    finetune = MODEL.finetune     # True: train the backbone too (baseline 'finetune' option)
+    frozen_eval_mode = MODEL.frozen_eval_mode  # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
     # --- method keys (prompt_method above) -------------------------------------------------------
     # Each key is read by the method(s) named in its group and is None unless that method is selected (then its
@@ -196,45 +172,45 @@ def base_config():
     dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
-    optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
-    learning_rate = paper_run(prompt_method, (1e-4, 0), dataset)[0]   # the method's reference value on the dataset
-    weight_decay = 0.01
-    lr_mult = 1
-    decay_power = 1               # polynomial power, or 'cosine'
-    end_lr = 0.0
-    max_epoch = 100
-    max_steps = None
-    warmup_steps = 2500           # int = steps, float < 1 = fraction of total steps
+    optimizer_impl = OPTIM.optimizer_impl  # 'legacy_hf' (reference AdamW update) | 'torch'
+    learning_rate = paper_run(prompt_method, (OPTIM.learning_rate, 0), dataset)[0]   # the method's reference value on the dataset
+    weight_decay = OPTIM.weight_decay
+    lr_mult = OPTIM.lr_mult
+    decay_power = OPTIM.decay_power  # polynomial power, or 'cosine'
+    end_lr = OPTIM.end_lr
+    max_epoch = OPTIM.max_epoch
+    max_steps = OPTIM.max_steps
+    warmup_steps = OPTIM.warmup_steps  # int = steps, float < 1 = fraction of total steps
 
     # --- trainer --------------------------------------------------------------------------------
-    num_gpus = 1                  # devices per node (0 = CPU)
-    num_nodes = 1
-    num_cpu_processes = 1         # num_gpus=0: CPU processes per node; > 1 = Lightning DDP on CPU (gloo backend)
-    precision = "bf16-mixed"      # '32-true' | '16-mixed' | 'bf16-mixed' (16 / 32 accepted); the references used fp16 ('16-mixed')
-    compile = False               # True: torch.compile the classifier (opt-in; first steps are slow while it compiles)
-    val_check_interval = 1.0
-    test_only = False
-    fast_dev_run = False
-    deterministic = "warn"        # Lightning `deterministic`: True | 'warn' (deterministic kernels where they exist) | False
-    find_unused_parameters = False  # DDP: True only for methods whose forward skips trainable parameters
-    resume_from = ""              # a last.ckpt/any .ckpt of a killed run: restores model, optimizer, scheduler, step, RNG
-    resume = False                # True: resume from <latest version of this run's base dir>/checkpoints/last.ckpt
-    checkpoint_every_n_steps = 0  # > 0: also save last.ckpt every n optimizer steps (mid-epoch resume); 0 = epoch ends only
+    num_gpus = TRAINER.num_gpus   # devices per node (0 = CPU)
+    num_nodes = TRAINER.num_nodes
+    num_cpu_processes = TRAINER.num_cpu_processes  # num_gpus=0: CPU processes per node; > 1 = Lightning DDP on CPU (gloo backend)
+    precision = TRAINER.precision  # '32-true' | '16-mixed' | 'bf16-mixed' (16 / 32 accepted); the references used fp16 ('16-mixed')
+    compile = TRAINER.compile     # True: torch.compile the classifier (opt-in; first steps are slow while it compiles)
+    val_check_interval = TRAINER.val_check_interval
+    test_only = TRAINER.test_only
+    fast_dev_run = TRAINER.fast_dev_run
+    deterministic = TRAINER.deterministic  # Lightning `deterministic`: True | 'warn' (deterministic kernels where they exist) | False
+    find_unused_parameters = TRAINER.find_unused_parameters  # DDP: True only for methods whose forward skips trainable parameters
+    resume_from = TRAINER.resume_from  # a last.ckpt/any .ckpt of a killed run: restores model, optimizer, scheduler, step, RNG
+    resume = TRAINER.resume       # True: resume from <latest version of this run's base dir>/checkpoints/last.ckpt
+    checkpoint_every_n_steps = TRAINER.checkpoint_every_n_steps  # > 0: also save last.ckpt every n optimizer steps (mid-epoch resume); 0 = epoch ends only
     # loggers, a name or a list: tensorboard, csv, wandb, mlflow (e.g. logger=csv or logger=[csv,wandb]); wandb / mlflow
     # need their package; wandb runs offline (<run_dir>/wandb, `wandb sync` later) unless WANDB_MODE is set, mlflow
     # writes <run_dir>/mlruns unless MLFLOW_TRACKING_URI is set
-    logger = "tensorboard,csv"
+    logger = LOGGING.logger
 
     # --- demo (mdpl/demo.py; `make demo` = `python run.py with demo`) ---------------------------------
-    demo = False                  # True: run the embedded demo instead of one training run
-    demo_dir = "datasets/demo"    # synthetic raw + arrow + vocab (reused when present)
-    demo_samples = [240, 60, 120]  # synthetic train / val / test items
-    demo_pretrain_epochs = 6      # tiny ViLT trained on complete data, everything trainable
-    demo_pretrain_lr = 2e-3
-    demo_epochs = 4               # epochs of each prompt method on the frozen backbone
-    demo_methods = ["none", "map", "memprompt"]
-    demo_test_types = ["text", "image", "both"]   # evaluation scenarios: types x ratios (one pass, sweep)
-    demo_test_ratios = [0.0, 0.3, 0.7, 1.0]
+    demo = DEMO.demo              # True: run the embedded demo instead of one training run
+    demo_dir = DEMO.demo_dir      # synthetic raw + arrow + vocab (reused when present)
+    demo_samples = DEMO.demo_samples  # synthetic train / val / test items
+    demo_pretrain_epochs = DEMO.demo_pretrain_epochs  # tiny ViLT trained on complete data, everything trainable
+    demo_pretrain_lr = DEMO.demo_pretrain_lr
+    demo_epochs = DEMO.demo_epochs  # epochs of each prompt method on the frozen backbone
+    demo_methods = DEMO.demo_methods
+    demo_test_types = DEMO.demo_test_types   # evaluation scenarios: types x ratios (one pass, sweep)
+    demo_test_ratios = DEMO.demo_test_ratios
 
 
 @ex.named_config
@@ -314,86 +290,56 @@ def dcp():
 # 384 px ViLT); the method's hyper-parameters stay those of its paper.
 
 
-@ex.named_config
-def on_clip():
-    # CLIP ViT-B/16 two towers: 224 px CLIP transform, text always 77 BPE tokens.
-    backbone = "clip"
+def _backbone_switch(name: str) -> dict:
+    return {"backbone": name}
 
 
-@ex.named_config
-def on_coca():
-    # CoCa ViT-B/32 two towers (DCP appendix Table 6): 224 px CLIP transform, text 76 BPE tokens + CoCa's CLS.
-    backbone = "coca"
-
-
-@ex.named_config
-def on_vilt():
-    # ViLT ViT-B/32 single stream: 384 px 'pixelbert' shorter side.
-    backbone = "vilt"
+for _name in available_backbones():
+    ex.add_named_config(f"on_{_name}", _backbone_switch(_name))
 
 
 # --- tiny sizes: tests and the demo (random-initialised backbones, CPU); name them after the task config ------
 
 
-@ex.named_config
-def tiny():
-    # A 2-layer, 64-wide ViLT / CLIP and short prompts, for CPU tests on synthetic data.
-    hidden_size = 64
-    num_layers = 2
-    num_heads = 2
-    mlp_ratio = 2
-    patch_size = 16
-    image_size = 64
-    max_text_len = 24
-    method_sizes = "tiny"         # the selected method's keys take small values (the TINY values of its config class)
-    clip_embed_dim = 32
-    clip_vision_width = 64
-    clip_vision_layers = 2
-    clip_vision_head_width = 32
-    clip_text_width = 64
-    clip_text_heads = 2
-    clip_text_layers = 2
-    coca_embed_dim = 32
-    coca_vision_width = 64
-    coca_vision_layers = 2
-    coca_vision_head_width = 32
-    coca_text_width = 64
-    coca_text_heads = 2
-    coca_text_layers = 2
-    num_gpus = 0
-    num_workers = 0
-    precision = "32-true"
-    per_gpu_batchsize = 8
-    batch_size = 8
-    max_epoch = 3
-    max_steps = None
-    warmup_steps = 0.1
-    learning_rate = 1e-3
-    val_check_interval = 1.0
+TINY_RUN = {
+    "image_size": 64,
+    "max_text_len": 24,
+    "method_sizes": "tiny",        # the selected method's keys take small values (the TINY values of its config class)
+    "num_gpus": 0,
+    "num_workers": 0,
+    "precision": "32-true",
+    "per_gpu_batchsize": 8,
+    "batch_size": 8,
+    "max_epoch": 3,
+    "max_steps": None,
+    "warmup_steps": 0.1,
+    "learning_rate": 1e-3,
+    "val_check_interval": 1.0,
+}
+"""`tiny` besides the backbones' small sizes (their cards' TINY values): a 2-layer, 64-wide ViLT / CLIP / CoCa and
+short prompts, for CPU tests on synthetic data (random-initialised backbones); name it after the task config."""
+ex.add_named_config("tiny", {**backbone_tiny_sizes(), **TINY_RUN})
 
 
-@ex.named_config
-def demo():
-    # The embedded demo (mdpl/demo.py): synthetic Food-101 under demo_dir, a tiny ViLT pre-trained on complete
-    # data, then baseline / MAP / MemPrompt trained with 70 % 'both' missing, swept over missing scenarios.
-    demo = True
-    exp_name = "demo"
-    dataset = "food101"
-    missing_ratio = {"train": 0.7, "val": 0.7, "test": 0.7}
-    missing_type = {"train": "both", "val": "both", "test": "both"}
-    hidden_size = 64
-    num_layers = 2
-    num_heads = 2
-    mlp_ratio = 2
-    patch_size = 16
-    image_size = 64
-    max_text_len = 24
-    method_sizes = "tiny"         # each demo method's keys take small values (the TINY values of its config class)
-    num_gpus = 0
-    num_workers = 0
-    precision = "32-true"
-    per_gpu_batchsize = 16
-    batch_size = 16
-    warmup_steps = 0.1
-    learning_rate = 5e-3
-    val_check_interval = 1.0
+DEMO_RUN = {
+    "demo": True,
+    "exp_name": "demo",
+    "dataset": "food101",
+    "missing_ratio": {"train": 0.7, "val": 0.7, "test": 0.7},
+    "missing_type": {"train": "both", "val": "both", "test": "both"},
+    "image_size": 64,
+    "max_text_len": 24,
+    "method_sizes": "tiny",        # each demo method's keys take small values (the TINY values of its config class)
+    "num_gpus": 0,
+    "num_workers": 0,
+    "precision": "32-true",
+    "per_gpu_batchsize": 16,
+    "batch_size": 16,
+    "warmup_steps": 0.1,
+    "learning_rate": 5e-3,
+    "val_check_interval": 1.0,
+}
+"""The embedded demo (mdpl/demo.py): synthetic Food-101 under demo_dir, a tiny ViLT (its card's TINY sizes)
+pre-trained on complete data, then baseline / MAP / MemPrompt trained with 70 % 'both' missing, swept over missing
+scenarios."""
+ex.add_named_config("demo", {**backbone_card("vilt").sizes.tiny_values(), **DEMO_RUN})

@@ -12,7 +12,7 @@ before. A run that fails before its first step leaves none. Under DDP global ran
 the processes are connected and shares it (mdpl.engine.trainer.RunDirectory), however they were started
 (Lightning's launcher, torchrun, srun); only rank 0 writes files and returns the result.
 Training runs end with `trainer.test` on the best checkpoint. `test_only=True` loads every tensor from
-load_path strictly: an mdpl checkpoint (its config must agree on the model keys, mdpl.engine.module.MODEL_KEYS)
+load_path strictly: an mdpl checkpoint (its config must agree on the model keys, mdpl.config.RunConfig.model_keys)
 or a reference training checkpoint (mdpl.models.classifier.load_trained_weights); anything else is refused.
 Mistakes in the user's input (mdpl.errors.UserInputError) end as one `error: ...` line with exit status 2.
 """
@@ -34,13 +34,16 @@ from config import ex  # noqa: E402
 SETTINGS.CAPTURE_MODE = "no"   # let Lightning's progress bar and DDP child processes own stdout/stderr
 
 
-def run_base_dir(config: Mapping) -> Path:
+def run_base_dir(config: "RunConfig | Mapping") -> Path:
     """log_dir/<exp_name>_seed<seed>_from_<stem of load_path | 'scratch'> (D-54: Path.stem, not name[:-5])."""
-    source = Path(config["load_path"]).stem if config.get("load_path") else "scratch"
-    return Path(config["log_dir"]) / f"{config['exp_name']}_seed{config['seed']}_from_{source}"
+    from mdpl.config import RunConfig
+
+    run = RunConfig.coerce(config)
+    source = Path(run.model.load_path).stem if run.model.load_path else "scratch"
+    return Path(run.logging.log_dir) / f"{run.experiment.exp_name}_seed{run.experiment.seed}_from_{source}"
 
 
-def new_run_dir(config: Mapping, resume_path: str | None = None) -> tuple[Path, bool]:
+def new_run_dir(config: "RunConfig | Mapping", resume_path: str | None = None) -> tuple[Path, bool]:
     """(run directory, whether this call created it). Called once per run, by global rank 0 (RunDirectory).
 
     A resumed run continues in its checkpoint's run directory; a requeued SLURM job that has no checkpoint yet in
@@ -48,9 +51,10 @@ def new_run_dir(config: Mapping, resume_path: str | None = None) -> tuple[Path, 
     base/version_<n> (first unused n, claimed by an atomic mkdir). A training run in a SLURM batch job records
     the job id in its directory, so that the job finds it again after a requeue.
     """
+    from mdpl.config import RunConfig
     from mdpl.engine.resume import record_slurm_job, resume_run_dir, slurm_job_id, slurm_run_dir
 
-    job = None if config.get("test_only") else slurm_job_id()
+    job = None if RunConfig.coerce(config).trainer.test_only else slurm_job_id()
     if resume_path:
         run_dir = resume_run_dir(resume_path)
         if job:
@@ -84,21 +88,23 @@ def remove_if_empty_run(run_dir: Path, trained_steps: int) -> None:
             run_dir.parent.rmdir()
 
 
-def build_test_module(config: dict, model=None, sweep=None):
+def build_test_module(config: "RunConfig", model=None, sweep=None):
     """MDPLModule whose every weight is read from load_path (test_only), or UserInputError (one line).
 
     The classifier is built without reading load_path or clip_path (`model` injects one), then `mdpl.engine.module.load_for_test`
-    loads the file strictly: an mdpl checkpoint after its config check (MODEL_KEYS), or a training
+    loads the file strictly: an mdpl checkpoint after its config check (RunConfig.model_keys), or a training
     checkpoint of the original MAP / MemPrompt code through the reference key converter. Any other file (e.g.
     the ViLT pre-training checkpoint, which has no trained head) is refused: nothing is evaluated with weights
     that were not loaded.
     """
+    from mdpl.config import RunConfig
     from mdpl.engine.module import MDPLModule, load_for_test, read_test_checkpoint
     from mdpl.errors import UserInputError
 
-    if not config.get("load_path"):
+    config = RunConfig.coerce(config)
+    if not config.model.load_path:
         raise UserInputError("test_only=True needs load_path=<checkpoint.ckpt> (e.g. <run_dir>/checkpoints/last.ckpt)")
-    path = Path(config["load_path"])
+    path = Path(config.model.load_path)
     if not path.exists():
         raise UserInputError(f"load_path {str(path)!r} does not exist; pass the .ckpt written by a training run")
     checkpoint = read_test_checkpoint(path)
@@ -110,43 +116,44 @@ def build_test_module(config: dict, model=None, sweep=None):
     return module
 
 
-def run(config: Mapping, datamodule=None, model=None, **trainer_overrides) -> dict:
+def run(config: "RunConfig | Mapping", datamodule=None, model=None, **trainer_overrides) -> dict:
     """Train then test (best checkpoint), or only test (test_only). Returns run_dir, best checkpoint, test metrics
     (and the sweep outputs, and this process's global rank: under DDP only rank 0 writes test_metrics.json).
 
+    `config`: the flat config (Sacred's) or a run config; validated, completed and typed here, once.
     `datamodule` / `model` / `trainer_overrides` let tests inject stubs; by default
     `mdpl.data.datamodule.MDPLDataModule(config)` and `mdpl.models.build_classifier(config)`.
     """
     import pytorch_lightning as pl
 
-    from mdpl.engine.module import MDPLModule, to_plain
+    from mdpl.config import RunConfig, build_run_config, to_plain
+    from mdpl.engine.module import MDPLModule
     from mdpl.engine.sweep import prepare_sweep, sweep_specs, write_outputs
     from mdpl.engine.trainer import RunDirectory, build_trainer, logger_names
-    from mdpl.validate import validate_config
 
-    config = to_plain(config)
-    logger_names(config)   # an unknown logger or a missing logger package: one line before any work
-    validate_config(config, check_data=datamodule is None)   # one clear ValueError before any work
+    flat = config.to_flat() if isinstance(config, RunConfig) else to_plain(config)
+    logger_names(flat)   # an unknown logger or a missing logger package: one line before any work
+    config = build_run_config(flat, check_data=datamodule is None)   # one clear error line before any work
     sweep_specs(config)   # test_types / test_ratios checked before any work
-    pl.seed_everything(int(config["seed"]), workers=True)
+    pl.seed_everything(int(config.experiment.seed), workers=True)
     if datamodule is None:
         from mdpl.data.datamodule import MDPLDataModule
         datamodule = MDPLDataModule(config)
     from mdpl.engine.resume import check_resume_config, resolve_resume_path
-    resume_path = None if config.get("test_only") else resolve_resume_path(config, run_base_dir(config))
+    resume_path = None if config.trainer.test_only else resolve_resume_path(config, run_base_dir(config))
     if resume_path:
         check_resume_config(resume_path, config)   # names the mismatched keys (other method/backbone, seed, ...)
     # test_only: the checkpoint is checked (other method / backbone -> error) before the run directory exists
     sweep = prepare_sweep(datamodule, config)   # None unless test_types / test_ratios are set
-    module = build_test_module(config, model, sweep) if config.get("test_only") else None
+    module = build_test_module(config, model, sweep) if config.trainer.test_only else None
     # chosen (and created) by global rank 0 when the run starts, then shared with every rank
     directory = RunDirectory(config, choose=lambda: new_run_dir(config, resume_path))
     trainer = None
     try:
-        if config.get("test_only"):
+        if config.trainer.test_only:
             trainer = build_trainer(config, directory, **trainer_overrides)
             results = trainer.test(module, datamodule=datamodule)
-            best = config["load_path"]
+            best = config.model.load_path
         else:
             module = MDPLModule(config, model=model, sweep=sweep)
             trainer = build_trainer(config, directory, **trainer_overrides)

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mdpl.config.run_config import RunConfig
 from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT
 from mdpl.data.registry import dataset_spec
 from mdpl.errors import UserInputError
@@ -80,17 +81,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def build_text_tokenizer(config: Mapping):
-    """The run's text tokenizer: BERT WordPiece from ``config['tokenizer']`` (ViLT) or open_clip's BPE (CLIP).
+def build_text_tokenizer(config: RunConfig | Mapping):
+    """The run's text tokenizer (its backbone card's: BERT WordPiece from the ``tokenizer`` folder, or open_clip's BPE).
 
-    A ViLT vocabulary that cannot be found is a UserInputError naming ``tokenizer=``.
+    A BERT vocabulary that cannot be found is a UserInputError naming ``tokenizer=``.
     """
     from mdpl.data.tokenizers import build_tokenizer
 
+    run = RunConfig.coerce(config)
     try:
-        return build_tokenizer(config)
+        return build_tokenizer(run)
     except FileNotFoundError as err:
-        source = str(config.get("tokenizer", "") or "")
+        source = str(run.data.tokenizer or "")
         where = f"the tokenizer folder {source!r} stored in the checkpoint has no vocab.txt" if source else \
             "the checkpoint names no tokenizer folder and bert-base-uncased is not in the local HuggingFace cache"
         raise UserInputError(f"{where}; pass load_model(..., tokenizer=<folder with the run's BERT vocab.txt>) "
@@ -104,19 +106,19 @@ class Predictor:
     :func:`build_text_tokenizer`; ``class_names`` (C names) replaces the known names / indices.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Mapping, tokenizer, device: str | torch.device = "cpu",
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, config: RunConfig | Mapping, tokenizer,
+                 device: str | torch.device = "cpu", class_names: Sequence[str] | None = None) -> None:
         from mdpl.data.collate import Collator
+        from mdpl.data.datamodule import text_padding_is_dynamic
         from mdpl.data.transforms import build_transform
 
-        self.config = dict(config)
-        self.dataset = str(self.config["dataset"])
+        self.config = RunConfig.coerce(config)
+        self.dataset = self.config.data.dataset
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.transform = build_transform(self.config)
-        vilt = self.config.get("backbone", "vilt") == "vilt"
-        self.collator = Collator(tokenizer, dynamic_text_padding=vilt and bool(self.config.get("dynamic_text_padding")))
+        self.collator = Collator(tokenizer, dynamic_text_padding=text_padding_is_dynamic(self.config))
         self.dummy_ids, self.dummy_masks = tokenizer.empty()
         self.spec = dataset_spec(self.dataset)
         self.classes = self._class_names(class_names)
@@ -147,7 +149,7 @@ class Predictor:
         from mdpl.data.missing import apply_missing
 
         types = self._missing_types(images, texts, missing)
-        side = int(self.config["image_size"])
+        side = int(self.config.backbone.image_size)
         label = torch.zeros(self.spec.num_classes) if self.multi_label else 0
         items = [{"image": self.transform(self._image(img, i) if img is not None else Image.new("RGB", (side, side))),
                   "text": "" if text is None else text, "label": label, "missing_type": t,
@@ -222,12 +224,13 @@ def load_model(checkpoint_path: str | os.PathLike, device: str | torch.device = 
     (strictly); ``load_path`` / ``clip_path`` of that config are not opened. ``tokenizer`` replaces the stored
     BERT vocabulary folder (ViLT). Mistakes raise :class:`~mdpl.errors.UserInputError` (one line).
     """
-    from mdpl.engine.module import MDPLModule, load_for_test, to_plain
+    from mdpl.config import stored_run_config
+    from mdpl.engine.module import MDPLModule, load_for_test
 
     checkpoint = read_checkpoint(checkpoint_path)
-    config = to_plain(checkpoint["hyper_parameters"]["config"])
+    config = stored_run_config(checkpoint)   # the flat config of any mdpl version, typed
     if tokenizer is not None:
-        config["tokenizer"] = str(tokenizer)
+        config = config.replace(tokenizer=str(tokenizer))
     text_tokenizer = build_text_tokenizer(config)   # before the model: a missing vocabulary fails fast
     module = MDPLModule(config, weights_from_checkpoint=True)
     load_for_test(module, checkpoint)

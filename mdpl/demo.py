@@ -31,30 +31,16 @@ from pathlib import Path
 
 import torch
 
+from mdpl.config.run_config import RunConfig
 from mdpl.data.registry import dataset_spec
 
 DATASET = "food101"
-#: config keys of the demo (defaults used when a key is absent, e.g. a config dict built by a test).
-DEFAULTS = {
-    "demo_dir": "datasets/demo",
-    "demo_samples": [240, 60, 120],        # synthetic train / val / test items
-    "demo_pretrain_epochs": 6,
-    "demo_pretrain_lr": 2e-3,
-    "demo_epochs": 4,
-    "demo_methods": ["none", "map", "memprompt"],
-    "demo_test_types": ["text", "image", "both"],
-    "demo_test_ratios": [0.0, 0.3, 0.7, 1.0],
-}
 
 
 def method_title(method: str) -> str:
     """The method's display name (its registry entry)."""
     from mdpl.prompts.registry import method_class
     return method_class(method).title or method
-
-
-def _get(config: Mapping, key: str):
-    return config.get(key, DEFAULTS[key]) if config.get(key) is not None else DEFAULTS[key]
 
 
 @contextmanager
@@ -78,7 +64,7 @@ def quiet_lightning():
 
 
 # ------------------------------------------------------------------------------------------------ data
-def prepare_data(config: Mapping) -> dict:
+def prepare_data(run: RunConfig) -> dict:
     """Synthetic Food-101 (raw + arrow + vocab) under ``demo_dir``; reused when already there.
 
     The folder name encodes sizes and seed, so a demo of another size never overwrites it.
@@ -86,9 +72,9 @@ def prepare_data(config: Mapping) -> dict:
     """
     from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
 
-    n_train, n_val, n_test = (int(n) for n in _get(config, "demo_samples"))
-    seed = int(config.get("seed", 0))
-    root = Path(_get(config, "demo_dir")) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}"
+    n_train, n_val, n_test = (int(n) for n in run.demo.demo_samples)
+    seed = int(run.experiment.seed)
+    root = Path(run.demo.demo_dir) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}"
     raw, arrow, tok = root / "raw", root / "arrow", root / "tokenizer"
     expected = [arrow / name for name in dataset_spec(DATASET).arrow_file_names()]
     if all(p.is_file() for p in expected) and (tok / "vocab.txt").is_file():
@@ -118,9 +104,9 @@ def _make_arrow(raw: Path, arrow: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- training
-def new_demo_dir(config: Mapping) -> Path:
+def new_demo_dir(run: RunConfig) -> Path:
     """<log_dir>/demo/version_<first unused n>."""
-    base = Path(config.get("log_dir") or "result") / "demo"
+    base = Path(run.logging.log_dir or "result") / "demo"
     version = 0
     while (base / f"version_{version}").exists():
         version += 1
@@ -129,14 +115,13 @@ def new_demo_dir(config: Mapping) -> Path:
     return out
 
 
-def with_method(config: Mapping, method: str) -> dict:
-    """`config` with prompt_method=`method` and that method's keys filled (the demo config names no method;
-    ``method_sizes='tiny'`` gives the small sizes)."""
-    from mdpl.prompts.keys import complete_method_keys
-    return complete_method_keys({**config, "prompt_method": method})
+def with_method(run: RunConfig, method: str, **updates) -> RunConfig:
+    """`run` with prompt_method=`method` (its keys take their defaults: the demo config names no method;
+    ``method_sizes='tiny'`` gives the small sizes) and the flat `updates`."""
+    return run.replace(prompt_method=method, **updates)
 
 
-def fit(config: dict, run_dir: Path):
+def fit(config: RunConfig, run_dir: Path):
     """Train one config (seeded model, MDPLDataModule, build_trainer). Returns (module, datamodule, trainer)."""
     import pytorch_lightning as pl
 
@@ -144,7 +129,7 @@ def fit(config: dict, run_dir: Path):
     from mdpl.engine.module import MDPLModule
     from mdpl.engine.trainer import build_trainer
 
-    pl.seed_everything(int(config["seed"]), workers=True, verbose=False)
+    pl.seed_everything(int(config.experiment.seed), workers=True, verbose=False)
     datamodule = MDPLDataModule(config)
     module = MDPLModule(config)
     trainer = build_trainer(config, run_dir, enable_progress_bar=False, enable_model_summary=False,
@@ -153,12 +138,12 @@ def fit(config: dict, run_dir: Path):
     return module, datamodule, trainer
 
 
-def pretrain_backbone(config: dict, out: Path) -> Path:
+def pretrain_backbone(config: RunConfig, out: Path) -> Path:
     """Tiny ViLT trained on complete data, everything trainable; its backbone saved as a ViLT state dict."""
-    cfg = {**with_method(config, "none"), "finetune": True, "load_path": "",
-           "missing_ratio": {"train": 0.0, "val": 0.0, "test": 0.0},
-           "max_epoch": int(_get(config, "demo_pretrain_epochs")),
-           "learning_rate": float(_get(config, "demo_pretrain_lr")), "exp_name": "demo_pretrain"}
+    cfg = with_method(config, "none", finetune=True, load_path="",
+                      missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0},
+                      max_epoch=int(config.demo.demo_pretrain_epochs),
+                      learning_rate=float(config.demo.demo_pretrain_lr), exp_name="demo_pretrain")
     module, _, trainer = fit(cfg, out / "pretrain")
     val = float(trainer.callback_metrics.get("val/the_metric", float("nan")))
     path = out / "tiny_vilt_pretrained.pt"
@@ -167,15 +152,15 @@ def pretrain_backbone(config: dict, out: Path) -> Path:
     return path
 
 
-def train_and_sweep(config: dict, method: str, backbone_path: Path, out: Path) -> list[dict]:
+def train_and_sweep(config: RunConfig, method: str, backbone_path: Path, out: Path) -> list[dict]:
     """Train ``method`` on the frozen pre-trained backbone, then evaluate its best checkpoint on every scenario."""
     from mdpl.engine.module import MDPLModule
     from mdpl.engine.sweep import prepare_sweep, result_rows
 
-    cfg = {**with_method(config, method), "finetune": False, "load_path": str(backbone_path),
-           "max_epoch": int(_get(config, "demo_epochs")), "exp_name": f"demo_{method}",
-           "test_types": list(_get(config, "demo_test_types")),
-           "test_ratios": [float(r) for r in _get(config, "demo_test_ratios")]}
+    cfg = with_method(config, method, finetune=False, load_path=str(backbone_path),
+                      max_epoch=int(config.demo.demo_epochs), exp_name=f"demo_{method}",
+                      test_types=list(config.demo.demo_test_types),
+                      test_ratios=[float(r) for r in config.demo.demo_test_ratios])
     start = time.perf_counter()
     module, datamodule, trainer = fit(cfg, out / method)
     best = trainer.checkpoint_callback.best_model_path or None
@@ -258,20 +243,18 @@ def write_report(rows: Sequence[Mapping], primary: str, out: Path, seconds: floa
             "md": str(out / "results.md"), "png": str(png), "csv": str(out / "results.csv"), "seconds": seconds}
 
 
-def run_demo(config: Mapping) -> dict:
-    """The whole demo (module docstring). ``config``: the resolved Sacred config (``with demo``) or a dict."""
-    from mdpl.engine.module import to_plain
-
+def run_demo(config: RunConfig | Mapping) -> dict:
+    """The whole demo (module docstring). ``config``: the run config (``with demo``), or its flat form."""
     start = time.perf_counter()
-    config = {**to_plain(config), "dataset": DATASET, "backbone": "vilt"}
+    config = RunConfig.coerce(config).replace(dataset=DATASET, backbone="vilt")
     with quiet_lightning():
-        config.update(prepare_data(config))
+        config = config.replace(**prepare_data(config))
         out = new_demo_dir(config)
-        config["log_dir"] = str(out)
+        config = config.replace(log_dir=str(out))
         print(f"[demo] outputs in {out}")
         backbone = pretrain_backbone(config, out)
         rows: list[dict] = []
-        for method in _get(config, "demo_methods"):
+        for method in config.demo.demo_methods:
             rows += train_and_sweep(config, str(method), backbone, out)
     primary = next(k for k in rows[0] if k not in ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed"))
     return write_report(rows, primary, out, time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 Truncated / non-arrow files, missing columns, columns of another type, files without rows and labels outside the
 dataset's classes are refused by the dataset, by ``count_rows`` and by the config check that runs before any work
-(``mdpl.validate.check_data_root``); ``python run.py`` prints the line and exits with status 2.
+(``mdpl.config.validate.check_data_root``); ``python run.py`` prints the line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import _SCHEMAS, VOCAB, make_rows, write_arrow
 from mdpl.data.dataset import ArrowMultimodalDataset, check_arrow_exists, count_rows
 from mdpl.data.transforms import build_transform
 from mdpl.errors import UserInputError
-from mdpl.validate import check_data_root
+from mdpl.config.validate import check_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
 

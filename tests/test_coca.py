@@ -254,7 +254,7 @@ def test_trainable_parts() -> None:
 # ------------------------------------------------------------------------------------------------ config, data
 def test_named_config_and_validation(tmp_path) -> None:
     from config import check_named_configs
-    from mdpl.validate import validate_config
+    from mdpl.config.validate import validate_config
 
     cfg = resolved_config(["task_finetune_hatememes", "dcp", "on_coca"], {})
     assert (cfg["backbone"], cfg["image_size"], cfg["coca_context_length"]) == ("coca", 224, 76)

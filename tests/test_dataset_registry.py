@@ -202,7 +202,7 @@ def test_unknown_dataset_is_a_one_line_user_error(call) -> None:
 
 
 def test_validate_accepts_exactly_the_registered_datasets(toyset) -> None:
-    from mdpl.validate import check_dataset_and_backbone
+    from mdpl.config.validate import check_dataset_and_backbone
 
     check_dataset_and_backbone({"dataset": TOY, "backbone": "vilt"})
     unregister_dataset(TOY)

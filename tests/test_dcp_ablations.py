@@ -353,7 +353,7 @@ def test_invalid_values_are_one_line_errors(over, message):
 
 def test_config_validation_reads_the_switches():
     """run.py's validation (before any work) refuses the same values in one line, and accepts every valid one."""
-    from mdpl.validate import check_prompt_sizes
+    from mdpl.config.validate import check_prompt_sizes
     base = {"prompt_method": "dcp", "backbone": "clip", "clip_vision_layers": 12, "clip_text_layers": 12}
     for key, value in SWITCHES:
         check_prompt_sizes({**base, key: value})

@@ -187,4 +187,4 @@ def test_hparams_are_a_plain_copy(tmp_path: Path) -> None:
     module = MDPLModule(cfg, model=StubClassifier())
     cfg["learning_rate"] = 123.0
     assert module.hparams["config"]["learning_rate"] == 1e-2 and module.hparams["config"]["prompt_layers"] == [0, 1]
-    assert math.isclose(module.config["weight_decay"], 2e-2)
+    assert math.isclose(module.config.optim.weight_decay, 2e-2)

@@ -26,7 +26,7 @@ from mdpl.data.dataset import ArrowMultimodalDataset
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.transforms import build_transform, clip_transform, pixelbert_transform
 from mdpl.errors import UserInputError
-from mdpl.validate import check_files, validate_config
+from mdpl.config.validate import check_files, validate_config
 
 #: (mode, width, height) cycled over rows: colour, grey, alpha and palette images (the dataset converts them to RGB),
 #: portrait / landscape / very wide (CLIP crops it) and one larger image (vectorised kernels, not just loop tails).

@@ -14,7 +14,7 @@ from mdpl.prompts import (IMAGE, TEXT, BackboneInfo, PromptContext, StreamInfo, 
                           splice_tokens)
 from mdpl.prompts.map import MapConfig, MissingAwarePrompts
 from mdpl.prompts.memprompt import MemPrompt, MemPromptConfig, PromptMemory
-from mdpl.validate import validate_config
+from mdpl.config.validate import validate_config
 
 TINY = dict(vocab_size=60, hidden_size=32, num_layers=3, num_heads=4, mlp_ratio=4, patch_size=8,
             image_size=32, max_text_len=10, drop_rate=0.1, load_path="", dataset="mmimdb")
@@ -244,9 +244,8 @@ def test_memprompt_refuses_map_prompt_type():
 
 
 def test_build_method_registry():
-    assert type(build_method({"prompt_method": "map", "prompt_layers": [0]}, INFO)).__name__ == \
-        "MissingAwarePrompts"
-    assert build_method({}, INFO).name == "none"
+    assert type(build_method("map", MapConfig(prompt_layers=(0,)), INFO)).__name__ == "MissingAwarePrompts"
+    assert build_method("", None, INFO).name == "none"
 
 
 @pytest.mark.parametrize("method, expected", [("map", 2_031_383), ("memprompt", 5_358_935), ("none", 1_810_199)])

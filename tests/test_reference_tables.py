@@ -8,7 +8,7 @@ import torch
 from runs import resolved_config, synthetic_arrows
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.errors import UserInputError
-from mdpl.validate import validate_config
+from mdpl.config.validate import validate_config
 
 
 @pytest.fixture(scope="module")

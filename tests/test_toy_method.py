@@ -20,7 +20,7 @@ from torch import nn
 from runs import resolved_config, run_quiet, synthetic_arrows
 from mdpl.prompts import MethodConfig, PromptMethod, registered, splice_tokens
 from mdpl.errors import UserInputError
-from mdpl.validate import validate_config
+from mdpl.config.validate import validate_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Config validation (mdpl/validate.py): every bad setting -> one-line ValueError naming the key and the fix;
+"""Config validation (mdpl/config/validate.py): every bad setting -> one-line ValueError naming the key and the fix;
 `python run.py with prompt_method=bogus` exits non-zero with that line on stderr, before any work.
 There is no default method, and a key that only another method reads is refused."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 import run as run_script
 from mdpl.data.constants import ARROW_SPLITS
-from mdpl.validate import complete_method_keys, validate_config
+from mdpl.config.validate import complete_method_keys, validate_config
 from runs import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]

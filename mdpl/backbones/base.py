@@ -2,14 +2,14 @@
 how each stream's output becomes a feature, the task head that reads the features, and which parts train.
 
 A new backbone is one module subclassing :class:`Backbone` (its streams are
-:class:`~mdpl.backbones.encoder.StreamEncoder` modules), a weight reader, and one ``@register_backbone`` line
-(``mdpl.backbones.registry``). Prompt methods never see this class: only ``info`` (the streams' descriptions).
+:class:`~mdpl.backbones.encoder.StreamEncoder` modules), a weight reader, and its card registered in the same file
+(``mdpl.backbones.card``, ``mdpl.backbones.registry``). Prompt methods never see this class: only ``info`` (the streams' descriptions).
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from mdpl.backbones.encoder import StreamEncoder
 from mdpl.errors import UserInputError
 from mdpl.prompts.base import BackboneInfo
 from mdpl.prompts.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from mdpl.backbones.card import WeightsSpec
 
 Batch = Mapping[str, object]
 
@@ -73,21 +76,19 @@ class Backbone(nn.Module):
         return [self]
 
 
-def load_pretrained(backbone: Backbone, config: Mapping[str, Any], path_key: str, name: str,
-                    read: Callable[[str, str], Mapping[str, torch.Tensor]],
+def load_pretrained(backbone: Backbone, path: str, sha256: str, test_only: bool, weights: "WeightsSpec", name: str,
                     load: Callable[[Mapping[str, torch.Tensor]], None]) -> Backbone:
-    """`backbone` with the weights of ``config[path_key]`` (read with its ``*_sha256`` key, loaded strictly); a
-    warning when the key is empty (random weights: tests only); nothing with ``test_only`` (every weight then comes
-    from the evaluated checkpoint). A file that does not fit is one UserInputError naming it."""
-    if config.get("test_only", False):
+    """`backbone` with the weights of the file `path` (read by ``weights.read`` with its `sha256` check, loaded
+    strictly); a warning when `path` is empty (random weights: tests only); nothing with `test_only` (every weight then
+    comes from the evaluated checkpoint). A file that does not fit is one UserInputError naming ``weights.key``."""
+    if test_only:
         return backbone
-    path = str(config.get(path_key) or "")
     if not path:
-        warnings.warn(f"{path_key} is empty: the {name} backbone is randomly initialised (tests only)", stacklevel=3)
+        warnings.warn(f"{weights.key} is empty: the {name} backbone is randomly initialised (tests only)", stacklevel=3)
         return backbone
-    state = read(path, str(config.get(path_key.replace("_path", "_sha256")) or ""))
+    state = weights.read(path, sha256)
     try:
         load(state)
     except UserInputError as err:
-        raise UserInputError(f"{path_key} {path}: {err}") from None
+        raise UserInputError(f"{weights.key} {path}: {err}") from None
     return backbone

@@ -10,8 +10,8 @@ All sequences are batch-first ``[B, L, D]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +19,26 @@ from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch, load_pretrained
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
 from mdpl.backbones.clip_weights import (backbone_to_openai_key, check_state_dict, openai_to_backbone_key,
                                         read_openai_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
+from mdpl.data.tokenizers import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
 from mdpl.errors import UserInputError
 from mdpl.prompts.base import StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
 
 @dataclass(frozen=True)
-class ClipSizes:
-    """Tower hyper-parameters; defaults are OpenAI ViT-B/16 (§5.1). Config keys: ``clip_<field>``."""
+class ClipSizes(BackboneSizes):
+    """CLIP's config section (keys ``clip_<field>``, and the run's ``image_size``); defaults: OpenAI ViT-B/16
+    (§5.1), only tests change them."""
+
+    PREFIX: ClassVar[str] = "clip_"
+    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
+                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
+    described_as: ClassVar[str] = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
 
     embed_dim: int = 512
     image_size: int = 224
@@ -43,13 +51,37 @@ class ClipSizes:
     text_width: int = 512
     text_heads: int = 8
     text_layers: int = 12
+    path: str = ""        # local ViT-B-16.pt (TorchScript archive) or OpenAI-layout state dict; "" = random init
+    sha256: str = ""      # optional SHA-256 check of clip_path
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ClipSizes":
-        """Read ``clip_<field>`` keys, and ``image_size`` (the one image size of a run: the transform's and the
-        vision tower's); missing keys keep the ViT-B/16 default."""
-        keys = {f.name: "image_size" if f.name == "image_size" else f"clip_{f.name}" for f in fields(cls)}
-        return cls(**{name: int(config[key]) for name, key in keys.items() if config.get(key) is not None})
+        return cls.from_flat(config)
+
+    def check(self) -> None:
+        super().check()
+        example = ("ViT-B/16: image_size=224 clip_patch_size=16, clip_vision_width=768 clip_vision_head_width=64, "
+                   "clip_text_width=512 clip_text_heads=8")
+        for name, divisor in (("image_size", "patch_size"), ("vision_width", "vision_head_width"),
+                              ("text_width", "text_heads")):
+            self.require_multiple(name, divisor, example)
+        for name, fixed, what in (("context_length", CLIP_CONTEXT_LENGTH, "text positions"),
+                                  ("vocab_size", CLIP_VOCAB_SIZE, "token ids")):
+            if getattr(self, name) != fixed:
+                raise UserInputError(f"{self.flat_key(name)}={getattr(self, name)} must be {fixed}: the CLIP "
+                                     f"tokenizer (OpenAI BPE) always gives {fixed} {what}")
+
+    @property
+    def depth(self) -> int:
+        return min(self.vision_layers, self.text_layers)
+
+    @property
+    def text_length(self) -> int:
+        return self.context_length
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.vocab_size
 
 
 def _build_open_clip(sizes: ClipSizes) -> nn.Module:
@@ -342,12 +374,20 @@ class ClipBackbone(TwoTowerBackbone):
         return {backbone_to_openai_key(k): v for k, v in self.state_dict().items()}
 
 
-@register_backbone("clip", weights_key="clip_path", model_keys=(
-    "clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
-    "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"))
-def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
-    """ClipBackbone from ``clip_*`` size keys with the weights of ``clip_path`` (`load_pretrained`: random init +
+def build_clip_backbone(run: Any) -> ClipBackbone:
+    """ClipBackbone from the run config's sizes with the weights of ``clip_path`` (`load_pretrained`: random init +
     warning if empty; not read with ``test_only``)."""
-    backbone = ClipBackbone(ClipSizes.from_config(config))
-    return load_pretrained(backbone, config, "clip_path", "CLIP", read_openai_checkpoint,
+    run = run_config_for(run, "clip")
+    sizes: ClipSizes = run.backbone
+    backbone = ClipBackbone(sizes)
+    return load_pretrained(backbone, sizes.path, sizes.sha256, run.trainer.test_only, CLIP.weights, "CLIP",
                            backbone.load_openai_state_dict)
+
+
+CLIP = register_backbone(BackboneCard(
+    name="clip", build=build_clip_backbone, sizes=ClipSizes, tokenizer="bpe", transform="clip",
+    weights=WeightsSpec(key="clip_path", sha_key="clip_sha256", placeholder="<ViT-B-16.pt>", example="ViT-B-16.pt",
+                        what="a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout CLIP state dict",
+                        read=read_openai_checkpoint),
+    model_keys=("clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
+                "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers")))

@@ -24,20 +24,23 @@ The feature is ``[f_v ; f_t]`` and the head a linear layer, as on CLIP. All sequ
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
 from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, block_mlp, residual_block
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
+from mdpl.data.tokenizers import CLIP_VOCAB_SIZE
 from mdpl.errors import UserInputError
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
@@ -47,8 +50,14 @@ TEXT_CLS = "text_cls"
 
 
 @dataclass(frozen=True)
-class CocaSizes:
-    """Tower hyper-parameters; defaults are open_clip's ``coca_ViT-B-32``. Config keys: ``coca_<field>``."""
+class CocaSizes(BackboneSizes):
+    """CoCa's config section (keys ``coca_<field>``, and the run's ``image_size``); defaults: open_clip's
+    ``coca_ViT-B-32`` (its image tower and unimodal text tower)."""
+
+    PREFIX: ClassVar[str] = "coca_"
+    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
+                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
+    described_as: ClassVar[str] = "the CoCa backbone (coca_vision_layers, coca_text_layers)"
 
     embed_dim: int = 512
     image_size: int = 224
@@ -57,17 +66,43 @@ class CocaSizes:
     vision_layers: int = 12
     vision_head_width: int = 64
     attn_pooler_heads: int = 8
-    context_length: int = 76
+    context_length: int = dataclasses.field(default=76, metadata={"minimum": 2, "hint": (
+        " (text ids: SOT, the text and EOT; coca_ViT-B-32: 76)")})   # CoCa appends its CLS token as position 77
     vocab_size: int = 49408
     text_width: int = 512
     text_heads: int = 8
     text_layers: int = 12
+    pool_prompts: bool = False   # True: the attentional pooler (image feature) also attends over the prompt tokens
+    path: str = ""               # local open_clip CoCa state dict (.bin, .pt, .safetensors); "" = random init
+    sha256: str = ""             # optional SHA-256 check of coca_path
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "CocaSizes":
-        """Read ``coca_<field>`` keys and ``image_size`` (the run's one image size); missing keys keep the default."""
-        keys = {f.name: "image_size" if f.name == "image_size" else f"coca_{f.name}" for f in fields(cls)}
-        return cls(**{name: int(config[key]) for name, key in keys.items() if config.get(key) is not None})
+        return cls.from_flat(config)
+
+    def check(self) -> None:
+        super().check()
+        example = ("coca_ViT-B-32: image_size=224 coca_patch_size=32, coca_vision_width=768 "
+                   "coca_vision_head_width=64, coca_text_width=512 coca_text_heads=8, coca_embed_dim=512 "
+                   "coca_attn_pooler_heads=8")
+        for name, divisor in (("image_size", "patch_size"), ("vision_width", "vision_head_width"),
+                              ("text_width", "text_heads"), ("embed_dim", "attn_pooler_heads")):
+            self.require_multiple(name, divisor, example)
+        if self.vocab_size != CLIP_VOCAB_SIZE:
+            raise UserInputError(f"coca_vocab_size={self.vocab_size} must be {CLIP_VOCAB_SIZE}: CoCa's tokenizer "
+                                 f"(OpenAI BPE) gives {CLIP_VOCAB_SIZE} token ids")
+
+    @property
+    def depth(self) -> int:
+        return min(self.vision_layers, self.text_layers)
+
+    @property
+    def text_length(self) -> int:
+        return self.context_length
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.vocab_size
 
 
 def build_open_clip_towers(sizes: CocaSizes) -> tuple[nn.Module, nn.Module]:
@@ -318,13 +353,22 @@ class CocaBackbone(TwoTowerBackbone):
         return {backbone_to_open_clip_key(k): v for k, v in self.state_dict().items()}
 
 
-@register_backbone("coca", weights_key="coca_path", model_keys=(
-    "coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
-    "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width", "coca_text_heads",
-    "coca_text_layers", "coca_pool_prompts"))
-def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
-    """CocaBackbone from ``coca_*`` size keys and ``coca_pool_prompts``, with the weights of ``coca_path``
+def build_coca_backbone(run: Any) -> CocaBackbone:
+    """CocaBackbone from the run config's sizes (``coca_pool_prompts`` included), with the weights of ``coca_path``
     (`load_pretrained`: random init + warning if empty; not read with ``test_only``)."""
-    backbone = CocaBackbone(CocaSizes.from_config(config), bool(config.get("coca_pool_prompts", False)))
-    return load_pretrained(backbone, config, "coca_path", "CoCa", read_coca_checkpoint,
+    run = run_config_for(run, "coca")
+    sizes: CocaSizes = run.backbone
+    backbone = CocaBackbone(sizes, sizes.pool_prompts)
+    return load_pretrained(backbone, sizes.path, sizes.sha256, run.trainer.test_only, COCA.weights, "CoCa",
                            backbone.load_open_clip_state_dict)
+
+
+COCA = register_backbone(BackboneCard(
+    name="coca", build=build_coca_backbone, sizes=CocaSizes, tokenizer="bpe", transform="clip",
+    weights=WeightsSpec(key="coca_path", sha_key="coca_sha256", placeholder="<CoCa checkpoint>",
+                        example="open_clip_pytorch_model.bin",
+                        what="a local open_clip CoCa checkpoint (open_clip_pytorch_model.bin, a .pt state dict or a "
+                             ".safetensors file)", read=read_coca_checkpoint),
+    model_keys=("coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
+                "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width",
+                "coca_text_heads", "coca_text_layers", "coca_pool_prompts")))

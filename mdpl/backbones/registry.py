@@ -1,46 +1,28 @@
-"""The registry of backbones: ``@register_backbone("name")`` on a builder ``config -> Backbone``.
+"""The registry of backbones: ``register_backbone(BackboneCard(...))`` in the backbone's own module.
 
-The builder reads the backbone's own size keys and its pre-trained weights (nothing is downloaded); with
-``test_only`` it skips the weights, which then come from the evaluated checkpoint.
+A card (``mdpl.backbones.card``) names the builder ``run config -> Backbone`` (its pre-trained weights are read
+unless ``test_only``; nothing is downloaded), the sizes dataclass, tokenizer, transform and weights file.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from mdpl.backbones.base import Backbone
+from mdpl.backbones.card import BackboneCard
 from mdpl.errors import UserInputError
 
 _BUILTIN_MODULES = ("mdpl.backbones.vilt", "mdpl.backbones.clip", "mdpl.backbones.coca")
 
-Builder = Callable[[Mapping[str, Any]], Backbone]
+_REGISTRY: dict[str, BackboneCard] = {}
 
 
-@dataclass(frozen=True)
-class BackboneEntry:
-    """A registered backbone: its builder and the config key naming its pre-trained weights file."""
-
-    build: Builder
-    weights_key: str
-    model_keys: tuple[str, ...] = ()
-    """The size keys that define the model: a checkpoint evaluated with ``test_only`` must agree on them."""
-
-
-_REGISTRY: dict[str, BackboneEntry] = {}
-
-
-def register_backbone(name: str, weights_key: str, model_keys: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under `name` (the config's ``backbone``)."""
-
-    def deco(build: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name].build.__qualname__ != build.__qualname__:
-            raise ValueError(f"backbone {name!r} registered twice")
-        _REGISTRY[name] = BackboneEntry(build, weights_key, tuple(model_keys))
-        return build
-
-    return deco
+def register_backbone(card: BackboneCard) -> BackboneCard:
+    """Register `card` under ``card.name`` (the config's ``backbone``)."""
+    if card.name in _REGISTRY and _REGISTRY[card.name].build.__qualname__ != card.build.__qualname__:
+        raise ValueError(f"backbone {card.name!r} registered twice")
+    _REGISTRY[card.name] = card
+    return card
 
 
 def _load_builtins() -> None:
@@ -49,18 +31,21 @@ def _load_builtins() -> None:
 
 
 def available_backbones() -> list[str]:
-    """Registered backbone names in registration order (vilt, clip first)."""
+    """Registered backbone names in registration order (vilt, clip, coca first)."""
     _load_builtins()
     return list(_REGISTRY)
 
 
-def backbone_entry(name: str) -> BackboneEntry:
+def backbone_card(name: str) -> BackboneCard:
+    """The card registered as `name`; an unknown name is one UserInputError line naming the choices."""
     _load_builtins()
     if name not in _REGISTRY:
         raise UserInputError(f"unknown backbone {name!r}; choose one of {', '.join(available_backbones())}")
     return _REGISTRY[name]
 
 
-def build_backbone(config: Mapping[str, Any]) -> Backbone:
-    """The backbone named by ``config["backbone"]`` with its pre-trained weights (unless ``test_only``)."""
-    return backbone_entry(str(config.get("backbone", "vilt"))).build(config)
+
+def build_backbone(run: Any) -> Backbone:
+    """The backbone of the run config `run` (``mdpl.config.RunConfig``) with its pre-trained weights (unless
+    ``test_only``)."""
+    return run.card.build(run)

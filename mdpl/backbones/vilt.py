@@ -16,9 +16,10 @@ random subset).
 from __future__ import annotations
 
 import warnings
+import dataclasses
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,10 @@ from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
-from mdpl.backbones.vilt_weights import load_vilt_checkpoint
+from mdpl.backbones.vilt_weights import load_reference_checkpoint, load_vilt_checkpoint
 from mdpl.errors import UserInputError
 from mdpl.prompts.base import JOINT, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
@@ -162,23 +164,71 @@ def _align_corners_source(dst: torch.Tensor, out_size: torch.Tensor, in_size: in
 
 
 @dataclass(frozen=True)
-class ViLTSizes:
-    """ViLT hyper-parameters, read once from the config (its keys have these names); defaults: ViLT-B/32 (§2.1)."""
+class ViLTSizes(BackboneSizes):
+    """ViLT's config section (its keys have these names); defaults: ViLT-B/32 (§2.1)."""
 
-    vocab_size: int = 30522
+    TINY: ClassVar[Mapping[str, Any]] = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "mlp_ratio": 2,
+                                         "patch_size": 16}
+    described_as: ClassVar[str] = "the ViLT backbone (num_layers)"
+
+    vocab_size: int = 30522           # checked against the tokenizer; a mismatch is an error
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4
     patch_size: int = 32
-    image_size: int = 384
-    max_text_len: int = 40
+    image_size: int = 384             # 'pixelbert' shorter side
+    max_text_len: int = 40            # BERT tokens per text (padded); the tokenizer checks its minimum
     drop_rate: float = 0.1
-    max_image_len: int = -1
+    max_image_len: int = dataclasses.field(default=-1, metadata={"minimum": -1})  # cap on image patches (-1: none)
+    # interpolate the checkpoint's 40 text positions to a longer max_text_len (the reference does on every task)
+    interpolate_text_positions: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ViLTSizes":
-        return cls(**{f.name: config[f.name] for f in fields(cls) if config.get(f.name) is not None})
+        return cls.from_flat(config)
+
+    def encoder_sizes(self) -> dict[str, Any]:
+        """The keyword arguments of `ViLTBackbone`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "interpolate_text_positions"}
+
+    def check(self) -> None:
+        super().check()
+        if self.max_image_len == 0:
+            raise UserInputError(f"max_image_len={self.max_image_len!r} must be -1 (no cap) or a positive number of "
+                                 "image patches")
+        if not (isinstance(self.drop_rate, (int, float)) and not isinstance(self.drop_rate, bool)
+                and 0.0 <= self.drop_rate < 1.0):
+            raise UserInputError(f"drop_rate={self.drop_rate!r} must be a number in [0, 1) (a dropout probability, "
+                                 "e.g. drop_rate=0.1)")
+        if not (isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
+                and self.mlp_ratio > 0):
+            raise UserInputError(f"mlp_ratio={self.mlp_ratio!r} must be a number > 0 (MLP width / hidden_size, "
+                                 "e.g. mlp_ratio=4)")
+        if self.hidden_size % self.num_heads:
+            raise UserInputError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
+                                 "each attention head gets hidden_size / num_heads channels (e.g. hidden_size=768 "
+                                 "num_heads=12)")
+        if self.image_size < 32:
+            raise UserInputError(f"image_size={self.image_size} is too small for ViLT: its transform scales the "
+                                 "shorter image side to image_size and floors both sides to multiples of 32, so "
+                                 "image_size must be >= 32 (e.g. image_size=384)")
+        if self.image_size % self.patch_size:
+            raise UserInputError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}: "
+                                 "ViLT's position grid has image_size / patch_size patches a side (e.g. "
+                                 "image_size=384 patch_size=32)")
+
+    @property
+    def depth(self) -> int:
+        return self.num_layers
+
+    @property
+    def text_length(self) -> int:
+        return self.max_text_len
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.vocab_size
 
 
 class ViLTBackbone(Backbone):
@@ -210,8 +260,8 @@ class ViLTBackbone(Backbone):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ViLTBackbone":
-        """Sizes from the resolved config (the keys of config.py)."""
-        return cls(**vars(ViLTSizes.from_config(config)))
+        """Sizes from a flat config (the keys of config.py)."""
+        return cls(**ViLTSizes.from_flat(config).encoder_sizes())
 
     # --- the Backbone protocol (mdpl.backbones.base) ------------------------------------------------
     def encoders(self) -> dict[str, StreamEncoder]:
@@ -358,18 +408,26 @@ def build_vilt_head(hidden_size: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-@register_backbone("vilt", weights_key="load_path", model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"))
-def build_vilt_backbone(config: Mapping[str, Any]) -> ViLTBackbone:
-    """ViLT from its size keys, with the pre-trained checkpoint ``load_path`` (skipped with ``test_only``: the
-    evaluated checkpoint holds every weight)."""
-    backbone = ViLTBackbone.from_config(config)
-    path = config.get("load_path", "") or ""
-    if config.get("test_only", False):
+def build_vilt_backbone(run: Any) -> ViLTBackbone:
+    """ViLT from the run config's sizes, with the pre-trained checkpoint ``load_path`` (skipped with ``test_only``:
+    the evaluated checkpoint holds every weight)."""
+    run = run_config_for(run, "vilt")
+    sizes: ViLTSizes = run.backbone
+    backbone = ViLTBackbone(**sizes.encoder_sizes())
+    if run.trainer.test_only:
         return backbone
-    if path:
-        backbone.weights_report = load_vilt_checkpoint(
-            backbone, path, interpolate_text_positions=bool(config.get("interpolate_text_positions", False)))
+    if run.model.load_path:
+        backbone.weights_report = load_vilt_checkpoint(backbone, run.model.load_path,
+                                                       interpolate_text_positions=sizes.interpolate_text_positions)
     else:
         warnings.warn("load_path is empty: the ViLT backbone is randomly initialised (not a useful model; set "
                       "load_path to vilt_200k_mlm_itm.ckpt)")
     return backbone
+
+
+VILT = register_backbone(BackboneCard(
+    name="vilt", build=build_vilt_backbone, sizes=ViLTSizes, tokenizer="bert", transform="pixelbert",
+    weights=WeightsSpec(key="load_path", placeholder="<vilt_200k_mlm_itm.ckpt>", example="vilt_200k_mlm_itm.ckpt",
+                        what="the ViLT checkpoint file (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel folder"),
+    model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"), dynamic_text_padding=True,
+    reference_reader=load_reference_checkpoint))

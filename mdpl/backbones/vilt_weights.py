@@ -33,7 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -273,11 +273,13 @@ def reference_methods(state: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(m for m, prefixes in REFERENCE_PROMPT_KEYS.items() if any(k.startswith(prefixes) for k in state))
 
 
-def reference_config_mismatches(ref_config: Mapping, config: Mapping) -> list[str]:
-    """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of config's method present in both."""
-    keys = REFERENCE_CONFIG_KEYS["*"] + REFERENCE_CONFIG_KEYS.get(str(config.get("prompt_method")), ())
-    return [f"{k}: checkpoint={ref_config[k]!r} vs config={config[k]!r}" for k in keys
-            if k in ref_config and k in config and _as_list(ref_config[k]) != _as_list(config[k])]
+def reference_config_mismatches(stored: Mapping, run: Any) -> list[str]:
+    """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of the run's method (`run`: the run
+    config, ``mdpl.config.RunConfig``) that the reference checkpoint's stored config `stored` holds."""
+    own = run.to_flat()
+    keys = REFERENCE_CONFIG_KEYS["*"] + REFERENCE_CONFIG_KEYS.get(run.experiment.prompt_method, ())
+    return [f"{k}: checkpoint={stored[k]!r} vs config={own[k]!r}" for k in keys
+            if k in stored and k in own and _as_list(stored[k]) != _as_list(own[k])]
 
 
 def _as_list(value: object) -> object:
@@ -290,10 +292,10 @@ def _holds(methods: list[str]) -> str:
     return f"the prompt modules of {' + '.join(methods)}"
 
 
-def check_reference_checkpoint(state: Mapping[str, torch.Tensor], ref_config: Mapping | None,
-                               config: Mapping) -> None:
-    """UserInputError (one line) unless `state` is a trained reference checkpoint of config's dataset and method."""
-    dataset, method = str(config.get("dataset")), str(config.get("prompt_method"))
+def check_reference_checkpoint(state: Mapping[str, torch.Tensor], stored: Mapping | None, run: Any) -> None:
+    """UserInputError (one line) unless `state` is a trained reference checkpoint of the run's dataset and method
+    (`stored`: the checkpoint's own config, if it has one)."""
+    dataset, method = run.data.dataset, run.experiment.prompt_method
     heads = reference_heads(state)
     if not heads:
         raise UserInputError(
@@ -307,13 +309,13 @@ def check_reference_checkpoint(state: Mapping[str, torch.Tensor], ref_config: Ma
     if methods != ([method] if method in REFERENCE_PROMPT_KEYS else []):
         raise UserInputError(f"it holds {_holds(methods)}, but prompt_method is {method!r}; select the method "
                              f"the checkpoint was trained with")
-    bad = reference_config_mismatches(ref_config or {}, config)
+    bad = reference_config_mismatches(stored or {}, run)
     if bad:
         raise UserInputError("its stored training config disagrees with this config (the model would compute "
                              "something else): " + "; ".join(bad) + "; set these keys to the checkpoint's values")
 
 
-def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Mapping) -> LoadReport:
+def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, run: Any) -> LoadReport:
     """Every weight of a ViLT classifier from a checkpoint written by the original MAP / MemPrompt code.
 
     `checkpoint` is the loaded file: a Lightning checkpoint (``state_dict`` + ``hyper_parameters.config``) or a
@@ -323,8 +325,8 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Map
     state = checkpoint.get("state_dict", checkpoint)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     hparams = checkpoint.get("hyper_parameters")
-    ref_config = hparams.get("config") if isinstance(hparams, Mapping) else None
-    check_reference_checkpoint(state, ref_config if isinstance(ref_config, Mapping) else None, config)
+    stored = hparams.get("config") if isinstance(hparams, Mapping) else None
+    check_reference_checkpoint(state, stored if isinstance(stored, Mapping) else None, run)
     try:
         return load_reference_finetuned(model, state)
     except ValueError as err:

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from mdpl.config.run_config import RunConfig
 from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT
 from mdpl.errors import UserInputError
 
@@ -242,21 +243,22 @@ def import_reference_table(path: str | os.PathLike) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- config handling
-def missing_specs(config: Mapping) -> dict[str, MissingSpec]:
-    """Per-split specs from the config, with ``test_ratio`` / ``test_type`` overriding val and test.
+def missing_specs(config: RunConfig | Mapping) -> dict[str, MissingSpec]:
+    """Per-split specs from the run config, with ``test_ratio`` / ``test_type`` overriding val and test.
 
-    Works on copies (D-14): the config dict is never mutated; overrides are printed.
+    Works on copies (D-14): the config is never mutated; overrides are printed.
     """
-    ratios = dict(config["missing_ratio"])
-    types = dict(config["missing_type"])
-    if config.get("test_ratio") is not None:
-        print(f"[mdpl] test_ratio={config['test_ratio']} overrides missing_ratio val/test {ratios}")
-        ratios["val"] = ratios["test"] = float(config["test_ratio"])
-    if config.get("test_type") is not None:
-        print(f"[mdpl] test_type={config['test_type']} overrides missing_type val/test {types}")
-        types["val"] = types["test"] = config["test_type"]
-    return {s: MissingSpec(types[s], float(ratios[s]), float(config.get("both_ratio", 0.5)),
-                           int(config.get("seed", 0))) for s in SPLITS}
+    run = RunConfig.coerce(config)
+    missing = run.missing
+    ratios, types = dict(missing.missing_ratio), dict(missing.missing_type)
+    if missing.test_ratio is not None:
+        print(f"[mdpl] test_ratio={missing.test_ratio} overrides missing_ratio val/test {ratios}")
+        ratios["val"] = ratios["test"] = float(missing.test_ratio)
+    if missing.test_type is not None:
+        print(f"[mdpl] test_type={missing.test_type} overrides missing_type val/test {types}")
+        types["val"] = types["test"] = missing.test_type
+    return {s: MissingSpec(types[s], float(ratios[s]), float(missing.both_ratio), int(run.experiment.seed))
+            for s in SPLITS}
 
 
 # ------------------------------------------------------------------------------------------ simulation

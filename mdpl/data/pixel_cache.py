@@ -50,6 +50,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from mdpl.config.run_config import RunConfig
 from mdpl.data.transforms import MinMaxResize
 from mdpl.errors import UserInputError
 
@@ -63,18 +64,13 @@ MAGIC = b"MDPLPIX\x01"
 HEADER_BYTES = 4096
 SUFFIX = ".pixels"
 DEFAULT_FOLDER = "pixel_cache"
-def transform_name(backbone: str) -> str:
-    """The transform's name (part of the file name; mdpl.data.transforms.build_transform): ViLT's 'pixelbert', the
-    CLIP preprocessing of every other backbone."""
-    return "pixelbert" if backbone == "vilt" else "clip"
-
-
-def pixel_cache_folder(config: Mapping) -> Path | None:
+def pixel_cache_folder(config: RunConfig | Mapping) -> Path | None:
     """The folder of config ``pixel_cache``: None when off ('' / False / None), ``<data_root>/pixel_cache`` for
     True, else the given path."""
-    value = config.get("pixel_cache", "")
+    data = RunConfig.coerce(config).data
+    value = data.pixel_cache
     if value is True:
-        return Path(config["data_root"]) / DEFAULT_FOLDER
+        return Path(data.data_root) / DEFAULT_FOLDER
     if value is None or value is False or value == "":
         return None
     return Path(str(value))
@@ -178,10 +174,11 @@ class PixelStages:
         return out
 
 
-def pixel_stages(config: Mapping, transform: Callable) -> PixelStages:
-    """:class:`PixelStages` of the run's transform (``build_transform(config)``)."""
-    backbone = str(config.get("backbone", "vilt"))
-    return PixelStages(transform, transform_name(backbone), int(config["image_size"]))
+def pixel_stages(config: RunConfig | Mapping, transform: Callable) -> PixelStages:
+    """:class:`PixelStages` of the run's transform (``build_transform(config)``), named by the backbone card's
+    transform id (part of the cache's file name)."""
+    run = RunConfig.coerce(config)
+    return PixelStages(transform, run.card.transform, int(run.backbone.image_size))
 
 
 # ----------------------------------------------------------------------------------------------- record

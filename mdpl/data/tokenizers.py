@@ -4,9 +4,9 @@
 encoding of "" as [1, L] tensors: the text-missing dummy of §1.4), ``max_length`` (= L).
 
 * ViLT: BERT WordPiece (bert-base-uncased, lower case), padded to ``max_text_len`` with truncation.
-  The vocabulary is read from ``config['tokenizer']`` (a folder with vocab.txt, or the vocab.txt
+  The vocabulary is read from the ``tokenizer`` key (a folder with vocab.txt, or the vocab.txt
   itself) or, if empty, from the local HuggingFace cache of bert-base-uncased (offline). Its size is
-  always checked against ``config['vocab_size']``: transformers 5 offline can silently return a
+  always checked against ``vocab_size``: transformers 5 offline can silently return a
   5-token tokenizer, and ``BertTokenizerFast(vocab_file=...)`` ignores the file. The vocabulary must
   also know ordinary words: if "the", "a", "of", "and" and "is" all become [UNK] it is refused.
   ``max_text_len`` must leave room for [CLS] + one token + [SEP] (>= 3).
@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used in forked DataLoader workers
@@ -121,17 +122,20 @@ def check_vocabulary(tok, source: str) -> None:
                              "folder of bert-base-uncased's vocab.txt")
 
 
-def build_tokenizer(config: Mapping) -> BertTextTokenizer | ClipTextTokenizer:
-    """Tokenizer for ``config['backbone']``: 'vilt' -> BERT WordPiece, checked against ``vocab_size``; any other (the
-    open_clip two-tower backbones) -> OpenAI BPE with ``<backbone>_context_length`` ids (77 if the key is absent)."""
-    backbone = config.get("backbone", "vilt")
-    if backbone != "vilt":
-        return ClipTextTokenizer(int(config.get(f"{backbone}_context_length") or CLIP_CONTEXT_LENGTH))
-    max_text_len = check_max_text_len(config["max_text_len"])
-    source = str(config.get("tokenizer", "") or "")
+def build_tokenizer(config: RunConfig | Mapping) -> BertTextTokenizer | ClipTextTokenizer:
+    """The tokenizer the run's backbone card names: 'bert' -> BERT WordPiece (the ``tokenizer`` folder) with the
+    backbone's text length, checked against its vocabulary size; 'bpe' -> OpenAI BPE with its text length."""
+    run = RunConfig.coerce(config)
+    kind, sizes = run.card.tokenizer, run.backbone
+    if kind == "bpe":
+        return ClipTextTokenizer(int(sizes.text_length))
+    if kind != "bert":
+        raise ValueError(f"backbone {run.card.name!r} names an unknown tokenizer {kind!r} (bert | bpe)")
+    max_text_len = check_max_text_len(sizes.text_length)
+    source = str(run.data.tokenizer or "")
     tok = _load_bert(source)
     name = source or "bert-base-uncased (HF cache)"
-    expected = int(config["vocab_size"])
+    expected = int(sizes.text_vocab_size)
     if len(tok) != expected:
         raise UserInputError(f"tokenizer {name} has {len(tok)} tokens but vocab_size={expected}; point tokenizer= "
                              "at the right vocab.txt folder (an offline transformers may silently load an empty "

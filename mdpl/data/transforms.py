@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mdpl.config.run_config import RunConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIXELBERT_MEAN = (0.5, 0.5, 0.5)
@@ -74,9 +76,13 @@ def clip_transform(image_size: int = 224) -> Callable[[Image.Image], torch.Tenso
                       T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def build_transform(config: Mapping) -> Callable[[Image.Image], torch.Tensor]:
-    """Transform for ``config['backbone']``: 'vilt' -> pixelbert; any other (the open_clip two-tower backbones, whose
-    preprocessing is OpenAI CLIP's) -> CLIP. Both use ``image_size``."""
-    if config.get("backbone", "vilt") == "vilt":
-        return pixelbert_transform(int(config["image_size"]))
-    return clip_transform(int(config["image_size"]))
+TRANSFORMS: dict[str, Callable[[int], Callable[[Image.Image], torch.Tensor]]] = {
+    "pixelbert": pixelbert_transform, "clip": clip_transform}
+"""A backbone card's ``transform`` id -> the transform builder (of ``image_size``)."""
+
+
+def build_transform(config: RunConfig | Mapping) -> Callable[[Image.Image], torch.Tensor]:
+    """The transform the run's backbone card names (``pixelbert`` for ViLT, ``clip`` for the open_clip towers), at
+    the run's ``image_size``."""
+    run = RunConfig.coerce(config)
+    return TRANSFORMS[run.card.transform](int(run.backbone.image_size))

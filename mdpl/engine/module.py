@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from mdpl.config import RunConfig, checkpoint_mismatches, to_plain  # noqa: F401 (to_plain: re-exported)
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
 from mdpl.engine.sweep import MissingSweep
@@ -26,32 +27,6 @@ from mdpl.engine.schedule import build_scheduler, total_steps, warmup_steps
 from mdpl.errors import UserInputError
 
 PHASES = ("train", "val", "test")
-MODEL_KEYS = ("dataset", "backbone", "prompt_method")
-"""Config keys that define the model; a test_only checkpoint must agree on them, and on the backbone's size keys
-(its registration's ``model_keys``) and the selected method's structural keys (its config class)."""
-
-
-def backbone_model_keys(backbone: str) -> tuple[str, ...]:
-    """The size keys of `backbone` (empty for an unknown name)."""
-    from mdpl.backbones.registry import available_backbones, backbone_entry
-    return backbone_entry(backbone).model_keys if backbone in available_backbones() else ()
-
-
-def method_model_keys(method: str) -> tuple[str, ...]:
-    """The keys of `method` that change the model it builds (empty for an unknown name)."""
-    from mdpl.prompts.registry import available_methods, method_class
-    if method not in available_methods():
-        return ()
-    return method_class(method).config_class.structural_keys()
-
-
-def to_plain(obj):
-    """Recursive copy of a (Sacred read-only) config into plain dicts/lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj
 
 
 def parameter_report(model: nn.Module) -> str:
@@ -65,18 +40,10 @@ def parameter_report(model: nn.Module) -> str:
     return f"parameters: total {total:,}, trainable {trainable:,} ({pct:.3f} %)"
 
 
-def config_mismatches(ckpt_config: Mapping, config: Mapping, extra_keys: tuple[str, ...] = ()) -> list[str]:
-    """Model-defining keys (MODEL_KEYS), then `extra_keys`, whose checkpoint value differs from `config`'s."""
-    keys = (MODEL_KEYS + backbone_model_keys(str(config.get("backbone", "vilt")))
-            + method_model_keys(str(config.get("prompt_method"))) + tuple(extra_keys))
-    return [f"{k}: checkpoint={ckpt_config[k]!r} vs config={config[k]!r}"
-            for k in keys if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
-
-
-def checkpoint_build_config(config: Mapping) -> dict:
-    """Copy of `config` that builds the classifier whose every weight a checkpoint gives afterwards: test_only,
-    with `load_path` and `clip_path` emptied, so no pre-training or checkpoint file is opened."""
-    return {**to_plain(config), "test_only": True, "load_path": "", "clip_path": ""}
+def checkpoint_build_config(run: RunConfig) -> RunConfig:
+    """The run config that builds the classifier whose every weight a checkpoint gives afterwards: test_only, with
+    no pre-training or checkpoint file to open (``load_path`` and the backbone's weights file emptied)."""
+    return run.replace(**{"test_only": True, "load_path": "", run.card.weights.key: ""})
 
 
 class MDPLModule(pl.LightningModule):
@@ -90,19 +57,20 @@ class MDPLModule(pl.LightningModule):
 
     SYNC_FREE_DEVICES: tuple[str, ...] = ("cpu",)  # reading a tensor here costs no device sync: check every step
 
-    def __init__(self, config: Mapping, model: nn.Module | None = None, weights_from_checkpoint: bool = False,
-                 sweep: MissingSweep | None = None) -> None:
-        """`sweep` (``mdpl.engine.sweep.prepare_sweep``): test every missing scenario in one pass instead of the
+    def __init__(self, config: RunConfig | Mapping, model: nn.Module | None = None,
+                 weights_from_checkpoint: bool = False, sweep: MissingSweep | None = None) -> None:
+        """`config`: the run config, or its flat form (a checkpoint's ``hyper_parameters.config``, converted here).
+        `sweep` (``mdpl.engine.sweep.prepare_sweep``): test every missing scenario in one pass instead of the
         configured one."""
         super().__init__()
         self.sweep = sweep
-        self.config = to_plain(config)
-        self.save_hyperparameters({"config": self.config})
-        self.dataset = self.config["dataset"]
+        self.config = RunConfig.coerce(config)
+        self.save_hyperparameters({"config": self.config.to_flat()})   # the storage format: every flat key
+        self.dataset = self.config.data.dataset
         if model is None:
             from mdpl.models import build_classifier  # lazy: tests inject stub models
             model = build_classifier(checkpoint_build_config(self.config) if weights_from_checkpoint else self.config)
-        if self.config.get("compile", False):  # opt-in; in place, so state-dict keys (checkpoints) are unchanged
+        if self.config.trainer.compile:  # opt-in; in place, so state-dict keys (checkpoints) are unchanged
             model.compile()
         self.model = model
         # ModuleDict keys may not shadow nn.Module attributes ('train'), hence the '_phase' suffix.
@@ -241,7 +209,7 @@ class MDPLModule(pl.LightningModule):
             if max_steps is None or max_steps <= 0:
                 raise ValueError("the train dataloader has no length; set max_steps for the LR schedule")
             return int(max_steps)
-        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config["max_epoch"]
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config.optim.max_epoch
         return total_steps(int(batches), int(epochs), int(trainer.accumulate_grad_batches), max_steps)
 
     def configure_optimizers(self):
@@ -249,13 +217,13 @@ class MDPLModule(pl.LightningModule):
         self.total_steps = self._schedule_total_steps()
         scheduler = build_scheduler(optimizer, self.config, self.total_steps)
         rank_zero_info(f"[mdpl] LR schedule: {self.total_steps} optimizer steps, warmup "
-                       f"{warmup_steps(self.config['warmup_steps'], self.total_steps)}, decay_power "
-                       f"{self.config.get('decay_power', 1)}, optimizer {type(optimizer).__name__}")
+                       f"{warmup_steps(self.config.optim.warmup_steps, self.total_steps)}, decay_power "
+                       f"{self.config.optim.decay_power}, optimizer {type(optimizer).__name__}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """Parity mode (optimizer_impl='legacy_hf'): zero-filled grads, so untouched params still decay (D-48)."""
-        optimizer.zero_grad(set_to_none=self.config.get("optimizer_impl", "legacy_hf") != "legacy_hf")
+        optimizer.zero_grad(set_to_none=self.config.optim.optimizer_impl != "legacy_hf")
 
 
 def read_test_checkpoint(path: str | Path) -> object:
@@ -281,7 +249,7 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
     """Load every weight of `module` from `checkpoint` (test_only); returns 'mdpl' or 'reference'.
 
     An mdpl checkpoint is loaded strictly after checking that its config agrees with the module's on the
-    model-defining keys (`MODEL_KEYS`). Any other file must be a trained checkpoint of the selected method
+    model-defining keys (``RunConfig.model_keys``). Any other file must be a trained checkpoint of the selected method
     that `mdpl.models.checkpoints.load_trained_weights` reads completely (the original MAP / MemPrompt code's,
     through the key converter). Raises UserInputError (one line) naming the mismatched or offending keys.
     """
@@ -289,13 +257,11 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
         from mdpl.models.checkpoints import load_trained_weights
         load_trained_weights(module.model, checkpoint, module.config)
         return "reference"
-    from mdpl.prompts.keys import complete_method_keys
-    ckpt_config = complete_method_keys(checkpoint["hyper_parameters"]["config"])
-    mismatches = config_mismatches(ckpt_config, complete_method_keys(module.config))
+    mismatches = checkpoint_mismatches(checkpoint["hyper_parameters"]["config"], module.config)
     if mismatches:
         raise UserInputError("checkpoint does not match the config: " + "; ".join(mismatches))
     from mdpl.models.checkpoints import upgrade_state
-    state = upgrade_state(checkpoint["state_dict"], str(module.config["prompt_method"]), prefix="model.")
+    state = upgrade_state(checkpoint["state_dict"], module.config.experiment.prompt_method, prefix="model.")
     own, given = set(module.state_dict()), set(state)
     missing, unexpected = sorted(own - given), sorted(given - own)
     if missing or unexpected:  # e.g. DCP dynamic queries (prompts_dynamic_*) stripped from the file (D-34)

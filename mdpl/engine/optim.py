@@ -8,11 +8,12 @@ parameter). `optimizer_impl='torch'` selects `torch.optim.AdamW`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
 
 BETAS = (0.9, 0.98)
@@ -30,15 +31,16 @@ def param_group_index(name: str, head_names: Iterable[str]) -> int:
     return int(no_decay) + 2 * int(head)
 
 
-def build_param_groups(model: nn.Module, config: dict) -> list[dict]:
+def build_param_groups(model: nn.Module, config: RunConfig | Mapping) -> list[dict]:
     """The four groups over all named parameters that require grad (empty groups are dropped).
 
     Groups: decay/base lr, no-decay/base lr, decay/head lr, no-decay/head lr, where head lr =
     learning_rate * lr_mult and decay = weight_decay. Each group carries a "name" for LR logging.
     """
-    lr, wd = float(config["learning_rate"]), float(config["weight_decay"])
-    head_lr = lr * float(config.get("lr_mult", 1))
-    heads = (f"{config['dataset']}_classifier",)
+    run = RunConfig.coerce(config)
+    lr, wd = float(run.optim.learning_rate), float(run.optim.weight_decay)
+    head_lr = lr * float(run.optim.lr_mult)
+    heads = (f"{run.data.dataset}_classifier",)
     specs = [("decay", wd, lr), ("no_decay", 0.0, lr), ("head_decay", wd, head_lr), ("head_no_decay", 0.0, head_lr)]
     buckets: list[list[Tensor]] = [[], [], [], []]
     for name, param in model.named_parameters():
@@ -110,11 +112,12 @@ class LegacyAdamW(torch.optim.Optimizer):
             torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
 
-def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: RunConfig | Mapping) -> torch.optim.Optimizer:
     """AdamW (betas (0.9, 0.98), eps 1e-8) over `build_param_groups`; impl from config optimizer_impl."""
-    groups = build_param_groups(model, config)
-    lr = float(config["learning_rate"])
-    impl = config.get("optimizer_impl", "legacy_hf")
+    run = RunConfig.coerce(config)
+    groups = build_param_groups(model, run)
+    lr = float(run.optim.learning_rate)
+    impl = run.optim.optimizer_impl
     if impl == "legacy_hf":
         return LegacyAdamW(groups, lr=lr, betas=BETAS, eps=EPS)
     if impl == "torch":

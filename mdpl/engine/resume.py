@@ -27,6 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from mdpl.config import RunConfig, checkpoint_mismatches
 from mdpl.errors import UserInputError
 
 STATE_KEY = "mdpl_resume"
@@ -77,11 +78,12 @@ def _version_number(path: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
+def resolve_resume_path(config: RunConfig | Mapping, base_dir: Path) -> str | None:
     """The checkpoint to resume from: in a requeued SLURM job, the newest checkpoint of the run directory this job
     used before (:func:`slurm_run_dir`; it restarts with the same command line, so this goes before
     ``resume_from``); else ``resume_from``; else (``resume=True``) the newest version's last.ckpt."""
-    path = config.get("resume_from") or ""
+    trainer = RunConfig.coerce(config).trainer
+    path = trainer.resume_from or ""
     if path and not Path(path).is_file():
         raise UserInputError(f"resume_from={path} does not exist; pass a .ckpt of a previous run "
                              f"(e.g. {base_dir}/version_0/checkpoints/last.ckpt)")
@@ -95,7 +97,7 @@ def resolve_resume_path(config: Mapping, base_dir: Path) -> str | None:
         return str(checkpoint)
     if path:
         return str(path)
-    if not config.get("resume"):
+    if not trainer.resume:
         return None
     versions = sorted((p for p in base_dir.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
                       key=_version_number)
@@ -118,16 +120,14 @@ def resume_run_dir(checkpoint_path: str | Path) -> Path:
     return path.parent.parent
 
 
-def check_resume_config(checkpoint_path: str, config: Mapping) -> None:
+def check_resume_config(checkpoint_path: str, config: RunConfig | Mapping) -> None:
     """UserInputError naming the keys where the checkpoint's config differs from this run's."""
-    from mdpl.engine.module import config_mismatches
-
     ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     ckpt_config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if ckpt_config is None or STATE_KEY not in ckpt:
         raise UserInputError(f"resume_from {checkpoint_path} is not an mdpl training checkpoint (no config or resume "
                              "state); resume from <run_dir>/checkpoints/last.ckpt")
-    bad = config_mismatches(ckpt_config, config, extra_keys=RUN_KEYS)
+    bad = checkpoint_mismatches(ckpt_config, RunConfig.coerce(config), extra_keys=RUN_KEYS)
     if bad:
         raise UserInputError(f"cannot resume from {checkpoint_path}: " + "; ".join(bad))
 
@@ -204,12 +204,12 @@ class ResumeState(pl.Callback):
             self._rng = None
 
 
-def resume_callbacks(config: Mapping) -> list[pl.Callback]:
+def resume_callbacks(config: RunConfig | Mapping) -> list[pl.Callback]:
     """[ResumeState] + a ModelCheckpoint writing last.ckpt every ``checkpoint_every_n_steps`` optimizer steps (its
     folder, <run_dir>/checkpoints, is set once the run directory is known: mdpl.engine.trainer.RunDirectory)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    every = int(config.get("checkpoint_every_n_steps") or 0)
+    every = int(RunConfig.coerce(config).trainer.checkpoint_every_n_steps or 0)
     callbacks: list[pl.Callback] = [ResumeState()]
     if every > 0:   # monitor-less 'last' file: save_last=True would write last-v1.ckpt once the epoch-end last.ckpt exists
         callbacks.append(ModelCheckpoint(dirpath=None, filename="last", monitor=None,

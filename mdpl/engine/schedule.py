@@ -11,12 +11,13 @@ optimizer's default lr (= learning_rate); it is used here as is. `decay_power='c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_cosine_schedule_with_warmup, get_polynomial_decay_schedule_with_warmup
 
+from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
 
 
@@ -40,16 +41,17 @@ def warmup_steps(warmup: float | int, total: int) -> int:
     return int(warmup)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig | Mapping, total: int) -> LambdaLR:
     """HuggingFace's warmup + polynomial (or cosine) LambdaLR for config keys warmup_steps, decay_power, end_lr.
 
     The same multiplier for every group (lr_init = the optimizer's default lr); step it every optimizer step.
     """
-    warm = warmup_steps(config["warmup_steps"], total)
-    power = config.get("decay_power", 1)
+    optim = RunConfig.coerce(config).optim
+    warm = warmup_steps(optim.warmup_steps, total)
+    power = optim.decay_power
     if power == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warm, total)
-    lr, end_lr = float(optimizer.defaults["lr"]), float(config.get("end_lr", 0.0))
+    lr, end_lr = float(optimizer.defaults["lr"]), float(optim.end_lr)
     if lr <= 0:
         raise UserInputError(f"learning_rate must be > 0 for the polynomial schedule, got {lr}")
     if end_lr >= lr:
@@ -60,7 +62,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int) 
                                                      lr_end=end_lr, power=float(power))
 
 
-def lr_multiplier_fn(config: dict, total: int) -> Callable[[int], float]:
-    """The per-step multiplier of `build_scheduler` for a learning rate of config['learning_rate']."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(config["learning_rate"]))
-    return build_scheduler(probe, config, total).lr_lambdas[0]
+def lr_multiplier_fn(config: RunConfig | Mapping, total: int) -> Callable[[int], float]:
+    """The per-step multiplier of `build_scheduler` for the run's learning rate."""
+    run = RunConfig.coerce(config)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(run.optim.learning_rate))
+    return build_scheduler(probe, run, total).lr_lambdas[0]

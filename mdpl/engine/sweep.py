@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
+from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -61,19 +62,21 @@ def _unique(items: list) -> list:
     return out
 
 
-def sweep_specs(config: Mapping) -> list[MissingSpec] | None:
+def sweep_specs(config: RunConfig | Mapping) -> list[MissingSpec] | None:
     """Scenarios of the sweep (type-major order), or None when neither ``test_types`` nor ``test_ratios`` is set.
 
     A missing list falls back to the single value: ``test_type`` / ``test_ratio``, else ``missing_type['test']`` /
     ``missing_ratio['test']``. Raises UserInputError (a ValueError) on unknown types or ratios outside [0, 1].
     """
-    types_value, ratios_value = config.get("test_types"), config.get("test_ratios")
+    run = RunConfig.coerce(config)
+    missing = run.missing
+    types_value, ratios_value = missing.test_types, missing.test_ratios
     if types_value is None and ratios_value is None:
         return None
     if types_value is None:
-        types_value = config.get("test_type") or dict(config["missing_type"])["test"]
+        types_value = missing.test_type or dict(missing.missing_type)["test"]
     if ratios_value is None:
-        ratios_value = config["test_ratio"] if config.get("test_ratio") is not None else dict(config["missing_ratio"])["test"]
+        ratios_value = missing.test_ratio if missing.test_ratio is not None else dict(missing.missing_ratio)["test"]
     types = _unique([str(t) for t in _as_list(types_value, "test_types")])
     bad = [t for t in types if t not in MISSING_TYPES]
     if bad:
@@ -89,7 +92,7 @@ def sweep_specs(config: Mapping) -> list[MissingSpec] | None:
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
         raise UserInputError(f"test_ratios has values outside [0, 1]: {bad}")
-    both, seed = float(config.get("both_ratio", 0.5)), int(config.get("seed", 0))
+    both, seed = float(missing.both_ratio), int(run.experiment.seed)
     return [MissingSpec(t, r, both, seed) for t in types for r in ratios]
 
 
@@ -155,24 +158,25 @@ class MissingSweep(nn.Module):
                 module.log(f"{self.dataset}/test/{scenario_tag(spec)}/{name}", value)
 
 
-def prepare_sweep(datamodule, config: Mapping) -> MissingSweep | None:
+def prepare_sweep(datamodule, config: RunConfig | Mapping) -> MissingSweep | None:
     """The evaluation sweep of `config` (hand it to ``MDPLModule(..., sweep=)``), with ``datamodule`` set to deliver
     complete test batches; None if no sweep is configured.
 
     The scenario tables are ``datamodule.missing_table('test', spec)`` (deterministic, cached like the
     single-scenario ones), the dummies ``datamodule.dummy_text()``.
     """
-    specs = sweep_specs(config)
+    run = RunConfig.coerce(config)
+    specs = sweep_specs(run)
     if specs is None:
         return None
     for name in ("missing_table", "set_missing_override", "dummy_text"):
         if not hasattr(datamodule, name):
             raise ValueError(f"test_types/test_ratios need the mdpl DataModule ({type(datamodule).__name__} lacks {name})")
     tables = [datamodule.missing_table("test", spec) for spec in specs]
-    complete = MissingSpec("both", 0.0, float(config.get("both_ratio", 0.5)), int(config.get("seed", 0)))
+    complete = MissingSpec("both", 0.0, float(run.missing.both_ratio), int(run.experiment.seed))
     datamodule.set_missing_override("test", complete)   # ratio 0 -> all rows complete, no dummies
     ids, masks = datamodule.dummy_text()
-    sweep = MissingSweep(config["dataset"], specs, tables, ids, masks)
+    sweep = MissingSweep(run.data.dataset, specs, tables, ids, masks)
     print(f"[mdpl] evaluation sweep: {len(specs)} scenarios ({_describe(specs)}) in one pass over the test set")
     return sweep
 
@@ -184,11 +188,12 @@ def _describe(specs: Sequence[MissingSpec]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def result_rows(sweep: MissingSweep, config: Mapping, checkpoint: str | None) -> list[dict]:
+def result_rows(sweep: MissingSweep, config: RunConfig | Mapping, checkpoint: str | None) -> list[dict]:
     """One dict per scenario: ID_COLUMNS then every metric (primary first) and loss."""
-    ident = {"dataset": config["dataset"], "method": config.get("prompt_method", "none"),
-             "backbone": config.get("backbone", "vilt"), "checkpoint": checkpoint or ""}
-    return [{**ident, "type": spec.type, "ratio": spec.ratio, "seed": int(config.get("seed", 0)), **values}
+    run = RunConfig.coerce(config)
+    ident = {"dataset": run.data.dataset, "method": run.experiment.prompt_method or "none",
+             "backbone": run.experiment.backbone, "checkpoint": checkpoint or ""}
+    return [{**ident, "type": spec.type, "ratio": spec.ratio, "seed": int(run.experiment.seed), **values}
             for spec, values in zip(sweep.specs, sweep.results)]
 
 
@@ -261,18 +266,20 @@ def plot_robustness(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
     return path
 
 
-def write_outputs(sweep: MissingSweep, config: Mapping, run_dir: str | Path, checkpoint: str | None) -> dict:
+def write_outputs(sweep: MissingSweep, config: RunConfig | Mapping, run_dir: str | Path,
+                  checkpoint: str | None) -> dict:
     """results.csv, results.md, robustness_<dataset>.png in ``run_dir``; prints the summary.
 
     Returns ``{"csv", "md", "png": path, "rows": result_rows(...)}``.
     """
     run_dir = Path(run_dir)
+    dataset = RunConfig.coerce(config).data.dataset
     rows = result_rows(sweep, config, checkpoint)
     paths = {"csv": write_csv(rows, run_dir / "results.csv")}
     table = markdown_table(rows, sweep.primary)
     paths["md"] = run_dir / "results.md"
     paths["md"].write_text(table)
-    paths["png"] = plot_robustness(rows, sweep.primary, run_dir / f"robustness_{config['dataset']}.png")
+    paths["png"] = plot_robustness(rows, sweep.primary, run_dir / f"robustness_{dataset}.png")
     print("\n" + table)
     print("[mdpl] sweep results: " + ", ".join(str(p) for p in paths.values()))
     return {**{k: str(v) for k, v in paths.items()}, "rows": rows}

@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from mdpl.config import RunConfig
 from mdpl.engine.resume import resume_callbacks
 from mdpl.errors import UserInputError
 
@@ -47,13 +48,14 @@ LOGGERS = {"tensorboard": "tensorboard", "csv": None, "wandb": "wandb", "mlflow"
 LOG_EVERY_N_STEPS = 10
 
 
-def resolve_devices(config: dict) -> tuple[str, int, int]:
+def resolve_devices(config: RunConfig | Mapping) -> tuple[str, int, int]:
     """(accelerator, devices per node, num_nodes) from num_gpus / num_cpu_processes / num_nodes."""
-    num_gpus, num_nodes = int(config.get("num_gpus", 0)), int(config.get("num_nodes", 1))
+    trainer = RunConfig.coerce(config).trainer
+    num_gpus, num_nodes = int(trainer.num_gpus), int(trainer.num_nodes)
     if num_gpus < 0 or num_nodes < 1:
         raise UserInputError(f"num_gpus must be >= 0 and num_nodes >= 1, got {num_gpus} and {num_nodes}")
     if num_gpus == 0:
-        processes = int(config.get("num_cpu_processes", 1))
+        processes = int(trainer.num_cpu_processes)
         if processes < 1:
             raise UserInputError(f"num_cpu_processes must be >= 1, got {processes}")
         return "cpu", processes, num_nodes
@@ -78,9 +80,10 @@ def resolve_precision(precision, accelerator: str) -> str:
     return resolved
 
 
-def accumulation(config: dict, devices: int, num_nodes: int) -> int:
+def accumulation(config: RunConfig | Mapping, devices: int, num_nodes: int) -> int:
     """max(1, batch_size // (per_gpu_batchsize * devices * num_nodes)); prints the effective batch (D-55)."""
-    per_gpu, batch_size = int(config["per_gpu_batchsize"]), int(config["batch_size"])
+    data = RunConfig.coerce(config).data
+    per_gpu, batch_size = int(data.per_gpu_batchsize), int(data.batch_size)
     if per_gpu <= 0:
         raise UserInputError(f"per_gpu_batchsize must be > 0 (got {per_gpu}); set e.g. per_gpu_batchsize=32")
     per_step = per_gpu * devices * num_nodes
@@ -95,18 +98,18 @@ def accumulation(config: dict, devices: int, num_nodes: int) -> int:
     return accumulate
 
 
-def determinism(config: dict, accelerator: str):
+def determinism(config: RunConfig | Mapping, accelerator: str):
     """Lightning `deterministic` value (default 'warn'); sets CUBLAS_WORKSPACE_CONFIG for cuBLAS determinism."""
-    value = config.get("deterministic", "warn")
+    value = RunConfig.coerce(config).trainer.deterministic
     if value and accelerator == "gpu":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return value
 
 
-def logger_names(config: Mapping) -> list[str]:
+def logger_names(config: RunConfig | Mapping) -> list[str]:
     """The ``logger`` config key as a list of names: a name, a list, or the CLI forms 'csv,wandb' / '[csv,wandb]'
     (default tensorboard + csv). UserInputError (one line) for an unknown name or a missing package."""
-    value = config.get("logger", "tensorboard,csv")
+    value = RunConfig.coerce(config).logging.logger
     if isinstance(value, str):
         names = [v.strip().strip("'\"").lower() for v in value.strip().strip("[]()").split(",")]
     else:
@@ -126,9 +129,10 @@ def logger_names(config: Mapping) -> list[str]:
     return names
 
 
-def build_loggers(config: Mapping, run_dir: Path) -> list[Logger]:
-    """The loggers named by ``config['logger']``, writing under ``run_dir`` (offline by default, see module doc)."""
+def build_loggers(config: RunConfig | Mapping, run_dir: Path) -> list[Logger]:
+    """The loggers named by the ``logger`` key, writing under ``run_dir`` (offline by default, see module doc)."""
     run_dir = Path(run_dir)
+    project = str(RunConfig.coerce(config).experiment.exp_name)
     loggers: list[Logger] = []
     for name in logger_names(config):
         if name == "tensorboard":
@@ -140,13 +144,13 @@ def build_loggers(config: Mapping, run_dir: Path) -> list[Logger]:
             # offline (files in <run_dir>/wandb, `wandb sync` uploads them) unless WANDB_MODE says otherwise; the id
             # follows the run directory, so a resumed or requeued run goes on in the same wandb run
             run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-            loggers.append(WandbLogger(save_dir=str(run_dir), project=str(config.get("exp_name", "mdpl")),
+            loggers.append(WandbLogger(save_dir=str(run_dir), project=project,
                                        name=f"{run_dir.parent.name}/{run_dir.name}", id=run_id,
                                        offline=not os.environ.get("WANDB_MODE")))
         elif name == "mlflow":
             from pytorch_lightning.loggers import MLFlowLogger
             # a local file store in the run directory unless MLFLOW_TRACKING_URI names a server
-            loggers.append(MLFlowLogger(experiment_name=str(config.get("exp_name", "mdpl")),
+            loggers.append(MLFlowLogger(experiment_name=project,
                                         run_name=f"{run_dir.parent.name}/{run_dir.name}",
                                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
                                         save_dir=str(run_dir / "mlruns")))
@@ -157,16 +161,16 @@ class RunDirectory(pl.Callback):
     """The run directory: ``path`` if given, else chosen by ``choose()`` -> (path, created) on global rank 0 in the
     first ``setup`` hook, when the processes of a DDP run are connected, and broadcast to the other ranks.
 
-    Then the loggers (``config['logger']``), every ModelCheckpoint without a folder (-> <run_dir>/checkpoints) and
+    Then the loggers (the ``logger`` key), every ModelCheckpoint without a folder (-> <run_dir>/checkpoints) and
     the trainer's ``default_root_dir`` (where Lightning's SLURM auto-requeue writes ``hpc_ckpt_<n>.ckpt``) are
     pointed at it, on every rank. ``created`` is True on the rank that created the directory.
     """
 
-    def __init__(self, config: Mapping, path: str | Path | None = None,
+    def __init__(self, config: RunConfig | Mapping, path: str | Path | None = None,
                  choose: Callable[[], tuple[Path, bool]] | None = None) -> None:
         if (path is None) == (choose is None):
             raise ValueError("RunDirectory needs either a path or a choose function")
-        self.config = config
+        self.config = RunConfig.coerce(config)
         self.path = None if path is None else Path(path)
         self.created = False
         self._choose = choose
@@ -233,33 +237,35 @@ def build_callbacks(progress_bar: bool = True) -> list[pl.Callback]:
     return callbacks
 
 
-def build_trainer(config: dict, run_dir: str | Path | RunDirectory, **overrides) -> pl.Trainer:
+def build_trainer(config: RunConfig | Mapping, run_dir: str | Path | RunDirectory, **overrides) -> pl.Trainer:
     """Trainer for `config` writing checkpoints and logs (TensorBoard and CSV by default) under `run_dir`: a path,
     or a RunDirectory whose directory global rank 0 chooses when the run starts.
 
     `overrides` are passed to `pl.Trainer` last (tests: limit_train_batches, enable_progress_bar, ...).
     Seeds everything with config seed first.
     """
-    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(config, path=run_dir)
-    pl.seed_everything(int(config["seed"]), workers=True)
-    accelerator, devices, num_nodes = resolve_devices(config)
-    strategy = DDPStrategy(find_unused_parameters=bool(config.get("find_unused_parameters", False)),
+    run = RunConfig.coerce(config)
+    trainer = run.trainer
+    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run, path=run_dir)
+    pl.seed_everything(int(run.experiment.seed), workers=True)
+    accelerator, devices, num_nodes = resolve_devices(run)
+    strategy = DDPStrategy(find_unused_parameters=bool(trainer.find_unused_parameters),
                            process_group_backend="gloo" if accelerator == "cpu" else None) \
         if devices * num_nodes > 1 else "auto"
-    max_steps = config.get("max_steps")
+    max_steps = run.optim.max_steps
     kwargs = dict(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision=resolve_precision(config.get("precision", 32), accelerator),
-        accumulate_grad_batches=accumulation(config, devices, num_nodes),
-        max_epochs=int(config["max_epoch"]), max_steps=-1 if max_steps is None else int(max_steps),
-        val_check_interval=config.get("val_check_interval", 1.0),
+        precision=resolve_precision(trainer.precision, accelerator),
+        accumulate_grad_batches=accumulation(run, devices, num_nodes),
+        max_epochs=int(run.optim.max_epoch), max_steps=-1 if max_steps is None else int(max_steps),
+        val_check_interval=trainer.val_check_interval,
         callbacks=[directory, FitLogInterval(), *build_callbacks(overrides.get("enable_progress_bar", True)),
-                   *resume_callbacks(config)],  # RNG/epoch-position state, mid-epoch last.ckpt (resume.py)
+                   *resume_callbacks(run)],  # RNG/epoch-position state, mid-epoch last.ckpt (resume.py)
         logger=directory.loggers or False,   # a directory chosen at the start gets its loggers then
-        deterministic=determinism(config, accelerator), benchmark=False,
-        log_every_n_steps=LOG_EVERY_N_STEPS, num_sanity_val_steps=2, fast_dev_run=config.get("fast_dev_run", False),
+        deterministic=determinism(run, accelerator), benchmark=False,
+        log_every_n_steps=LOG_EVERY_N_STEPS, num_sanity_val_steps=2, fast_dev_run=trainer.fast_dev_run,
         # until a chosen directory is known: its parent, where Lightning finds no SLURM hpc_ckpt_<n>.ckpt of its own
-        default_root_dir=str(directory.path or Path(config.get("log_dir") or ".")),
+        default_root_dir=str(directory.path or Path(run.logging.log_dir or ".")),
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)

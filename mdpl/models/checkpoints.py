@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from mdpl.backbones.clip_weights import check_state_dict
-from mdpl.backbones.vilt_weights import REFERENCE_PROMPT_KEYS, load_reference_checkpoint
+from mdpl.backbones.vilt_weights import REFERENCE_PROMPT_KEYS
+from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import complete_method_keys
 from mdpl.prompts.registry import method_class
 
 
@@ -69,18 +69,18 @@ def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str,
     """
     if not isinstance(checkpoint, Mapping):
         raise UserInputError(f"it holds a {type(checkpoint).__name__}, not a state dict or Lightning checkpoint")
-    config = complete_method_keys(config)
-    backbone, method = config.get("backbone", "vilt"), str(config.get("prompt_method"))
-    if backbone == "vilt":
+    run = RunConfig.coerce(config)
+    method = run.experiment.prompt_method
+    if run.card.reference_reader is not None:
         if method != "none" and method not in REFERENCE_PROMPT_KEYS:
             raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
                                  f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
-        load_reference_checkpoint(model, checkpoint, config)
+        run.card.reference_reader(model, checkpoint, run)
         return
     state = checkpoint.get("state_dict", checkpoint)
     state = upgrade_state({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, method)
     try:
-        state = method_class(method).complete_reference_state(state, model.state_dict(), config)
+        state = method_class(method).complete_reference_state(state, model.state_dict(), run.method_options())
         check_state_dict(state, model.state_dict(), what="the checkpoint")
         model.load_state_dict(state, strict=True)
     except ValueError as err:

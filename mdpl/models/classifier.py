@@ -25,23 +25,25 @@ from mdpl.backbones.base import Backbone
 from mdpl.backbones.registry import build_backbone
 from mdpl.data.registry import dataset_spec
 from mdpl.prompts.base import MISSING_TYPE_OF, PromptContext, PromptMethod, StreamInfo
-from mdpl.prompts.keys import complete_method_keys
+from mdpl.config.run_config import RunConfig
 from mdpl.prompts.registry import build_method
 
 
 class PromptedClassifier(nn.Module):
     """Backbone + prompt method + ``{dataset}_classifier``. ``forward(batch) -> {"logits", "pooled"}``."""
 
-    def __init__(self, config: Mapping[str, Any], backbone: Backbone | None = None) -> None:
+    def __init__(self, config: RunConfig | Mapping[str, Any], backbone: Backbone | None = None) -> None:
+        """`config`: the run config (a flat dict is typed first)."""
         super().__init__()
-        self.dataset = str(config.get("dataset", "mmimdb"))
+        run = RunConfig.coerce(config)
+        self.dataset = run.data.dataset
         num_classes = dataset_spec(self.dataset).num_classes
-        self.finetune = bool(config.get("finetune", False))
-        self.frozen_eval_mode = bool(config.get("frozen_eval_mode", False))
-        self.backbone = backbone if backbone is not None else build_backbone(config)
+        self.finetune = bool(run.model.finetune)
+        self.frozen_eval_mode = bool(run.model.frozen_eval_mode)
+        self.backbone = backbone if backbone is not None else build_backbone(run)
         self.head_name = f"{self.dataset}_classifier"
         self.add_module(self.head_name, self.backbone.build_head(num_classes))
-        self.prompt: PromptMethod = build_method(config, self.backbone.info)
+        self.prompt: PromptMethod = build_method(run.experiment.prompt_method, run.method, self.backbone.info)
         self._apply_freezing()
 
     @property
@@ -122,17 +124,15 @@ def _kept_rows(keep: torch.Tensor, host_types: Sequence[int] | None, dropped: in
     return torch.argsort((~keep).to(torch.uint8), stable=True)[:count]
 
 
-def build_classifier(config: Mapping[str, Any]) -> PromptedClassifier:
-    """The classifier of a resolved config: backbone (``backbone``), method (``prompt_method``) and dataset are
-    independent. The selected method's unset keys take its defaults (``method_sizes``). On a backbone whose
-    pre-trained weights come from another key (CLIP: ``clip_path``), a ``load_path`` outside ``test_only`` is an mdpl
-    checkpoint of this classifier to start from, loaded strictly."""
-    from mdpl.backbones.registry import backbone_entry
+def build_classifier(config: RunConfig | Mapping[str, Any]) -> PromptedClassifier:
+    """The classifier of a run config (a flat dict is typed first): backbone, method and dataset are independent.
+    On a backbone whose pre-trained weights come from another key (its card's ``weights``, e.g. ``clip_path``), a
+    ``load_path`` outside ``test_only`` is an mdpl checkpoint of this classifier to start from, loaded strictly."""
     from mdpl.models.checkpoints import load_classifier_checkpoint
 
-    config = complete_method_keys(config)
-    model = PromptedClassifier(config)
-    path = str(config.get("load_path", "") or "")
-    if path and not config.get("test_only", False) and backbone_entry(str(config.get("backbone", "vilt"))).weights_key != "load_path":
+    run = RunConfig.coerce(config)
+    model = PromptedClassifier(run)
+    path = run.model.load_path
+    if path and not run.trainer.test_only and run.card.weights.key != "load_path":
         load_classifier_checkpoint(model, path)
     return model

@@ -1,6 +1,6 @@
 """Prompt methods and their one interface (docs/architecture.md; docs/methods.md §3, §4, §6).
 
-`build_method(config, info)` builds the method named by ``config["prompt_method"]``.
+`build_method(name, options, info)` builds the method registered as `name` with its config `options`.
 """
 from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, Segment, TokenLayout, splice_tokens

@@ -116,9 +116,9 @@ class MethodConfig:
                      if not f.metadata.get("shared_key") and f.metadata.get("structural", True))
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "MethodConfig":
-        """The options from a config: keys absent or None take the defaults."""
-        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if config.get(f.name) is not None}
+    def from_config(cls, flat: Mapping[str, Any]) -> "MethodConfig":
+        """The options from a flat config: keys absent or None take the defaults."""
+        values = {f.name: flat[f.name] for f in dataclasses.fields(cls) if flat.get(f.name) is not None}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def check(self, info: BackboneInfo) -> None:
@@ -192,9 +192,10 @@ class PromptMethod(nn.Module):
 
     @classmethod
     def complete_reference_state(cls, state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-                                 config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """`state` (a reference checkpoint, keys upgraded) with what the reference never saved added from the
-        config's side files, or a UserInputError when it cannot be evaluated exactly. `own`: the model's state."""
+                                 config: MethodConfig) -> dict[str, torch.Tensor]:
+        """`state` (a reference checkpoint, keys upgraded) with what the reference never saved added from the side
+        files `config` (the method's options) names, or a UserInputError when it cannot be evaluated exactly. `own`:
+        the model's state."""
         return state
 
     @classmethod

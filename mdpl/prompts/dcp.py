@@ -520,7 +520,7 @@ class DeepCorrelatedPrompts(PromptMethod):
 
     @classmethod
     def complete_reference_state(cls, state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-                                 config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+                                 config: DCPConfig) -> dict[str, torch.Tensor]:
         """The reference draws the dynamic queries at construction and never saves them (D-34), so its checkpoints
         alone do not define the model they were trained as: evaluating one with other queries would report another
         model's numbers. They come from ``dcp_dynamic_queries``, a file holding exactly the model's
@@ -528,7 +528,7 @@ class DeepCorrelatedPrompts(PromptMethod):
         wanted = sorted(k for k in own if ".prompts_dynamic_" in k)
         if not wanted or all(k in state for k in wanted):
             return state
-        path = config.get("dcp_dynamic_queries") or ""
+        path = config.dcp_dynamic_queries or ""
         if not path:
             raise UserInputError("this DCP checkpoint lacks its dynamic prompt queries (the reference code draws them "
                                  "at construction and never saves them), so it cannot be evaluated exactly: pass "

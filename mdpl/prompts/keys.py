@@ -70,12 +70,12 @@ def key_readers() -> dict[str, list[str]]:
     return readers
 
 
-def complete_method_keys(config: Mapping) -> dict:
-    """A copy of `config` ready for the model builders: the method keys that are None are dropped (a builder's
-    own default applies), then the selected method's missing keys take their defaults (``method_sizes``)."""
+def complete_method_keys(flat: Mapping) -> dict:
+    """A copy of the flat config `flat` with the method keys that are None dropped and the selected method's missing
+    keys at their defaults (``method_sizes``): what ``mdpl.config.RunConfig.from_flat`` types."""
     readers = key_readers()
-    out = {k: v for k, v in config.items() if not (v is None and k in readers)}
-    defaults = method_defaults(str(config.get("prompt_method", "none")), str(config.get("method_sizes", "paper")))
+    out = {k: v for k, v in flat.items() if not (v is None and k in readers)}
+    defaults = method_defaults(str(flat.get("prompt_method", "none")), str(flat.get("method_sizes", "paper")))
     for key, value in defaults.items():
         out.setdefault(key, value)
     return out

@@ -9,12 +9,12 @@ this registry; nothing else names methods.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from mdpl.errors import UserInputError
-from mdpl.prompts.base import BackboneInfo, PromptMethod
+from mdpl.prompts.base import BackboneInfo, MethodConfig, PromptMethod
 
 _BUILTIN_MODULES = (
     "mdpl.prompts.none",
@@ -87,7 +87,7 @@ def tiny_method_keys() -> dict[str, dict[str, Any]]:
     return {name: dict(_REGISTRY[name].config_class.TINY) for name in available_methods()}
 
 
-def build_method(config: Mapping[str, Any], info: BackboneInfo) -> PromptMethod:
-    """The method named by ``config["prompt_method"]``, its options read from `config`."""
-    cls = method_class(str(config.get("prompt_method", "none")))
-    return cls(cls.config_class.from_config(config), info)
+def build_method(name: str, options: MethodConfig | None, info: BackboneInfo) -> PromptMethod:
+    """The method registered as `name` ('' = the `none` baseline) with `options` (None: its defaults)."""
+    cls = method_class(name or "none")
+    return cls(options if options is not None else cls.config_class(), info)

@@ -9,8 +9,9 @@ that does not exist, and a ``data_root`` that is not a folder or lacks the arrow
 value types and ranges of the run settings (`check_switches`, `check_model_sizes`, `check_trainer`,
 `check_optimisation`, `check_data_options`: on/off keys that are not booleans, sizes that do not divide, GPUs
 without CUDA, unknown precision, a run length of 0, warmup/decay/optimizer values, sweep lists) and the files the
-run reads or writes (`check_files`: clip_path / clip_sha256, coca_path / coca_sha256, the format of load_path and
-resume_from, the tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_root and pixel_cache).
+run reads or writes (`check_files`: each backbone card's weights file and its SHA-256 key, the format of load_path
+and resume_from, the tokenizer folder, dcp_dynamic_queries, log_dir, missing_table_root and pixel_cache). The
+backbone's own keys are checked by its card's sizes dataclass (`check()`); an unknown backbone is an error.
 
 Only keys present in the config are checked (tests hand partial configs with stub models); the data
 checks can be switched off when the caller injects its own DataModule (``check_data=False``).
@@ -47,6 +48,19 @@ def _backbones() -> list[str]:
     return available_backbones()
 
 
+def _backbone_name(config: Mapping) -> str:
+    """The run's backbone: the key, else the selected method's paper backbone."""
+    from mdpl.prompts.keys import paper_backbone
+    value = config.get("backbone")
+    return paper_backbone(str(config.get("prompt_method") or "")) if value is None else value
+
+
+def _card(config: Mapping):
+    """The card of the run's backbone (UserInputError for an unknown one)."""
+    from mdpl.backbones.registry import backbone_card
+    return backbone_card(str(_backbone_name(config)))
+
+
 def _fail(message: str) -> None:
     raise UserInputError(message)
 
@@ -65,7 +79,7 @@ def check_dataset_and_backbone(config: Mapping) -> None:
     if dataset not in available_datasets():
         _fail(f"unknown dataset {dataset!r}; choose one of {', '.join(available_datasets())} "
               "(e.g. with task_finetune_mmimdb)")
-    backbone = config.get("backbone", "vilt")
+    backbone = _backbone_name(config)
     if backbone not in _backbones():
         _fail(f"unknown backbone {backbone!r}; choose one of {', '.join(_backbones())}")
 
@@ -122,14 +136,11 @@ def _check_positive(config: Mapping, key: str) -> None:
 
 
 def _depth(config: Mapping) -> tuple[int, str]:
-    """Blocks in every stream of the configured backbone, and how messages name it."""
-    if config.get("backbone", "vilt") == "clip":
-        n = min(int(config.get("clip_vision_layers") or 12), int(config.get("clip_text_layers") or 12))
-        return n, "the CLIP backbone (clip_vision_layers, clip_text_layers)"
-    if config.get("backbone", "vilt") == "coca":
-        n = min(int(config.get("coca_vision_layers") or 12), int(config.get("coca_text_layers") or 12))
-        return n, "the CoCa backbone (coca_vision_layers, coca_text_layers)"
-    return int(config.get("num_layers") or 12), "the ViLT backbone (num_layers)"
+    """Blocks in every stream of the configured backbone (its card's sizes), and how messages name it."""
+    sizes = _card(config).sizes
+    keys = sizes.flat_keys()
+    given = {key: config[key] for key in keys.values() if isinstance(config.get(key), int)}
+    return sizes.from_flat(given).depth, sizes.described_as
 
 
 def check_prompt_sizes(config: Mapping) -> None:
@@ -219,22 +230,21 @@ def check_data_root(config: Mapping) -> None:
 
 # ---------------------------------------------------------------------------------- run settings
 BOOL_KEYS = ("test_only", "finetune", "frozen_eval_mode", "simulate_missing", "compile", "resume",
-             "dynamic_text_padding", "interpolate_text_positions", "find_unused_parameters", "coca_pool_prompts")
-"""Switches of the run: True or False only (a string such as 'no' would count as True). The methods' own
-switches are their boolean keys (`method_bool_keys`)."""
+             "dynamic_text_padding", "find_unused_parameters")
+"""Switches of the run: True or False only (a string such as 'no' would count as True). The methods' and the
+backbones' own switches are their boolean keys (`method_bool_keys`, `backbone_bool_keys`)."""
+
+
+def backbone_bool_keys() -> list[str]:
+    """The registered backbones' keys whose default is a boolean."""
+    from mdpl.backbones.registry import available_backbones, backbone_card
+    return sorted({k for name in available_backbones() for k in backbone_card(name).sizes.bool_keys()})
 
 
 def method_bool_keys() -> list[str]:
     """The registered methods' keys whose default is a boolean."""
     from mdpl.prompts.registry import method_keys
     return sorted({k for keys in method_keys().values() for k, v in keys.items() if isinstance(v, bool)})
-VILT_SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "patch_size", "image_size", "vocab_size")
-CLIP_SIZE_KEYS = ("clip_embed_dim", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
-                  "clip_vision_head_width", "clip_context_length", "clip_vocab_size", "clip_text_width",
-                  "clip_text_heads", "clip_text_layers")
-COCA_SIZE_KEYS = ("coca_embed_dim", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
-                  "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_vocab_size",
-                  "coca_text_width", "coca_text_heads", "coca_text_layers")
 OPTIMIZER_IMPLS = ("legacy_hf", "torch")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _DURATION = re.compile(r"\d+:\d+:\d+:\d+")   # Lightning's time-based val_check_interval, 'DD:HH:MM:SS'
@@ -263,7 +273,7 @@ def _check_number(config: Mapping, key: str, low: float, high: float | None = No
 
 def check_switches(config: Mapping) -> None:
     """On/off keys must be booleans: `test_only=no` would otherwise be a (truthy) string."""
-    for key in (*BOOL_KEYS, *method_bool_keys()):
+    for key in (*BOOL_KEYS, *backbone_bool_keys(), *method_bool_keys()):
         value = config.get(key)
         if value is not None and not isinstance(value, bool):
             _fail(f"{key}={value!r} must be True or False (e.g. {key}=True)")
@@ -273,46 +283,13 @@ def check_switches(config: Mapping) -> None:
 
 
 def check_model_sizes(config: Mapping) -> None:
-    """The backbone's size keys: positive integers that fit together (heads divide widths, patches tile images)."""
-    from mdpl.data.tokenizers import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
-
-    _check_number(config, "drop_rate", 0.0, 1.0, hint=" (a dropout probability, e.g. drop_rate=0.1)")
-    if config.get("backbone", "vilt") == "clip":
-        for key in CLIP_SIZE_KEYS:
-            _check_int(config, key, 1)
-        _check_int(config, "image_size", 1)
-        for key, divisor in (("image_size", "clip_patch_size"), ("clip_vision_width", "clip_vision_head_width"),
-                             ("clip_text_width", "clip_text_heads")):
-            if config.get(key) is not None and config.get(divisor) is not None and config[key] % config[divisor]:
-                _fail(f"{key}={config[key]} is not a multiple of {divisor}={config[divisor]}; choose sizes that "
-                      f"divide (ViT-B/16: image_size=224 clip_patch_size=16, clip_vision_width=768 "
-                      f"clip_vision_head_width=64, clip_text_width=512 clip_text_heads=8)")
-        for key, fixed, what in (("clip_context_length", CLIP_CONTEXT_LENGTH, "text positions"),
-                                 ("clip_vocab_size", CLIP_VOCAB_SIZE, "token ids")):
-            if config.get(key) is not None and config[key] != fixed:
-                _fail(f"{key}={config[key]} must be {fixed}: the CLIP tokenizer (OpenAI BPE) always gives "
-                      f"{fixed} {what}")
+    """The selected backbone's keys (its card's sizes dataclass: positive integers that fit together, heads dividing
+    widths, patches tiling images); only the keys present are checked (tests hand partial configs)."""
+    sizes = _card(config).sizes
+    given = {key for key in sizes.flat_keys().values() if config.get(key) is not None}
+    if not given:
         return
-    if config.get("backbone", "vilt") == "coca":
-        _check_coca_sizes(config)
-        return
-    for key in VILT_SIZE_KEYS:
-        _check_int(config, key, 1)
-    hidden, heads = config.get("hidden_size"), config.get("num_heads")
-    if hidden is not None and heads is not None and hidden % heads:
-        _fail(f"hidden_size={hidden} is not divisible by num_heads={heads}: each attention head gets "
-              "hidden_size / num_heads channels (e.g. hidden_size=768 num_heads=12)")
-    size, patch = config.get("image_size"), config.get("patch_size")
-    if size is not None and size < 32:
-        _fail(f"image_size={size} is too small for ViLT: its transform scales the shorter image side to image_size "
-              "and floors both sides to multiples of 32, so image_size must be >= 32 (e.g. image_size=384)")
-    if size is not None and patch is not None and size % patch:
-        _fail(f"image_size={size} is not a multiple of patch_size={patch}: ViLT's position grid has "
-              "image_size / patch_size patches a side (e.g. image_size=384 patch_size=32)")
-    _check_number(config, "mlp_ratio", 0.0, low_open=True, hint=" (MLP width / hidden_size, e.g. mlp_ratio=4)")
-    value = config.get("max_image_len")
-    if value is not None and not (_is_int(value) and (value == -1 or value > 0)):
-        _fail(f"max_image_len={value!r} must be -1 (no cap) or a positive number of image patches")
+    sizes.from_flat(config).check()
 
 
 def check_trainer(config: Mapping) -> None:
@@ -440,65 +417,43 @@ def _folder_problem(path: str, writable: bool) -> str:
     return ""
 
 
-def _check_coca_sizes(config: Mapping) -> None:
-    """CoCa's size keys (open_clip coca_ViT-B-32 by default): positive, dividing, the BPE vocabulary."""
-    from mdpl.data.tokenizers import CLIP_VOCAB_SIZE
-
-    for key in COCA_SIZE_KEYS:
-        _check_int(config, key, 1)
-    _check_int(config, "image_size", 1)
-    _check_int(config, "coca_context_length", 2, " (text ids: SOT, the text and EOT; coca_ViT-B-32: 76)")
-    for key, divisor in (("image_size", "coca_patch_size"), ("coca_vision_width", "coca_vision_head_width"),
-                         ("coca_text_width", "coca_text_heads"), ("coca_embed_dim", "coca_attn_pooler_heads")):
-        if config.get(key) is not None and config.get(divisor) is not None and config[key] % config[divisor]:
-            _fail(f"{key}={config[key]} is not a multiple of {divisor}={config[divisor]}; choose sizes that divide "
-                  f"(coca_ViT-B-32: image_size=224 coca_patch_size=32, coca_vision_width=768 "
-                  f"coca_vision_head_width=64, coca_text_width=512 coca_text_heads=8, coca_embed_dim=512 "
-                  f"coca_attn_pooler_heads=8)")
-    if config.get("coca_vocab_size") is not None and config["coca_vocab_size"] != CLIP_VOCAB_SIZE:
-        _fail(f"coca_vocab_size={config['coca_vocab_size']} must be {CLIP_VOCAB_SIZE}: CoCa's tokenizer (OpenAI BPE) "
-              f"gives {CLIP_VOCAB_SIZE} token ids")
+def _weight_cards() -> list:
+    """The cards of the backbones whose weights file has a key of its own (not ``load_path``)."""
+    from mdpl.backbones.registry import available_backbones, backbone_card
+    return [c for c in map(backbone_card, available_backbones()) if c.weights.key != "load_path"]
 
 
-WEIGHT_FILES = {
-    "clip": ("<ViT-B-16.pt>", "ViT-B-16.pt", "a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout CLIP state dict"),
-    "coca": ("<CoCa checkpoint>", "open_clip_pytorch_model.bin", "a local open_clip CoCa checkpoint "
-             "(open_clip_pytorch_model.bin, a .pt state dict or a .safetensors file)"),
-}
-"""Backbones whose weights file is ``<backbone>_path`` (+ ``<backbone>_sha256``): the placeholder, an example file
-name and what the file is, for the messages."""
-
-
-def _check_weights_file(config: Mapping, owner: str, backbone: str, test_only: bool) -> None:
-    """<owner>_path (+ <owner>_sha256): read only by backbone=<owner>, and not at all with test_only."""
-    placeholder, example, what = WEIGHT_FILES[owner]
-    path_key, sha_key = f"{owner}_path", f"{owner}_sha256"
-    path, sha = str(config.get(path_key) or ""), str(config.get(sha_key) or "")
-    if backbone != owner:
+def _check_weights_file(config: Mapping, owner, backbone: str, test_only: bool) -> None:
+    """The weights file of the card `owner` (+ its SHA-256 key): read only by that backbone, not with test_only."""
+    spec = owner.weights
+    path_key, sha_key = spec.key, spec.sha_key
+    path, sha = str(config.get(path_key) or ""), str(config.get(sha_key) or "") if sha_key else ""
+    if backbone != owner.name:
         for key, value in ((path_key, path), (sha_key, sha)):
             if value:
-                _fail(f"{key}={value!r} is read only by backbone={owner}, but backbone is {backbone!r}; remove {key} "
-                      f"or name on_{owner}")
+                _fail(f"{key}={value!r} is read only by backbone={owner.name}, but backbone is {backbone!r}; remove "
+                      f"{key} or name on_{owner.name}")
     if sha and not path:
-        _fail(f"{sha_key} is set but {path_key} is empty, so there is no file to check; set {path_key}={placeholder} "
-              f"or remove {sha_key}")
+        _fail(f"{sha_key} is set but {path_key} is empty, so there is no file to check; set "
+              f"{path_key}={spec.placeholder} or remove {sha_key}")
     if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-        _fail(f"{sha_key}={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum {example}`)")
-    if path and not test_only:   # test_only: every weight comes from load_path, <owner>_path is not read
-        _check_checkpoint_file(path_key, path, what)
+        _fail(f"{sha_key}={sha!r} is not a SHA-256 digest (64 hex digits, e.g. `sha256sum {spec.example}`)")
+    if path and not test_only:   # test_only: every weight comes from load_path, this file is not read
+        _check_checkpoint_file(path_key, path, spec.what)
 
 
 def check_files(config: Mapping, data: bool = True) -> None:
-    """The files and folders the run reads or writes, before any work: clip_path (+ clip_sha256), coca_path
-    (+ coca_sha256), load_path's format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's)
+    """The files and folders the run reads or writes, before any work: the backbones' weights files (+ their SHA-256
+    keys; their cards' ``weights``), load_path's format, resume_from, dcp_dynamic_queries, log_dir and (``data``: the DataModule's)
     the tokenizer folder, missing_table_root and pixel_cache (a bool or a string; the folder exists or can be
     created)."""
-    backbone, test_only = config.get("backbone", "vilt"), bool(config.get("test_only"))
-    for owner in WEIGHT_FILES:
+    card, test_only = _card(config), bool(config.get("test_only"))
+    backbone = card.name
+    for owner in _weight_cards():
         _check_weights_file(config, owner, backbone, test_only)
     load_path = str(config.get("load_path") or "")
     if load_path and Path(load_path).is_dir():
-        if not test_only and backbone in ("clip", "coca"):
+        if not test_only and card.weights.key != "load_path":
             _fail(f"load_path {load_path!r} is a folder; with backbone={backbone} load_path is a checkpoint file of "
                   "this classifier (e.g. <run_dir>/checkpoints/last.ckpt) or empty")
         if not test_only and not any((Path(load_path) / name).is_file() for name in HF_WEIGHT_FILES):
@@ -516,7 +471,7 @@ def check_files(config: Mapping, data: bool = True) -> None:
     if resume_from and not test_only and Path(resume_from).exists():
         _check_checkpoint_file("resume_from", resume_from, "the last.ckpt (or best-*.ckpt) of an mdpl training run")
     tokenizer = str(config.get("tokenizer") or "")
-    if data and backbone == "vilt" and tokenizer:
+    if data and card.tokenizer == "bert" and tokenizer:
         folder = Path(tokenizer)
         if not folder.exists():
             _fail(f"tokenizer={tokenizer!r} does not exist; set tokenizer=<folder with bert-base-uncased's vocab.txt> "

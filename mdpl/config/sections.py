@@ -1,0 +1,159 @@
+"""The sections of a run config: one frozen dataclass per concern, each field a config key with its default.
+
+``config.py`` (the Sacred entry) takes its defaults from here; the backbone's section is its card's sizes dataclass
+(``mdpl.backbones.card``) and the method's its ``MethodConfig``. A default that follows from the method, dataset or
+backbone (seed, learning rate, backbone, missing type, ``dynamic_text_padding``, ``image_size``) is filled by
+``mdpl.config.run_config.derived_defaults``; the field default here is what holds without a method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SPLITS = ("train", "val", "test")
+
+
+def _per_split(value: Any) -> Any:
+    return field(default_factory=lambda: dict.fromkeys(SPLITS, value))
+
+
+@dataclass(frozen=True)
+class Section:
+    """Base of the sections: the field names are the flat config keys."""
+
+    TITLE: ClassVar[str] = ""
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "Section":
+        """The section from a flat config; absent keys keep their defaults."""
+        return cls(**{key: flat[key] for key in cls.keys() if key in flat})
+
+    def to_flat(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.keys()}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(Section):
+    """What runs: the method, the backbone, the seed, the run's name."""
+
+    TITLE = "experiment"
+    exp_name: str = "mdpl"
+    prompt_method: str = ""       # required: a registered method (or the preset of that name)
+    method_sizes: str = "paper"   # defaults of the method's own keys: the papers' or 'tiny'
+    backbone: str = "vilt"        # a registered backbone; default: the method's paper backbone
+    seed: int = 0                 # default: the method's paper seed
+
+
+@dataclass(frozen=True)
+class LoggingConfig(Section):
+    """Where runs are written and which loggers write them."""
+
+    TITLE = "logging"
+    log_dir: str = "result"
+    logger: Any = "tensorboard,csv"
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """The dataset, its loaders and the text/image pipeline options."""
+
+    TITLE = "data"
+    dataset: str = "mmimdb"
+    data_root: str = ""
+    num_workers: int = 8
+    batch_size: int = 256
+    per_gpu_batchsize: int = 4
+    dynamic_text_padding: bool = False   # default: on where the method's outputs do not depend on padding
+    tokenizer: str = ""
+    mmimdb_items: str = "plot"
+    pixel_cache: Any = ""
+
+
+@dataclass(frozen=True)
+class MissingConfig(Section):
+    """Missing modalities (docs/methods.md §1.4) and the evaluation sweep."""
+
+    TITLE = "missing"
+    missing_ratio: dict = _per_split(0.7)
+    missing_type: dict = _per_split("both")   # default: the method's reference setting
+    both_ratio: float = 0.5
+    missing_table_root: str = ""
+    reference_missing_tables: dict = _per_split("")
+    simulate_missing: bool = False
+    test_ratio: Any = None
+    test_type: Any = None
+    test_types: Any = None
+    test_ratios: Any = None
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The classifier around the backbone: the file it starts from and what trains."""
+
+    TITLE = "model"
+    load_path: str = ""
+    finetune: bool = False
+    frozen_eval_mode: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    """Optimizer and learning-rate schedule (docs/methods.md §7.3-7.4)."""
+
+    TITLE = "optimisation"
+    optimizer_impl: str = "legacy_hf"
+    learning_rate: float = 1e-4   # default: the method's reference value on the dataset
+    weight_decay: float = 0.01
+    lr_mult: float = 1
+    decay_power: Any = 1
+    end_lr: float = 0.0
+    max_epoch: int = 100
+    max_steps: Any = None
+    warmup_steps: Any = 2500
+
+
+@dataclass(frozen=True)
+class TrainerConfig(Section):
+    """Devices, precision, run length, resumption."""
+
+    TITLE = "trainer"
+    num_gpus: int = 1
+    num_nodes: int = 1
+    num_cpu_processes: int = 1
+    precision: Any = "bf16-mixed"
+    compile: bool = False
+    val_check_interval: Any = 1.0
+    test_only: bool = False
+    fast_dev_run: Any = False
+    deterministic: Any = "warn"
+    find_unused_parameters: bool = False
+    resume_from: str = ""
+    resume: bool = False
+    checkpoint_every_n_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DemoConfig(Section):
+    """The embedded demo (mdpl/demo.py)."""
+
+    TITLE = "demo"
+    demo: bool = False
+    demo_dir: str = "datasets/demo"
+    demo_samples: list = field(default_factory=lambda: [240, 60, 120])
+    demo_pretrain_epochs: int = 6
+    demo_pretrain_lr: float = 2e-3
+    demo_epochs: int = 4
+    demo_methods: list = field(default_factory=lambda: ["none", "map", "memprompt"])
+    demo_test_types: list = field(default_factory=lambda: ["text", "image", "both"])
+    demo_test_ratios: list = field(default_factory=lambda: [0.0, 0.3, 0.7, 1.0])
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "experiment": ExperimentConfig, "logging": LoggingConfig, "data": DataConfig, "missing": MissingConfig,
+    "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig}
+"""RunConfig attribute -> section class."""
