@@ -83,11 +83,12 @@ def robustness_figure(curves: Sequence[Curve], title: str = "", columns: int = 3
         for curve in mine:
             k = labels.index(curve.label)
             x = [100 * r for r in curve.rates]
-            ax.plot(x, list(curve.values), marker=MARKERS[k % 5], linestyle=LINESTYLES[k % 3],
+            (line,) = ax.plot(x, list(curve.values), marker=MARKERS[k % 5], linestyle=LINESTYLES[k % 3],
                     markersize=7 - k % 3, label=curve.label)
             if curve.spread is not None:
                 ax.fill_between(x, [v - s for v, s in zip(curve.values, curve.spread)],
-                                [v + s for v, s in zip(curve.values, curve.spread)], alpha=0.15)
+                                [v + s for v, s in zip(curve.values, curve.spread)], alpha=0.15,
+                                color=line.get_color())
         ax.set_title(panel)
         ax.set_xlabel("missing rate (%)")
         ax.set_ylabel(mine[0].ylabel if mine else "")
