@@ -344,7 +344,7 @@ class ClipBackbone(TwoTowerBackbone):
 
 @register_backbone("clip", weights_key="clip_path", model_keys=(
     "clip_embed_dim", "image_size", "clip_patch_size", "clip_vision_width", "clip_vision_layers",
-    "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"))
+    "clip_vision_head_width", "clip_text_width", "clip_text_heads", "clip_text_layers"), weights_file="ViT-B-16.pt")
 def build_clip_backbone(config: Mapping[str, Any]) -> ClipBackbone:
     """ClipBackbone from ``clip_*`` size keys with the weights of ``clip_path`` (`load_pretrained`: random init +
     warning if empty; not read with ``test_only``)."""

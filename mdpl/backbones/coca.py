@@ -321,7 +321,8 @@ class CocaBackbone(TwoTowerBackbone):
 @register_backbone("coca", weights_key="coca_path", model_keys=(
     "coca_embed_dim", "image_size", "coca_patch_size", "coca_vision_width", "coca_vision_layers",
     "coca_vision_head_width", "coca_attn_pooler_heads", "coca_context_length", "coca_text_width", "coca_text_heads",
-    "coca_text_layers", "coca_pool_prompts"))
+    "coca_text_layers", "coca_pool_prompts"),
+    weights_file="coca_ViT-B-32.bin")   # open_clip's coca_ViT-B-32 state dict (e.g. laion2b_s13b_b90k), renamed
 def build_coca_backbone(config: Mapping[str, Any]) -> CocaBackbone:
     """CocaBackbone from ``coca_*`` size keys and ``coca_pool_prompts``, with the weights of ``coca_path``
     (`load_pretrained`: random init + warning if empty; not read with ``test_only``)."""

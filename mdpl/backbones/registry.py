@@ -26,18 +26,23 @@ class BackboneEntry:
     weights_key: str
     model_keys: tuple[str, ...] = ()
     """The size keys that define the model: a checkpoint evaluated with ``test_only`` must agree on them."""
+    weights_file: str = ""
+    """File name of the paper's pre-trained weights in a weights folder (``scripts/reproduce.py --weights``)."""
+    tokenizer_dir: str = ""
+    """Folder of its WordPiece vocabulary in a weights folder ('': the backbone reads OpenAI BPE texts)."""
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 
 
-def register_backbone(name: str, weights_key: str, model_keys: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under `name` (the config's ``backbone``)."""
+def register_backbone(name: str, weights_key: str, model_keys: tuple[str, ...] = (), weights_file: str = "",
+                      tokenizer_dir: str = "") -> Callable[[Builder], Builder]:
+    """Decorator registering a builder under `name` (the config's ``backbone``); see `BackboneEntry`."""
 
     def deco(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build.__qualname__ != build.__qualname__:
             raise ValueError(f"backbone {name!r} registered twice")
-        _REGISTRY[name] = BackboneEntry(build, weights_key, tuple(model_keys))
+        _REGISTRY[name] = BackboneEntry(build, weights_key, tuple(model_keys), weights_file, tokenizer_dir)
         return build
 
     return deco

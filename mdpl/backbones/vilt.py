@@ -358,7 +358,8 @@ def build_vilt_head(hidden_size: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-@register_backbone("vilt", weights_key="load_path", model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"))
+@register_backbone("vilt", weights_key="load_path", model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"),
+                   weights_file="vilt_200k_mlm_itm.ckpt", tokenizer_dir="bert-base-uncased")
 def build_vilt_backbone(config: Mapping[str, Any]) -> ViLTBackbone:
     """ViLT from its size keys, with the pre-trained checkpoint ``load_path`` (skipped with ``test_only``: the
     evaluated checkpoint holds every weight)."""

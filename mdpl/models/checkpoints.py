@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mdpl.backbones.clip_weights import check_state_dict
-from mdpl.backbones.vilt_weights import REFERENCE_PROMPT_KEYS, load_reference_checkpoint
+from mdpl.backbones.vilt_weights import load_reference_checkpoint, reference_prompt_keys
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import complete_method_keys
 from mdpl.prompts.registry import method_class
@@ -72,7 +72,7 @@ def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str,
     config = complete_method_keys(config)
     backbone, method = config.get("backbone", "vilt"), str(config.get("prompt_method"))
     if backbone == "vilt":
-        if method != "none" and method not in REFERENCE_PROMPT_KEYS:
+        if method != "none" and method not in reference_prompt_keys():
             raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
                                  f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
         load_reference_checkpoint(model, checkpoint, config)
