@@ -19,7 +19,6 @@ are whatever the run gives: the synthetic data is not tuned to make any method w
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -191,49 +190,35 @@ def comparison(rows: Sequence[Mapping], primary: str) -> tuple[list[str], dict[s
 
 def format_table(columns: Sequence[str], table: Mapping[str, Mapping[str, float]], primary: str) -> str:
     """Markdown table: rows = methods, columns = scenarios, ``primary`` x 100."""
-    head = "| method | " + " | ".join(columns) + " |"
+    from mdpl.report import markdown_table
+
+    body = ([method_title(method), *("–" if math.isnan(values.get(c, math.nan)) else f"{100 * values[c]:.1f}"
+                                     for c in columns)] for method, values in table.items())
     lines = [f"{primary} (x100) on the synthetic Food-101 test split, by missing scenario:", "",
-             head, "|---|" + "---:|" * len(columns)]
-    for method, values in table.items():
-        cells = ["–" if math.isnan(values.get(c, math.nan)) else f"{100 * values[c]:.1f}" for c in columns]
-        lines.append(f"| {method_title(method)} | " + " | ".join(cells) + " |")
+             *markdown_table(["method", *columns], body, "l" + "r" * len(columns))]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
-    """One panel per missing type: ``primary`` vs missing rate, one line per method (matplotlib Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per missing type: ``primary`` vs missing rate, one line per method (``mdpl.report``)."""
+    from mdpl.report import Curve, plot_robustness
 
-    types = list(dict.fromkeys(r["type"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.8), sharey=True, squeeze=False)
-    for ax, t in zip(axes[0], types):
-        for m in methods:
+    curves = []
+    for t in dict.fromkeys(r["type"] for r in rows):
+        for m in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((float(r["ratio"]), float(r[primary])) for r in rows if r["type"] == t and r["method"] == m)
-            ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=method_title(m))
-        ax.set_title(f"{t} missing")
-        ax.set_xlabel("missing rate at test time (%)")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel(f"{primary} (x100)")
-    axes[0][-1].legend()
-    fig.suptitle("mdpl demo: synthetic Food-101, tiny ViLT")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            curves.append(Curve(f"{t} missing", method_title(m), [x for x, _ in pts], [100 * y for _, y in pts],
+                                ylabel=f"{primary} (x100)"))
+    return plot_robustness(curves, path, "mdpl demo: synthetic Food-101, tiny ViLT")
 
 
 def write_report(rows: Sequence[Mapping], primary: str, out: Path, seconds: float) -> dict:
+    from mdpl.report import write_csv
+
     columns, table = comparison(rows, primary)
     text = format_table(columns, table, primary)
     (out / "results.md").write_text(text, encoding="utf-8")
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", "type", "ratio", primary])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"method": r["method"], "type": r["type"], "ratio": r["ratio"], primary: r[primary]})
+    write_csv(rows, out / "results.csv", columns=["method", "type", "ratio", primary])
     png = plot(rows, primary, out / "demo_results.png")
     (out / "results.json").write_text(json.dumps({"primary": primary, "columns": columns, "table": table,
                                                   "seconds": seconds}, indent=2), encoding="utf-8")

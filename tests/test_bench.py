@@ -1,40 +1,48 @@
-"""scripts/bench.py: the smallest run produces a full table; its FLOPs are FlopCounterMode counts of each row's
-own forward / training step (equal to a direct count on the same model and batches, and the forward to the
+"""scripts/bench.py and mdpl.bench: the smallest run produces a full table; its FLOPs are FlopCounterMode counts of
+each row's own forward / training step (equal to a direct count on the same model and batches, and the forward to the
 count of the math attention decomposition), and its MFU is FLOPs / step time / peak as printed."""
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mdpl.bench.batches import synthetic_batch
+from mdpl.bench.models import build_model, resolve_config
+from mdpl.bench.steps import bench_row
+from mdpl.data.registry import dataset_spec
+from mdpl.prompts.registry import available_methods
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("mdpl_bench", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mdpl_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+def bench_cli(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """scripts/bench.py in a subprocess: (its --json result, its stdout)."""
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text()), res.stdout
 
 
-bench = _load_bench()
+def options(**overrides) -> argparse.Namespace:
+    """The options of one `--small --steps 1 --warmup 0` row, as scripts/bench.py parses them."""
+    return argparse.Namespace(**{"small": True, "steps": 1, "warmup": 0, "text_padding": "default", "backbone": "paper",
+                                 "compile": False, "peak_tflops": None, "tf32": False, **overrides})
 
 
 def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
-    out = tmp_path / "bench.json"
-    result = bench.main(["--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets", "hatememes",
-                         "--precisions", "fp32,bf16-mixed", "--json", str(out), "--loader-workers", "0",
-                         "--loader-batches", "2", "--loader-rows", "12", "--loader-batch-size", "4"])
-    saved = json.loads(out.read_text())
-    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    saved, _ = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets",
+                         "hatememes", "--precisions", "fp32,bf16-mixed", "--loader-workers", "0",
+                         "--loader-batches", "2", "--loader-rows", "12", "--loader-batch-size", "4")
     rows = {(r["method"], r["precision"]): r for r in saved["rows"]}
-    assert set(rows) == {(m, p) for m in bench.METHODS for p in ("fp32", "bf16-mixed")}
+    assert set(rows) == {(m, p) for m in available_methods() for p in ("fp32", "bf16-mixed")}
     for (method, _), r in rows.items():
         assert r["status"] == "ok" and r["batch"] == 8 and r["dataset"] == "hatememes"
         assert r["backbone"] == ("clip" if method == "dcp" else "vilt")
@@ -50,8 +58,7 @@ def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
 
 
 def test_fp16_is_skipped_on_cpu():
-    args = bench.parse_args(["--small", "--steps", "1", "--warmup", "0"])
-    row = bench.bench_row("none", "hatememes", "fp16-mixed", 2, args, torch.device("cpu"))
+    row = bench_row("none", "hatememes", "fp16-mixed", 2, options(), torch.device("cpu"))
     assert row["status"].startswith("skipped")
 
 
@@ -71,12 +78,12 @@ def direct_counts(method: str, dataset: str, batch_size: int, math_attention: bo
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
-    cfg = bench.resolve_config(method, dataset, True, {"per_gpu_batchsize": batch_size})   # the bench's defaults
+    cfg = resolve_config(method, dataset, True, {"per_gpu_batchsize": batch_size})   # the bench's defaults
     torch.manual_seed(0)
-    model = bench.build_model(cfg)
+    model = build_model(cfg)
     counts = []
     for seed in range(2):
-        batch = bench.synthetic_batch(cfg, batch_size, "small", torch.device("cpu"), seed=seed)
+        batch = synthetic_batch(cfg, batch_size, "small", torch.device("cpu"), seed=seed)
         with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
             model.eval()
             with FlopCounterMode(display=False, custom_mapping=formulas) as forward, torch.inference_mode():
@@ -90,11 +97,11 @@ def direct_counts(method: str, dataset: str, batch_size: int, math_attention: bo
 
 
 @pytest.mark.parametrize("method", ["none", "map", "memprompt", "dcp"])
-def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, capsys):
+def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, tmp_path):
     batch_size, peak = 4, 0.002
-    result = bench.main(["--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets", "mmimdb",
-                         "--precisions", "fp32", "--batch-size", str(batch_size), "--methods", method,
-                         "--peak-tflops", str(peak), "--no-loader"])
+    result, stdout = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets",
+                               "mmimdb", "--precisions", "fp32", "--batch-size", str(batch_size), "--methods", method,
+                               "--peak-tflops", str(peak), "--no-loader")
     row = result["rows"][0]
     assert row["status"] == "ok" and row["peak_tflops"] == peak
     fused, math = direct_counts(method, "mmimdb", batch_size, False), direct_counts(method, "mmimdb", batch_size, True)
@@ -115,15 +122,15 @@ def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, capsys):
         seconds = row[f"{phase}_step_ms"] / 1e3
         assert row[f"{phase}_tflops_per_s"] == pytest.approx(flops / seconds / 1e12, rel=1e-9)
         assert row[f"{phase}_mfu"] == pytest.approx(flops / seconds / 1e12 / peak, rel=1e-9)
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(method))
+    line = next(l for l in stdout.splitlines() if l.startswith(method))
     fields = line.split()
     assert fields[-3] == format(row["train_gflops_per_sample"], ".3g")
     assert fields[-2:] == [f"{100 * row['train_mfu']:.1f}%", f"{100 * row['eval_mfu']:.1f}%"]
 
 
 def test_synthetic_batch_follows_the_contract():
-    cfg = bench.resolve_config("map", "mmimdb", True, {"dynamic_text_padding": False})
-    batch = bench.synthetic_batch(cfg, 6, "small", torch.device("cpu"))
+    cfg = resolve_config("map", "mmimdb", True, {"dynamic_text_padding": False})
+    batch = synthetic_batch(cfg, 6, "small", torch.device("cpu"))
     assert batch["image"].shape[:2] == (6, 3) and batch["image"].shape[2] > batch["image"].shape[3]  # posters
     assert batch["text_ids"].shape == (6, cfg["max_text_len"]) and batch["text_ids"].dtype == torch.long
     assert set(batch["missing_type"].tolist()) == {0, 1, 2}
@@ -137,9 +144,9 @@ def test_synthetic_batch_follows_the_contract():
 
 
 def test_dynamic_text_padding_cuts_the_batch_to_its_longest_text():
-    full = bench.synthetic_batch(bench.resolve_config("map", "mmimdb", True), 6, "small", torch.device("cpu"))
-    cfg = bench.resolve_config("map", "mmimdb", True, {"dynamic_text_padding": True})
-    cut = bench.synthetic_batch(cfg, 6, "small", torch.device("cpu"))
+    full = synthetic_batch(resolve_config("map", "mmimdb", True), 6, "small", torch.device("cpu"))
+    cfg = resolve_config("map", "mmimdb", True, {"dynamic_text_padding": True})
+    cut = synthetic_batch(cfg, 6, "small", torch.device("cpu"))
     longest = int(full["text_masks"].sum(dim=1).max())
     assert longest < cfg["max_text_len"]
     assert cut["text_ids"].shape == (6, longest)
@@ -149,18 +156,17 @@ def test_dynamic_text_padding_cuts_the_batch_to_its_longest_text():
 
 def test_training_memory_counts_the_first_step():
     """The meter starts before the warm-up, so gradients + optimizer state (allocated once) are seen on CPU."""
-    args = bench.parse_args(["--small", "--steps", "1", "--warmup", "1", "--text-padding", "dynamic"])
-    row = bench.bench_row("memprompt", "hatememes", "fp32", 4, args, torch.device("cpu"))
+    row = bench_row("memprompt", "hatememes", "fp32", 4, options(warmup=1, text_padding="dynamic"), torch.device("cpu"))
     assert row["status"] == "ok" and row["dynamic_text_padding"] is True
-    assert row["text_len"] < bench.SMALL_TEXT_LEN["hatememes"]
+    assert row["text_len"] < dataset_spec("hatememes").bench_small_text_len
     if row["mem_kind"] == "rss_peak_delta" and row["train_peak_mib"] is not None:
         assert row["train_peak_mib"] > 0
 
 
-def test_every_backbone_is_benchmarked_with_backbone_option():
+def test_every_backbone_is_benchmarked_with_backbone_option(tmp_path):
     """`--backbone coca` runs every method on CoCa (the default pairs each method with its paper's backbone)."""
-    result = bench.main(["--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets", "hatememes",
-                         "--precisions", "fp32", "--batch-size", "4", "--methods", "map,dcp", "--backbone", "coca",
-                         "--no-loader"])
+    result, _ = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets",
+                          "hatememes", "--precisions", "fp32", "--batch-size", "4", "--methods", "map,dcp",
+                          "--backbone", "coca", "--no-loader")
     assert [(r["method"], r["backbone"], r["status"]) for r in result["rows"]] == [("map", "coca", "ok"),
                                                                                   ("dcp", "coca", "ok")]

@@ -140,10 +140,8 @@ def test_cross_pairing_learns_and_test_only_reproduces(data, request, method, ba
 def test_aggregate_method_backbone_table(tmp_path) -> None:
     """scripts/aggregate.py --method-backbone: rows = method, columns = backbone, one table per scenario."""
     import csv
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("aggregate", Path(__file__).resolve().parents[1] / "scripts" / "aggregate.py")
-    agg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agg)
+    import subprocess
+    import sys
     for i, (method, backbone) in enumerate((m, b) for m in PRESET for b in SWITCH):
         for seed in (0, 1):
             folder = tmp_path / "runs" / f"{method}_{backbone}_s{seed}"
@@ -155,7 +153,10 @@ def test_aggregate_method_backbone_table(tmp_path) -> None:
                     writer.writerow(["hatememes", method, backbone, "x.ckpt", "both", ratio, seed,
                                      repr(0.6 + 0.01 * i + 0.02 * seed - ratio / 10), "0.5"])
     out = tmp_path / "cmp"
-    assert agg.main([str(tmp_path / "runs"), "--out", str(out), "--method-backbone"]) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "aggregate.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--out", str(out), "--method-backbone"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
     table = (out / "method_backbone.md").read_text()
     assert table.count("| method | clip | vilt |") == 2          # one table per scenario (both 30 %, both 70 %)
     assert "## hatememes: AUROC (×100, mean ± std over seeds), missing both 30%" in table

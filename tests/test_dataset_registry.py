@@ -280,4 +280,6 @@ def test_builtin_text_length_is_the_task_configs(dataset) -> None:
     from runs import resolved_config
 
     cfg = resolved_config([f"task_finetune_{dataset}", "baseline"], {})
-    assert cfg["dataset"] == dataset and cfg["max_text_len"] == dataset_spec(dataset).max_text_len
+    spec = dataset_spec(dataset)
+    assert cfg["dataset"] == dataset and cfg["max_text_len"] == spec.max_text_len
+    assert (cfg["max_epoch"], cfg["val_check_interval"]) == (spec.max_epoch, spec.val_check_interval)

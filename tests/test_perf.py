@@ -2,7 +2,6 @@
 text padding, opt-in torch.compile, bf16-mixed default. Each must leave the numbers unchanged."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -22,15 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_engine import StubClassifier, StubDataModule, make_config  # noqa: E402
 
-
-def _bench():
-    if "mdpl_bench" in sys.modules:
-        return sys.modules["mdpl_bench"]
-    spec = importlib.util.spec_from_file_location("mdpl_bench", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mdpl_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+from mdpl.bench.batches import synthetic_batch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- non-finite loss guard
@@ -95,16 +86,17 @@ def test_metrics_ignore_index_without_boolean_indexing() -> None:
 
 # -------------------------------------------------------------------------- ViLT host patch count
 def _vilt(method: str, dataset: str = "mmimdb", **overrides):
-    bench = _bench()
-    cfg = bench.resolve_config(method, dataset, True, {"drop_rate": 0.0, **overrides})
+    from mdpl.bench.models import build_model, resolve_config
+
+    cfg = resolve_config(method, dataset, True, {"drop_rate": 0.0, **overrides})
     torch.manual_seed(0)
-    return cfg, bench.build_model(cfg).eval()
+    return cfg, build_model(cfg).eval()
 
 
 @pytest.mark.parametrize("max_image_len", [-1, 5])
 def test_host_sizes_give_the_same_patch_sequence(max_image_len: int) -> None:
     cfg, model = _vilt("memprompt", max_image_len=max_image_len)
-    batch = _bench().synthetic_batch(cfg, 6, "small", torch.device("cpu"), seed=2)
+    batch = synthetic_batch(cfg, 6, "small", torch.device("cpu"), seed=2)
     host = tuple((int(h), int(w)) for h, w in batch["image_sizes"].tolist())
     bb = model.backbone
     a, ma = bb.embed_image(batch["image"], batch["image_sizes"])
@@ -159,7 +151,7 @@ def test_dynamic_text_padding_is_padding_invariant(method: str, overrides: dict,
     """Masked methods give the same logits when the batch is cut to its longest text; MemPrompt's reference
     text max-pool over [PAD] does not (why dynamic_text_padding turns on text-side masking)."""
     cfg, model = _vilt(method, **overrides)
-    batch = _bench().synthetic_batch(cfg, 6, "small", torch.device("cpu"), seed=3)
+    batch = synthetic_batch(cfg, 6, "small", torch.device("cpu"), seed=3)
     short = _trim(batch)
     assert short["text_ids"].shape[1] < batch["text_ids"].shape[1]
     with torch.no_grad():
@@ -194,7 +186,7 @@ def test_compile_option_keeps_checkpoint_keys() -> None:
 def test_compile_option_runs_a_training_step() -> None:
     cfg, _ = _vilt("map", dataset="hatememes")
     module = MDPLModule({**cfg, "compile": True})
-    batch = _bench().synthetic_batch(cfg, 4, "small", torch.device("cpu"), seed=0)
+    batch = synthetic_batch(cfg, 4, "small", torch.device("cpu"), seed=0)
     t0 = time.perf_counter()
     try:
         loss = module.training_step(batch, 0)

@@ -1,4 +1,4 @@
-"""scripts/reproduce.py: the paper-reproduction driver over run.py.
+"""scripts/reproduce.py and mdpl.experiments: the paper-reproduction driver over run.py.
 
 * every table's --dry-run exits 0 and prints one command per runnable cell and seed, with the keys the cell
   means (checked exactly on a few cells) and keys that run.py's config has; run.py's own CLI parses them;
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -22,20 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from mdpl.data.registry import BUILTIN_DATASETS, dataset_spec
+from mdpl.experiments import estimate, executor, matrix, results, summary
+from mdpl.experiments.matrix import Context
+from mdpl.experiments.papers import dcp as dcp_paper
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "reproduce.py"
 PAPER_CSV = REPO / "scripts" / "paper_results.csv"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module          # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-rp = _load()
+TABLES = matrix.tables()
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,7 +54,7 @@ def dry_run_commands(stdout: str) -> dict[tuple[str, str, int], list[str]]:
 
 
 def cell_by(table: str, **want):
-    found = [c for c in rp.TABLES[table].cells
+    found = [c for c in TABLES[table].cells
              if all(getattr(c, k) == v for k, v in want.items() if k != "keys") and
              ("keys" not in want or dict(c.keys) == want["keys"])]
     assert len(found) == 1, (table, want, found)
@@ -77,7 +73,7 @@ def dry_all(tmp_path_factory):
 
 def test_dry_run_every_table_one_command_per_runnable_cell_and_seed(dry_all):
     commands = dry_all["commands"]
-    for name, table in rp.TABLES.items():
+    for name, table in TABLES.items():
         got = {(cell, seed) for t, cell, seed in commands if t == name}
         assert got == {(c.id, s) for c in table.runnable for s in (0, 1)}, name
     for argv in commands.values():
@@ -86,7 +82,7 @@ def test_dry_run_every_table_one_command_per_runnable_cell_and_seed(dry_all):
         assert len(keys) == len(set(keys)), argv                      # no key given twice
     assert not list(dry_all["out"].iterdir())                          # a dry run writes nothing
     # every not-yet-expressible cell is named with its switch, never run
-    for name, table in rp.TABLES.items():
+    for name, table in TABLES.items():
         for cell in table.cells:
             if cell.needs:
                 assert f"# skip {name} {cell.id} [{cell.label}]: not yet expressible: needs {cell.needs}" \
@@ -178,18 +174,18 @@ def test_table5_budget_keys_match_their_counts():
 
     base = trainable(["task_finetune_mmimdb", "baseline", "on_clip"], {})
     assert base == 419_351
-    table = rp.TABLES["dcp_table5"]
-    assert {(c.method, c.label.split()[1]) for c in table.runnable} == set(rp.TABLE5_KEYS)
+    table = TABLES["dcp_table5"]
+    assert {(c.method, c.label.split()[1]) for c in table.runnable} == set(dcp_paper.TABLE5_KEYS)
     for cell in table.runnable:
         budget = float(cell.label.split()[1][:-1]) * 1e6
-        count = trainable(rp.named_configs(cell, tiny=False), dict(cell.keys)) - base
-        assert count == rp.TABLE5_KEYS[(cell.method, cell.label.split()[1])][1], cell.label
+        count = trainable(matrix.named_configs(cell, tiny=False), dict(cell.keys)) - base
+        assert count == dcp_paper.TABLE5_KEYS[(cell.method, cell.label.split()[1])][1], cell.label
         assert abs(count - budget) <= 0.04 * budget, (cell.label, count)   # worst: MMP 0.2M, +3.7 %
         assert f"{count / 1e6:.2f} M method parameters" in cell.note
     assert trainable(["task_finetune_mmimdb", "dcp"], {"prompt_length": 3, "prompt_depth": 1}) - base == \
-        rp.TABLE5_MIN_DCP
+        dcp_paper.TABLE5_MIN_DCP
     assert not any(c.needs for c in table.cells)
-    assert {budget for (method, budget), (keys, _) in rp.TABLE5_KEYS.items()
+    assert {budget for (method, budget), (keys, _) in dcp_paper.TABLE5_KEYS.items()
             if method == "dcp" and any(k.startswith("dcp_") for k, _ in keys)} == {"0.2M", "1.6M", "2.8M"}
 
 
@@ -232,7 +228,7 @@ def _version_dirs(out: Path) -> set[Path]:
 def test_tiny_table_end_to_end_then_resume(tmp_path):
     """dcp_length (5 cells with a paper number each) on synthetic data, one seed, 2 runs at a time; then a second
     run skips every cell; then a run whose results.csv is gone is re-evaluated, not retrained."""
-    table = rp.TABLES["dcp_length"]
+    table = TABLES["dcp_length"]
     started = time.perf_counter()
     res = cli("dcp_length", "--tiny", "--out", str(tmp_path), "--seeds", "0", "--jobs", "2")
     elapsed = time.perf_counter() - started
@@ -269,31 +265,32 @@ def test_tiny_table_end_to_end_then_resume(tmp_path):
 
     # a finished training without the cell's results (e.g. the table gained a scenario): evaluated, not retrained
     first = table.cells[0]
-    (done,) = [p for p in runs if p.is_relative_to(rp.seed_dir(first, _tiny_ctx(tmp_path), 0))]
+    (done,) = [p for p in runs if p.is_relative_to(matrix.seed_dir(first, _tiny_ctx(tmp_path), 0))]
     (done / "results.csv").unlink()
     res = cli("dcp_length", "--tiny", "--out", str(tmp_path), "--seeds", "0")
     assert res.returncode == 0, res.stderr[-3000:]
     new = _version_dirs(tmp_path) - runs
     assert len(new) == 1 and (next(iter(new)).parents[1].name == "eval"), new
     assert f"{first.id} [{first.label}] seed 0: evaluating ..." in res.stdout
-    log = (rp.seed_dir(first, _tiny_ctx(tmp_path), 0) / "eval.log").read_text()
+    log = (matrix.seed_dir(first, _tiny_ctx(tmp_path), 0) / "eval.log").read_text()
     assert "test_only=True" in log and f"load_path={done}/checkpoints/best-" in log
 
 
 def _tiny_ctx(out: Path):
-    return rp.Context(out=out, tiny=True, seeds=(0,))
+    return Context(out=out, tiny=True, seeds=(0,))
 
 
 # ------------------------------------------------------------------------------------------------ (d)
 def _shard_ids(capsys, table: str, shard: str) -> list[str]:
-    assert rp.main([table, "--dry-run", "--data-root", "/d", "--weights", "/w", "--out", "/nonexistent/out",
-                    "--seeds", "0", "--cells", shard]) == 0
+    ctx = Context(out=Path("/nonexistent/out"), data_root="/d", weights="/w", seeds=(0,))
+    i, n = (int(v) for v in shard.split("/"))
+    assert executor.execute(TABLES[table], ctx, (i, n), dry_run=True) == 0
     return [cell for (_, cell, _) in dry_run_commands(capsys.readouterr().out)]
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_cells_shards_partition_the_runnable_cells(capsys, n):
-    for name, table in rp.TABLES.items():
+    for name, table in TABLES.items():
         shards = [_shard_ids(capsys, name, f"{i}/{n}") for i in range(1, n + 1)]
         flat = [c for s in shards for c in s]
         assert sorted(flat) == sorted(c.id for c in table.runnable), name     # every cell once
@@ -306,12 +303,13 @@ def test_cli_refuses_bad_arguments(tmp_path):
     for args in (["dcp_main", "--cells", "0/2", "--dry-run"], ["dcp_main", "--cells", "3/2", "--dry-run"],
                  ["nope", "--dry-run"], ["dcp_main"], ["dcp_main", "--dry-run", "--set", "seed=3"],
                  ["dcp_main", "--dry-run", "--seeds", "0,0"], ["dcp_main", "--dry-run", "--jobs", "0"]):
-        with pytest.raises(SystemExit) as err:
-            rp.main([*args, "--out", str(tmp_path)])
-        assert err.value.code == 2, args
+        res = cli(*args, "--out", str(tmp_path))
+        assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("scripts/reproduce.py: error:"), args
+    for key in ("coca_path", "clip_path", "load_path"):   # the weight files are the driver's (--weights)
+        assert cli("dcp_main", "--dry-run", "--set", f"{key}=/elsewhere", "--out", str(tmp_path)).returncode == 2
     # a real run checks its data and weights before running anything
-    assert rp.main(["dcp_fig3", "--data-root", str(tmp_path / "no"), "--weights", str(tmp_path / "w"),
-                    "--out", str(tmp_path / "out"), "--seeds", "0"]) == 1
+    assert cli("dcp_fig3", "--data-root", str(tmp_path / "no"), "--weights", str(tmp_path / "w"),
+               "--out", str(tmp_path / "out"), "--seeds", "0").returncode == 1
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -331,12 +329,12 @@ def test_registry_and_paper_results():
                        "memprompt/abstract/food101/memprompt": "77.06"}.items():
         assert values[pid] == value, pid
     assert sum(r["source"] == "Table 4" for r in paper) == 3 * 9 * 10
-    ctx = rp.Context(out=Path("/x"))
+    ctx = Context(out=Path("/x"))
     counts = {}
-    for name, table in rp.TABLES.items():
+    for name, table in TABLES.items():
         ids_t = [c.id for c in table.cells]
         assert len(ids_t) == len(set(ids_t)), name
-        keys = [rp.run_key(c, ctx) for c in table.runnable]
+        keys = [matrix.run_key(c, ctx) for c in table.runnable]
         assert len(keys) == len(set(keys)), name          # shards of one table never train the same run
         for cell in table.cells:
             assert not cell.paper or cell.paper in values, (name, cell.paper)
@@ -345,41 +343,38 @@ def test_registry_and_paper_results():
     assert counts["dcp_fig5"] == (3, 3) and counts["dcp_table6_coca"] == (18, 18) and counts["dcp_design"] == (14, 14)
     assert counts["dcp_table5"] == (12, 12)
     assert sum(c for c, _ in counts.values()) == 238 and sum(r for _, r in counts.values()) == 238
-    assert len({rp.run_key(c, ctx) for t in rp.TABLES.values() for c in t.runnable}) == 170
+    assert len({matrix.run_key(c, ctx) for t in TABLES.values() for c in t.runnable}) == 170
     # the CoCa runs are their own: no other table trains a CoCa run, and each names the backbone in its folder
-    coca = {rp.run_key(c, ctx) for c in rp.TABLES["dcp_table6_coca"].runnable}
+    coca = {matrix.run_key(c, ctx) for c in TABLES["dcp_table6_coca"].runnable}
     assert len(coca) == 18 and all("@coca-" in k for k in coca)
-    assert not coca & {rp.run_key(c, ctx) for n, t in rp.TABLES.items() if n != "dcp_table6_coca" for c in t.runnable}
+    assert not coca & {matrix.run_key(c, ctx) for n, t in TABLES.items() if n != "dcp_table6_coca" for c in t.runnable}
     # the DCP cells of Table 4 all carry their paper number
-    assert all(c.paper for c in rp.TABLES["dcp_main"].cells if c.method == "dcp")
+    assert all(c.paper for c in TABLES["dcp_main"].cells if c.method == "dcp")
 
 
 def test_resource_keys_do_not_change_a_runs_identity():
     """--set of a resource key (pixel_cache: an exact loader cache; weight checksums) keeps the run folder; a key
     that changes what the run computes gives another one."""
     cell = cell_by("dcp_table6_coca", dataset="mmimdb", method="dcp", train=("both", 0.7))
-    base = rp.Context(out=Path("/x"))
-    key = rp.run_key(cell, base)
+    base = Context(out=Path("/x"))
+    key = matrix.run_key(cell, base)
     for extra in (("pixel_cache", "True"), ("pixel_cache", "/cache"), ("coca_sha256", "ab" * 32),
                   ("per_gpu_batchsize", "32")):
-        assert rp.run_key(cell, rp.Context(out=Path("/x"), sets=(extra,))) == key, extra
-    assert rp.run_key(cell, rp.Context(out=Path("/x"), sets=(("coca_pool_prompts", "True"),))) != key
-    assert "pixel_cache" in rp.RESOURCE_KEYS and rp.parse_set("pixel_cache=True") == ("pixel_cache", "True")
-    for driver_key in ("coca_path", "clip_path", "load_path"):
-        with pytest.raises(rp.argparse.ArgumentTypeError):
-            rp.parse_set(f"{driver_key}=/elsewhere")
+        assert matrix.run_key(cell, Context(out=Path("/x"), sets=(extra,))) == key, extra
+    assert matrix.run_key(cell, Context(out=Path("/x"), sets=(("coca_pool_prompts", "True"),))) != key
+    assert matrix.is_resource_key("pixel_cache") and matrix.is_resource_key("coca_sha256")
     # a real run checks the CoCa weights file before it starts
-    problems = rp.check_inputs([cell], rp.Context(out=Path("/x"), data_root="/nonexistent/arrow", weights="/nonexistent/w"))
+    problems = executor.check_inputs([cell], Context(out=Path("/x"), data_root="/nonexistent/arrow", weights="/nonexistent/w"))
     assert "missing: /nonexistent/w/coca_ViT-B-32.bin" in problems
 
 
 def test_report_mean_std_over_seeds_and_the_papers_split(tmp_path):
     """collect() from fabricated run outputs: mean ± sample std over seeds, val-split paper compared with the best
     validation score, a seed without results leaves the cell partial."""
-    ctx = rp.Context(out=tmp_path, seeds=(0, 1, 2))
+    ctx = Context(out=tmp_path, seeds=(0, 1, 2))
     cell = cell_by("dcp_length", x=12)
     for seed, (test, vals) in {0: (0.40, [0.30, 0.50]), 1: (0.44, [0.52])}.items():
-        run = rp.seed_dir(cell, ctx, seed) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
+        run = matrix.seed_dir(cell, ctx, seed) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
         (run / "csv").mkdir(parents=True)
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "best-epoch00-step1.ckpt").write_text("x")
@@ -389,60 +384,61 @@ def test_report_mean_std_over_seeds_and_the_papers_split(tmp_path):
                                          f"mmimdb,dcp,clip,c,both,0.7,{seed},{test},0.9,1.0\n")
         (run / "csv" / "metrics.csv").write_text("epoch,val/the_metric,step\n" +
                                                  "".join(f"0,{v},1\n,,2\n" for v in vals))
-    rows = rp.collect(rp.TABLES["dcp_length"], ctx, rp.load_paper())
+    rows = summary.collect(TABLES["dcp_length"], ctx, summary.load_paper(PAPER_CSV))
     row = rows[0]
     assert (row["n"], row["seeds"], row["status"]) == (2, "0 1", "2/3 seeds")
     assert float(row["ours_mean"]) == pytest.approx(42.0) and float(row["ours_std"]) == pytest.approx(2.8284, abs=1e-4)
     assert float(row["ours_val_best_mean"]) == pytest.approx(51.0)          # best of each run: 50, 52
     assert float(row["diff"]) == pytest.approx(51.0 - 53.56) and row["paper"] == "53.56"
     assert all(r["status"] == "pending" and r["ours_mean"] == "" for r in rows[1:])
-    md = rp.markdown(rp.TABLES["dcp_length"], rows, ctx, "")
+    md = summary.markdown(TABLES["dcp_length"], rows, ctx, "")
     assert "| 1 | prompt_length=12 | mmimdb | F1-Macro | both 70% | both 70% | 42.00 ± 2.83 | 51.00 ± 1.41 | 53.56 | " \
            "val | -2.56 | 2/3 seeds |" in md
     # a killed training (last.ckpt, no test) resumes; a finished one with missing scenarios is re-evaluated
     other = cell_by("dcp_length", x=24)
-    run = rp.seed_dir(other, ctx, 0) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
+    run = matrix.seed_dir(other, ctx, 0) / "finetune_mmimdb_seed0_from_scratch" / "version_0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_text("x")
-    assert rp.training_state(other, ctx, 0)[0] == "resume"
-    cmd = rp.train_command(other, ctx, 0, (["both"], [0.7]), resume=True)
+    assert results.training_state(other, ctx, 0)[0] == "resume"
+    cmd = matrix.train_command(other, ctx, 0, (["both"], [0.7]), resume=True)
     assert cmd[-1] == "resume=True"
-    assert rp.training_state(cell, ctx, 0)[0] == "trained"
+    assert results.training_state(cell, ctx, 0)[0] == "trained"
 
 
-def test_list_and_device_hours_from_bench_json(tmp_path, capsys):
-    assert rp.main(["--list"]) == 0
-    out = capsys.readouterr().out
-    for name in rp.TABLES:
+def test_list_and_device_hours_from_bench_json(tmp_path):
+    res = cli("--list")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for name in TABLES:
         assert f"\n{name} " in out
     assert "distinct training runs per seed" in out
     bench = {"rows": [{"method": m, "backbone": b, "dataset": d, "precision": "bf16-mixed", "status": "ok",
                        "train_samples_per_s": 100.0, "eval_samples_per_s": 400.0}
-                      for m, b in (("dcp", "clip"), ("map", "vilt")) for d in rp.DATASETS]}
+                      for m, b in (("dcp", "clip"), ("map", "vilt")) for d in BUILTIN_DATASETS]}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    ctx = rp.Context(out=tmp_path)
+    ctx = Context(out=tmp_path)
     cell = cell_by("dcp_length", x=12)
-    n_train, n_val, n_test = rp.NOMINAL_SIZES["mmimdb"]
+    n_train, n_val, n_test = dataset_spec("mmimdb").nominal_sizes
     expected = (20 * n_train / 100 + 20 * 5 * n_val / 400 + 1 * n_test / 400) / 3600
-    assert rp.run_hours(cell, ctx, bench["rows"], "bf16-mixed", 1) == pytest.approx(expected)
-    assert rp.main(["dcp_length", "--list", "--bench", str(tmp_path / "bench.json")]) == 0
-    out = capsys.readouterr().out
+    assert estimate.run_hours(cell, ctx, bench["rows"], "bf16-mixed", 1) == pytest.approx(expected)
+    res = cli("dcp_length", "--list", "--bench", str(tmp_path / "bench.json"))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
     assert "dcp_length" in out and "prompt_length=60" in out
 
 
-def test_device_hours_from_counted_flops_and_an_assumed_mfu(tmp_path, capsys):
+def test_device_hours_from_counted_flops_and_an_assumed_mfu(tmp_path):
     """--assume-mfu: sample passes x the bench's FLOPs per sample / (peak x MFU); rows of any precision serve."""
     bench = {"rows": [{"method": "dcp", "backbone": "clip", "dataset": d, "precision": "fp32", "status": "ok",
                        "train_samples_per_s": 1.0, "eval_samples_per_s": 2.0,
-                       "train_gflops_per_sample": 30.0, "eval_gflops_per_sample": 10.0} for d in rp.DATASETS]}
+                       "train_gflops_per_sample": 30.0, "eval_gflops_per_sample": 10.0} for d in BUILTIN_DATASETS]}
     cell = cell_by("dcp_length", x=12)
-    n_train, n_val, n_test = rp.NOMINAL_SIZES["mmimdb"]
+    n_train, n_val, n_test = dataset_spec("mmimdb").nominal_sizes
     flops = 1e9 * (20 * n_train * 30.0 + (20 * 5 * n_val + 2 * n_test) * 10.0)
-    got = rp.run_hours(cell, rp.Context(out=tmp_path), bench["rows"], "bf16-mixed", 2, mfu=0.25)
+    got = estimate.run_hours(cell, Context(out=tmp_path), bench["rows"], "bf16-mixed", 2, mfu=0.25)
     assert got == pytest.approx(flops / (989e12 * 0.25) / 3600)
-    assert rp.run_hours(cell, rp.Context(out=tmp_path), bench["rows"], "bf16-mixed", 2) is None   # no bf16 row
+    assert estimate.run_hours(cell, Context(out=tmp_path), bench["rows"], "bf16-mixed", 2) is None   # no bf16 row
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    assert rp.main(["dcp_length", "--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "0.25"]) == 0
-    assert "25% assumed MFU" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        rp.main(["--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "2"])
+    res = cli("dcp_length", "--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "0.25")
+    assert res.returncode == 0 and "25% assumed MFU" in res.stdout, res.stderr
+    assert cli("--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "2").returncode == 2

@@ -7,8 +7,9 @@ logit), then the one-pass sweep over 2 types x 2 ratios must reproduce, exactly,
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from sacred.initialize import create_run
 import run as run_script
 from config import ex
 from mdpl.data.missing import MissingSpec
-from mdpl.engine.sweep import robustness_figure, sweep_specs
+from mdpl.engine.sweep import robustness_curves, sweep_specs
+from mdpl.report import robustness_figure
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER_OVERRIDES = dict(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -81,16 +83,16 @@ def test_sweep_equals_separate_runs_and_outputs_agree(trained):
         expected = [round(100 * float(p["AUROC"]), 2) for p in parsed if p["type"] == t]
         assert cells == pytest.approx(expected, abs=0.005)
 
-    # robustness PNG: a real image; the figure has labelled axes and one line per missing type
+    # robustness PNG: a real image; the figure has one panel per missing type, labelled axes
     png = Path(swept["png"])
     assert png.name == "robustness_hatememes.png" and png.stat().st_size > 10_000
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 300
-    fig = robustness_figure(rows, "AUROC")
+    fig = robustness_figure(robustness_curves(rows, "AUROC"))
+    assert [a.get_title() for a in fig.axes] == [f"missing {t}" for t in TYPES]
     ax = fig.axes[0]
     assert ax.get_xlabel() == "missing rate (%)" and "AUROC" in ax.get_ylabel()
-    assert [line.get_label() for line in ax.get_lines()] == TYPES
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == TYPES
+    assert [line.get_label() for line in ax.get_lines()] == [f"{rows[0]['method']} ({rows[0]['backbone']})"]
     assert list(ax.get_lines()[0].get_xdata()) == [30.0, 80.0]
     assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([100 * r["AUROC"] for r in rows[:2]])
 
@@ -110,11 +112,10 @@ def test_sweep_specs_forms():
 
 
 # ------------------------------------------------------------------------------------ aggregate.py
-def _aggregate_module():
-    spec = importlib.util.spec_from_file_location("aggregate", REPO / "scripts" / "aggregate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def aggregate_cli(*args: str) -> int:
+    """scripts/aggregate.py in a subprocess: its exit status."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "aggregate.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300).returncode
 
 
 def _fake_results(path: Path, method: str, seed: int, offset: float) -> Path:
@@ -130,12 +131,12 @@ def _fake_results(path: Path, method: str, seed: int, offset: float) -> Path:
 
 
 def test_aggregate_mean_std_markdown_and_plot(tmp_path):
-    agg = _aggregate_module()
+    from mdpl.experiments import aggregate as agg
     _fake_results(tmp_path / "runs" / "map_s0", "map", 0, 0.00)
     _fake_results(tmp_path / "runs" / "map_s1", "map", 1, 0.02)
     _fake_results(tmp_path / "runs" / "mem_s0", "memprompt", 0, 0.10)
     out = tmp_path / "cmp"
-    assert agg.main([str(tmp_path / "runs" / "map_*"), str(tmp_path / "runs" / "mem_s0" / "results.csv"),
+    assert aggregate_cli(*[str(tmp_path / "runs" / "map_*"), str(tmp_path / "runs" / "mem_s0" / "results.csv"),
                      "--out", str(out)]) == 0
     with open(out / "comparison.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -154,7 +155,7 @@ def test_aggregate_mean_std_markdown_and_plot(tmp_path):
     fig = agg.comparison_figure(agg.aggregate(agg.read_rows(agg.find_csvs([str(tmp_path / "runs")]))), "hatememes")
     assert [a.get_title() for a in fig.axes] == ["missing text", "missing image"]
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["map (vilt)", "memprompt (vilt)"]
-    assert agg.main([str(tmp_path / "nothing"), "--out", str(out)]) == 1
+    assert aggregate_cli(*[str(tmp_path / "nothing"), "--out", str(out)]) == 1
 
 
 def test_sweep_equals_separate_runs_dcp(tmp_path, arrow_root):
@@ -182,7 +183,7 @@ def test_write_csv_format_is_the_csv_modules(tmp_path):
 
     import pandas as pd
 
-    from mdpl.engine.sweep import write_csv
+    from mdpl.report import write_csv
 
     rows = [{"dataset": "food101", "method": "map", "checkpoint": 'a,b"c.ckpt', "type": "text", "ratio": 0.3,
              "seed": 0, "accuracy": 0.1 + 0.2, "loss": math.nan},
@@ -203,7 +204,7 @@ def test_write_csv_format_is_the_csv_modules(tmp_path):
 
 
 def test_aggregate_skips_missing_values_and_orders_types(tmp_path):
-    agg = _aggregate_module()
+    from mdpl.experiments import aggregate as agg
     header = ["dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed", "accuracy", "loss"]
     for seed, cells in ((0, ["0.5", "1.0", "0.25", ""]), (1, ["0.75", "nan", "0.5", "2.0"]), (2, ["1.0", "", "", "3.0"])):
         (tmp_path / f"s{seed}").mkdir()

@@ -142,3 +142,12 @@ class BackboneCard:
     """The encoder accepts texts padded to the batch's longest (``dynamic_text_padding`` applies)."""
     reference_reader: Callable[..., Any] | None = None
     """Reads a checkpoint of the reference code (trained prompts on this backbone), if there is such a format."""
+    weights_file: str = ""
+    """File name of the paper's pre-trained weights in a weights folder (``scripts/reproduce.py --weights``)."""
+    tokenizer_dir: str = ""
+    """Folder of its WordPiece vocabulary in a weights folder ('': the backbone reads OpenAI BPE texts)."""
+
+    @property
+    def weights_key(self) -> str:
+        """The config key naming the pre-trained weights file."""
+        return self.weights.key

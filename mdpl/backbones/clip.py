@@ -385,7 +385,7 @@ def build_clip_backbone(run: Any) -> ClipBackbone:
 
 
 CLIP = register_backbone(BackboneCard(
-    name="clip", build=build_clip_backbone, sizes=ClipSizes, tokenizer="bpe", transform="clip",
+    name="clip", build=build_clip_backbone, weights_file="ViT-B-16.pt", sizes=ClipSizes, tokenizer="bpe", transform="clip",
     weights=WeightsSpec(key="clip_path", sha_key="clip_sha256", placeholder="<ViT-B-16.pt>", example="ViT-B-16.pt",
                         what="a local ViT-B-16.pt (OpenAI JIT archive) or an OpenAI-layout CLIP state dict",
                         read=read_openai_checkpoint),

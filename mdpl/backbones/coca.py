@@ -364,7 +364,7 @@ def build_coca_backbone(run: Any) -> CocaBackbone:
 
 
 COCA = register_backbone(BackboneCard(
-    name="coca", build=build_coca_backbone, sizes=CocaSizes, tokenizer="bpe", transform="clip",
+    name="coca", build=build_coca_backbone, weights_file="coca_ViT-B-32.bin", sizes=CocaSizes, tokenizer="bpe", transform="clip",
     weights=WeightsSpec(key="coca_path", sha_key="coca_sha256", placeholder="<CoCa checkpoint>",
                         example="open_clip_pytorch_model.bin",
                         what="a local open_clip CoCa checkpoint (open_clip_pytorch_model.bin, a .pt state dict or a "

@@ -426,7 +426,7 @@ def build_vilt_backbone(run: Any) -> ViLTBackbone:
 
 
 VILT = register_backbone(BackboneCard(
-    name="vilt", build=build_vilt_backbone, sizes=ViLTSizes, tokenizer="bert", transform="pixelbert",
+    name="vilt", build=build_vilt_backbone, weights_file="vilt_200k_mlm_itm.ckpt", tokenizer_dir="bert-base-uncased", sizes=ViLTSizes, tokenizer="bert", transform="pixelbert",
     weights=WeightsSpec(key="load_path", placeholder="<vilt_200k_mlm_itm.ckpt>", example="vilt_200k_mlm_itm.ckpt",
                         what="the ViLT checkpoint file (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel folder"),
     model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"), dynamic_text_padding=True,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdpl.errors import UserInputError
+from mdpl.prompts.registry import available_methods, method_class
 
 BACKBONE_PREFIXES = ("text_embeddings.", "token_type_embeddings.", "transformer.", "pooler.")
 TEXT_POS_KEY = "text_embeddings.position_embeddings.weight"
@@ -246,20 +247,19 @@ def load_vilt_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[s
 
 
 # --- reference fine-tuned checkpoints -----------------------------------------------------------------
-REFERENCE_PROMPT_KEYS = {
-    "map": ("complete_prompt", "missing_text_prompt", "missing_img_prompt"),
-    "memprompt": ("gen_t_prompt_memory.", "gen_v_prompt_memory.", "shared_missing_t.", "shared_missing_v.",
-                  "bottleneck_texts.", "bottleneck_images."),
-}
-"""Key prefixes of each method's prompt modules in its reference checkpoints ('none': no prompt keys)."""
-REFERENCE_CONFIG_KEYS = {
-    "*": ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "patch_size", "max_text_len", "vocab_size"),
-    "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
-    "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
-                  "mem_size", "top_k"),
-}
-"""Config keys with the same name and meaning in the references and mdpl that define the trained model
-(MemPrompt's stored ``bottleneck_dim`` is unused by its code, hence absent; sizes are also checked by shape)."""
+REFERENCE_CONFIG_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "patch_size", "max_text_len",
+                         "vocab_size")
+"""Backbone config keys with the same name and meaning in the references and mdpl that define the trained model
+(each method adds its own: ``reference_config_keys`` of its class; sizes are also checked by shape)."""
+
+
+def reference_prompt_keys() -> dict[str, tuple[str, ...]]:
+    """Method -> key prefixes of its prompt modules in its reference checkpoints, for the registered methods whose
+    reference checkpoints are read (their ``reference_prompt_keys``)."""
+    return {m: method_class(m).reference_prompt_keys for m in available_methods()
+            if method_class(m).reference_prompt_keys}
+
+
 _HEAD_KEY = re.compile(r"^([a-z0-9]+)_classifier\.")
 
 
@@ -270,14 +270,15 @@ def reference_heads(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def reference_methods(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Methods whose prompt modules the state dict holds (sorted; [] = no prompts, the baseline's layout)."""
-    return sorted(m for m, prefixes in REFERENCE_PROMPT_KEYS.items() if any(k.startswith(prefixes) for k in state))
+    return sorted(m for m, prefixes in reference_prompt_keys().items() if any(k.startswith(prefixes) for k in state))
 
 
 def reference_config_mismatches(stored: Mapping, run: Any) -> list[str]:
     """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of the run's method (`run`: the run
     config, ``mdpl.config.RunConfig``) that the reference checkpoint's stored config `stored` holds."""
     own = run.to_flat()
-    keys = REFERENCE_CONFIG_KEYS["*"] + REFERENCE_CONFIG_KEYS.get(run.experiment.prompt_method, ())
+    method = run.experiment.prompt_method
+    keys = REFERENCE_CONFIG_KEYS + (method_class(method).reference_config_keys if method in available_methods() else ())
     return [f"{k}: checkpoint={stored[k]!r} vs config={own[k]!r}" for k in keys
             if k in stored and k in own and _as_list(stored[k]) != _as_list(own[k])]
 
@@ -306,7 +307,7 @@ def check_reference_checkpoint(state: Mapping[str, torch.Tensor], stored: Mappin
         raise UserInputError(f"it was trained on {', '.join(heads)} (head {heads[0]}_classifier), not on "
                              f"dataset={dataset!r}; use the matching task_finetune_<dataset> config")
     methods = reference_methods(state)
-    if methods != ([method] if method in REFERENCE_PROMPT_KEYS else []):
+    if methods != ([method] if method in reference_prompt_keys() else []):
         raise UserInputError(f"it holds {_holds(methods)}, but prompt_method is {method!r}; select the method "
                              f"the checkpoint was trained with")
     bad = reference_config_mismatches(stored or {}, run)

@@ -56,7 +56,14 @@ class DatasetSpec:
     * ``writer_options``: the dataset's own ``make_arrow`` keyword options (besides the common ones).
     * ``synthetic``: ``write(root, counts, rng, image_size, layout)`` writing a tiny raw dataset
       (mdpl/data/synthetic.py); ``synthetic_layouts``: its layouts, the first the default.
-    * ``max_text_len``: the text length of the dataset's ``task_finetune_<name>`` config (None: no default).
+    * ``max_text_len``, ``max_epoch``, ``val_check_interval``: the values of the dataset's ``task_finetune_<name>``
+      config (None: no default); the experiment matrix's cost estimate reads the last two.
+    * ``metric_label``: how tables and plots name the primary metric (default: ``primary_metric``).
+    * ``nominal_sizes``: (train, val, test) items of the full dataset, for cost estimates without its arrow files.
+    * ``bench_text_fill``: ``{"full": (min, max), "small": (min, max)}`` real text tokens per sample of the
+      benchmark's synthetic batches; ``bench_patch_grids``: the same keys -> image sizes in patches (rows, cols)
+      cycled over a ViLT batch (the dataset's typical aspects); ``bench_small_text_len``: max_text_len under
+      ``--small``. None: the benchmark does not run on the dataset.
     """
 
     name: str
@@ -75,6 +82,13 @@ class DatasetSpec:
     synthetic: str | Callable[..., Any] | None = None
     synthetic_layouts: tuple[str, ...] = ()
     max_text_len: int | None = None
+    max_epoch: int | None = None
+    val_check_interval: float | None = None
+    metric_label: str | None = None
+    nominal_sizes: tuple[int, int, int] | None = None
+    bench_text_fill: Mapping[str, tuple[int, int]] | None = None
+    bench_patch_grids: Mapping[str, tuple[tuple[int, int], ...]] | None = None
+    bench_small_text_len: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -95,6 +109,7 @@ class DatasetSpec:
                   loss=self.loss or ("bce_with_logits" if self.multi_label else "cross_entropy"),
                   metrics=tuple(self.metrics or (("f1",) if self.multi_label else ("accuracy",))),
                   primary_metric=self.primary_metric or ("F1_Macro" if self.multi_label else "accuracy"))
+        self._set(metric_label=self.metric_label or self.primary_metric)
         if self.class_names is not None:
             self._set(class_names=tuple(self.class_names))
 
@@ -210,7 +225,10 @@ MMIMDB = register_dataset(DatasetSpec(
     loss="bce_with_logits", metrics=("f1",), primary_metric="F1_Macro",
     schema="mdpl.data.writers.mmimdb:SCHEMA", writer="mdpl.data.writers.mmimdb:make_arrow",
     synthetic="mdpl.data.synthetic:_write_mmimdb", synthetic_layouts=("split", "archive"),
-    max_text_len=1024,
+    max_text_len=1024, max_epoch=20, val_check_interval=0.2, metric_label="F1-Macro",
+    nominal_sizes=(15552, 2608, 7799),   # movies; per-plot items are more
+    bench_text_fill={"full": (60, 700), "small": (8, 48)}, bench_small_text_len=48,
+    bench_patch_grids={"full": ((18, 12), (17, 12), (18, 12), (16, 12)), "small": ((6, 4), (5, 4))},   # posters
 ))
 FOOD101 = register_dataset(DatasetSpec(
     name="food101", num_classes=101,
@@ -219,7 +237,9 @@ FOOD101 = register_dataset(DatasetSpec(
     schema="mdpl.data.writers.food101:SCHEMA", writer="mdpl.data.writers.food101:make_arrow",
     writer_options=("val_fraction", "seed"),
     synthetic="mdpl.data.synthetic:_write_food101", synthetic_layouts=("both", "json", "csv"),
-    max_text_len=512,
+    max_text_len=512, max_epoch=20, val_check_interval=0.2, nominal_sizes=(61142, 6846, 22716),
+    bench_text_fill={"full": (80, 512), "small": (6, 32)}, bench_small_text_len=32,
+    bench_patch_grids={"full": ((12, 16), (12, 12), (12, 16), (12, 15)), "small": ((4, 5), (4, 4))},   # photos
 ))
 HATEMEMES = register_dataset(DatasetSpec(
     name="hatememes", num_classes=2, class_names=("not hateful", "hateful"),
@@ -228,6 +248,8 @@ HATEMEMES = register_dataset(DatasetSpec(
     schema="mdpl.data.writers.hatememes:SCHEMA", writer="mdpl.data.writers.hatememes:make_arrow",
     writer_options=("train_file", "dev_file", "test_file"),
     synthetic="mdpl.data.synthetic:_write_hatememes", synthetic_layouts=("data", "flat"),
-    max_text_len=128,
+    max_text_len=128, max_epoch=20, val_check_interval=0.11, nominal_sizes=(8500, 500, 1000),
+    bench_text_fill={"full": (8, 48), "small": (3, 12)}, bench_small_text_len=16,
+    bench_patch_grids={"full": ((12, 12), (12, 16), (15, 12), (12, 14)), "small": ((4, 4), (4, 5), (5, 4))},
 ))
 BUILTIN_DATASETS = ("mmimdb", "food101", "hatememes")

@@ -12,15 +12,13 @@ How (docs/methods.md §1.4 missing tables and dummies, §8 metrics):
   metric collection. The numbers therefore equal those of one ``test_only`` run per scenario exactly.
 * Outputs (rank 0) in the run directory: ``results.csv`` (one row per scenario), ``results.md`` (paper-style
   table: rows = missing type, columns = ratio, primary metric x100; plus all metrics) and
-  ``robustness_<dataset>.png`` (primary metric vs missing rate, one line per missing type).
+  ``robustness_<dataset>.png`` (primary metric vs missing rate, one panel per missing type; ``mdpl.report``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -28,11 +26,9 @@ from torchmetrics import MeanMetric
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
+from mdpl import report
 from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 #: Leading columns of results.csv; the metrics (primary first, then the others, then loss) follow.
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
@@ -197,17 +193,6 @@ def result_rows(sweep: MissingSweep, config: RunConfig | Mapping, checkpoint: st
             for spec, values in zip(sweep.specs, sweep.results)]
 
 
-def write_csv(rows: Sequence[Mapping] | pd.DataFrame, path: Path) -> Path:
-    """A CSV of `rows` (dicts: columns = the union of their keys in first-seen order; or a DataFrame). Floats are
-    written in their shortest round-trip form (= repr) so they read back exactly, NaN (and a key a row lacks) as
-    'nan', lines end in CRLF (the csv module's format). Used for results.csv and by scripts/aggregate.py."""
-    import pandas as pd
-
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    frame.to_csv(path, index=False, na_rep="nan", lineterminator="\r\n")
-    return path
-
-
 def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
@@ -221,49 +206,29 @@ def markdown_table(rows: Sequence[Mapping], primary: str) -> str:
         index=frame["type"].unique(), columns=sorted(frame["ratio"].unique()))
     first = rows[0]
     lines = [f"## {first['dataset']} — {first['method']} ({first['backbone']}), seed {first['seed']}", "",
-             f"checkpoint: `{first['checkpoint']}`", "", f"{primary} (×100) by missing type and missing rate:", "",
-             "| missing type | " + " | ".join(f"{100 * r:g}%" for r in grid.columns) + " |",
-             "|---|" + "---:|" * len(grid.columns)]
-    lines += [f"| {t} | " + " | ".join(_pct(v) for v in values) + " |" for t, values in grid.iterrows()]
+             f"checkpoint: `{first['checkpoint']}`", "", f"{primary} (×100) by missing type and missing rate:", ""]
+    lines += report.markdown_table(["missing type", *(f"{100 * r:g}%" for r in grid.columns)],
+                                   ([t, *(_pct(v) for v in values)] for t, values in grid.iterrows()),
+                                   "l" + "r" * len(grid.columns))
     metric_names = [k for k in first if k not in ID_COLUMNS]
     header = [f"{m} (×100)" if m != "loss" else "loss" for m in metric_names]
-    lines += ["", "All metrics:", "", "| type | ratio | " + " | ".join(header) + " |",
-              "|---|---:|" + "---:|" * len(metric_names)]
-    for r in rows:
-        vals = [f"{r[m]:.4f}" if m == "loss" else _pct(r[m]) for m in metric_names]
-        lines.append(f"| {r['type']} | {float(r['ratio']):g} | " + " | ".join(vals) + " |")
+    lines += ["", "All metrics:", ""]
+    lines += report.markdown_table(["type", "ratio", *header],
+                                   ([r["type"], f"{float(r['ratio']):g}",
+                                     *(f"{r[m]:.4f}" if m == "loss" else _pct(r[m]) for m in metric_names)]
+                                    for r in rows), "lr" + "r" * len(metric_names))
     return "\n".join(lines) + "\n"
 
 
-def robustness_figure(rows: Sequence[Mapping], primary: str):
-    """Figure of ``primary`` (x100) vs missing rate (%), one line per missing type (matplotlib Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def robustness_curves(rows: Sequence[Mapping], primary: str) -> list[report.Curve]:
+    """One panel per missing type, the run's ``primary`` (x100) vs missing rate."""
     first = rows[0]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for k, t in enumerate(_unique([r["type"] for r in rows])):   # distinct markers: coinciding lines stay visible
+    curves = []
+    for t in _unique([r["type"] for r in rows]):
         pts = sorted((float(r["ratio"]), r[primary]) for r in rows if r["type"] == t)
-        ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="os^Dv"[k % 5],
-                linestyle=("-", "--", ":")[k % 3], markersize=7 - k, label=t)
-    ax.set_xlabel("missing rate (%)")
-    ax.set_ylabel(f"{primary} (×100)")
-    ax.set_title(f"{first['dataset']}: {first['method']} ({first['backbone']}), seed {first['seed']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="missing type")
-    fig.tight_layout()
-    return fig
-
-
-def plot_robustness(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
-    """Save :func:`robustness_figure` as a PNG at ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = robustness_figure(rows, primary)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        curves.append(report.Curve(f"missing {t}", f"{first['method']} ({first['backbone']})", [x for x, _ in pts],
+                                   [100 * y for _, y in pts], ylabel=f"{primary} (×100)"))
+    return curves
 
 
 def write_outputs(sweep: MissingSweep, config: RunConfig | Mapping, run_dir: str | Path,
@@ -275,11 +240,14 @@ def write_outputs(sweep: MissingSweep, config: RunConfig | Mapping, run_dir: str
     run_dir = Path(run_dir)
     dataset = RunConfig.coerce(config).data.dataset
     rows = result_rows(sweep, config, checkpoint)
-    paths = {"csv": write_csv(rows, run_dir / "results.csv")}
+    paths = {"csv": report.write_csv(rows, run_dir / "results.csv")}
     table = markdown_table(rows, sweep.primary)
     paths["md"] = run_dir / "results.md"
     paths["md"].write_text(table)
-    paths["png"] = plot_robustness(rows, sweep.primary, run_dir / f"robustness_{dataset}.png")
+    first = rows[0]
+    paths["png"] = report.plot_robustness(robustness_curves(rows, sweep.primary),
+                                          run_dir / f"robustness_{dataset}.png",
+                                          f"{first['dataset']}: {first['method']} ({first['backbone']}), seed {first['seed']}")
     print("\n" + table)
     print("[mdpl] sweep results: " + ", ".join(str(p) for p in paths.values()))
     return {**{k: str(v) for k, v in paths.items()}, "rows": rows}

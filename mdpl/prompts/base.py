@@ -145,6 +145,13 @@ class PromptMethod(nn.Module):
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
     """The backbone the method's paper used (the benchmark's default pairing)."""
+    paper_tables: ClassVar[str | None] = None
+    """``"module:function"`` returning the method's paper tables (``mdpl.experiments.matrix.Table``), or None."""
+    reference_prompt_keys: ClassVar[tuple[str, ...]] = ()
+    """Key prefixes of the method's prompt modules in checkpoints of its reference code on ViLT (empty: no such
+    checkpoints are read; the baseline's have no prompt keys)."""
+    reference_config_keys: ClassVar[tuple[str, ...]] = ()
+    """Config keys with the same name and meaning in its reference code and mdpl that define the trained model."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream

@@ -432,6 +432,7 @@ class DeepCorrelatedPrompts(PromptMethod):
     title = "DCP"
     paper_backbone = "clip"
     preset = "dcp"
+    paper_tables = "mdpl.experiments.papers.dcp:tables"
     config_class = DCPConfig
     drops_missing_streams = True
 

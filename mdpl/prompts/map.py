@@ -82,6 +82,9 @@ class MissingAwarePrompts(PromptMethod):
 
     title = "MAP"
     preset = "map"
+    paper_tables = "mdpl.experiments.papers.map:tables"
+    reference_prompt_keys = ("complete_prompt", "missing_text_prompt", "missing_img_prompt")
+    reference_config_keys = ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt")
     config_class = MapConfig
 
     def __init__(self, config: MapConfig, info: BackboneInfo):

@@ -141,6 +141,11 @@ class MemPrompt(PromptMethod):
     paper_learning_rates = {"hatememes": 1e-3}   # the reference's Hateful Memes config
     paper_missing_type = "image"                 # the reference config's missing type on every split (D-32)
     padding_is_inert = False    # the text query max-pools over [PAD] positions too (D-30)
+    paper_tables = "mdpl.experiments.papers.memprompt:tables"
+    reference_prompt_keys = ("gen_t_prompt_memory.", "gen_v_prompt_memory.", "shared_missing_t.", "shared_missing_v.",
+                             "bottleneck_texts.", "bottleneck_images.")
+    reference_config_keys = ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
+                             "mem_size", "top_k")   # the stored bottleneck_dim is unused by its code
     config_class = MemPromptConfig
 
     def __init__(self, config: MemPromptConfig, info: BackboneInfo):

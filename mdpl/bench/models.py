@@ -1,0 +1,62 @@
+"""The benchmark's models: the run config of a method x dataset from the Sacred presets of ``config.py`` and a
+classifier with random weights."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mdpl.backbones.registry import available_backbones, backbone_card
+from mdpl.data.registry import available_datasets, dataset_spec
+from mdpl.prompts.keys import method_presets, paper_backbone
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def resolve_config(method: str, dataset: str, small: bool, overrides: dict | None = None) -> dict:
+    """Base config + task_finetune_<dataset> + method preset (+ tiny) + bench overrides, as a plain dict.
+
+    Resolved by Sacred (as `python run.py print_config with ...`): the method's keys follow from prompt_method.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sacred.initialize import create_run
+
+        from config import ex
+    preset = method_presets().get(method)
+    spec = dataset_spec(dataset)
+    presets = [f"task_finetune_{dataset}", *([preset] if preset else [])] + (["tiny"] if small else [])
+    weights = {backbone_card(name).weights_key: "" for name in available_backbones()}   # random weights
+    updates = {**weights, "dataset": dataset, "test_only": False,
+               **({} if preset else {"prompt_method": method, "backbone": paper_backbone(method)}),
+               **({"max_text_len": spec.bench_small_text_len} if small else {}), **(overrides or {})}
+    return _plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
+
+
+def build_model(cfg: dict) -> torch.nn.Module:
+    """Random-weight classifier; the 'randomly initialised' warnings are silenced."""
+    from mdpl.models import build_classifier
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        warnings.filterwarnings("ignore", message=r"\w+ is empty.*")
+        return build_classifier(cfg)
+
+
+def two_tower(cfg: Mapping) -> bool:
+    """Whether the config's backbone has an image and a text tower reading OpenAI BPE texts (square images, fixed
+    ``<backbone>_context_length`` ids) rather than one joint stream over WordPiece texts."""
+    return not backbone_card(str(cfg["backbone"])).tokenizer_dir
+
+
+def bench_datasets() -> list[str]:
+    """The registered datasets the benchmark runs on (their spec has ``bench_text_fill``)."""
+    return [d for d in available_datasets() if dataset_spec(d).bench_text_fill]
