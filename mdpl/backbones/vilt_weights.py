@@ -16,7 +16,7 @@ table *shorter* than ``max_text_len`` (the original checkpoint has 40 rows) is s
 caller allows it (config key ``interpolate_text_positions``, what the references do for MM-IMDb,
 Food-101 and Hateful Memes); otherwise loading stops with a UserInputError. Every resize is logged.
 
-`load_reference_finetuned` maps a MAP / MemPrompt fine-tuned Lightning state dict onto
+`load_reference_finetuned` maps a MAP / MemPrompt / SCP fine-tuned Lightning state dict onto
 `mdpl.models.PromptedClassifier` (ViLT): backbone keys get the prefix ``backbone.``, prompt-method keys
 (``complete_prompt``, ``gen_t_prompt_memory.*``, …) the prefix ``prompt.``, head keys
 (``{dataset}_classifier.*``) are unchanged. Loading is strict (D-22) except for an allow-list of
@@ -33,7 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +250,7 @@ REFERENCE_PROMPT_KEYS = {
     "map": ("complete_prompt", "missing_text_prompt", "missing_img_prompt"),
     "memprompt": ("gen_t_prompt_memory.", "gen_v_prompt_memory.", "shared_missing_t.", "shared_missing_v.",
                   "bottleneck_texts.", "bottleneck_images."),
+    "scp": ("add_agnostic_prompts_layers.", "QKV_ps_layers."),
 }
 """Key prefixes of each method's prompt modules in its reference checkpoints ('none': no prompt keys)."""
 REFERENCE_CONFIG_KEYS = {
@@ -257,9 +258,12 @@ REFERENCE_CONFIG_KEYS = {
     "map": ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt"),
     "memprompt": ("gen_prompt_length", "gen_prompt_layers", "shared_prompt_length", "shared_prompt_layers",
                   "mem_size", "top_k"),
+    "scp": (("prompt_length", "scp_length"), ("pool_size", "scp_pool_size"), ("fixed_prompts", "scp_fixed_prompts"),
+            ("prompt_layers", "scp_layers"), ("fixed_prompt_layers", "scp_static_layers")),
 }
-"""Config keys with the same name and meaning in the references and mdpl that define the trained model
-(MemPrompt's stored ``bottleneck_dim`` is unused by its code, hence absent; sizes are also checked by shape)."""
+"""Config keys of the references that define the trained model: a name shared with mdpl's config, or a pair (reference
+name, mdpl name) where mdpl's differs (MemPrompt's stored ``bottleneck_dim`` is unused by its code, hence absent;
+sizes are also checked by shape)."""
 _HEAD_KEY = re.compile(r"^([a-z0-9]+)_classifier\.")
 
 
@@ -276,8 +280,9 @@ def reference_methods(state: Mapping[str, torch.Tensor]) -> list[str]:
 def reference_config_mismatches(ref_config: Mapping, config: Mapping) -> list[str]:
     """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of config's method present in both."""
     keys = REFERENCE_CONFIG_KEYS["*"] + REFERENCE_CONFIG_KEYS.get(str(config.get("prompt_method")), ())
-    return [f"{k}: checkpoint={ref_config[k]!r} vs config={config[k]!r}" for k in keys
-            if k in ref_config and k in config and _as_list(ref_config[k]) != _as_list(config[k])]
+    pairs = [(k, k) if isinstance(k, str) else k for k in keys]
+    return [f"{k}: checkpoint={ref_config[r]!r} vs config={config[k]!r}" for r, k in pairs
+            if r in ref_config and k in config and _as_list(ref_config[r]) != _as_list(config[k])]
 
 
 def _as_list(value: object) -> object:
@@ -313,12 +318,14 @@ def check_reference_checkpoint(state: Mapping[str, torch.Tensor], ref_config: Ma
                              "something else): " + "; ".join(bad) + "; set these keys to the checkpoint's values")
 
 
-def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Mapping) -> LoadReport:
+def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Mapping,
+                              adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                              ) -> LoadReport:
     """Every weight of a ViLT classifier from a checkpoint written by the original MAP / MemPrompt code.
 
     `checkpoint` is the loaded file: a Lightning checkpoint (``state_dict`` + ``hyper_parameters.config``) or a
     plain state dict with the reference key names. Checked with `check_reference_checkpoint`, then loaded
-    with `load_reference_finetuned` (strict). Raises UserInputError (one line, naming the keys).
+    with `load_reference_finetuned` (strict; `adapt` as there). Raises UserInputError (one line, naming the keys).
     """
     state = checkpoint.get("state_dict", checkpoint)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -326,7 +333,7 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, config: Map
     ref_config = hparams.get("config") if isinstance(hparams, Mapping) else None
     check_reference_checkpoint(state, ref_config if isinstance(ref_config, Mapping) else None, config)
     try:
-        return load_reference_finetuned(model, state)
+        return load_reference_finetuned(model, state, adapt=adapt)
     except ValueError as err:
         raise UserInputError(str(err)) from None
 
@@ -341,11 +348,15 @@ def reference_key_to_mdpl(key: str) -> str:
 
 
 def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
-                             allow: tuple[str, ...] = LEGACY_ALLOWED_KEYS) -> LoadReport:
-    """Strictly load a MAP / MemPrompt fine-tuned checkpoint (reference key names) into a classifier.
+                             allow: tuple[str, ...] = LEGACY_ALLOWED_KEYS,
+                             adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                             ) -> LoadReport:
+    """Strictly load a MAP / MemPrompt / SCP fine-tuned checkpoint (reference key names) into a classifier.
 
     Every model key must be present and every checkpoint key used, except the keys in `allow`
     (legacy ``text_embeddings.position_ids``); otherwise ValueError listing the offending keys (D-22).
+    `adapt` (the method's key upgrade, e.g. SCP's renames and its check of the frozen copies, D-56) maps the state
+    once its keys carry the classifier's prefixes; it may raise ValueError.
     """
     raw = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else dict(state_dict)
     report = LoadReport(source_format="reference-finetuned")
@@ -355,6 +366,8 @@ def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Te
             report.ignored.append(key)
         else:
             mapped[reference_key_to_mdpl(key)] = value
+    if adapt is not None:
+        mapped = adapt(mapped)
     own = model.state_dict()
     report.unexpected = sorted(k for k in mapped if k not in own)
     report.missing = sorted(k for k in own if k not in mapped)
