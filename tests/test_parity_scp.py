@@ -59,7 +59,8 @@ def reference_state(config: str, head: str) -> dict[str, torch.Tensor]:
     rec = fixture(config)[head]
     state = hashed_scp_state({k: tuple(rec["shapes"][k]) for k in rec["keys"]}, list(rec["config"]["prompt_layers"]))
     sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
-    assert torch.equal(sums, rec["checksums"]), "regenerated reference weights differ from the fixture's"
+    # float64 sums: equal up to the summation order of the thread count
+    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated weights differ from the fixture's"
     return state
 
 
