@@ -76,7 +76,7 @@ def base_config():
     # method, from its class (mdpl.prompts.keys); this scope lists the keys and says what they mean.
     # --- experiment -----------------------------------------------------------------------------
     exp_name = EXPERIMENT.exp_name
-    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' (or the preset of that name)
+    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' (or the preset of that name)
     method_sizes = EXPERIMENT.method_sizes     # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
     backbone = paper_backbone(prompt_method)   # the method's paper backbone; on_clip / on_vilt switch it
     seed = paper_run(prompt_method, (0, EXPERIMENT.seed))[1]  # seeds Lightning, the model init and every missing table
@@ -170,6 +170,18 @@ def base_config():
     dcp_skip_missing = method_default(prompt_method, method_sizes, "dcp_skip_missing")
     # a file with the dynamic queries of a reference DCP run (its checkpoints lack them): needed to evaluate one
     dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
+    # SCP (docs/methods.md §14): static prompts in the lower blocks, prompts read from a key/value pool by the block's
+    # own query of the read-out token (ViLT: text [CLS]) in the upper blocks; every prompted block adds k + F tokens
+    scp_length = method_default(prompt_method, method_sizes, "scp_length")              # k, generated tokens: 12
+    scp_pool_size = method_default(prompt_method, method_sizes, "scp_pool_size")        # S: 32 (reference config: 1024)
+    scp_fixed_prompts = method_default(prompt_method, method_sizes, "scp_fixed_prompts")  # F, learned tokens: 4
+    scp_layers = method_default(prompt_method, method_sizes, "scp_layers")              # conditioned: [6, ..., 11]
+    scp_static_layers = method_default(prompt_method, method_sizes, "scp_static_layers")  # static: [0, ..., 5]
+    scp_pool_dropout = method_default(prompt_method, method_sizes, "scp_pool_dropout")  # on the pool attention: 0.1
+    # pool attention scale: 'width' 1/sqrt(width) (the reference, D-58) | 'chunk' 1/sqrt(width / k)
+    scp_pool_scale = method_default(prompt_method, method_sizes, "scp_pool_scale")
+    # True: the query norm uses the block's own epsilon (its exact query); False: 1e-5 as the reference (D-57)
+    scp_block_eps = method_default(prompt_method, method_sizes, "scp_block_eps")
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = OPTIM.optimizer_impl  # 'legacy_hf' (reference AdamW update) | 'torch'
@@ -283,6 +295,13 @@ def memprompt():
 def dcp():
     # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2, seed 0.
     prompt_method = "dcp"
+
+
+@ex.named_config
+def scp():
+    # SCP (WACV 2025) as its documented command: static prompts (16 tokens) on layers 0-5, conditioned prompts
+    # (4 fixed + 12 read from a 32-entry pool) on layers 6-11, lr 1e-2, seed 0 (docs/methods.md §14.5).
+    prompt_method = "scp"
 
 
 # --- backbone switches: run a method on the other backbone (`python run.py with task_finetune_food101 map

@@ -23,8 +23,8 @@ from mdpl.models import build_classifier
 from mdpl.prompts.base import MISSING_TYPE_OF, PromptContext
 from runs import resolved_config, run_quiet, synthetic_arrows
 
-METHODS = ("none", "map", "memprompt", "dcp")
-PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
+METHODS = ("none", "map", "memprompt", "dcp", "scp")
+PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp", "scp": "scp"}
 SOT, EOT = 49406, 49407
 TINY = dict(coca_embed_dim=32, image_size=64, coca_patch_size=16, coca_vision_width=48, coca_vision_layers=2,
             coca_vision_head_width=24, coca_attn_pooler_heads=4, coca_context_length=12, coca_vocab_size=1000,
@@ -196,7 +196,8 @@ def _uncut_forward(model, b: dict) -> torch.Tensor:
         keep = mt != MISSING_TYPE_OF[stream.name] if model.prompt.drops_missing_streams else torch.ones_like(mt) > 0
         encoder = model.backbone.encoders()[stream.name]
         x, mask, layout = model.backbone.embed(stream.name, b)
-        x, mask, layout = encoder.forward_blocks(x, mask, layout, model.prompt, PromptContext(mt, prepared))
+        ctx = PromptContext(mt, prepared, readout=lambda lay, name=stream.name: model.backbone.readout(name, lay, b))
+        x, mask, layout = encoder.forward_blocks(x, mask, layout, model.prompt, ctx)
         if stream.name == "image":
             token = encoder.attentional_pool(x, layout)
         else:
@@ -221,7 +222,8 @@ def test_dcp_with_every_row_missing_one_modality(missing: int) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_forward_and_exact_cut(method: str) -> None:
     """Each method builds and runs on CoCa; the classifier (last text block: the CLS only) equals the uncut pass."""
-    model = _model(method, **({"dcp_skip_missing": False} if method == "dcp" else {}))
+    # SCP's pool-attention dropout would draw other masks in the two passes
+    model = _model(method, **{"dcp": {"dcp_skip_missing": False}, "scp": {"scp_pool_dropout": 0.0}}.get(method, {}))
     b = batch()
     cut = model(b)["logits"]
     assert cut.shape == (6, 101) and torch.isfinite(cut).all()

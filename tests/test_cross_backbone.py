@@ -1,6 +1,6 @@
 """Every prompt method on every backbone: build, forward, learn, save/reload, trainable counts.
 
-Cells: {none, map, memprompt, dcp} x {vilt, clip}, built by `mdpl.models.build_classifier` from the
+Cells: {none, map, memprompt, dcp, scp} x {vilt, clip}, built by `mdpl.models.build_classifier` from the
 `tiny` named config (random-initialised backbones, CPU). Original pairings keep their own parity tests
 (test_parity_vilt.py, test_dcp.py); here the cross pairings get the same contract checks.
 """
@@ -16,10 +16,11 @@ from mdpl.backbones.clip import residual_block
 from mdpl.models import PromptedClassifier, build_classifier
 from mdpl.prompts import PromptContext
 
-METHODS = ("none", "map", "memprompt", "dcp")
+METHODS = ("none", "map", "memprompt", "dcp", "scp")
 BACKBONES = ("vilt", "clip")
 CELLS = [(m, b) for b in BACKBONES for m in METHODS]
-PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
+PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp", "scp": "scp"}
+IGNORES_MISSING_TYPE = ("none", "scp")   # SCP conditions on the read-out token only (docs/methods.md §14)
 SOT, EOT = 49406, 49407
 
 
@@ -86,8 +87,8 @@ def test_forward_shapes_and_missing_awareness(tiny, method, backbone) -> None:
     assert out["logits"].shape == (6, 2) and out["pooled"].shape == (6, dim)
     assert torch.isfinite(out["logits"]).all()
     changed = not torch.allclose(out["logits"], flipped["logits"], atol=1e-6)
-    # 'none' ignores the missing type; every prompt method selects its prompts by it
-    assert changed == (method != "none")
+    # 'none' and SCP ignore the missing type; every other prompt method selects its prompts by it
+    assert changed == (method not in IGNORES_MISSING_TYPE)
     if backbone == "clip":  # pooled = [f_v ; f_t]: DCP zeroes the half of the missing modality (docs/methods.md
         # §6.5), the other methods keep both towers' features
         e = tiny["clip_embed_dim"]
@@ -198,8 +199,9 @@ def test_two_tower_memprompt_prepends_per_tower(tiny) -> None:
 
 
 # Full paper sizes (MM-IMDb, each method's preset): (total, trainable). Original pairings match docs/methods.md
-# §3.4 (MAP 2,031,383), §4.1 (MemPrompt 5,358,935) and §6.6 (DCP 2,006,784 + 2,362,368 + 1,050,624 +
-# 1,536 + 1,024 + 393,216 + 23,575 = 5,839,127).
+# §3.4 (MAP 2,031,383), §4.1 (MemPrompt 5,358,935), §6.6 (DCP 2,006,784 + 2,362,368 + 1,050,624 +
+# 1,536 + 1,024 + 393,216 + 23,575 = 5,839,127) and §14.3 (SCP 2,062,103). SCP on CLIP needs scp_length=16 (12 does
+# not divide the text width 512).
 FULL_COUNTS = {
     ("none", "vilt"): (113_570_327, 1_810_199),
     ("map", "vilt"): (113_791_511, 2_031_383),
@@ -209,14 +211,17 @@ FULL_COUNTS = {
     ("map", "clip"): (150_012_952, 787_991),
     ("memprompt", "clip"): (152_503_384, 3_278_423),
     ("dcp", "clip"): (155_064_088, 5_839_127),
+    ("scp", "vilt"): (113_822_231, 2_062_103),
+    ("scp", "clip"): (150_089_752, 864_791),
 }
+PAPER_SIZE_UPDATES = {("scp", "clip"): {"scp_length": 16}}
 
 
 @pytest.mark.parametrize("method,backbone", CELLS)
 def test_trainable_counts_at_paper_sizes(method, backbone) -> None:
     """Built on the meta device (no memory, no weights): the method x backbone parameter table."""
     cfg = resolve("task_finetune_mmimdb", PRESET[method], backbone=backbone,
-                  image_size=224 if backbone == "clip" else 384)
+                  image_size=224 if backbone == "clip" else 384, **PAPER_SIZE_UPDATES.get((method, backbone), {}))
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = build_classifier(cfg)

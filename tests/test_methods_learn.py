@@ -1,6 +1,6 @@
 """Every prompt method must matter: no inert prompt, no missing gradient path, no prompt that is never selected.
 
-Cells: MAP (input- and attention-level prompts), MemPrompt and DCP (plus DCP with trainable dynamic queries),
+Cells: MAP (input- and attention-level prompts), MemPrompt, DCP (plus DCP with trainable dynamic queries) and SCP,
 each on ViLT and on CLIP, built by `mdpl.models.build_classifier` from `<preset> on_<backbone> tiny`
 (random-initialised backbones, CPU, no dropout). One synthetic batch of six rows holds every missing type:
 rows 0, 3 complete, rows 1, 4 text missing, rows 2, 5 image missing (dummies of `apply_missing`).
@@ -33,7 +33,7 @@ from mdpl.models import build_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp"}
+PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp", "scp": "scp"}
 SWITCH = {"vilt": "on_vilt", "clip": "on_clip"}
 VARIANTS = {
     "map-input": ("map", {"prompt_type": "input"}),
@@ -41,6 +41,7 @@ VARIANTS = {
     "memprompt": ("memprompt", {}),
     "dcp": ("dcp", {}),
     "dcp-dynamic-trainable": ("dcp", {"dcp_dynamic_trainable": True}),
+    "scp": ("scp", {"scp_pool_dropout": 0.0}),
 }
 BACKBONES = ("vilt", "clip")
 CELLS = [(v, b) for v in VARIANTS for b in BACKBONES]
@@ -162,6 +163,8 @@ def prompt_tensors(model: torch.nn.Module, method: str, exempt: set[str] = froze
             out[name] = {0, 1, 2}    # generative prompts ignore the missing type
         elif method == "dcp" and parts[-1] in DCP_USE:
             out[name] = DCP_USE[parts[-1]]
+        elif method == "scp":
+            out[name] = {0, 1, 2}    # SCP never reads the missing type: every tensor reaches every row
     return {name: (set() if name in exempt else types) for name, types in out.items()}
 
 
@@ -169,7 +172,8 @@ def expected_prompt_count(variant: str, backbone: str) -> int:
     layers = 2                                        # tiny: prompt / gen / shared layers [0, 1]
     towers = 2 if backbone == "clip" else 1
     return {"map-input": 3 * towers, "map-attention": 3 * towers, "memprompt": 4 * layers,
-            "dcp": 7, "dcp-dynamic-trainable": 7 + 3 * towers}[variant]
+            "dcp": 7, "dcp-dynamic-trainable": 7 + 3 * towers,
+            "scp": 4 * towers}[variant]   # tiny SCP: one static block; fixed, keys, values of one conditioned block
 
 
 def task_loss(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

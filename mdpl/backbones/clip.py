@@ -119,6 +119,9 @@ class _Tower(StreamEncoder):
         return StreamInfo(self.stream_name, self.width, len(self.blocks), heads, (self.stream_name,),
                           causal=self.causal, masks_padding=False)
 
+    def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        return open_clip_query_parts(self.blocks[index])
+
     def attention_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """The tower's attention mask for a sequence of `length` tokens (CLIP masks no padding)."""
         return None
@@ -134,6 +137,12 @@ class _Tower(StreamEncoder):
             return residual_block(self.blocks[index], x, is_causal=True)
         attn_mask = self.attention_mask(x.shape[1], x.device, x.dtype)
         return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index)
+
+
+def open_clip_query_parts(block: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """An open_clip ``ResidualAttentionBlock``'s ``ln_1`` and fused ``attn.in_proj_weight`` / ``in_proj_bias`` (rows
+    q, k, v): what ``StreamEncoder.block_query`` reads."""
+    return block.ln_1, block.attn.in_proj_weight, block.attn.in_proj_bias
 
 
 def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,

@@ -35,7 +35,7 @@ from torch import nn
 from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
 from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
-from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, block_mlp, residual_block
+from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, block_mlp, open_clip_query_parts, residual_block
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -172,6 +172,9 @@ class CocaVisionTower(StreamEncoder):
         return StreamInfo(IMAGE, int(self.transformer.width), len(self.blocks), int(self.blocks[0].attn.num_heads),
                           (IMAGE,), causal=False, masks_padding=False)
 
+    def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        return open_clip_query_parts(self.blocks[index])
+
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """Image [B,3,H,W] -> ``ln_pre`` output [B, 1+N, D] (block-0 input)."""
         x = self.conv1(image.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
@@ -243,6 +246,9 @@ class CocaTextTower(StreamEncoder):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.transformer.resblocks
+
+    def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        return open_clip_query_parts(self.blocks[index])
 
     @property
     def context_length(self) -> int:

@@ -9,9 +9,11 @@ hooks before every block.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
@@ -35,6 +37,23 @@ class StreamEncoder(nn.Module):
         from every position): the output is [B, 1, D]."""
         raise NotImplementedError
 
+    def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        """Block `index`'s pre-attention norm module and its fused in-projection (weight [3C, C] with the query rows
+        first, bias [3C] or None): what :meth:`block_query` reads."""
+        raise NotImplementedError
+
+    def block_query(self, index: int, x: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
+        """Block `index`'s own queries of tokens x [..., C] (``mdpl.prompts.base.FrozenBlocks``): the block's norm
+        (with `norm_eps` in place of its epsilon when given), then the query rows of its in-projection. The live
+        frozen weights are read (open_clip's fused ``in_proj_weight`` is sliced, not copied)."""
+        norm, weight, bias = self.query_parts(index)
+        if norm_eps is None:
+            h = norm(x)
+        else:
+            h = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm_eps)
+        c = x.shape[-1]
+        return F.linear(h, weight[:c], None if bias is None else bias[:c])
+
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                        ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
                        needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
@@ -46,6 +65,10 @@ class StreamEncoder(nn.Module):
         last read-out token); the rest is dropped once the method has read every position for the last time.
         """
         info = self.info
+        if ctx.blocks is None:
+            ctx = dataclasses.replace(ctx, blocks=self)
+        if ctx.readout is None and readout is not None:
+            ctx = dataclasses.replace(ctx, readout=readout)
         last = len(self.blocks) - 1
         cut = max(method.reads_every_position_until(info), 0) if needed is not None else -1
         for index in range(len(self.blocks)):

@@ -107,6 +107,11 @@ class ViLTVisionTransformer(StreamEncoder):
         return StreamInfo(JOINT, self.pos_embed.shape[-1], len(self.blocks), self.num_heads, (TEXT, IMAGE),
                           causal=False, masks_padding=True)
 
+    def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        """timm block: ``norm1`` and ``attn.qkv``."""
+        blk = self.blocks[index]
+        return blk.norm1, blk.attn.qkv.weight, blk.attn.qkv.bias
+
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                   query_index: torch.Tensor | None = None) -> torch.Tensor:

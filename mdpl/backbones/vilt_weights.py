@@ -16,7 +16,7 @@ table *shorter* than ``max_text_len`` (the original checkpoint has 40 rows) is s
 caller allows it (config key ``interpolate_text_positions``, what the references do for MM-IMDb,
 Food-101 and Hateful Memes); otherwise loading stops with a UserInputError. Every resize is logged.
 
-`load_reference_finetuned` maps a MAP / MemPrompt fine-tuned Lightning state dict onto
+`load_reference_finetuned` maps a MAP / MemPrompt / SCP fine-tuned Lightning state dict onto
 `mdpl.models.PromptedClassifier` (ViLT): backbone keys get the prefix ``backbone.``, prompt-method keys
 (``complete_prompt``, ``gen_t_prompt_memory.*``, …) the prefix ``prompt.``, head keys
 (``{dataset}_classifier.*``) are unchanged. Loading is strict (D-22) except for an allow-list of
@@ -33,7 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -275,12 +275,14 @@ def reference_methods(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def reference_config_mismatches(stored: Mapping, run: Any) -> list[str]:
     """'key: checkpoint=... vs config=...' for the `REFERENCE_CONFIG_KEYS` of the run's method (`run`: the run
-    config, ``mdpl.config.RunConfig``) that the reference checkpoint's stored config `stored` holds."""
+    config, ``mdpl.config.RunConfig``) that the reference checkpoint's stored config `stored` holds. A key is a name
+    shared by the reference and mdpl, or a pair (reference name, mdpl name) where mdpl's differs."""
     own = run.to_flat()
     method = run.experiment.prompt_method
     keys = REFERENCE_CONFIG_KEYS + (method_class(method).reference_config_keys if method in available_methods() else ())
-    return [f"{k}: checkpoint={stored[k]!r} vs config={own[k]!r}" for k in keys
-            if k in stored and k in own and _as_list(stored[k]) != _as_list(own[k])]
+    pairs = [(k, k) if isinstance(k, str) else k for k in keys]
+    return [f"{k}: checkpoint={stored[r]!r} vs config={own[k]!r}" for r, k in pairs
+            if r in stored and k in own and _as_list(stored[r]) != _as_list(own[k])]
 
 
 def _as_list(value: object) -> object:
@@ -316,12 +318,14 @@ def check_reference_checkpoint(state: Mapping[str, torch.Tensor], stored: Mappin
                              "something else): " + "; ".join(bad) + "; set these keys to the checkpoint's values")
 
 
-def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, run: Any) -> LoadReport:
+def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, run: Any,
+                              adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                              ) -> LoadReport:
     """Every weight of a ViLT classifier from a checkpoint written by the original MAP / MemPrompt code.
 
     `checkpoint` is the loaded file: a Lightning checkpoint (``state_dict`` + ``hyper_parameters.config``) or a
     plain state dict with the reference key names. Checked with `check_reference_checkpoint`, then loaded
-    with `load_reference_finetuned` (strict). Raises UserInputError (one line, naming the keys).
+    with `load_reference_finetuned` (strict; `adapt` as there). Raises UserInputError (one line, naming the keys).
     """
     state = checkpoint.get("state_dict", checkpoint)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -329,7 +333,7 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Mapping, run: Any) -
     stored = hparams.get("config") if isinstance(hparams, Mapping) else None
     check_reference_checkpoint(state, stored if isinstance(stored, Mapping) else None, run)
     try:
-        return load_reference_finetuned(model, state)
+        return load_reference_finetuned(model, state, adapt=adapt)
     except ValueError as err:
         raise UserInputError(str(err)) from None
 
@@ -344,11 +348,15 @@ def reference_key_to_mdpl(key: str) -> str:
 
 
 def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
-                             allow: tuple[str, ...] = LEGACY_ALLOWED_KEYS) -> LoadReport:
-    """Strictly load a MAP / MemPrompt fine-tuned checkpoint (reference key names) into a classifier.
+                             allow: tuple[str, ...] = LEGACY_ALLOWED_KEYS,
+                             adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                             ) -> LoadReport:
+    """Strictly load a MAP / MemPrompt / SCP fine-tuned checkpoint (reference key names) into a classifier.
 
     Every model key must be present and every checkpoint key used, except the keys in `allow`
     (legacy ``text_embeddings.position_ids``); otherwise ValueError listing the offending keys (D-22).
+    `adapt` (the method's key upgrade, e.g. SCP's renames and its check of the frozen copies, D-56) maps the state
+    once its keys carry the classifier's prefixes; it may raise ValueError.
     """
     raw = read_state_dict(state_dict) if isinstance(state_dict, (str, os.PathLike)) else dict(state_dict)
     report = LoadReport(source_format="reference-finetuned")
@@ -358,6 +366,8 @@ def load_reference_finetuned(model: nn.Module, state_dict: Mapping[str, torch.Te
             report.ignored.append(key)
         else:
             mapped[reference_key_to_mdpl(key)] = value
+    if adapt is not None:
+        mapped = adapt(mapped)
     own = model.state_dict()
     report.unexpected = sorted(k for k in mapped if k not in own)
     report.missing = sorted(k for k in own if k not in mapped)

@@ -143,6 +143,19 @@ def _depth(config: Mapping) -> tuple[int, str]:
     return sizes.from_flat(given).depth, sizes.described_as
 
 
+def _widths(config: Mapping) -> dict[str, int]:
+    """Stream name -> width of the configured backbone, from its size keys (defaults: the papers' backbones)."""
+    backbone = config.get("backbone", "vilt")
+    if backbone in ("clip", "coca"):
+        return {"image": _int_or(config.get(f"{backbone}_vision_width"), 768),
+                "text": _int_or(config.get(f"{backbone}_text_width"), 512)}
+    return {"joint": _int_or(config.get("hidden_size"), 768)}
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if _is_int(value) and value > 0 else default
+
+
 def check_prompt_sizes(config: Mapping) -> None:
     """The selected method's options, checked by its own config class against the backbone depth (§3, §4, §6)."""
     from mdpl.prompts.base import BackboneInfo, StreamInfo
@@ -159,7 +172,9 @@ def check_prompt_sizes(config: Mapping) -> None:
     except TypeError as err:  # a value of the wrong kind reaching the dataclass
         _fail(f"invalid options for {method}: {err}")
     n, what = _depth(config)
-    options.check(BackboneInfo((StreamInfo("stream", 1, n, 1, ("text", "image")),), what=what))
+    streams = tuple(StreamInfo(name, width, n, 1, ("text", "image") if name == "joint" else (name,))
+                    for name, width in _widths(config).items())
+    options.check(BackboneInfo(streams, what=what))
 
 
 def check_batch(config: Mapping) -> None:

@@ -4,7 +4,7 @@
   method's ``upgrade_state_dict`` (e.g. DCP's reference layout ``model.*``), so old files keep loading.
 * :func:`load_classifier_checkpoint` loads an mdpl checkpoint (or a plain state dict) of a classifier strictly.
 * :func:`load_trained_weights` (``test_only`` with a file mdpl did not write) loads every weight, strictly, or
-  refuses the file in one line: a ViLT MAP / MemPrompt / baseline checkpoint of the original code through the
+  refuses the file in one line: a ViLT MAP / MemPrompt / SCP / baseline checkpoint of the original code through the
   ViLT key converter, anything else as a state dict of this classifier in the reference layout of its method
   (which may complete what the reference never saved, e.g. DCP's dynamic queries from a side file).
 """
@@ -62,7 +62,7 @@ def load_classifier_checkpoint(model: nn.Module, path: str) -> None:
 def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str, Any]) -> None:
     """Every weight of `model` from a trained checkpoint that mdpl did not write (``test_only``), strictly.
 
-    ViLT + the baseline or a method with reference code on ViLT (MAP, MemPrompt): a checkpoint of that code
+    ViLT + the baseline or a method with reference code on ViLT (MAP, MemPrompt, SCP): a checkpoint of that code
     (reference key names); any other backbone: a state dict in the reference layout of the method (DCP: the
     reference DCP checkpoint, its dynamic queries from ``dcp_dynamic_queries``). Anything else, or a file that does
     not fit, raises UserInputError (one line, naming the keys).
@@ -75,7 +75,10 @@ def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str,
         if method != "none" and method not in reference_prompt_keys():
             raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
                                  f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
-        run.card.reference_reader(model, checkpoint, run)
+        cls, own = method_class(method), model.state_dict()
+        run.card.reference_reader(model, checkpoint, run,
+                                  adapt=lambda state: cls.complete_reference_state(cls.upgrade_state_dict(state), own,
+                                                                                   run.method_options()))
         return
     state = checkpoint.get("state_dict", checkpoint)
     state = upgrade_state({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, method)

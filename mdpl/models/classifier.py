@@ -86,9 +86,9 @@ class PromptedClassifier(nn.Module):
         if keep is not None and self.prompt.skip_missing:
             rows = _kept_rows(keep, batch.get("missing_type_host"), dropped)
         x, mask, layout = self.backbone.embed(stream.name, batch, rows)
-        ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared)
-        encoder = self.backbone.encoders()[stream.name]
         readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
+        ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared, readout=readout)
+        encoder = self.backbone.encoders()[stream.name]
         needed = self.backbone.needed_length(stream.name, batch)
         token, _, _ = encoder.forward_blocks(x, mask, layout, self.prompt, ctx, readout, needed)
         feature = self.backbone.pool(stream.name, token[:, 0])

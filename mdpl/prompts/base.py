@@ -10,8 +10,11 @@ every stream (``mdpl.backbones.encoder.forward_blocks``) calls, before block ``i
 * ``method.attention_prompts(stream, i, x, ctx) -> (k, v) | None`` — extra keys and values [B, P, width], already
   "projected", put in front of the block's own (attention-level prompting, MAP §3.3).
 
-``ctx`` (:class:`PromptContext`) carries the missing-type vector of the rows the stream runs on and whatever
-``method.prepare(missing_type)`` computed once per forward for all streams (DCP's correlated chain, §6.3).
+``ctx`` (:class:`PromptContext`) carries the missing-type vector of the rows the stream runs on, whatever
+``method.prepare(missing_type)`` computed once per forward for all streams (DCP's correlated chain, §6.3), and two
+read-only views of the stream: ``ctx.block_query(i, x)`` (block ``i``'s own frozen pre-attention norm and query
+projection applied to tokens ``x``, SCP §14) and ``ctx.readout_positions(layout)`` (where each row's feature token,
+e.g. ViLT's text [CLS], sits in a layout).
 
 A method is a config dataclass (:class:`MethodConfig`: its keys, the papers' defaults, small ``tiny`` values,
 validation) + a :class:`PromptMethod` subclass + one ``@register_method`` line (``mdpl.prompts.registry``).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -80,12 +83,39 @@ class BackboneInfo:
         return len(self.streams) == 1
 
 
+class FrozenBlocks(Protocol):
+    """Read-only operations with a stream's own frozen blocks (implemented by every backbone's stream encoder)."""
+
+    def block_query(self, index: int, x: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
+        """Block `index`'s queries of tokens x [..., width]: its pre-attention norm, then the query rows of its
+        (fused) in-projection; `norm_eps` replaces the norm's epsilon (None: the block's own)."""
+
+
 @dataclass
 class PromptContext:
-    """What every hook of one forward sees: the missing types of the stream's rows and ``prepare``'s result."""
+    """What every hook of one forward sees: the missing types of the stream's rows, ``prepare``'s result and
+    read-only views of the stream (its blocks' query projections, its read-out positions)."""
 
     missing_type: torch.Tensor       # long [B_rows]
     prepared: Any = None
+    blocks: FrozenBlocks | None = None
+    """The stream's blocks (set by the block loop, ``StreamEncoder.forward_blocks``)."""
+    readout: Callable[[TokenLayout], torch.Tensor] | None = None
+    """Layout -> long [B_rows], the position of each row's feature token (set by the classifier)."""
+
+    def block_query(self, index: int, x: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
+        """Block `index`'s own query of x [..., width] (:class:`FrozenBlocks`); the frozen weights are read live,
+        never copied."""
+        if self.blocks is None:
+            raise RuntimeError("this context has no stream blocks: run the hooks through StreamEncoder.forward_blocks")
+        return self.blocks.block_query(index, x, norm_eps)
+
+    def readout_positions(self, layout: TokenLayout) -> torch.Tensor:
+        """Long [B_rows]: where each row's feature token (ViLT text [CLS], CLIP image CLS / text EOT, CoCa CLS) is in
+        `layout`."""
+        if self.readout is None:
+            raise RuntimeError("this context has no read-out positions: build it with the classifier's readout")
+        return self.readout(layout)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -150,8 +180,9 @@ class PromptMethod(nn.Module):
     reference_prompt_keys: ClassVar[tuple[str, ...]] = ()
     """Key prefixes of the method's prompt modules in checkpoints of its reference code on ViLT (empty: no such
     checkpoints are read; the baseline's have no prompt keys)."""
-    reference_config_keys: ClassVar[tuple[str, ...]] = ()
-    """Config keys with the same name and meaning in its reference code and mdpl that define the trained model."""
+    reference_config_keys: ClassVar[tuple[str | tuple[str, str], ...]] = ()
+    """Config keys of its reference code that define the trained model: a name with the same meaning in mdpl, or a
+    pair (reference name, mdpl name) where mdpl's differs."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream

@@ -1,0 +1,62 @@
+"""Deterministic weights of a 768-wide ViLT for the SCP parity fixtures (tests/fixtures/README.md, "SCP").
+
+The reference SCP slices its query weights at 768 columns, so its smallest model is 768 wide (~20 M values): too
+many to store. As for DCP (`dcp_hashinit`), every tensor is a pure function of (key, shape), scaled like a trained
+ViLT's: LayerNorm gains near 1, biases small, linear maps ~ 1/sqrt(fan_in), prompt pools at the reference's init
+spread. The generator (tools/parity/scp.py) and the parity test both call :func:`hashed_vilt_tensor`; the fixture
+stores float64 checksums to prove both sides saw the same numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dcp_hashinit import checksum, hashed_uniform  # noqa: F401 (checksum re-exported)
+
+_NORM_MARKS = ("norm", "LayerNorm", "layerNorm")
+
+
+def _scale(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(offset, amplitude) of tensor `key`: uniform values in offset ± amplitude."""
+    leaf = key.rsplit(".", 1)[-1]
+    head_norm = "_classifier.1." in key                    # Linear, LayerNorm, GELU, Linear
+    if (any(m in key for m in _NORM_MARKS) or head_norm) and leaf == "weight":
+        return 1.0, 0.1
+    if leaf.startswith("bias"):
+        return 0.0, 0.02
+    if leaf == "promptPool_K":                             # peaked pool attention: the scale matters (D-58)
+        return 0.0, 1.0
+    if leaf in ("promptPool", "promptPool_V", "fixed_prompts"):
+        return 0.0, math.sqrt(6.0 / shape[-1])             # the reference's Kaiming spread, std sqrt(2 / fan_in)
+    if len(shape) >= 2 and leaf == "weight" and "embeddings" not in key:
+        return 0.0, math.sqrt(3.0 / math.prod(shape[1:]))  # Linear / conv: [out, in, ...]
+    return 0.0, 0.02 * math.sqrt(3.0)                      # embeddings, cls token, position grid
+
+
+def hashed_vilt_tensor(key: str, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The deterministic float32 value of reference tensor `key` with `shape`."""
+    shape = tuple(int(s) for s in shape)
+    offset, amp = _scale(key, shape)
+    u = hashed_uniform(key, math.prod(shape)).reshape(shape) * amp
+    return u + offset if offset else u
+
+
+def hashed_scp_state(shapes: dict[str, tuple[int, ...]], layers: list[int]) -> dict[str, torch.Tensor]:
+    """Every floating tensor of a reference SCP state dict (key -> shape): hashed, except the frozen query copies
+    ``QKV_ps_layers.{j}.{W_Q,bias_Q,layerNorm.*}``, taken from block ``layers[j]`` as the reference takes them after
+    a checkpoint load (docs/methods.md D-56)."""
+    return refresh_copies({k: hashed_vilt_tensor(k, s) for k, s in shapes.items()}, layers)
+
+
+def refresh_copies(state: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
+    """`state` with each ``QKV_ps_layers.{j}`` copy set from block ``layers[j]``, as the reference takes them."""
+    out = dict(state)
+    for j, layer in enumerate(layers):
+        qkv_w = state[f"transformer.blocks.{layer}.attn.qkv.weight"]
+        width = qkv_w.shape[1]
+        out[f"QKV_ps_layers.{j}.W_Q"] = qkv_w.t()[:, :width].clone()
+        out[f"QKV_ps_layers.{j}.bias_Q"] = state[f"transformer.blocks.{layer}.attn.qkv.bias"][:width].clone()
+        out[f"QKV_ps_layers.{j}.layerNorm.weight"] = state[f"transformer.blocks.{layer}.norm1.weight"].clone()
+        out[f"QKV_ps_layers.{j}.layerNorm.bias"] = state[f"transformer.blocks.{layer}.norm1.bias"].clone()
+    return out
