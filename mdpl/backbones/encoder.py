@@ -5,15 +5,18 @@ Every backbone exposes its streams as `StreamEncoder` modules (ViLT: the joint s
 text tower). A subclass says how one block runs (:meth:`StreamEncoder.run_block`, through
 ``mdpl.backbones.attention.prefixed_attention``) and describes itself as a
 :class:`~mdpl.prompts.base.StreamInfo`; :meth:`StreamEncoder.forward_blocks` runs the loop with the method's
-hooks before every block.
+hooks before every block, and computes the maps a method adapts (``method.block_adapters``) through its weight
+adapters (:meth:`StreamEncoder.linear_map` names each block's linear maps).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import WeightAdapter
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import TokenLayout
 
@@ -29,11 +32,21 @@ class StreamEncoder(nn.Module):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """Block `index` on x [B, N, D]; `mask` bool [B, N] (True = real token); optional prompt keys/values.
         With `query_index` (long [B]) only that position of each row is computed (keys and values still come
-        from every position): the output is [B, 1, D]."""
+        from every position): the output is [B, 1, D]. `adapters` (map name -> weight adapter, passed only when
+        the method adapts this block): those linear maps are computed through their adapters."""
         raise NotImplementedError
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen (weight [out, in], bias [out] or None) of the linear map `name` (``q``, ``k``, ``v``, ``out``,
+        ``fc1``, ``fc2``: ``mdpl.prompts.adapters.LINEAR_MAPS``) of block `index`: views of the block's own
+        parameters (rows of a fused in-projection), made on every call so that they follow the parameters. A
+        stream whose ``run_block`` takes ``adapters`` implements it."""
+        raise UserInputError(f"the {self.info.name!r} stream of this backbone has no named linear maps: weight "
+                             f"adapters cannot run on it")
 
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                        ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
@@ -54,7 +67,11 @@ class StreamEncoder(nn.Module):
                 x, mask, layout = _drop_tail(x, mask, layout, info.name, needed)
             kv_prefix = method.attention_prompts(info, index, x, ctx)
             query_index = readout(layout) if readout is not None and index == last else None
-            x = self.run_block(index, x, mask, kv_prefix, query_index)
+            adapters = method.block_adapters(info, index)
+            if adapters:
+                x = self.run_block(index, x, mask, kv_prefix, query_index, adapters=adapters)
+            else:
+                x = self.run_block(index, x, mask, kv_prefix, query_index)
         return x, mask, layout
 
 
