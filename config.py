@@ -194,6 +194,15 @@ def base_config():
     dcp_skip_missing = method_default(prompt_method, method_sizes, "dcp_skip_missing")
     # a file with the dynamic queries of a reference DCP run (its checkpoints lack them): needed to evaluate one
     dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
+    # MoRA (docs/methods.md §14): per-dataset reference values (Food-101 q,v ranks 4 alpha 0.01; MM-IMDb q,k ranks 4
+    # alpha 0.001; Hateful Memes k,v ranks 8 alpha 0.1)
+    mora_maps = method_default(prompt_method, method_sizes, "mora_maps", dataset)          # two of q, k, v
+    mora_start_layer = method_default(prompt_method, method_sizes, "mora_start_layer", dataset)   # blocks 10, 11
+    mora_shared_rank = method_default(prompt_method, method_sizes, "mora_shared_rank", dataset)   # pair shared by towers
+    mora_image_rank = method_default(prompt_method, method_sizes, "mora_image_rank", dataset)
+    mora_text_rank = method_default(prompt_method, method_sizes, "mora_text_rank", dataset)
+    mora_alpha = method_default(prompt_method, method_sizes, "mora_alpha", dataset)
+    mora_dropout = method_default(prompt_method, method_sizes, "mora_dropout", dataset)   # on the adapted input
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = "legacy_hf"  # 'legacy_hf' (reference AdamW update) | 'torch'
@@ -307,6 +316,13 @@ def memprompt():
 def dcp():
     # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2, seed 0.
     prompt_method = "dcp"
+
+
+@ex.named_config
+def mora():
+    # MoRA (ICLR 2026) on CLIP ViT-B/16: shared + specific DoRA updates of two attention projections in blocks 10-11
+    # of both towers, the reference's per-dataset values, lr 1e-2, seed 42; merged into the weights for testing.
+    prompt_method = "mora"
 
 
 # --- backbone switches: run a method on the other backbone (`python run.py with task_finetune_food101 map

@@ -148,7 +148,11 @@ def check_prompt_sizes(config: Mapping) -> None:
     except TypeError as err:  # a value of the wrong kind reaching the dataclass
         _fail(f"invalid options for {method}: {err}")
     n, what = _depth(config)
-    options.check(BackboneInfo((StreamInfo("stream", 1, n, 1, ("text", "image")),), what=what))
+    if config.get("backbone", "vilt") in ("clip", "coca"):   # two towers (a method may need both, e.g. MoRA)
+        streams = (StreamInfo("image", 1, n, 1, ("image",)), StreamInfo("text", 1, n, 1, ("text",), causal=True))
+    else:
+        streams = (StreamInfo("joint", 1, n, 1, ("text", "image")),)
+    options.check(BackboneInfo(streams, what=what))
 
 
 def check_batch(config: Mapping) -> None:

@@ -136,7 +136,8 @@ class PromptedClassifier(nn.Module):
         learned = {id(p) for p in self.prompt.trainable_parameters()}
         learned |= {id(p) for p in self.prompt.adapters.parameters()}
         self.requires_grad_(self.finetune)
-        for item in [*self.backbone.trainable_parts(), self.head]:
+        parts = self.backbone.trainable_parts() if self.prompt.trains_backbone_parts else []
+        for item in [*parts, self.head]:
             item.requires_grad_(True)
         for p in self.prompt.parameters():
             p.requires_grad_(id(p) in learned)

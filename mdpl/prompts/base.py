@@ -101,6 +101,8 @@ class MethodConfig:
     A field with ``metadata={"shared_key": True}`` reads a key that is not the method's own (a run setting)."""
 
     TINY: ClassVar[Mapping[str, Any]] = {}
+    DATASETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Dataset -> the values the reference used there where they differ from the defaults (paper sizes only)."""
 
     @classmethod
     def keys(cls) -> dict[str, Any]:
@@ -151,6 +153,9 @@ class PromptMethod(nn.Module):
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
     """The backbone the method's paper used (the benchmark's default pairing)."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    trains_backbone_parts: ClassVar[bool] = True
+    """False: the backbone's ``trainable_parts`` stay frozen (a method whose reference trains only its own
+    parameters and the head)."""
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
     is not computed for those rows (DCP §6.5). Single-stream backbones ignore it."""

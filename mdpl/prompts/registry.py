@@ -21,6 +21,7 @@ _BUILTIN_MODULES = (
     "mdpl.prompts.map",
     "mdpl.prompts.memprompt",
     "mdpl.prompts.dcp",
+    "mdpl.prompts.mora",
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
