@@ -182,6 +182,15 @@ def base_config():
     scp_pool_scale = method_default(prompt_method, method_sizes, "scp_pool_scale")
     # True: the query norm uses the block's own epsilon (its exact query); False: 1e-5 as the reference (D-57)
     scp_block_eps = method_default(prompt_method, method_sizes, "scp_block_eps")
+    # MoRA (docs/methods.md §15): per-dataset reference values (Food-101 q,v ranks 4 alpha 0.01; MM-IMDb q,k ranks 4
+    # alpha 0.001; Hateful Memes k,v ranks 8 alpha 0.1)
+    mora_maps = method_default(prompt_method, method_sizes, "mora_maps", dataset)          # two of q, k, v
+    mora_start_layer = method_default(prompt_method, method_sizes, "mora_start_layer", dataset)   # blocks 10, 11
+    mora_shared_rank = method_default(prompt_method, method_sizes, "mora_shared_rank", dataset)   # pair shared by towers
+    mora_image_rank = method_default(prompt_method, method_sizes, "mora_image_rank", dataset)
+    mora_text_rank = method_default(prompt_method, method_sizes, "mora_text_rank", dataset)
+    mora_alpha = method_default(prompt_method, method_sizes, "mora_alpha", dataset)
+    mora_dropout = method_default(prompt_method, method_sizes, "mora_dropout", dataset)   # on the adapted input
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = OPTIM.optimizer_impl  # 'legacy_hf' (reference AdamW update) | 'torch'
@@ -302,6 +311,13 @@ def scp():
     # SCP (WACV 2025) as its documented command: static prompts (16 tokens) on layers 0-5, conditioned prompts
     # (4 fixed + 12 read from a 32-entry pool) on layers 6-11, lr 1e-2, seed 0 (docs/methods.md §14.5).
     prompt_method = "scp"
+
+
+@ex.named_config
+def mora():
+    # MoRA (ICLR 2026) on CLIP ViT-B/16: shared + specific DoRA updates of two attention projections in blocks 10-11
+    # of both towers, the reference's per-dataset values, lr 1e-2, seed 42; merged into the weights for testing.
+    prompt_method = "mora"
 
 
 # --- backbone switches: run a method on the other backbone (`python run.py with task_finetune_food101 map

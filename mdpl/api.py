@@ -234,4 +234,24 @@ def load_model(checkpoint_path: str | os.PathLike, device: str | torch.device = 
     text_tokenizer = build_text_tokenizer(config)   # before the model: a missing vocabulary fails fast
     module = MDPLModule(config, weights_from_checkpoint=True)
     load_for_test(module, checkpoint)
+    module.model.merge_adapters()   # a method's weight adapters folded into the weights: the plain block loop
     return Predictor(module.model, config, text_tokenizer, device=device, class_names=class_names)
+
+
+def export_merged(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write the mdpl checkpoint at `checkpoint_path` with its method's weight adapters merged into the frozen
+    weights (``PromptedClassifier.merge_adapters``) to `out_path`, for evaluation (``test_only``, ``load_model``):
+    it loads without any adapter code. Config and training counters are kept; optimizer and scheduler states are
+    not (it cannot resume training). A checkpoint without adapters is written unchanged in its weights."""
+    from mdpl.engine.module import MDPLModule, load_for_test, to_plain
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    module = MDPLModule(to_plain(checkpoint["hyper_parameters"]["config"]), weights_from_checkpoint=True)
+    load_for_test(module, checkpoint)
+    module.model.merge_adapters()
+    kept = {k: v for k, v in checkpoint.items()
+            if k in ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "hparams_name")}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**kept, "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, out)
+    return out

@@ -8,9 +8,13 @@ query, and split into heads like them. Written against public module attributes 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from mdpl.prompts.adapters import QKV_MAPS, WeightAdapter
 
 
 def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
@@ -43,15 +47,38 @@ def prefixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_he
 
 
 def project_qkv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                query_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                query_index: torch.Tensor | None = None,
+                adapters: Mapping[str, WeightAdapter] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from one fused in-projection (rows q, k, v of `weight`); with `query_index` (long [B]) the queries
-    only of those positions, q [B, 1, C] — the last block of a stream, whose other rows nobody reads."""
+    only of those positions, q [B, 1, C] — the last block of a stream, whose other rows nobody reads. With an
+    adapter on ``q``, ``k`` or ``v`` the three projections run separately, each on its row slice of `weight`."""
+    if adapters and any(name in adapters for name in QKV_MAPS):
+        return _project_split(h, weight, bias, query_index, adapters)
     if query_index is None:
         return F.linear(h, weight, bias).chunk(3, dim=-1)
     c = h.shape[-1]
     k, v = F.linear(h, weight[c:], None if bias is None else bias[c:]).chunk(2, dim=-1)
     q = F.linear(take_rows(h, query_index), weight[:c], None if bias is None else bias[:c])
     return q, k, v
+
+
+def _project_split(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   query_index: torch.Tensor | None,
+                   adapters: Mapping[str, WeightAdapter]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`project_qkv` one projection at a time, through the adapters of those that have one."""
+    c = h.shape[-1]
+    out = []
+    for i, name in enumerate(QKV_MAPS):
+        rows = slice(i * c, (i + 1) * c)
+        source = take_rows(h, query_index) if name == "q" and query_index is not None else h
+        out.append(adapted_linear(source, weight[rows], None if bias is None else bias[rows], adapters.get(name)))
+    return out[0], out[1], out[2]
+
+
+def adapted_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   adapter: WeightAdapter | None = None) -> torch.Tensor:
+    """``linear(x, weight, bias)``, through `adapter` when there is one."""
+    return F.linear(x, weight, bias) if adapter is None else adapter(x, weight, bias)
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
+from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch, load_pretrained
 from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
 from mdpl.backbones.clip_weights import (backbone_to_openai_key, check_state_dict, openai_to_backbone_key,
@@ -26,6 +26,7 @@ from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
 from mdpl.data.tokenizers import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
 from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import MLP_MAPS, QKV_MAPS, WeightAdapter
 from mdpl.prompts.base import StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
@@ -128,15 +129,49 @@ class _Tower(StreamEncoder):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor | None = None,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """Block ``index`` on batch-first ``x`` [B, L, D] (`residual_block`); `mask` (real tokens) is unused:
         CLIP attends to padding; the text tower's causal mask follows the current length. Only the positions
-        `query_index` when given (`StreamEncoder.run_block`). A causal tower's block over the whole square sequence
-        (no prompt keys / values, every query) passes SDPA `is_causal` instead of the mask tensor."""
+        `query_index` when given, the maps named in `adapters` through them (`StreamEncoder.run_block`). A causal
+        tower's block over the whole square sequence (no prompt keys / values, every query) passes SDPA `is_causal`
+        instead of the mask tensor."""
         if self.causal and kv_prefix is None and query_index is None:
-            return residual_block(self.blocks[index], x, is_causal=True)
+            return residual_block(self.blocks[index], x, is_causal=True, adapters=adapters)
         attn_mask = self.attention_mask(x.shape[1], x.device, x.dtype)
-        return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index)
+        return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index, adapters=adapters)
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return open_clip_linear_map(self.blocks[index], name)
+
+
+def open_clip_linear_map(block: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) views of map `name` of an open_clip ``ResidualAttentionBlock``: q / k / v are row slices
+    of the fused ``attn.in_proj_weight`` / ``in_proj_bias`` (never copied), out is ``attn.out_proj``, fc1 / fc2 the
+    MLP's ``c_fc`` / ``c_proj``."""
+    attn = block.attn
+    if name in QKV_MAPS:
+        c = attn.embed_dim
+        rows = slice(QKV_MAPS.index(name) * c, (QKV_MAPS.index(name) + 1) * c)
+        bias = attn.in_proj_bias
+        return attn.in_proj_weight[rows], None if bias is None else bias[rows]
+    linear = {"out": attn.out_proj, "fc1": block.mlp.c_fc, "fc2": block.mlp.c_proj}[name]
+    return linear.weight, linear.bias
+
+
+def open_clip_mlp(mlp: nn.Module, h: torch.Tensor, adapters: Mapping[str, WeightAdapter]) -> torch.Tensor:
+    """open_clip's block MLP (``c_fc``, activation, optional norm, ``c_proj``) with the maps fc1 / fc2 through their
+    adapters; `block_mlp` when neither is adapted."""
+    if not any(name in adapters for name in MLP_MAPS):
+        return block_mlp(mlp, h)
+    for name, module in mlp.named_children():
+        if name == "c_fc":
+            h = adapted_linear(h, module.weight, module.bias, adapters.get("fc1"))
+        elif name == "c_proj":
+            h = adapted_linear(h, module.weight, module.bias, adapters.get("fc2"))
+        else:
+            h = module(h)
+    return h
 
 
 def open_clip_query_parts(block: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
@@ -147,7 +182,8 @@ def open_clip_query_parts(block: nn.Module) -> tuple[nn.Module, torch.Tensor, to
 
 def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   query_index: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+                   query_index: torch.Tensor | None = None, is_causal: bool = False,
+                   adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
     """open_clip ``ResidualAttentionBlock`` on batch-first ``x`` [B, L, D] with fused SDPA.
 
     Computes ``block(x, attn_mask=attn_mask)``: x + ls_1(MHA(ln_1 x)), then + ls_2(MLP(ln_2 x)), with the block's
@@ -161,17 +197,22 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     to every query — MAP's attention-level prompts (§3.3).
     ``query_index``: long [B]; only that position of each row is computed -> [B, 1, D] (its row of the mask).
     ``is_causal``: causal attention without a mask tensor (in place of the additive causal ``attn_mask``).
+    ``adapters``: map name -> weight adapter (``open_clip_linear_map`` names the maps); those maps through them.
     """
     attn = block.attn
     if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
         raise ValueError("residual_block supports open_clip's plain self-attention only")
-    q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index)
+    adapters = adapters or {}
+    q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index, adapters)
     if query_index is not None:
         x = take_rows(x, query_index)
         if attn_mask is not None:
             attn_mask = attn_mask[query_index][:, None, None, :]
     out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix, is_causal=is_causal)
-    x = x + block.ls_1(attn.out_proj(out))
+    x = x + block.ls_1(attn.out_proj(out) if not adapters else
+                       adapted_linear(out, attn.out_proj.weight, attn.out_proj.bias, adapters.get("out")))
+    if adapters:
+        return x + block.ls_2(open_clip_mlp(block.mlp, block.ln_2(x), adapters))
     return x + block.ls_2(block_mlp(block.mlp, block.ln_2(x)))
 
 

@@ -32,16 +32,18 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
+from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
 from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
-from mdpl.backbones.clip import TwoTowerBackbone, batch_rows, block_mlp, open_clip_query_parts, residual_block
+from mdpl.backbones.clip import (TwoTowerBackbone, batch_rows, block_mlp, open_clip_linear_map, open_clip_mlp,
+                                 open_clip_query_parts, residual_block)
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
 from mdpl.data.tokenizers import CLIP_VOCAB_SIZE
 from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import WeightAdapter
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
@@ -184,9 +186,13 @@ class CocaVisionTower(StreamEncoder):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor | None = None,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """Block ``index`` (open_clip ``ResidualAttentionBlock``, no mask: every image token is real)."""
-        return residual_block(self.blocks[index], x, None, kv_prefix, query_index)
+        return residual_block(self.blocks[index], x, None, kv_prefix, query_index, adapters=adapters)
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return open_clip_linear_map(self.blocks[index], name)
 
     def attentional_pool(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """CoCa's contrastive image embedding before ``ln_post``: the first query of ``attn_pool`` over the last
@@ -275,9 +281,11 @@ class CocaTextTower(StreamEncoder):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """Block ``index`` on x [B, N, D]: causal attention over the keys `mask` marks (prompt keys / values of
-        `kv_prefix` visible to every query); only the positions `query_index` when given -> [B, 1, D]."""
+        `kv_prefix` visible to every query); only the positions `query_index` when given -> [B, 1, D]; the maps
+        named in `adapters` through them."""
         block = self.blocks[index]
         attn = block.attn
         if attn.dropout or attn.bias_k is not None or attn.add_zero_attn or not attn._qkv_same_embed_dim:
@@ -288,12 +296,18 @@ class CocaTextTower(StreamEncoder):
             attn_mask = (mask[:, None, :] & (positions[None, :] <= positions[:, None]))[:, None]   # [B, 1, N, N]
         else:
             attn_mask = (mask & (positions[None, :] <= query_index[:, None]))[:, None, None, :]   # [B, 1, 1, N]
-        q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index)
+        q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index, adapters)
         if query_index is not None:
             x = take_rows(x, query_index)
         out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix)
+        if adapters:
+            x = x + block.ls_1(adapted_linear(out, attn.out_proj.weight, attn.out_proj.bias, adapters.get("out")))
+            return x + block.ls_2(open_clip_mlp(block.mlp, block.ln_2(x), adapters))
         x = x + block.ls_1(attn.out_proj(out))
         return x + block.ls_2(block_mlp(block.mlp, block.ln_2(x)))
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return open_clip_linear_map(self.blocks[index], name)
 
     def pool(self, token: torch.Tensor) -> torch.Tensor:
         """The CLS output [B, D] -> ``ln_final`` -> @ ``text_projection`` -> [B, E]."""

@@ -5,17 +5,20 @@ Every backbone exposes its streams as `StreamEncoder` modules (ViLT: the joint s
 text tower). A subclass says how one block runs (:meth:`StreamEncoder.run_block`, through
 ``mdpl.backbones.attention.prefixed_attention``) and describes itself as a
 :class:`~mdpl.prompts.base.StreamInfo`; :meth:`StreamEncoder.forward_blocks` runs the loop with the method's
-hooks before every block.
+hooks before every block, and computes the maps a method adapts (``method.block_adapters``) through its weight
+adapters (:meth:`StreamEncoder.linear_map` names each block's linear maps).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import WeightAdapter
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import TokenLayout
 
@@ -31,10 +34,12 @@ class StreamEncoder(nn.Module):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """Block `index` on x [B, N, D]; `mask` bool [B, N] (True = real token); optional prompt keys/values.
         With `query_index` (long [B]) only that position of each row is computed (keys and values still come
-        from every position): the output is [B, 1, D]."""
+        from every position): the output is [B, 1, D]. `adapters` (map name -> weight adapter, passed only when
+        the method adapts this block): those linear maps are computed through their adapters."""
         raise NotImplementedError
 
     def query_parts(self, index: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
@@ -53,6 +58,14 @@ class StreamEncoder(nn.Module):
             h = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm_eps)
         c = x.shape[-1]
         return F.linear(h, weight[:c], None if bias is None else bias[:c])
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen (weight [out, in], bias [out] or None) of the linear map `name` (``q``, ``k``, ``v``, ``out``,
+        ``fc1``, ``fc2``: ``mdpl.prompts.adapters.LINEAR_MAPS``) of block `index`: views of the block's own
+        parameters (rows of a fused in-projection), made on every call so that they follow the parameters. A
+        stream whose ``run_block`` takes ``adapters`` implements it."""
+        raise UserInputError(f"the {self.info.name!r} stream of this backbone has no named linear maps: weight "
+                             f"adapters cannot run on it")
 
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                        ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
@@ -77,7 +90,11 @@ class StreamEncoder(nn.Module):
                 x, mask, layout = _drop_tail(x, mask, layout, info.name, needed)
             kv_prefix = method.attention_prompts(info, index, x, ctx)
             query_index = readout(layout) if readout is not None and index == last else None
-            x = self.run_block(index, x, mask, kv_prefix, query_index)
+            adapters = method.block_adapters(info, index)
+            if adapters:
+                x = self.run_block(index, x, mask, kv_prefix, query_index, adapters=adapters)
+            else:
+                x = self.run_block(index, x, mask, kv_prefix, query_index)
         return x, mask, layout
 
 

@@ -27,13 +27,14 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
-from mdpl.backbones.attention import prefixed_attention, project_qkv, take_rows
+from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch
 from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
 from mdpl.backbones.vilt_weights import load_reference_checkpoint, load_vilt_checkpoint
 from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import QKV_MAPS, WeightAdapter
 from mdpl.prompts.base import JOINT, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
@@ -76,6 +77,12 @@ class PatchEmbed(nn.Module):
         return self.proj(image)
 
 
+def timm_mlp(mlp: nn.Module, h: torch.Tensor, adapters: Mapping[str, WeightAdapter]) -> torch.Tensor:
+    """timm's ``Mlp`` forward (fc1, act, drop1, norm, fc2, drop2) with fc1 / fc2 through their adapters."""
+    z = mlp.drop1(mlp.act(adapted_linear(h, mlp.fc1.weight, mlp.fc1.bias, adapters.get("fc1"))))
+    return mlp.drop2(adapted_linear(mlp.norm(z), mlp.fc2.weight, mlp.fc2.bias, adapters.get("fc2")))
+
+
 class ViLTVisionTransformer(StreamEncoder):
     """The ViT part of ViLT (``transformer.*`` keys): patch embed, CLS, position grid, blocks, norm; the encoder
     of the joint stream."""
@@ -114,18 +121,35 @@ class ViLTVisionTransformer(StreamEncoder):
 
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  query_index: torch.Tensor | None = None) -> torch.Tensor:
+                  query_index: torch.Tensor | None = None,
+                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
         """timm pre-LN ``Block`` `index` with a key-padding mask; optional prompt K/V after the projection (§3.3);
-        only the positions `query_index` when given (`StreamEncoder.run_block`)."""
+        only the positions `query_index` when given; the maps named in `adapters` through them
+        (`StreamEncoder.run_block`)."""
         blk = self.blocks[index]
         attn = blk.attn
+        adapters = adapters or {}
         h = blk.norm1(x)
-        q, k, v = project_qkv(h, attn.qkv.weight, attn.qkv.bias, query_index)
+        q, k, v = project_qkv(h, attn.qkv.weight, attn.qkv.bias, query_index, adapters)
         out = prefixed_attention(q, k, v, attn.num_heads, mask[:, None, None, :], kv_prefix,
                                  attn.attn_drop.p if attn.training else 0.0)
         x = x if query_index is None else take_rows(x, query_index)
-        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        projected = adapted_linear(attn.norm(out), attn.proj.weight, attn.proj.bias, adapters.get("out"))
+        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(projected)))
+        h = blk.norm2(x)
+        mlp = blk.mlp(h) if not adapters else timm_mlp(blk.mlp, h, adapters)
+        return x + blk.drop_path2(blk.ls2(mlp))
+
+    def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q / k / v: row slices of the fused ``attn.qkv``; out: ``attn.proj``; fc1 / fc2: the MLP's."""
+        blk = self.blocks[index]
+        if name in QKV_MAPS:
+            c = blk.attn.qkv.in_features
+            rows = slice(QKV_MAPS.index(name) * c, (QKV_MAPS.index(name) + 1) * c)
+            bias = blk.attn.qkv.bias
+            return blk.attn.qkv.weight[rows], None if bias is None else bias[rows]
+        linear = {"out": blk.attn.proj, "fc1": blk.mlp.fc1, "fc2": blk.mlp.fc2}[name]
+        return linear.weight, linear.bias
 
     def reset_parameters(self) -> None:
         """timm-style init used when no checkpoint is loaded (reference `_init_weights`)."""

@@ -172,7 +172,8 @@ def check_prompt_sizes(config: Mapping) -> None:
     except TypeError as err:  # a value of the wrong kind reaching the dataclass
         _fail(f"invalid options for {method}: {err}")
     n, what = _depth(config)
-    streams = tuple(StreamInfo(name, width, n, 1, ("text", "image") if name == "joint" else (name,))
+    streams = tuple(StreamInfo(name, width, n, 1, ("text", "image") if name == "joint" else (name,),
+                               causal=name == "text")
                     for name, width in _widths(config).items())
     options.check(BackboneInfo(streams, what=what))
 

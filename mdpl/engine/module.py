@@ -6,6 +6,12 @@ Logged keys (D-50: test runs log under `test/`, not `val/` as the references did
 * every validation/test epoch end: `{dataset}/{val|test}/{metric}`, `{dataset}/{val|test}/loss`,
   `{val|test}/the_metric` (= the primary metric of the task; checkpoints monitor `val/the_metric`).
 Metric names: mmimdb F1_Micro, F1_Macro, F1_Samples, F1_Weighted; food101 accuracy; hatememes AUROC, accuracy.
+
+A method's auxiliary loss terms (``PromptMethod.aux_losses``, weighted by its config) are added to the training loss
+only: `{dataset}/train/loss` is the task loss plus the weighted terms, each unweighted term is logged every step as
+`train/aux/<name>`; validation and test losses and metrics are the task's alone. A method's weight adapters are
+merged into the frozen weights for testing (``PromptedClassifier.merge_adapters``) and restored afterwards;
+validation runs them unmerged.
 """
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ def parameter_report(model: nn.Module) -> str:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pct = 100.0 * trainable / max(1, total)
-    return f"parameters: total {total:,}, trainable {trainable:,} ({pct:.3f} %)"
+    adapters = model.adapter_parameter_count() if hasattr(model, "adapter_parameter_count") else 0
+    of_which = f", of which weight adapters {adapters:,}" if adapters else ""
+    return f"parameters: total {total:,}, trainable {trainable:,} ({pct:.3f} %){of_which}"
 
 
 def checkpoint_build_config(run: RunConfig) -> RunConfig:
@@ -136,7 +144,15 @@ class MDPLModule(pl.LightningModule):
                 f"or use precision=32 / bf16 to rule out fp16 overflow")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits, loss = self._forward_loss(batch)
+        """Task loss plus the method's weighted auxiliary terms (module docstring)."""
+        out = self.model(batch)
+        logits = out["logits"]
+        loss = task_loss(self.dataset, logits, batch["label"])
+        if "aux_loss" in out:
+            loss = loss + out["aux_loss"].to(loss.dtype)
+            for name, term in out["aux_losses"].items():
+                self.log(f"train/aux/{name}", term.detach(), on_step=True, on_epoch=False,
+                         batch_size=batch["label"].shape[0])
         self._track_nonfinite(loss)
         self._check_nonfinite()
         self._update_metrics("train", logits, batch["label"], loss)
@@ -184,6 +200,19 @@ class MDPLModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+
+    def on_test_start(self) -> None:
+        if hasattr(self.model, "merge_adapters"):
+            self.model.merge_adapters(keep_originals=True)
+
+    def on_test_end(self) -> None:
+        if hasattr(self.model, "unmerge_adapters"):
+            self.model.unmerge_adapters()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of a model whose adapters were merged loads into a classifier without adapters."""
+        if hasattr(self.model, "accept_state"):
+            self.model.accept_state(checkpoint.get("state_dict", {}), prefix="model.")
 
     def on_test_epoch_end(self) -> None:
         if self.sweep is not None:
@@ -262,6 +291,8 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
         raise UserInputError("checkpoint does not match the config: " + "; ".join(mismatches))
     from mdpl.models.checkpoints import upgrade_state
     state = upgrade_state(checkpoint["state_dict"], module.config.experiment.prompt_method, prefix="model.")
+    if hasattr(module.model, "accept_state"):
+        module.model.accept_state(state, prefix="model.")   # a merged checkpoint: no adapters to load
     own, given = set(module.state_dict()), set(state)
     missing, unexpected = sorted(own - given), sorted(given - own)
     if missing or unexpected:  # e.g. DCP dynamic queries (prompts_dynamic_*) stripped from the file (D-34)

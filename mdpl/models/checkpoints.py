@@ -55,6 +55,7 @@ def read_classifier_state(path: str) -> dict[str, torch.Tensor]:
 def load_classifier_checkpoint(model: nn.Module, path: str) -> None:
     """Every weight of `model` from the checkpoint file `path`, strictly (keys upgraded for the model's method)."""
     state = upgrade_state(read_classifier_state(path), model.prompt.name)
+    model.accept_state(state)
     check_state_dict(state, model.state_dict(), what=f"checkpoint {path}")
     model.load_state_dict(state, strict=True)
 

@@ -10,6 +10,15 @@ Freezing, one routine for every backbone and method (§3.4, §4.1, §6.6): every
 else nothing; then the backbone's ``trainable_parts`` (ViLT pooler; CLIP ln_post, ln_final, proj), the method's
 ``trainable_parameters`` and the head train; the backbone's ``untrained_parts`` (CLIP logit scale) never do.
 Frozen modules stay in train mode (reference behaviour, D-23) unless ``frozen_eval_mode=True``.
+
+Weight adapters (``mdpl.prompts.adapters``): the method's ``adapter_specs`` are resolved here against the streams'
+linear maps (``StreamEncoder.linear_map``) and built by the method (its ``adapters``, trained with it). The block
+loop computes the adapted maps through them; :meth:`PromptedClassifier.merge_adapters` folds them into the frozen
+weights (the model then runs the plain block loop, and its state dict carries ``adapters_merged`` instead of the
+adapters, so a merged checkpoint loads into a classifier that drops its adapters first, :meth:`accept_state`).
+
+Auxiliary losses: ``forward`` adds the method's terms (``aux_losses``, unweighted) and their weighted sum
+(``aux_loss``) to its output when the method declares any; the engine adds ``aux_loss`` to the training loss only.
 Build order (backbone, its weights, head, method) follows the ViLT references for RNG parity (§4.1).
 """
 from __future__ import annotations
@@ -24,6 +33,7 @@ from torch import nn
 from mdpl.backbones.base import Backbone
 from mdpl.backbones.registry import build_backbone
 from mdpl.data.registry import dataset_spec
+from mdpl.prompts.adapters import AdapterSite
 from mdpl.prompts.base import MISSING_TYPE_OF, PromptContext, PromptMethod, StreamInfo
 from mdpl.config.run_config import RunConfig
 from mdpl.prompts.registry import build_method
@@ -44,17 +54,92 @@ class PromptedClassifier(nn.Module):
         self.head_name = f"{self.dataset}_classifier"
         self.add_module(self.head_name, self.backbone.build_head(num_classes))
         self.prompt: PromptMethod = build_method(run.experiment.prompt_method, run.method, self.backbone.info)
+        self._attach_adapters()
         self._apply_freezing()
+        self._originals: list[tuple[AdapterSite, torch.Tensor]] | None = None
 
     @property
     def head(self) -> nn.Module:
         return getattr(self, self.head_name)
 
+    # --- weight adapters ------------------------------------------------------------------------------
+    def _attach_adapters(self) -> None:
+        """Build the method's declared adapters, each from the frozen weight of the map it adapts."""
+        specs = self.prompt.adapter_specs()
+        if not specs:
+            return
+        encoders = self.backbone.encoders()
+        depths = {name: len(encoder.blocks) for name, encoder in encoders.items()}
+        for spec in specs:
+            spec.check(depths)
+            for site in spec.sites():
+                weight, _ = encoders[site.stream].linear_map(site.block, site.map)
+                self.prompt.add_adapter(site, self.prompt.build_adapter(site, spec, weight.detach()))
+
+    def _frozen_weight(self, site: AdapterSite) -> torch.Tensor:
+        return self.backbone.encoders()[site.stream].linear_map(site.block, site.map)[0]
+
+    @property
+    def has_merged_adapters(self) -> bool:
+        """Whether the method's adapters were merged into the weights for good (``merge_adapters()``)."""
+        return "adapters_merged" in self._buffers
+
+    @torch.no_grad()
+    def merge_adapters(self, keep_originals: bool = False) -> "PromptedClassifier":
+        """Fold every adapter into the frozen weight it adapts (``WeightAdapter.merged_weight``: evaluation mode,
+        float32), in place; the model then runs no adapter code. By default for good (export): the adapters are
+        removed and the state dict gains the marker ``adapters_merged``. With `keep_originals` (evaluation of a
+        model that trains on): the adapted weights are saved, the adapters only switched off, and
+        :meth:`unmerge_adapters` restores both."""
+        sites = self.prompt.adapter_sites()
+        if not sites or self._originals is not None:
+            return self
+        originals = []
+        for site, adapter in sites:
+            weight = self._frozen_weight(site)
+            merged = adapter.merged_weight(weight)
+            if keep_originals:
+                originals.append((site, weight.detach().clone()))
+            weight.copy_(merged)
+        if keep_originals:
+            self._originals = originals
+            self.prompt.adapters_enabled = False
+        else:
+            self._drop_adapters()
+        return self
+
+    @torch.no_grad()
+    def unmerge_adapters(self) -> None:
+        """Undo ``merge_adapters(keep_originals=True)``: the saved weights back, the adapters on again."""
+        if self._originals is None:
+            return
+        for site, original in self._originals:
+            self._frozen_weight(site).copy_(original)
+        self._originals = None
+        self.prompt.adapters_enabled = True
+
+    def _drop_adapters(self) -> None:
+        self.prompt.remove_adapters()
+        self.register_buffer("adapters_merged", torch.ones((), dtype=torch.bool))
+
+    def accept_state(self, state: Mapping[str, Any], prefix: str = "") -> None:
+        """Before `state` (keys under `prefix`) is loaded strictly: a merged state (its ``adapters_merged`` marker)
+        needs a classifier without adapters — the frozen weights it holds already carry them."""
+        if f"{prefix}adapters_merged" in state and not self.has_merged_adapters:
+            self._drop_adapters()
+
+    def adapter_parameter_count(self) -> int:
+        """Parameters of the method's weight adapters (0 without adapters or once merged)."""
+        return sum(p.numel() for p in self.prompt.adapters.parameters())
+
     # --- freezing -----------------------------------------------------------------------------------
     def _apply_freezing(self) -> None:
+        """Also trains the adapters, whatever the method's ``trainable_parameters`` lists."""
         learned = {id(p) for p in self.prompt.trainable_parameters()}
+        learned |= {id(p) for p in self.prompt.adapters.parameters()}
         self.requires_grad_(self.finetune)
-        for item in [*self.backbone.trainable_parts(), self.head]:
+        parts = self.backbone.trainable_parts() if self.prompt.trains_backbone_parts else []
+        for item in [*parts, self.head]:
             item.requires_grad_(True)
         for p in self.prompt.parameters():
             p.requires_grad_(id(p) in learned)
@@ -69,7 +154,7 @@ class PromptedClassifier(nn.Module):
             module.train(self.training and not self.frozen_eval_mode)
 
     def trainable_parameters_report(self) -> tuple[int, int]:
-        """(total, trainable) parameter counts."""
+        """(total, trainable) parameter counts (adapters included: ``adapter_parameter_count``)."""
         params = list(self.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -109,7 +194,23 @@ class PromptedClassifier(nn.Module):
         prepared = self.prompt.prepare(missing_type)
         features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
         pooled = torch.cat([f.to(features[0].dtype) for f in features], dim=1)
-        return {"logits": self.head(pooled), "pooled": pooled}
+        out = {"logits": self.head(pooled), "pooled": pooled}
+        if self.prompt.aux_loss_names:
+            out.update(self._aux_losses(prepared))
+        return out
+
+    def _aux_losses(self, prepared: Any) -> dict[str, Any]:
+        """``aux_losses`` (name -> unweighted term) and ``aux_loss`` (their weighted sum) of the method."""
+        terms = self.prompt.aux_losses(prepared)
+        unknown = sorted(set(terms) - set(self.prompt.aux_loss_names))
+        if unknown:
+            raise ValueError(f"{type(self.prompt).__name__}.aux_losses returned {unknown}, not in its aux_loss_names")
+        total = sum((self.prompt.aux_loss_weight(name) * term for name, term in terms.items()),
+                    torch.zeros((), device=self.head_device()))
+        return {"aux_losses": terms, "aux_loss": total}
+
+    def head_device(self) -> torch.device:
+        return next(self.head.parameters()).device
 
 
 def _kept_rows(keep: torch.Tensor, host_types: Sequence[int] | None, dropped: int) -> torch.Tensor | None:

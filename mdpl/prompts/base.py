@@ -16,6 +16,10 @@ read-only views of the stream: ``ctx.block_query(i, x)`` (block ``i``'s own froz
 projection applied to tokens ``x``, SCP §14) and ``ctx.readout_positions(layout)`` (where each row's feature token,
 e.g. ViLT's text [CLS], sits in a layout).
 
+Two more optional pieces: auxiliary loss terms (``aux_loss_names`` / ``aux_losses``, added to the training loss only)
+and weight adapters on named linear maps of a stream's blocks (``adapter_specs`` / ``build_adapter``,
+``mdpl.prompts.adapters``).
+
 A method is a config dataclass (:class:`MethodConfig`: its keys, the papers' defaults, small ``tiny`` values,
 validation) + a :class:`PromptMethod` subclass + one ``@register_method`` line (``mdpl.prompts.registry``).
 """
@@ -30,6 +34,7 @@ from torch import nn
 
 from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT  # noqa: F401 (re-exported)
 from mdpl.errors import UserInputError
+from mdpl.prompts.adapters import AdapterSite, AdapterSpec, WeightAdapter, build_generic_adapter
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
 JOINT = "joint"
@@ -126,6 +131,8 @@ class MethodConfig:
     A field with ``metadata={"shared_key": True}`` reads a key that is not the method's own (a run setting)."""
 
     TINY: ClassVar[Mapping[str, Any]] = {}
+    DATASETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Dataset -> the values the reference used there where they differ from the defaults (paper sizes only)."""
 
     @classmethod
     def keys(cls) -> dict[str, Any]:
@@ -184,15 +191,32 @@ class PromptMethod(nn.Module):
     """Config keys of its reference code that define the trained model: a name with the same meaning in mdpl, or a
     pair (reference name, mdpl name) where mdpl's differs."""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    trains_backbone_parts: ClassVar[bool] = True
+    """False: the backbone's ``trainable_parts`` stay frozen (a method whose reference trains only its own
+    parameters and the head)."""
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
     is not computed for those rows (DCP §6.5). Single-stream backbones ignore it."""
+
+    aux_loss_names: ClassVar[tuple[str, ...]] = ()
+    """Names of the auxiliary loss terms :meth:`aux_losses` returns; the term ``<name>`` is weighted by the config
+    field ``<name>_loss_weight`` of the method's config class."""
 
     def __init__(self, config: MethodConfig, info: BackboneInfo):
         super().__init__()
         config.check(info)
         self.config = config
         self.info = info
+        for name in self.aux_loss_names:
+            if not hasattr(config, f"{name}_loss_weight"):
+                raise TypeError(f"{type(self).__name__} declares the auxiliary loss {name!r} but its config class "
+                                f"has no field {name}_loss_weight")
+        self.adapters = nn.ModuleDict()
+        """Adapter key (``AdapterSite.key``) -> :class:`~mdpl.prompts.adapters.WeightAdapter`, filled by the
+        classifier from :meth:`adapter_specs`; emptied when the adapters are merged into the weights."""
+        self._adapter_sites: dict[str, AdapterSite] = {}
+        self._block_adapters: dict[tuple[str, int], dict[str, WeightAdapter]] = {}
+        self.adapters_enabled = True
 
     @property
     def skip_missing(self) -> bool:
@@ -218,6 +242,52 @@ class PromptMethod(nn.Module):
         none: on a causal stream the positions after the last read-out token are dropped after that block's hooks
         (exact: later positions cannot change earlier ones)."""
         return -1
+
+    # --- auxiliary losses -----------------------------------------------------------------------------
+    def aux_losses(self, prepared: Any) -> dict[str, torch.Tensor]:
+        """Auxiliary loss terms of this forward, name -> scalar tensor (names from ``aux_loss_names``), called once
+        after the streams with ``prepare``'s result (a term that depends on the forward reads what the hooks left
+        in it). The engine adds ``sum(weight * term)`` to the **training** loss only and logs each unweighted term
+        as ``train/aux/<name>``; validation and test losses and metrics are the task's alone."""
+        return {}
+
+    def aux_loss_weight(self, name: str) -> float:
+        """The weight of the auxiliary term `name`: the config field ``<name>_loss_weight``."""
+        return float(getattr(self.config, f"{name}_loss_weight"))
+
+    # --- weight adapters ------------------------------------------------------------------------------
+    def adapter_specs(self) -> tuple[AdapterSpec, ...]:
+        """The weight adapters this method declares (none: the method only inserts tokens)."""
+        return ()
+
+    def build_adapter(self, site: AdapterSite, spec: AdapterSpec, weight: torch.Tensor) -> WeightAdapter:
+        """The adapter of one linear map, from its frozen `weight` [out, in] (pre-trained weights already loaded;
+        do not keep a reference to it). Default: LoRA, or DoRA with ``spec.magnitude``."""
+        return build_generic_adapter(spec, weight)
+
+    def add_adapter(self, site: AdapterSite, adapter: WeightAdapter) -> None:
+        """Register `adapter` for `site` (called by the classifier for every site of every spec)."""
+        if site.key in self.adapters:
+            raise UserInputError(f"two adapters on {site.map} of block {site.block} of stream {site.stream!r}")
+        self.adapters[site.key] = adapter
+        self._adapter_sites[site.key] = site
+        self._block_adapters.setdefault((site.stream, site.block), {})[site.map] = adapter
+
+    def adapter_sites(self) -> list[tuple[AdapterSite, WeightAdapter]]:
+        """Every registered adapter with its site, in registration order."""
+        return [(self._adapter_sites[key], adapter) for key, adapter in self.adapters.items()]
+
+    def remove_adapters(self) -> None:
+        """Drop every adapter (their updates were merged into the weights)."""
+        self.adapters = nn.ModuleDict()
+        self._adapter_sites.clear()
+        self._block_adapters.clear()
+
+    def block_adapters(self, stream: StreamInfo, index: int) -> dict[str, WeightAdapter]:
+        """Map name -> adapter of block `index` of `stream` (the block loop computes those maps through them)."""
+        if not self.adapters_enabled or not self._block_adapters:
+            return {}
+        return self._block_adapters.get((stream.name, index), {})
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the method learns (the classifier's freezing routine trains exactly these of its parameters)."""

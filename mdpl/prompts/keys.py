@@ -50,15 +50,22 @@ def padding_is_inert(method: str) -> bool:
     return bool(_declared(method, "padding_is_inert", False))
 
 
-def method_defaults(method: str, sizes: str = "paper") -> dict[str, Any]:
-    """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown)."""
-    values = {**method_keys().get(method, {}), **(tiny_method_keys().get(method, {}) if sizes == "tiny" else {})}
+def method_defaults(method: str, sizes: str = "paper", dataset: str = "") -> dict[str, Any]:
+    """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown); with
+    `dataset`, the reference's values on that dataset where the method's config declares them (``DATASETS``)."""
+    per_dataset = {}
+    if dataset and method in available_methods():
+        per_dataset = {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in method_class(method).config_class.DATASETS.get(dataset, {}).items()}
+    values = {**method_keys().get(method, {}), **per_dataset,
+              **(tiny_method_keys().get(method, {}) if sizes == "tiny" else {})}
     return copy.deepcopy(values)
 
 
-def method_default(method: str, sizes: str, key: str) -> Any:
-    """Default of `key` when `method` is selected: its value for that method, None if the method does not read it."""
-    return method_defaults(method, sizes).get(key)
+def method_default(method: str, sizes: str, key: str, dataset: str = "") -> Any:
+    """Default of `key` when `method` is selected (on `dataset`): its value for that method, None if the method does
+    not read it."""
+    return method_defaults(method, sizes, dataset).get(key)
 
 
 def key_readers() -> dict[str, list[str]]:
@@ -75,7 +82,8 @@ def complete_method_keys(flat: Mapping) -> dict:
     keys at their defaults (``method_sizes``): what ``mdpl.config.RunConfig.from_flat`` types."""
     readers = key_readers()
     out = {k: v for k, v in flat.items() if not (v is None and k in readers)}
-    defaults = method_defaults(str(flat.get("prompt_method", "none")), str(flat.get("method_sizes", "paper")))
+    defaults = method_defaults(str(flat.get("prompt_method", "none")), str(flat.get("method_sizes", "paper")),
+                               str(flat.get("dataset", "") or ""))
     for key, value in defaults.items():
         out.setdefault(key, value)
     return out

@@ -22,6 +22,7 @@ _BUILTIN_MODULES = (
     "mdpl.prompts.memprompt",
     "mdpl.prompts.dcp",
     "mdpl.prompts.scp",
+    "mdpl.prompts.mora",
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
