@@ -253,7 +253,8 @@ def legacy_adamw_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight
 
 def reference_param_groups(model: torch.nn.Module, set_schedule: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
     """name -> {lr, weight_decay} of every trainable parameter, from the reference's own ``set_schedule`` (its
-    no-decay and head-name rules), called with a stand-in trainer (it only reads ``max_steps``)."""
+    no-decay and head-name rules), called with a stand-in trainer (it only reads ``max_steps``). The lr is the
+    group's base lr (multiplier 1): the warm-up scheduler it also builds has already scaled ``lr`` to 0."""
     stand_in = types.SimpleNamespace(max_steps=10, max_epochs=1, accumulate_grad_batches=1)
     owner = type(model)
     saved = owner.__dict__.get("trainer")
@@ -266,7 +267,7 @@ def reference_param_groups(model: torch.nn.Module, set_schedule: Callable[[Any],
         else:
             owner.trainer = saved
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {"lr": float(g["lr"]), "weight_decay": float(g["weight_decay"])}
+    return {names[id(p)]: {"lr": float(g.get("initial_lr", g["lr"])), "weight_decay": float(g["weight_decay"])}
             for g in optimizers[0].param_groups for p in g["params"] if p.requires_grad}
 
 
