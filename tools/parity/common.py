@@ -330,3 +330,10 @@ def refs_argument(description: str, argv: list[str] | None = None) -> Any:
                              ", ".join(r.folder for r in REFERENCES.values()) + ")")
     parser.add_argument("--out", type=Path, default=fixtures_dir(), help="output folder (default tests/fixtures)")
     return parser.parse_args(argv)
+
+
+def lightning2_module(cls: type) -> type:
+    """Subclass of a reference LightningModule that Lightning 2 accepts for ``fit``: it refuses modules defining the
+    removed ``*_epoch_end(outputs)`` hooks (they only aggregate metrics), so they are hidden."""
+    return type(cls.__name__, (cls,), {"training_epoch_end": None, "validation_epoch_end": None,
+                                       "test_epoch_end": None, "__module__": cls.__module__})
