@@ -251,10 +251,10 @@ def legacy_adamw_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight
     return out
 
 
-def reference_param_groups(model: torch.nn.Module, set_schedule: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
-    """name -> {lr, weight_decay} of every trainable parameter, from the reference's own ``set_schedule`` (its
-    no-decay and head-name rules), called with a stand-in trainer (it only reads ``max_steps``). The lr is the
-    group's base lr (multiplier 1): the warm-up scheduler it also builds has already scaled ``lr`` to 0."""
+def reference_optimizer(model: torch.nn.Module, set_schedule: Callable[[Any], Any]) -> torch.optim.Optimizer:
+    """The optimizer of the reference's own ``set_schedule`` (its no-decay and head-name groups), called with a
+    stand-in trainer (it only reads ``max_steps``); every group at its base lr (the warm-up scheduler it also
+    builds has already scaled ``lr`` to 0 and is dropped)."""
     stand_in = types.SimpleNamespace(max_steps=10, max_epochs=1, accumulate_grad_batches=1)
     owner = type(model)
     saved = owner.__dict__.get("trainer")
@@ -266,9 +266,17 @@ def reference_param_groups(model: torch.nn.Module, set_schedule: Callable[[Any],
             del owner.trainer
         else:
             owner.trainer = saved
+    optimizer = optimizers[0]
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    return optimizer
+
+
+def reference_param_groups(model: torch.nn.Module, set_schedule: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
+    """name -> {lr, weight_decay} of every trainable parameter in the reference's ``set_schedule`` groups."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {"lr": float(g.get("initial_lr", g["lr"])), "weight_decay": float(g["weight_decay"])}
-            for g in optimizers[0].param_groups for p in g["params"] if p.requires_grad}
+    return {names[id(p)]: {"lr": float(g["lr"]), "weight_decay": float(g["weight_decay"])}
+            for g in reference_optimizer(model, set_schedule).param_groups for p in g["params"] if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------- output files
