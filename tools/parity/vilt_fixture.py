@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from common import (TINY_VIT, detached, legacy_adamw_step, perturb_parameters, reference_param_groups,
-                    share_equal_tensors, silenced_stdout)
+                    sacred_config, share_equal_tensors, silenced_stdout)
 
 HEADS = ("mmimdb", "food101", "hatememes")
 NUM_CLASSES = {"mmimdb": 23, "food101": 101, "hatememes": 2}
@@ -167,7 +167,6 @@ def make_fixture(ref: Reference, config: str, method_updates: dict[str, Any],
                  init_prompts: Callable[[torch.nn.Module], dict] | None = None,
                  debug: Callable[..., dict] | None = None) -> dict[str, Any]:
     """The three-head fixture dict of configuration ``config`` ('A' or 'B') for one method."""
-    from common import sacred_config
     batch = make_batch(config)
     out: dict[str, Any] = {}
     first: dict[str, Any] | None = None
