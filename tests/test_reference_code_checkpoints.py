@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def load_fixture(method: str) -> dict[str, Any]:
     path = FIXTURES / f"ref_ckpt_{method}.pt"
-    assert path.is_file(), f"{path.name} is missing: python tools/parity/make_reference_checkpoints.py (tests/fixtures/README.md)"
+    assert path.is_file(), f"{path.name} is missing: regenerate it (tests/fixtures/README.md, tools/parity/)"
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

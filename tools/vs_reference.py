@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tools" / "parity")]
 
-from common import (REFERENCES, CheckoutError, add_tiny_vit_factory, cpu_get_device, offline_load_pretrained,  # noqa: E402
-                    patch_my_metrics, prepare_reference, reference_optimizer, sacred_config, silenced_stdout,
-                    verify_checkout)
+from common import (REFERENCES, CheckoutError, add_tiny_vit_factory, cpu_get_device,  # noqa: E402
+                    offline_load_pretrained, patch_my_metrics, prepare_reference, reference_optimizer,
+                    sacred_config, silenced_stdout, verify_checkout)
 
 METHODS = ("map", "memprompt", "dcp")
 DATASETS = ("mmimdb", "food101", "hatememes")
@@ -335,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.clip_state = str(clip_state_file(cfg, Path(tmp)))
             for dataset in datasets:
                 rows.append(row(args, method, dataset))
-                print(f"{method} {dataset}: speed-up {rows[-1]['speedup']:.2f}×", file=sys.stderr, flush=True)
+                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)   # progress: the row so far
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=1))
     print(f"{args.size} size, {args.device} ({machine(args.device)}), fp32, {args.threads} thread(s), batch "
           f"{args.batch_size} (DCP {args.dcp_batch_size}), median of {args.repeats} fresh processes per side, "
           f"{args.warmup} warm-up + {args.steps} timed step(s)\n")
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 
