@@ -1,6 +1,6 @@
 """Numerical parity of mdpl's SCP with its reference implementation (tests/fixtures/README.md, "SCP").
 
-Fixtures ``ref_scp_{A,B}.pt`` (written by tools/parity/scp.py from ``vittoriopipoli/SCP_WACV2025``) hold, per dataset
+Fixtures ``ref_scp_{A,B}.pt`` (written by tools/parity/make_scp.py from ``vittoriopipoli/SCP_WACV2025``) hold, per dataset
 head, the reference config, the names / shapes / float64 checksums of its state dict (the values are regenerated from
 ``tests/vilt_hashinit.py``), one batch with all three missing types, and the reference logits, pooled feature, loss
 and the gradient of every trainable tensor, in eval mode. For every (config, head) this file builds
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def fixture(config: str) -> dict:
     path = FIXTURES / f"ref_scp_{config}.pt"
     if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: python tools/parity/scp.py REFS (tests/fixtures/README.md)")
+        pytest.fail(f"golden fixture {path.name} is missing: python tools/parity/make_scp.py --refs REFS_DIR (tests/fixtures/README.md)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

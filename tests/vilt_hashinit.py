@@ -3,7 +3,7 @@
 The reference SCP slices its query weights at 768 columns, so its smallest model is 768 wide (~20 M values): too
 many to store. As for DCP (`dcp_hashinit`), every tensor is a pure function of (key, shape), scaled like a trained
 ViLT's: LayerNorm gains near 1, biases small, linear maps ~ 1/sqrt(fan_in), prompt pools at the reference's init
-spread. The generator (tools/parity/scp.py) and the parity test both call :func:`hashed_vilt_tensor`; the fixture
+spread. The generator (tools/parity/make_scp.py) and the parity test both call :func:`hashed_vilt_tensor`; the fixture
 stores float64 checksums to prove both sides saw the same numbers.
 """
 from __future__ import annotations

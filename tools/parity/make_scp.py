@@ -1,6 +1,6 @@
 """Golden fixtures of SCP from its reference code: ``tests/fixtures/ref_scp_{A,B}.pt`` (tests/fixtures/README.md, "SCP").
 
-Usage: ``python tools/parity/scp.py REFS [--out tests/fixtures]``, where ``REFS`` is a folder holding a checkout of
+Usage: ``python tools/parity/make_scp.py --refs REFS [--out tests/fixtures]``, where ``REFS`` is a folder holding a checkout of
 ``vittoriopipoli/SCP_WACV2025`` (as ``REFS/SCP_WACV2025``) at the pinned commit, or that checkout itself. Without one,
 or at another commit, the script prints the ``git`` commands that make it and exits with status 2.
 
@@ -266,7 +266,7 @@ def make_fixture(ref: types.SimpleNamespace, name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("refs", type=Path, help="folder holding the SCP_WACV2025 checkout (or the checkout itself)")
+    parser.add_argument("--refs", required=True, type=Path, help="folder holding the SCP_WACV2025 checkout (or the checkout itself)")
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures")
     args = parser.parse_args(argv)
     folder = checkout_of(args.refs.resolve())

@@ -1,0 +1,62 @@
+"""Regenerate tests/fixtures/ref_map_{input,attention}_{A,B}.pt from the MAP reference code.
+
+    python tools/parity/make_map.py --refs REFS_DIR
+
+REFS_DIR holds the checkout ``missing_aware_prompts`` at the pinned commit (tools/parity/common.py); the command
+prints the ``git clone`` / ``git checkout`` lines when it is missing or elsewhere. The reference files are imported,
+never edited. Configurations and layout: tests/fixtures/README.md.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from common import (add_tiny_vit_factory, offline_load_pretrained, patch_my_metrics, prepare_reference,
+                    refs_argument, save_deterministic)
+from vilt_fixture import Reference, make_fixture
+
+MAP_KEYS = ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt")
+# (prompt_type, configuration) -> method keys; attention mode needs 12 heads (the reference hard-codes them).
+VARIANTS = {
+    ("input", "A"): dict(prompt_type="input", prompt_length=4, prompt_layers=[0, 1]),
+    ("input", "B"): dict(prompt_type="input", prompt_length=6, prompt_layers=[0, 1, 2]),
+    ("attention", "A"): dict(prompt_type="attention", prompt_length=4, prompt_layers=[0, 1], hidden_size=48,
+                             num_heads=12),
+    ("attention", "B"): dict(prompt_type="attention", prompt_length=6, prompt_layers=[0, 1, 2], hidden_size=36,
+                             num_heads=12),
+}
+PROMPTS = ("complete_prompt", "missing_text_prompt", "missing_img_prompt")
+
+
+def load_reference(refs: Path) -> Reference:
+    prepare_reference(refs, "map")
+    import vilt.gadgets.my_metrics as my_metrics
+    import vilt.modules.vision_transformer_prompts as vit
+    from vilt.config import ex
+    from vilt.modules import ViLTransformerSS, vilt_utils
+    patch_my_metrics(my_metrics)
+    offline_load_pretrained(vit)
+    add_tiny_vit_factory(vit)
+    return Reference(ViLTransformerSS, ex, vilt_utils.set_task, vilt_utils.set_schedule, MAP_KEYS)
+
+
+def initial_prompts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's deterministic prompt init (before the fixture's noise)."""
+    return {name: getattr(model, name).detach().clone() for name in PROMPTS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = refs_argument(__doc__.splitlines()[0], argv)
+    torch.set_num_threads(1)              # one summation order on every machine
+    ref = load_reference(args.refs)
+    for (prompt_type, config), updates in VARIANTS.items():
+        fixture = make_fixture(ref, config, updates, init_prompts=initial_prompts)
+        path = args.out / f"ref_map_{prompt_type}_{config}.pt"
+        print(f"{path.name}  sha256 {save_deterministic(fixture, path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
