@@ -616,8 +616,8 @@ def training_state(cell: Cell, ctx: Context, seed: int) -> tuple[str, str]:
         if metrics.is_file():
             try:
                 checkpoint = json.loads(metrics.read_text()).get("checkpoint")
-            except ValueError:
-                checkpoint = None
+            except (OSError, ValueError, AttributeError):
+                continue   # damaged: not a finished run's record; its last.ckpt resumes (and re-tests) below
             checkpoint = checkpoint or str(run_dir / "checkpoints" / "last.ckpt")
             if Path(checkpoint).is_file():
                 return "trained", checkpoint
@@ -973,14 +973,27 @@ def _dataset_sizes(ctx: Context, dataset: str) -> tuple[tuple[int, int, int], st
         import pyarrow as pa
         counts = []
         for stem in ARROW_STEMS[dataset]:
-            with pa.memory_map(str(folder / f"{stem}.arrow")) as source:
-                counts.append(pa.ipc.open_file(source).read_all().num_rows)
+            try:
+                with pa.memory_map(str(folder / f"{stem}.arrow")) as source:
+                    counts.append(pa.ipc.open_file(source).read_all().num_rows)
+            except (OSError, pa.ArrowException) as err:
+                raise InputError(f"--data-root: {folder / f'{stem}.arrow'} cannot be read as an Arrow file ({err}); "
+                                 f"rebuild it with make_arrow.py") from None
         return (counts[0], counts[1], counts[2]), "counted"
     return NOMINAL_SIZES[dataset], "nominal"
 
 
+class InputError(ValueError):
+    """A damaged or unreadable input file named on the command line: one ``error:`` line, exit status 2."""
+
+
 def _bench_rows(path: str) -> list[dict]:
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"--bench {path}: not a readable scripts/bench.py --json file ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--bench {path}: not a scripts/bench.py --json file (no rows)")
     return [r for r in data.get("rows", []) if r.get("status") == "ok" and r.get("train_samples_per_s")]
 
 
@@ -1164,4 +1177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `... --dry-run | head`: no traceback
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"reproduce.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

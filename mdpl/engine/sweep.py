@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from mdpl.atomic import write_text_atomic
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
@@ -199,8 +200,8 @@ def write_csv(rows: Sequence[Mapping] | pd.DataFrame, path: Path) -> Path:
     import pandas as pd
 
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    frame.to_csv(path, index=False, na_rep="nan", lineterminator="\r\n")
-    return path
+    text = frame.to_csv(index=False, na_rep="nan", lineterminator="\r\n")
+    return write_text_atomic(path, text, newline="")   # whole or absent: a cut-short row would read as a number
 
 
 def _pct(value: float) -> str:
@@ -271,7 +272,7 @@ def write_outputs(sweep: MissingSweep, config: Mapping, run_dir: str | Path, che
     paths = {"csv": write_csv(rows, run_dir / "results.csv")}
     table = markdown_table(rows, sweep.primary)
     paths["md"] = run_dir / "results.md"
-    paths["md"].write_text(table)
+    write_text_atomic(paths["md"], table)
     paths["png"] = plot_robustness(rows, sweep.primary, run_dir / f"robustness_{config['dataset']}.png")
     print("\n" + table)
     print("[mdpl] sweep results: " + ", ".join(str(p) for p in paths.values()))
