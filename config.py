@@ -337,7 +337,7 @@ def on_vilt():
 
 @ex.named_config
 def tiny():
-    # A 2-layer, 64-wide ViLT / CLIP and short prompts, for CPU tests on synthetic data.
+    # A 2-layer, 64-wide ViLT / CLIP / CoCa and short prompts, for CPU tests on synthetic data.
     hidden_size = 64
     num_layers = 2
     num_heads = 2

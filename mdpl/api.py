@@ -81,7 +81,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def build_text_tokenizer(config: Mapping):
-    """The run's text tokenizer: BERT WordPiece from ``config['tokenizer']`` (ViLT) or open_clip's BPE (CLIP).
+    """The run's text tokenizer: BERT WordPiece from ``config['tokenizer']`` (ViLT) or open_clip's BPE (CLIP, CoCa).
 
     A ViLT vocabulary that cannot be found is a UserInputError naming ``tokenizer=``.
     """
