@@ -169,7 +169,9 @@ def run(config: "RunConfig | Mapping", datamodule=None, model=None, **trainer_ov
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     swept = None
     if trainer.is_global_zero:
-        (run_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2))
+        from mdpl.atomic import write_text_atomic
+        # written whole or not at all: scripts/reproduce.py takes this file as the mark of a finished run
+        write_text_atomic(run_dir / "test_metrics.json", json.dumps({"checkpoint": best, "metrics": metrics}, indent=2))
         if sweep is not None:
             swept = write_outputs(sweep, config, run_dir, best)   # results.csv / results.md / robustness PNG
     return {"run_dir": str(run_dir), "best_model_path": best, "test": metrics, "sweep": swept,

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/reproduce.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from mdpl.errors import UserInputError  # noqa: E402
 from mdpl.backbones.registry import available_backbones, backbone_card  # noqa: E402
 from mdpl.data.registry import available_datasets  # noqa: E402
 from mdpl.experiments import matrix  # noqa: E402
@@ -160,4 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `... --dry-run | head`: no traceback
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserInputError as err:   # a damaged input file named on the command line
+        print(f"reproduce.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -194,3 +194,27 @@ def test_quick_gelu_mlp_folds_the_constant_exactly():
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
     mlp.gelu = nn.GELU()
     torch.testing.assert_close(block_mlp(mlp, h), mlp(h), rtol=0, atol=0)
+
+
+def test_quick_gelu_mlp_keeps_no_weight_copy_for_the_backward():
+    """The folded MLP of a frozen block (DCP: gradients flow to the prompts through it) saves for the backward only
+    the module's own weights (views of their storage) and activations: no per-call scaled copy of a weight."""
+    from mdpl.backbones.clip import block_mlp
+
+    mlp = _random_backbone().image_encoder.blocks[0].mlp.requires_grad_(False)
+    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    h = torch.randn(3, 5, 48, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_mlp(mlp, h)
+    weight_sized = [t for t in saved if t.numel() == mlp.c_fc.weight.numel()]
+    assert len(weight_sized) == 2                                        # W_fc (for d h) and W_proj (for d hidden)
+    assert all(t.untyped_storage().data_ptr() in weights for t in weight_sized)
+    assert sum(t.numel() for t in saved) <= 2 * mlp.c_fc.weight.numel() + 3 * 5 * 4 * 48   # + the SiLU input
+    out.sum().backward()
+    assert h.grad is not None and mlp.c_fc.weight.grad is None

@@ -213,15 +213,21 @@ FULL_COUNTS = {
     ("dcp", "clip"): (155_064_088, 5_839_127),
     ("scp", "vilt"): (113_822_231, 2_062_103),
     ("scp", "clip"): (150_089_752, 864_791),
+    ("none", "coca"): (152_616_216, 287_767),
+    ("map", "coca"): (152_984_856, 656_407),
+    ("memprompt", "coca"): (155_475_288, 3_146_839),
+    ("dcp", "coca"): (158_035_992, 5_707_543),
+    ("scp", "coca"): (153_061_656, 733_207),
 }
-PAPER_SIZE_UPDATES = {("scp", "clip"): {"scp_length": 16}}
+PAPER_SIZE_UPDATES = {("scp", "clip"): {"scp_length": 16}, ("scp", "coca"): {"scp_length": 16}}
 
 
-@pytest.mark.parametrize("method,backbone", CELLS)
+@pytest.mark.parametrize("method,backbone", CELLS + [(m, "coca") for m in METHODS])
 def test_trainable_counts_at_paper_sizes(method, backbone) -> None:
-    """Built on the meta device (no memory, no weights): the method x backbone parameter table."""
+    """Built on the meta device (no memory, no weights): the method x backbone parameter table (README "Every method
+    on every backbone"), its CoCa ViT-B/32 column included."""
     cfg = resolve("task_finetune_mmimdb", PRESET[method], backbone=backbone,
-                  image_size=224 if backbone == "clip" else 384, **PAPER_SIZE_UPDATES.get((method, backbone), {}))
+                  image_size=384 if backbone == "vilt" else 224, **PAPER_SIZE_UPDATES.get((method, backbone), {}))
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = build_classifier(cfg)

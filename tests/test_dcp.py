@@ -273,7 +273,7 @@ def test_backward_reaches_prompts_on_cpu():
 
 def test_data_pipeline_tokenizer_matches_reference_ids(ref):
     """The data pipeline's CLIP BPE gives the reference's `clip.tokenize(truncate=True)` ids (§1.6)."""
-    tokenizers = pytest.importorskip("mdpl.data.tokenizers")
+    from mdpl.data import tokenizers
     long = " ".join(["a long plot about a detective, a dog and a mysterious lighthouse on the coast"] * 8)
     texts = ["a photo of a cat", "", "an old movie about a detective and a dog", "", long]  # fixture generator's
     ids, masks = tokenizers.ClipTextTokenizer().encode(texts)

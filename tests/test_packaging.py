@@ -17,9 +17,9 @@ SOURCES = [*(ROOT / "mdpl").rglob("*.py"), *(ROOT / "scripts").glob("*.py"), *(R
            ROOT / "run.py", ROOT / "make_arrow.py", ROOT / "config.py"]
 #: distribution -> the modules it provides that the code imports (where the names differ).
 IMPORT_NAMES = {"pytorch-lightning": {"pytorch_lightning", "lightning_fabric"}, "open-clip-torch": {"open_clip"},
-                "pillow": {"PIL"}}
+                "pillow": {"PIL"}, "mlflow-skinny": {"mlflow"}}
 #: used without an import statement of their own: checked separately below.
-NOT_IMPORTED = {"tensorboard", "setuptools"}
+NOT_IMPORTED = {"tensorboard", "setuptools", "wandb"}
 
 
 def _requirements_txt() -> dict[str, Requirement]:
@@ -38,8 +38,9 @@ def _pyproject() -> dict:
 
 def _pyproject_requirements() -> dict[str, Requirement]:
     project = _pyproject()["project"]
-    lines = project["dependencies"] + project["optional-dependencies"]["test"]
-    return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+    extras = project["optional-dependencies"]
+    lines = project["dependencies"] + extras["test"] + extras["loggers"]
+    return {canonicalize_name(r.name): r for r in map(Requirement, lines) if canonicalize_name(r.name) != "mdpl"}
 
 
 def _imported_modules() -> set[str]:
@@ -74,8 +75,10 @@ def test_every_pinned_package_is_used_and_every_import_pinned() -> None:
     third_party = imported - set(sys.stdlib_module_names) - local - {"__future__"}
     unpinned = sorted(third_party - set().union(*(IMPORT_NAMES.get(n, {n}) for n in pins)))
     assert unpinned == [], f"imported but not in requirements.txt / pyproject.toml: {unpinned}"
-    # the two not imported by name: Lightning's TensorBoardLogger needs tensorboard; sacred imports pkg_resources
+    # not imported by name: Lightning's TensorBoardLogger / WandbLogger need tensorboard / wandb; sacred imports
+    # pkg_resources
     assert "TensorBoardLogger(" in (ROOT / "mdpl" / "engine" / "trainer.py").read_text()
+    assert "WandbLogger(" in (ROOT / "mdpl" / "engine" / "trainer.py").read_text()   # Lightning's, imports wandb
     sacred_deps = Path(importlib.util.find_spec("sacred").origin).parent / "dependencies.py"
     assert "import pkg_resources" in sacred_deps.read_text()
 

@@ -153,6 +153,8 @@ def test_the_cut_at_uint8_is_exact_for_every_pixel_value(transform, wh):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_lookup_on_cuda_equals_the_cpu_transform():
+    """The lookup table on a CUDA device gives the transform's floats bit for bit; the same lookup on the CPU is
+    checked on every machine by the test above (``use_lut=True``)."""
     transform = pixelbert_transform(384)
     rng = np.random.default_rng(5)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for h, w in ((500, 380), (380, 700))]

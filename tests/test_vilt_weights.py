@@ -122,7 +122,7 @@ def test_hf_vilt_model_weights_give_same_outputs():
     image tokens. Text-embedding tables are re-drawn with std 1 so that the LayerNorm-eps difference
     (ours: BERT 1e-12 / ViT 1e-6; HF config here: 1e-6 everywhere) is below 1e-6.
     """
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.ViltConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, image_size=32, patch_size=8, max_position_embeddings=12,
                                   layer_norm_eps=1e-6, hidden_act="gelu", max_image_length=-1)

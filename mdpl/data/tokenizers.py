@@ -74,8 +74,14 @@ class ClipTextTokenizer:
 
 
 def read_wordpiece_vocab(path: str | os.PathLike) -> dict[str, int]:
-    """vocab.txt (one token per line, id = line number) -> {token: id}."""
-    tokens = Path(path).read_text(encoding="utf-8").splitlines()
+    """vocab.txt (one token per line, id = line number) -> {token: id}; UserInputError for a file that is not
+    UTF-8 text (a damaged or binary file in the tokenizer folder)."""
+    try:
+        tokens = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"tokenizer vocabulary {path} is not UTF-8 text (byte {err.start}: {err.reason}); it is "
+                             "damaged or not a vocab.txt: point tokenizer= at the folder of bert-base-uncased's "
+                             "vocab.txt") from None
     vocab = {}
     for idx, tok in enumerate(tokens):
         vocab.setdefault(tok, idx)

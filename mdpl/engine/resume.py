@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 
 from mdpl.config import RunConfig, checkpoint_mismatches
+from mdpl.atomic import write_text_atomic
 from mdpl.errors import UserInputError
 
 STATE_KEY = "mdpl_resume"
@@ -52,12 +53,15 @@ def slurm_job_id() -> str | None:
 
 
 def record_slurm_job(run_dir: Path, job_id: str) -> None:
-    (Path(run_dir) / SLURM_JOB_FILE).write_text(job_id + "\n")
+    write_text_atomic(Path(run_dir) / SLURM_JOB_FILE, job_id + "\n")
 
 
 def _slurm_job_of(run_dir: Path) -> str | None:
     path = Path(run_dir) / SLURM_JOB_FILE
-    return path.read_text().strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    # a damaged record names no job: that directory is not this job's (a requeued job then starts a new one)
+    return path.read_bytes().decode("utf-8", errors="replace").strip()
 
 
 def slurm_run_dir(base_dir: Path, job_id: str) -> Path | None:
@@ -122,7 +126,14 @@ def resume_run_dir(checkpoint_path: str | Path) -> Path:
 
 def check_resume_config(checkpoint_path: str, config: RunConfig | Mapping) -> None:
     """UserInputError naming the keys where the checkpoint's config differs from this run's."""
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)   # the run's own checkpoint
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged or cut-short file
+        folder = Path(checkpoint_path).parent
+        folder = folder if folder.name == "checkpoints" else folder / "checkpoints"
+        raise UserInputError(f"cannot resume from {checkpoint_path}: it is damaged or cut short ({type(err).__name__}:"
+                             f" {str(err)[:160]}); resume from another checkpoint of the run with resume_from=<ckpt> "
+                             f"(e.g. {folder}/best-*.ckpt) or start again without resume") from None
     ckpt_config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if ckpt_config is None or STATE_KEY not in ckpt:
         raise UserInputError(f"resume_from {checkpoint_path} is not an mdpl training checkpoint (no config or resume "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from mdpl.atomic import write_text_atomic
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
@@ -243,7 +244,7 @@ def write_outputs(sweep: MissingSweep, config: RunConfig | Mapping, run_dir: str
     paths = {"csv": report.write_csv(rows, run_dir / "results.csv")}
     table = markdown_table(rows, sweep.primary)
     paths["md"] = run_dir / "results.md"
-    paths["md"].write_text(table)
+    write_text_atomic(paths["md"], table)
     first = rows[0]
     paths["png"] = report.plot_robustness(robustness_curves(rows, sweep.primary),
                                           run_dir / f"robustness_{dataset}.png",

@@ -31,11 +31,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from mdpl.config import RunConfig
+from mdpl.engine.csv_logger import RunCSVLogger
 from mdpl.engine.resume import resume_callbacks
 from mdpl.errors import UserInputError
 
@@ -138,7 +139,7 @@ def build_loggers(config: RunConfig | Mapping, run_dir: Path) -> list[Logger]:
         if name == "tensorboard":
             loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
         elif name == "csv":
-            loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+            loggers.append(RunCSVLogger(save_dir=str(run_dir), name="csv", version=""))   # appends on resume
         elif name == "wandb":
             from pytorch_lightning.loggers import WandbLogger
             # offline (files in <run_dir>/wandb, `wandb sync` uploads them) unless WANDB_MODE says otherwise; the id
@@ -149,7 +150,10 @@ def build_loggers(config: RunConfig | Mapping, run_dir: Path) -> list[Logger]:
                                        offline=not os.environ.get("WANDB_MODE")))
         elif name == "mlflow":
             from pytorch_lightning.loggers import MLFlowLogger
-            # a local file store in the run directory unless MLFLOW_TRACKING_URI names a server
+            # a local file store in the run directory unless MLFLOW_TRACKING_URI names a server; mlflow >= 3.x
+            # refuses file stores (maintenance mode) unless MLFLOW_ALLOW_FILE_STORE opts in, which the user may override
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             loggers.append(MLFlowLogger(experiment_name=project,
                                         run_name=f"{run_dir.parent.name}/{run_dir.name}",
                                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,

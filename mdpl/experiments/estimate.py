@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from mdpl.errors import UserInputError
 from mdpl.data.registry import dataset_spec
 from mdpl.experiments.matrix import Cell, Context, Table, run_key, scenario_union
 
@@ -21,15 +22,24 @@ def dataset_sizes(ctx: Context, dataset: str) -> tuple[tuple[int, int, int], str
         import pyarrow as pa
         counts = []
         for name in names:
-            with pa.memory_map(str(folder / name)) as source:
-                counts.append(pa.ipc.open_file(source).read_all().num_rows)
+            try:
+                with pa.memory_map(str(folder / name)) as source:
+                    counts.append(pa.ipc.open_file(source).read_all().num_rows)
+            except (OSError, pa.ArrowException) as err:
+                raise UserInputError(f"--data-root: {folder / name} cannot be read as an Arrow file ({err}); rebuild "
+                                     f"it with make_arrow.py") from None
         return (counts[0], counts[1], counts[2]), "counted"
     return dataset_spec(dataset).nominal_sizes, "nominal"
 
 
 def bench_rows(path: str) -> list[dict]:
     """The rows of a ``scripts/bench.py --json`` file that ran and were timed."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"--bench {path}: not a readable scripts/bench.py --json file ({err})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"--bench {path}: not a scripts/bench.py --json file (no rows)")
     return [r for r in data.get("rows", []) if r.get("status") == "ok" and r.get("train_samples_per_s")]
 
 

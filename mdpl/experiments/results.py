@@ -82,8 +82,8 @@ def training_state(cell: Cell, ctx: Context, seed: int) -> tuple[str, str]:
         if metrics.is_file():
             try:
                 checkpoint = json.loads(metrics.read_text()).get("checkpoint")
-            except ValueError:
-                checkpoint = None
+            except (OSError, ValueError, AttributeError):
+                continue   # damaged: not a finished run's record; its last.ckpt resumes (and re-tests) below
             checkpoint = checkpoint or str(run_dir / "checkpoints" / "last.ckpt")
             if Path(checkpoint).is_file():
                 return "trained", checkpoint

@@ -7,7 +7,7 @@ multi-stream backbone zeroes the feature of a stream whose modality is missing, 
 computes that stream only for the other rows (exact).
 
 Freezing, one routine for every backbone and method (§3.4, §4.1, §6.6): everything trains with ``finetune=True``,
-else nothing; then the backbone's ``trainable_parts`` (ViLT pooler; CLIP ln_post, ln_final, proj), the method's
+else nothing; then the backbone's ``trainable_parts`` (ViLT pooler; CLIP, CoCa ln_post, ln_final, proj), the method's
 ``trainable_parameters`` and the head train; the backbone's ``untrained_parts`` (CLIP logit scale) never do.
 Frozen modules stay in train mode (reference behaviour, D-23) unless ``frozen_eval_mode=True``.
 

@@ -1,0 +1,23 @@
+"""Atomic file writes: a reader (a resumed run, ``scripts/reproduce.py``, ``scripts/aggregate.py``) sees either the
+previous file or the complete new one, never a file cut short by a kill or a full disk."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> Path:
+    """Write ``text`` to a temporary file in ``path``'s folder, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding, newline=newline) as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
