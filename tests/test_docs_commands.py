@@ -229,6 +229,7 @@ def test_script_command_parses(key, monkeypatch, capsys) -> None:
     else:
         script = ROOT / program
         assert script.is_file(), f"{where}: {program} does not exist"
+        monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])   # as `python <script>` puts it first
         monkeypatch.setattr(sys, "argv", [str(script), *args])
         run = lambda: runpy.run_path(str(script), run_name="__main__")  # noqa: E731
     with warnings.catch_warnings():

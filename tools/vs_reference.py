@@ -7,7 +7,7 @@ REFS_DIR holds the reference checkouts at their pinned commits (tools/parity/com
 with the ``git clone`` / ``git checkout`` lines). Every measurement runs in a fresh process, mdpl and the reference
 alternating (which goes first alternates too); each figure is the median over ``--repeats`` processes per side.
 
-Both sides get the *same* batch: ``scripts/bench.py``'s ``synthetic_batch`` (seed 0, real patch counts and text
+Both sides get the *same* batch: ``mdpl.bench``'s ``synthetic_batch`` (seed 0, real patch counts and text
 lengths, the missing types in the stated mix: complete / text missing / image missing = 0.3 / 0.35 / 0.35, i.e.
 ``missing_ratio=0.7`` 'both', by largest remainder; DCP at ``--dcp-batch-size``). The references get it padded to
 ``max_text_len`` as their collate does (DCP: mdpl's CLIP token ids in place of ``clip.tokenize``'s, through a
@@ -60,8 +60,18 @@ DCP_SMALL = {"clip_embed_dim": 512, "clip_vision_width": 768, "clip_vision_layer
 
 
 # ------------------------------------------------------------------------------------------- shared set-up
+def mdpl_bench() -> Any:
+    """The pieces of mdpl's benchmark (``mdpl.bench``) both sides are measured with."""
+    from types import SimpleNamespace
+
+    from mdpl.bench import batches, memory, models, steps
+    return SimpleNamespace(resolve_config=models.resolve_config, synthetic_batch=batches.synthetic_batch,
+                           build_model=models.build_model, make_train_step=steps.make_train_step,
+                           MemoryMeter=memory.MemoryMeter, time_loop=steps.time_loop)
+
+
 def mdpl_config(method: str, dataset: str, size: str, batch_size: int) -> dict[str, Any]:
-    import bench
+    bench = mdpl_bench()
     small = size == "small"
     overrides = {"per_gpu_batchsize": batch_size, **(DCP_SMALL if method == "dcp" and small else {})}
     with warnings.catch_warnings():
@@ -71,7 +81,7 @@ def mdpl_config(method: str, dataset: str, size: str, batch_size: int) -> dict[s
 
 def the_batch(cfg: dict[str, Any], batch_size: int, size: str, device: torch.device, full_padding: bool) -> dict:
     """bench.synthetic_batch (seed 0); ``full_padding``: padded to max_text_len as the references' collate does."""
-    import bench
+    bench = mdpl_bench()
     cfg = {**cfg, "dynamic_text_padding": False} if full_padding else cfg
     return bench.synthetic_batch(cfg, batch_size, "small" if size == "small" else "full", device, seed=0)
 
@@ -102,7 +112,7 @@ class Side:
 
 
 def mdpl_side(cfg: dict[str, Any], args: argparse.Namespace, device: torch.device) -> Side:
-    import bench
+    bench = mdpl_bench()
     torch.manual_seed(0)
     model = bench.build_model(cfg).to(device)
     batch = the_batch(cfg, args.batch_size, args.size, device, full_padding=False)
@@ -200,7 +210,7 @@ def reference_steps(model: torch.nn.Module, utils: Any, batch: dict[str, Any]) -
 
 
 def measure(step: Callable[[], Any], args: argparse.Namespace, device: torch.device, memory: bool) -> dict:
-    import bench
+    bench = mdpl_bench()
     meter = bench.MemoryMeter(device)
     wall, cpu, peak = bench.time_loop(lambda _: step(), [None], args.warmup, args.steps, device, meter)
     return {"seconds": wall if device.type == "cuda" else cpu, "peak_mib": peak if memory else None}
