@@ -5,10 +5,14 @@ A run names a task (the dataset settings of the references) and a method (a pres
 `prompt_method=...`; there is no default method), then any `key=value` overrides.
 
 The named configs set disjoint keys, so their order does not matter: a task sets dataset-level keys, a
-method preset only `prompt_method` (the method's own keys, learning rate, seed and backbone follow from it in
-`base_config`), `on_clip` / `on_vilt` only `backbone`. `tiny` and `demo` also change the run size the task
+method preset only `prompt_method` (its learning rate, seed and backbone follow from it in `base_config`, its own
+keys in the hook `method_keys_of_the_selected_method`), `on_<backbone>` only `backbone`. `tiny` and `demo` also change the run size the task
 sets, so they go after the task; run.py refuses the other order (`check_named_configs`), two configs of one
 kind (e.g. `map memprompt`) and `tiny` with `demo`.
+
+Besides the demo's settings, nothing here names a method, dataset or backbone: the method keys and presets, the
+`task_finetune_<dataset>` configs, the `on_<backbone>` switches and the backbones' keys are read from the
+registries, which include plugins (run.py imports them first; mdpl/plugins.py).
 """
 from __future__ import annotations
 
