@@ -5,10 +5,14 @@ A run names a task (the dataset settings of the references) and a method (a pres
 `prompt_method=...`; there is no default method), then any `key=value` overrides.
 
 The named configs set disjoint keys, so their order does not matter: a task sets dataset-level keys, a
-method preset only `prompt_method` (the method's own keys, learning rate, seed and backbone follow from it in
-`base_config`), `on_clip` / `on_vilt` only `backbone`. `tiny` and `demo` also change the run size the task
+method preset only `prompt_method` (its learning rate, seed and backbone follow from it in `base_config`, its own
+keys in the hook `method_keys_of_the_selected_method`), `on_<backbone>` only `backbone`. `tiny` and `demo` also change the run size the task
 sets, so they go after the task; run.py refuses the other order (`check_named_configs`), two configs of one
 kind (e.g. `map memprompt`) and `tiny` with `demo`.
+
+Besides the demo's settings, nothing here names a method, dataset or backbone: the method keys and presets, the
+`task_finetune_<dataset>` configs, the `on_<backbone>` switches and the backbones' keys are read from the
+registries, which include plugins (run.py imports them first; mdpl/plugins.py).
 """
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ from collections.abc import Sequence
 from sacred import Experiment
 
 from mdpl.backbones.registry import available_backbones, backbone_card
-from mdpl.config import backbone_size_defaults, backbone_tiny_sizes
+from mdpl.config import backbone_size_defaults, backbone_tiny_sizes, method_keys_of_all
 from mdpl.config.sections import (DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig, ModelConfig,
                                   OptimConfig, TrainerConfig)
+from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import (method_default, method_presets, padding_is_inert, paper_backbone, paper_missing_type,
+from mdpl.prompts.keys import (method_defaults, method_presets, padding_is_inert, paper_backbone, paper_missing_type,
                                paper_run)
 
 ex = Experiment("mdpl", save_git_info=False)
@@ -30,7 +35,7 @@ EXPERIMENT, LOGGING, DATA, MISSING = ExperimentConfig(), LoggingConfig(), DataCo
 MODEL, OPTIM, TRAINER, DEMO = ModelConfig(), OptimConfig(), TrainerConfig(), DemoConfig()
 
 NAMED_CONFIG_KINDS = {
-    "task": ("task_finetune_mmimdb", "task_finetune_food101", "task_finetune_hatememes"),
+    "task": tuple(f"task_finetune_{name}" for name in available_datasets()),
     "method preset": tuple(method_presets().values()),
     "backbone switch": tuple(f"on_{name}" for name in available_backbones()),
     "size config": ("tiny", "demo"),
@@ -68,6 +73,18 @@ def seed_is_an_integer(config, command_name, logger):
 ex.add_config(backbone_size_defaults())
 """Every registered backbone's own keys (hidden_size, clip_*, coca_*, ...) with their defaults: the fields of its card's
 sizes dataclass (mdpl/backbones/<name>.py), so a backbone's keys are declared once, in its file."""
+ex.add_config(dict.fromkeys(sorted(method_keys_of_all())))
+"""Every registered method's own keys (prompt_length, top_k, dcp_*, ...), None here: the fields of its config class
+(mdpl/prompts/<name>.py); the selected method's are filled by `method_keys_of_the_selected_method`."""
+
+
+@ex.config_hook
+def method_keys_of_the_selected_method(config, command_name, logger):
+    """The selected method's keys that the command line and named configs left None take its defaults
+    (``method_sizes``: the paper's or TINY); Sacred lays the user's values over what a hook returns."""
+    method, sizes = str(config.get("prompt_method") or ""), str(config.get("method_sizes") or "paper")
+    dataset = str(config.get("dataset") or "")   # a method's reference values may differ per dataset (MoRA)
+    return {key: value for key, value in method_defaults(method, sizes, dataset).items() if config.get(key) is None}
 
 
 @ex.config
@@ -76,7 +93,7 @@ def base_config():
     # method, from its class (mdpl.prompts.keys); this scope lists the keys and says what they mean.
     # --- experiment -----------------------------------------------------------------------------
     exp_name = EXPERIMENT.exp_name
-    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' (or the preset of that name)
+    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' | 'mora' | a plugin's (or its preset)
     method_sizes = EXPERIMENT.method_sizes     # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
     backbone = paper_backbone(prompt_method)   # the method's paper backbone; on_clip / on_vilt switch it
     seed = paper_run(prompt_method, (0, EXPERIMENT.seed))[1]  # seeds Lightning, the model init and every missing table
@@ -120,77 +137,11 @@ def base_config():
     finetune = MODEL.finetune     # True: train the backbone too (baseline 'finetune' option)
     frozen_eval_mode = MODEL.frozen_eval_mode  # True: frozen modules in eval mode (no dropout); reference keeps train mode
 
-    # --- method keys (prompt_method above) -------------------------------------------------------
-    # Each key is read by the method(s) named in its group and is None unless that method is selected (then its
-    # paper's value, or the small one with method_sizes='tiny'; each method's config class, mdpl.prompts). Setting a key of
-    # another method is an error naming the method that reads it.
-    # MAP
-    prompt_type = method_default(prompt_method, method_sizes, "prompt_type")      # 'input' (paper) | 'attention'
-    prompt_length = method_default(prompt_method, method_sizes, "prompt_length")  # MAP 16; DCP: total per tower, 36
-    prompt_layers = method_default(prompt_method, method_sizes, "prompt_layers")  # paper: [0, ..., 5]
-    learnt_p = method_default(prompt_method, method_sizes, "learnt_p")
-    multi_layer_prompt = method_default(prompt_method, method_sizes, "multi_layer_prompt")
-    # MemPrompt
-    gen_prompt_length = method_default(prompt_method, method_sizes, "gen_prompt_length")        # paper: 16
-    gen_prompt_layers = method_default(prompt_method, method_sizes, "gen_prompt_layers")        # paper: [0, ..., 5]
-    shared_prompt_length = method_default(prompt_method, method_sizes, "shared_prompt_length")  # paper: 16
-    shared_prompt_layers = method_default(prompt_method, method_sizes, "shared_prompt_layers")  # paper: [0, ..., 5]
-    mem_size = method_default(prompt_method, method_sizes, "mem_size")                          # paper: 16
-    top_k = method_default(prompt_method, method_sizes, "top_k")                                # paper: 5
-    bottleneck_dim = method_default(prompt_method, method_sizes, "bottleneck_dim")  # paper: 48 (hidden_size // 16)
-    # True: retrieval max-pool ignores padding (batch-invariant, D-30)
-    memprompt_mask_padding = method_default(prompt_method, method_sizes, "memprompt_mask_padding")
-    # DCP (prompt_length above)
-    prompt_depth = method_default(prompt_method, method_sizes, "prompt_depth")      # paper: 6 prompted layers
-    # off: independent per-layer per-type prompts (our definition)
-    dcp_correlated = method_default(prompt_method, method_sizes, "dcp_correlated")
-    dcp_dynamic = method_default(prompt_method, method_sizes, "dcp_dynamic")        # off: no dynamic prompts
-    dcp_common = method_default(prompt_method, method_sizes, "dcp_common")          # off: no modal-common prompts
-    # DCP ablation switches of the paper's Tables 1-3, our readings (docs/methods.md §6.7); defaults = the reference
-    # correlated-chain projections F_l: 'mlp' (LN -> bottleneck MLP, r = 16) | 'fc' (LN -> one Linear)
-    dcp_projection = method_default(prompt_method, method_sizes, "dcp_projection")
-    # 'bi': each side's next prompts from both sides' previous ones | 'uni': from its own side's only
-    dcp_correlated_inputs = method_default(prompt_method, method_sizes, "dcp_correlated_inputs")
-    dcp_dynamic_depth = method_default(prompt_method, method_sizes, "dcp_dynamic_depth")  # fresh Dyn at blocks 0..d-1
-    # 'attention' | 'max' | 'min' | 'avg': pool the block input in n windows, then one Linear
-    dcp_dynamic_mode = method_default(prompt_method, method_sizes, "dcp_dynamic_mode")
-    dcp_common_depth = method_default(prompt_method, method_sizes, "dcp_common_depth")    # fresh C at blocks 0..d-1
-    # modal-common projections G: 'mlp' (bottleneck, text width // dcp_common_reduction) | 'fc' (one Linear)
-    dcp_common_projection = method_default(prompt_method, method_sizes, "dcp_common_projection")
-    dcp_common_reduction = method_default(prompt_method, method_sizes, "dcp_common_reduction")  # paper: 16
-    # channel widths for Table 5's parameter budgets (this key and the next)
-    dcp_reduction = method_default(prompt_method, method_sizes, "dcp_reduction")  # correlated MLP hidden = in // r; 16
-    # dynamic prompts' attention width; 0 = the stream's width (the reference)
-    dcp_dynamic_width = method_default(prompt_method, method_sizes, "dcp_dynamic_width")
-    # reference: dynamic queries are frozen (saved as buffers here, D-34)
-    dcp_dynamic_trainable = method_default(prompt_method, method_sizes, "dcp_dynamic_trainable")
-    # reference: the per-layer projections start as identical copies (D-39)
-    dcp_independent_init = method_default(prompt_method, method_sizes, "dcp_independent_init")
-    # skip the tower whose feature half is zeroed (exact)
-    dcp_skip_missing = method_default(prompt_method, method_sizes, "dcp_skip_missing")
-    # a file with the dynamic queries of a reference DCP run (its checkpoints lack them): needed to evaluate one
-    dcp_dynamic_queries = method_default(prompt_method, method_sizes, "dcp_dynamic_queries")
-    # SCP (docs/methods.md §14): static prompts in the lower blocks, prompts read from a key/value pool by the block's
-    # own query of the read-out token (ViLT: text [CLS]) in the upper blocks; every prompted block adds k + F tokens
-    scp_length = method_default(prompt_method, method_sizes, "scp_length")              # k, generated tokens: 12
-    scp_pool_size = method_default(prompt_method, method_sizes, "scp_pool_size")        # S: 32 (reference config: 1024)
-    scp_fixed_prompts = method_default(prompt_method, method_sizes, "scp_fixed_prompts")  # F, learned tokens: 4
-    scp_layers = method_default(prompt_method, method_sizes, "scp_layers")              # conditioned: [6, ..., 11]
-    scp_static_layers = method_default(prompt_method, method_sizes, "scp_static_layers")  # static: [0, ..., 5]
-    scp_pool_dropout = method_default(prompt_method, method_sizes, "scp_pool_dropout")  # on the pool attention: 0.1
-    # pool attention scale: 'width' 1/sqrt(width) (the reference, D-58) | 'chunk' 1/sqrt(width / k)
-    scp_pool_scale = method_default(prompt_method, method_sizes, "scp_pool_scale")
-    # True: the query norm uses the block's own epsilon (its exact query); False: 1e-5 as the reference (D-57)
-    scp_block_eps = method_default(prompt_method, method_sizes, "scp_block_eps")
-    # MoRA (docs/methods.md §15): per-dataset reference values (Food-101 q,v ranks 4 alpha 0.01; MM-IMDb q,k ranks 4
-    # alpha 0.001; Hateful Memes k,v ranks 8 alpha 0.1)
-    mora_maps = method_default(prompt_method, method_sizes, "mora_maps", dataset)          # two of q, k, v
-    mora_start_layer = method_default(prompt_method, method_sizes, "mora_start_layer", dataset)   # blocks 10, 11
-    mora_shared_rank = method_default(prompt_method, method_sizes, "mora_shared_rank", dataset)   # pair shared by towers
-    mora_image_rank = method_default(prompt_method, method_sizes, "mora_image_rank", dataset)
-    mora_text_rank = method_default(prompt_method, method_sizes, "mora_text_rank", dataset)
-    mora_alpha = method_default(prompt_method, method_sizes, "mora_alpha", dataset)
-    mora_dropout = method_default(prompt_method, method_sizes, "mora_dropout", dataset)   # on the adapted input
+    # --- method keys: every registered method's config fields (added below by `ex.add_config`) ---------------
+    # Each is None unless the selected method reads it: then the user's value, or the method's default (its paper's,
+    # or the TINY value with method_sizes='tiny'; `method_keys_of_the_selected_method` fills them). Setting a key
+    # of another method is an error naming the method that reads it.
+    plugins = EXPERIMENT.plugins  # modules to import first (one-off methods, backbones, datasets; mdpl.plugins)
 
     # --- optimisation (docs/methods.md §7.3-7.4) -------------------------------------------------------
     optimizer_impl = OPTIM.optimizer_impl  # 'legacy_hf' (reference AdamW update) | 'torch'
@@ -234,90 +185,31 @@ def base_config():
     demo_test_ratios = DEMO.demo_test_ratios
 
 
-@ex.named_config
-def task_finetune_mmimdb():
-    exp_name = "finetune_mmimdb"
-    dataset = "mmimdb"
-    batch_size = 256
-    max_epoch = 20
-    max_steps = None
-    warmup_steps = 0.1
-    weight_decay = 2e-2
-    val_check_interval = 0.2
-    max_text_len = 1024
-    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
+TASK_RUN = {"batch_size": 256, "max_steps": None, "warmup_steps": 0.1, "weight_decay": 2e-2,
+            "interpolate_text_positions": True}   # the reference interpolates ViLT's 40 text positions to max_text_len
+"""What every `task_finetune_<dataset>` config sets besides its dataset card's values (the references' fine-tuning)."""
 
 
-@ex.named_config
-def task_finetune_food101():
-    exp_name = "finetune_food101"
-    dataset = "food101"
-    batch_size = 256
-    max_epoch = 20
-    max_steps = None
-    warmup_steps = 0.1
-    weight_decay = 2e-2
-    val_check_interval = 0.2
-    max_text_len = 512
-    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
+def task_config(name: str) -> dict:
+    """`task_finetune_<name>`: the dataset, the common fine-tuning settings and the card's max_text_len, max_epoch,
+    val_check_interval (those it states)."""
+    spec = dataset_spec(name)
+    card = {"max_text_len": spec.max_text_len, "max_epoch": spec.max_epoch,
+            "val_check_interval": spec.val_check_interval}
+    return {"exp_name": f"finetune_{name}", "dataset": name, **TASK_RUN,
+            **{k: v for k, v in card.items() if v is not None}}
 
 
-@ex.named_config
-def task_finetune_hatememes():
-    exp_name = "finetune_hatememes"
-    dataset = "hatememes"
-    batch_size = 256
-    max_epoch = 20
-    max_steps = None
-    warmup_steps = 0.1
-    weight_decay = 2e-2
-    val_check_interval = 0.11
-    max_text_len = 128
-    interpolate_text_positions = True  # the reference interpolates ViLT's 40 text positions to max_text_len
+for _name in available_datasets():
+    ex.add_named_config(f"task_finetune_{_name}", task_config(_name))
 
 
-# --- method presets: `map` is short for prompt_method=map, and so on. The method's own keys, its learning
-# rate and seed (each method's paper_run) and its paper's backbone follow from prompt_method in base_config, so a preset
-# sets nothing else and composes with a task config in either order.
+# --- method presets: `map` is short for prompt_method=map, and so on (each method class's `preset`). The method's own
+# keys, its learning rate and seed (its paper_run) and its paper's backbone follow from prompt_method, so a preset sets
+# nothing else and composes with a task config in either order.
 
-
-@ex.named_config
-def baseline():
-    # Frozen ViLT, trainable pooler + head (the reference point of every table, D-25); lr 1e-2, seed 0.
-    prompt_method = "none"
-
-
-@ex.named_config
-def map():
-    # MAP (CVPR 2023): input-level missing-aware prompts, 16 tokens on layers 0-5, lr 1e-2, seed 0.
-    prompt_method = "map"
-
-
-@ex.named_config
-def memprompt():
-    # MemPrompt (IJCAI 2025), as its reference config: lr 5e-3 for MM-IMDb/Food-101 and 1e-3 for Hateful Memes,
-    # seed 42, missing_type 'image' on every split (D-32; MAP and DCP use 'both': set missing_type to compare them).
-    prompt_method = "memprompt"
-
-
-@ex.named_config
-def dcp():
-    # DCP (NeurIPS 2024) on CLIP ViT-B/16: 36 prompt tokens per tower on 6 layers, 224 px, lr 1e-2, seed 0.
-    prompt_method = "dcp"
-
-
-@ex.named_config
-def scp():
-    # SCP (WACV 2025) as its documented command: static prompts (16 tokens) on layers 0-5, conditioned prompts
-    # (4 fixed + 12 read from a 32-entry pool) on layers 6-11, lr 1e-2, seed 0 (docs/methods.md §14.5).
-    prompt_method = "scp"
-
-
-@ex.named_config
-def mora():
-    # MoRA (ICLR 2026) on CLIP ViT-B/16: shared + specific DoRA updates of two attention projections in blocks 10-11
-    # of both towers, the reference's per-dataset values, lr 1e-2, seed 42; merged into the weights for testing.
-    prompt_method = "mora"
+for _method, _preset in method_presets().items():
+    ex.add_named_config(_preset, {"prompt_method": _method})
 
 
 # --- backbone switches: run a method on the other backbone (`python run.py with task_finetune_food101 map

@@ -27,7 +27,27 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning,
                         module=r"sacred(\.|$)")
 
+import sys  # noqa: E402
+
 from sacred import SETTINGS  # noqa: E402
+
+
+def _load_plugins() -> None:
+    """Installed plugins (entry points) and the command line's ``plugins=[...]`` (or a test_only checkpoint's),
+    imported before config.py builds its keys and named configs from the registries."""
+    from mdpl.errors import UserInputError, debug_enabled, exit_with
+    from mdpl.plugins import load_command_line_plugins
+
+    try:
+        load_command_line_plugins(sys.argv[1:])
+    except UserInputError as err:
+        if debug_enabled():
+            raise
+        exit_with(err)
+
+
+if __name__ == "__main__":
+    _load_plugins()
 
 from config import ex  # noqa: E402
 

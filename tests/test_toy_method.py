@@ -81,7 +81,7 @@ def _config(data: dict, backbone: str, log_dir: Path, **updates) -> dict:
 @pytest.mark.parametrize("backbone", ["vilt", "clip", "coca"])
 def test_toy_method_trains_and_evaluates_end_to_end(toy, data, tmp_path, backbone) -> None:
     config = _config(data, backbone, tmp_path / "result")
-    assert config.get("toy_tokens") is None       # not a config.py key: the method's default (TINY) applies
+    assert config.get("toy_tokens") == 2   # registered after config.py loaded: its hook still fills the TINY default
     out = run_quiet(config)
     metrics = json.loads((Path(out["run_dir"]) / "test_metrics.json").read_text())["metrics"]
     assert metrics == out["test"]

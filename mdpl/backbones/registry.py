@@ -26,8 +26,11 @@ def register_backbone(card: BackboneCard) -> BackboneCard:
 
 
 def _load_builtins() -> None:
+    """The built-in backbones, then those of installed plugins (entry-point group ``mdpl.backbones``, mdpl.plugins)."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    from mdpl.plugins import load_entry_points
+    load_entry_points("backbones")
 
 
 def available_backbones() -> list[str]:

@@ -21,6 +21,8 @@ def build_run_config(flat, check_data: bool = True) -> RunConfig:
     """Validate the flat config (one UserInputError line for the first mistake), then type it: the entry point's
     one call."""
     from mdpl.config.validate import validate_config
+    from mdpl.plugins import import_plugins
+    import_plugins(flat.get("plugins"))   # their methods, backbones and datasets are what the checks look up
     validate_config(flat, check_data=check_data)
     return RunConfig.from_flat(flat)
 

@@ -105,6 +105,8 @@ class RunConfig:
         from mdpl.prompts.registry import method_class
 
         given = to_plain(dict(flat))
+        from mdpl.plugins import import_plugins
+        import_plugins(given.get("plugins"))   # a plugin run's method / backbone / dataset, before they are looked up
         method_name = str(given.get("prompt_method") or "")
         dataset = str(given.get("dataset") or DataConfig.dataset)
         full = {**derived_defaults(method_name, dataset, given.get("backbone")), **given}

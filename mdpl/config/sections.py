@@ -47,6 +47,7 @@ class ExperimentConfig(Section):
     method_sizes: str = "paper"   # defaults of the method's own keys: the papers' or 'tiny'
     backbone: str = "vilt"        # a registered backbone; default: the method's paper backbone
     seed: int = 0                 # default: the method's paper seed
+    plugins: Any = field(default_factory=list)   # modules to import first: methods, backbones, datasets (mdpl.plugins)
 
 
 @dataclass(frozen=True)

@@ -191,18 +191,28 @@ def registered(spec: DatasetSpec) -> Iterator[DatasetSpec]:
             unregister_dataset(spec.name)
 
 
+def _load_plugins() -> None:
+    """The datasets of installed plugins (entry-point group ``mdpl.datasets``, mdpl.plugins); the built-ins are
+    registered when this module is imported."""
+    from mdpl.plugins import load_entry_points
+    load_entry_points("datasets")
+
+
 def available_datasets() -> list[str]:
     """Names of the registered datasets, built-ins first, in registration order."""
+    _load_plugins()
     return list(_REGISTRY)
 
 
 def is_registered(name: Any) -> bool:
     """True when ``name`` is a registered dataset name."""
+    _load_plugins()
     return isinstance(name, str) and name in _REGISTRY
 
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The spec registered under ``name``; UserInputError (one line, naming the choices) if none."""
+    _load_plugins()
     spec = _REGISTRY.get(name) if isinstance(name, str) else None
     if spec is None:
         raise UserInputError(f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())} "

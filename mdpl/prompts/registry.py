@@ -2,8 +2,9 @@
 
 Adding a method = one new file defining a :class:`~mdpl.prompts.base.MethodConfig` dataclass and a
 :class:`~mdpl.prompts.base.PromptMethod` subclass decorated with ``@register_method("name")``; the built-in
-ones are listed in ``_BUILTIN_MODULES`` (a method defined elsewhere, e.g. in a test or a plugin, registers
-itself when its module is imported). Config validation, checkpoint checks, the benchmark and the demo read
+ones are listed in ``_BUILTIN_MODULES``; a method defined elsewhere registers itself when its module is imported: an
+installed package's through the entry-point group ``mdpl.methods``, one-off code through the run key ``plugins``
+(mdpl.plugins). Config validation, checkpoint checks, the benchmark and the demo read
 this registry; nothing else names methods.
 """
 from __future__ import annotations
@@ -52,8 +53,11 @@ def registered(cls: type[PromptMethod], name: str) -> Iterator[type[PromptMethod
 
 
 def _load_builtins() -> None:
+    """The built-in methods, then those of installed plugins (entry-point group ``mdpl.methods``, mdpl.plugins)."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    from mdpl.plugins import load_entry_points
+    load_entry_points("methods")
 
 
 def _order(name: str) -> tuple[int, int]:
