@@ -10,6 +10,12 @@ QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 """Trainer options that keep test output short."""
 
 
+def as_run(flat: dict, backbone: str):
+    """The run config (``mdpl.config.RunConfig``) of a flat test config on `backbone`: what a backbone builder takes."""
+    from mdpl.config import RunConfig
+    return RunConfig.coerce({**flat, "backbone": backbone})
+
+
 def resolved_config(named: Iterable[str], updates: dict) -> dict:
     """The Sacred config of ``config.py`` with the named configs and updates applied (``print_config``)."""
     from config import ex

@@ -8,6 +8,8 @@ str) pairs, with None for a missing modality, must give the logits of that batch
 """
 from __future__ import annotations
 
+from runs import as_run
+
 import shutil
 import warnings
 from pathlib import Path
@@ -37,7 +39,7 @@ def write_pretraining_file(cfg: dict, path: Path) -> None:
         from mdpl.backbones.clip import build_clip_backbone
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.save(build_clip_backbone({**cfg, "clip_path": ""}).openai_state_dict(), path)
+            torch.save(build_clip_backbone(as_run({**cfg, "clip_path": ""}, "clip")).openai_state_dict(), path)
 
 
 @pytest.fixture(scope="module", params=["map", "dcp"])

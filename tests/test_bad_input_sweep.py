@@ -11,6 +11,8 @@ NotADirectoryError, ...), ran silently with a wrong setting (``finetune='yes'``,
 """
 from __future__ import annotations
 
+from runs import as_run
+
 import os
 import shutil
 import subprocess
@@ -54,7 +56,7 @@ def files(tmp_path_factory, arrow_root, bert_vocab_dir) -> dict[str, Path]:
     cfg = resolved_config(DCP, {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # random init: clip_path is empty
-        clip = build_clip_backbone({**cfg, "clip_path": ""})
+        clip = build_clip_backbone(as_run({**cfg, "clip_path": ""}, "clip"))
     torch.save(clip.openai_state_dict(), root / "clip.pt")
     return {"arrow": arrow, "tok": bert_vocab_dir, "text": root / "text.ckpt", "good": good,
             "truncated": root / "truncated.ckpt", "empty_dir": root / "empty_dir",

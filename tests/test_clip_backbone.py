@@ -1,6 +1,8 @@
 """CLIP backbone (docs/methods.md §5): OpenAI-layout loading, towers block by block, strict key checks."""
 from __future__ import annotations
 
+from runs import as_run
+
 import warnings
 
 import pytest
@@ -70,7 +72,7 @@ def test_state_dict_round_trip_plain_and_fp16(tmp_path):
                 "vocab_size": torch.tensor(1000)}, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        dst = build_clip_backbone({**TINY, "clip_path": str(path)})
+        dst = build_clip_backbone(as_run({**TINY, "clip_path": str(path)}, "clip"))
     for a, b in zip(_features(src), _features(dst)):
         assert torch.equal(a, b)
     # fp16 checkpoint (as OpenAI ships it): loaded as fp32 holding fp16-representable values
@@ -107,7 +109,7 @@ def test_jit_archive_round_trip(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)           # torch.jit deprecation
         torch.jit.save(torch.jit.script(_Holder(sd)), str(path))
-    dst = build_clip_backbone({**TINY, "clip_path": str(path), "clip_sha256": sha256_of(str(path))})
+    dst = build_clip_backbone(as_run({**TINY, "clip_path": str(path), "clip_sha256": sha256_of(str(path))}, "clip"))
     ref = _random_backbone(0)
     ref.load_openai_state_dict({k: v.float() for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS})
     for a, b in zip(_features(ref), _features(dst)):
@@ -124,13 +126,13 @@ def test_strict_errors_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="shape mismatches"):
         backbone.load_openai_state_dict({**sd, "visual.proj": torch.zeros(48, 64)})
     with pytest.raises(FileNotFoundError, match="clip_path"):
-        build_clip_backbone({**TINY, "clip_path": str(tmp_path / "absent.pt")})
+        build_clip_backbone(as_run({**TINY, "clip_path": str(tmp_path / "absent.pt")}, "clip"))
     path = tmp_path / "clip.pt"
     torch.save(sd, path)
     with pytest.raises(ValueError, match="SHA-256"):
         read_openai_checkpoint(str(path), sha256="0" * 64)
     with pytest.warns(UserWarning, match="randomly initialised"):
-        build_clip_backbone(TINY)
+        build_clip_backbone(as_run(TINY, "clip"))
 
 
 def test_text_tower_causal_and_eot():

@@ -6,6 +6,8 @@ its layout (decoder included) and read back through ``coca_path``; nothing is do
 """
 from __future__ import annotations
 
+from runs import as_run
+
 import json
 import warnings
 from pathlib import Path
@@ -68,7 +70,7 @@ def tiny_file(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 
 def loaded(path: Path, **over) -> CocaBackbone:
-    return build_coca_backbone({**TINY, "coca_path": str(path), **over})
+    return build_coca_backbone(as_run({**TINY, "coca_path": str(path), **over}, "coca"))
 
 
 # ------------------------------------------------------------------------------------------------ layout, weights
@@ -173,7 +175,7 @@ def test_wrong_or_truncated_file_is_one_error(tiny_file, tmp_path) -> None:
 def test_test_only_reads_no_coca_path() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")    # no "coca_path is empty" warning either
-        backbone = build_coca_backbone({**TINY, "coca_path": "/nowhere/coca.bin", "test_only": True})
+        backbone = build_coca_backbone(as_run({**TINY, "coca_path": "/nowhere/coca.bin", "test_only": True}, "coca"))
     assert isinstance(backbone, CocaBackbone)
 
 

@@ -10,6 +10,8 @@ The checkpoint check of test_only compares the clip_* sizes on CLIP and hidden_s
 """
 from __future__ import annotations
 
+from runs import as_run
+
 import warnings
 from pathlib import Path
 
@@ -85,7 +87,7 @@ def pretrained_clip(data) -> Path:
     prefix = "model.backbone."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone = build_clip_backbone({**cfg, "clip_path": ""})
+        backbone = build_clip_backbone(as_run({**cfg, "clip_path": ""}, "clip"))
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     path = folder / "clip_tiny.pt"
     torch.save(backbone.openai_state_dict(), path)

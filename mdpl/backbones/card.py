@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from mdpl.errors import UserInputError
-
-if TYPE_CHECKING:
-    from mdpl.backbones.base import Backbone
 
 RUN_KEYS = ("image_size",)
 """Size fields whose config key has no prefix: the one image size of a run (the transform's and the encoder's)."""
@@ -103,12 +100,6 @@ class BackboneSizes:
         raise NotImplementedError
 
 
-def run_config_for(config: Any, backbone: str) -> Any:
-    """`config` if it is a run config (``mdpl.config.RunConfig``), else the run config of the flat dict `config` with
-    ``backbone=<backbone>`` (a builder called directly, as tests do)."""
-    from mdpl.config.run_config import RunConfig
-    return config if isinstance(config, RunConfig) else RunConfig.from_flat({**config, "backbone": backbone})
-
 
 @dataclass(frozen=True)
 class WeightsSpec:
@@ -128,7 +119,7 @@ class BackboneCard:
     """A registered backbone (``mdpl.backbones.registry.register_backbone``)."""
 
     name: str
-    build: Callable[[Any], "Backbone"]
+    build: Callable[[Any], Any]
     """run config (``mdpl.config.RunConfig``) -> the encoder, with its pre-trained weights unless ``test_only``."""
     sizes: type[BackboneSizes]
     tokenizer: str

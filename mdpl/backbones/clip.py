@@ -19,7 +19,7 @@ from torch import nn
 
 from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch, load_pretrained
-from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec
 from mdpl.backbones.clip_weights import (backbone_to_openai_key, check_state_dict, openai_to_backbone_key,
                                         read_openai_checkpoint)
 from mdpl.backbones.encoder import StreamEncoder
@@ -431,7 +431,6 @@ class ClipBackbone(TwoTowerBackbone):
 def build_clip_backbone(run: Any) -> ClipBackbone:
     """ClipBackbone from the run config's sizes with the weights of ``clip_path`` (`load_pretrained`: random init +
     warning if empty; not read with ``test_only``)."""
-    run = run_config_for(run, "clip")
     sizes: ClipSizes = run.backbone
     backbone = ClipBackbone(sizes)
     return load_pretrained(backbone, sizes.path, sizes.sha256, run.trainer.test_only, CLIP.weights, "CLIP",

@@ -34,7 +34,7 @@ from torch import nn
 
 from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
-from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec
 from mdpl.backbones.clip import (TwoTowerBackbone, batch_rows, block_mlp, open_clip_linear_map, open_clip_mlp,
                                  open_clip_query_parts, residual_block)
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
@@ -376,7 +376,6 @@ class CocaBackbone(TwoTowerBackbone):
 def build_coca_backbone(run: Any) -> CocaBackbone:
     """CocaBackbone from the run config's sizes (``coca_pool_prompts`` included), with the weights of ``coca_path``
     (`load_pretrained`: random init + warning if empty; not read with ``test_only``)."""
-    run = run_config_for(run, "coca")
     sizes: CocaSizes = run.backbone
     backbone = CocaBackbone(sizes, sizes.pool_prompts)
     return load_pretrained(backbone, sizes.path, sizes.sha256, run.trainer.test_only, COCA.weights, "CoCa",

@@ -29,7 +29,7 @@ from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
 from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Backbone, Batch
-from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec, run_config_for
+from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec
 from mdpl.backbones.encoder import StreamEncoder
 from mdpl.backbones.registry import register_backbone
 from mdpl.backbones.vilt_weights import load_reference_checkpoint, load_vilt_checkpoint
@@ -440,7 +440,6 @@ def build_vilt_head(hidden_size: int, num_classes: int) -> nn.Sequential:
 def build_vilt_backbone(run: Any) -> ViLTBackbone:
     """ViLT from the run config's sizes, with the pre-trained checkpoint ``load_path`` (skipped with ``test_only``:
     the evaluated checkpoint holds every weight)."""
-    run = run_config_for(run, "vilt")
     sizes: ViLTSizes = run.backbone
     backbone = ViLTBackbone(**sizes.encoder_sizes())
     if run.trainer.test_only:

@@ -18,6 +18,11 @@ def _per_split(value: Any) -> Any:
     return field(default_factory=lambda: dict.fromkeys(SPLITS, value))
 
 
+PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "32": "32-true", "32-true": "32-true",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "64": "64-true",
+              "64-true": "64-true"}
+"""The accepted ``precision`` values -> Lightning's names (validated here, applied by the trainer)."""
+
 @dataclass(frozen=True)
 class Section:
     """Base of the sections: the field names are the flat config keys."""

@@ -323,7 +323,7 @@ def check_trainer(config: Mapping) -> None:
             _fail(f"num_gpus={gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower "
                   "num_gpus (or check CUDA_VISIBLE_DEVICES)")
     if "precision" in config:
-        from mdpl.engine.trainer import PRECISIONS
+        from mdpl.config.sections import PRECISIONS
         value = config["precision"]
         if isinstance(value, bool) or str(value) not in PRECISIONS:
             _fail(f"precision={value!r} is not supported; use one of {', '.join(sorted(set(PRECISIONS.values())))} "

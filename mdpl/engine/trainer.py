@@ -37,13 +37,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from mdpl.config import RunConfig
 from mdpl.engine.csv_logger import RunCSVLogger
+from mdpl.config.sections import PRECISIONS
 from mdpl.engine.resume import resume_callbacks
 from mdpl.errors import UserInputError
 
 MONITOR = "val/the_metric"
-PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "32": "32-true", "32-true": "32-true",
-              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "64": "64-true",
-              "64-true": "64-true"}
 LOGGERS = {"tensorboard": "tensorboard", "csv": None, "wandb": "wandb", "mlflow": "mlflow"}
 """Logger name -> the package it needs (None: always available)."""
 LOG_EVERY_N_STEPS = 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from mdpl.backbones.card import BackboneCard, WeightsSpec, run_config_for
+from mdpl.backbones.card import BackboneCard, WeightsSpec
 from mdpl.backbones.clip import ClipBackbone, ClipSizes
 from mdpl.backbones.registry import register_backbone
 
@@ -38,7 +38,6 @@ class ToyVitBackbone(ClipBackbone):
 
 def build(run: Any) -> ToyVitBackbone:
     """Random weights (the plugin has no pre-trained file)."""
-    run = run_config_for(run, NAME)
     return ToyVitBackbone(run.backbone)
 
 
