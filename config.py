@@ -177,6 +177,7 @@ def base_config():
     demo = DEMO.demo              # True: run the embedded demo instead of one training run
     demo_dir = DEMO.demo_dir      # synthetic raw + arrow + vocab (reused when present)
     demo_samples = DEMO.demo_samples  # synthetic train / val / test items
+    demo_keyword_repeats = DEMO.demo_keyword_repeats  # each synthetic text keyword this many times (a text signal the tiny ViLT learns)
     demo_pretrain_epochs = DEMO.demo_pretrain_epochs  # tiny ViLT trained on complete data, everything trainable
     demo_pretrain_lr = DEMO.demo_pretrain_lr
     demo_epochs = DEMO.demo_epochs  # epochs of each prompt method on the frozen backbone

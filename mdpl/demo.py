@@ -6,8 +6,9 @@ What it does, on 2 CPU cores in a few minutes, with no download:
    by the text) in its raw layout under ``demo_dir`` unless it is already there, plus a WordPiece vocab, and
    converts it with ``make_arrow.py``;
 2. "pre-trains" a tiny ViLT on the *complete* data with everything trainable, so that the frozen backbone of
-   the prompt methods means something (as the pre-trained ViLT does), and saves its backbone as a plain
-   ViLT-key state dict (``tiny_vilt_pretrained.pt``, a valid ``load_path``);
+   the prompt methods means something (as the pre-trained ViLT does), prints its test accuracy on complete
+   data, with every text removed and with every image removed (it uses both modalities), and saves its
+   backbone as a plain ViLT-key state dict (``tiny_vilt_pretrained.pt``, a valid ``load_path``);
 3. trains each of ``demo_methods`` (no-prompt baseline, MAP, MemPrompt) on that frozen backbone with
    missing modalities (``missing_ratio`` / ``missing_type`` of the config, 70 % 'both' by default);
 4. evaluates each method's best checkpoint in one pass over the test split under every scenario
@@ -66,14 +67,14 @@ def quiet_lightning():
 def prepare_data(run: RunConfig) -> dict:
     """Synthetic Food-101 (raw + arrow + vocab) under ``demo_dir``; reused when already there.
 
-    The folder name encodes sizes and seed, so a demo of another size never overwrites it.
+    The folder name encodes sizes, seed and keyword repeats, so a demo of another size never overwrites it.
     Returns ``{"data_root", "tokenizer", "vocab_size"}``.
     """
     from mdpl.data.synthetic import write_synthetic, write_wordpiece_vocab
 
     n_train, n_val, n_test = (int(n) for n in run.demo.demo_samples)
-    seed = int(run.experiment.seed)
-    root = Path(run.demo.demo_dir) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}"
+    seed, repeats = int(run.experiment.seed), int(run.demo.demo_keyword_repeats)
+    root = Path(run.demo.demo_dir) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}_kw{repeats}"
     raw, arrow, tok = root / "raw", root / "arrow", root / "tokenizer"
     expected = [arrow / name for name in dataset_spec(DATASET).arrow_file_names()]
     if all(p.is_file() for p in expected) and (tok / "vocab.txt").is_file():
@@ -81,7 +82,7 @@ def prepare_data(run: RunConfig) -> dict:
     else:
         print(f"[demo] writing a synthetic {DATASET} ({n_train}/{n_val}/{n_test} items) to {root}")
         if not (raw / "text.json").exists():
-            write_synthetic(DATASET, raw, n_train, n_val, n_test, seed=seed)
+            write_synthetic(DATASET, raw, n_train, n_val, n_test, seed=seed, keyword_repeats=repeats)
         write_wordpiece_vocab(tok / "vocab.txt")
         _make_arrow(raw, arrow)
     vocab_size = sum(1 for line in (tok / "vocab.txt").read_text(encoding="utf-8").splitlines() if line)
@@ -137,17 +138,36 @@ def fit(config: RunConfig, run_dir: Path):
     return module, datamodule, trainer
 
 
+def pretrain_config(config: RunConfig) -> RunConfig:
+    """The pre-training run: no prompt, everything trainable, complete data, the demo_pretrain_* keys."""
+    return with_method(config, "none", finetune=True, load_path="",
+                       missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0},
+                       max_epoch=int(config.demo.demo_pretrain_epochs),
+                       learning_rate=float(config.demo.demo_pretrain_lr), exp_name="demo_pretrain")
+
+
+def modality_accuracy(config: RunConfig, module, datamodule, trainer) -> dict[str, float]:
+    """Test accuracy of a trained ``module`` on complete data, with every text removed, with every image removed."""
+    from mdpl.engine.module import MDPLModule
+    from mdpl.engine.sweep import prepare_sweep, result_rows
+
+    cfg = config.replace(test_types=["text", "image"], test_ratios=[0.0, 1.0])
+    sweep = prepare_sweep(datamodule, cfg)
+    trainer.test(MDPLModule(cfg, model=module.model, sweep=sweep), datamodule=datamodule, verbose=False)
+    acc = {scenario_label(r["type"], float(r["ratio"])): float(r["accuracy"]) for r in result_rows(sweep, cfg, None)}
+    return {"complete": acc["complete"], "no text": acc["text 100%"], "no image": acc["image 100%"]}
+
+
 def pretrain_backbone(config: RunConfig, out: Path) -> Path:
     """Tiny ViLT trained on complete data, everything trainable; its backbone saved as a ViLT state dict."""
-    cfg = with_method(config, "none", finetune=True, load_path="",
-                      missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0},
-                      max_epoch=int(config.demo.demo_pretrain_epochs),
-                      learning_rate=float(config.demo.demo_pretrain_lr), exp_name="demo_pretrain")
-    module, _, trainer = fit(cfg, out / "pretrain")
+    cfg = pretrain_config(config)
+    module, datamodule, trainer = fit(cfg, out / "pretrain")
     val = float(trainer.callback_metrics.get("val/the_metric", float("nan")))
     path = out / "tiny_vilt_pretrained.pt"
     torch.save({k: v.detach().cpu() for k, v in module.model.backbone.state_dict().items()}, path)
     print(f"[demo] pre-trained the tiny ViLT on complete data: val accuracy {100 * val:.1f} -> {path}")
+    acc = modality_accuracy(cfg, module, datamodule, trainer)
+    print("[demo] pre-trained model, test accuracy: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items()))
     return path
 
 

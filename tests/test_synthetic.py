@@ -133,3 +133,25 @@ def test_cli_and_errors(tmp_path, capsys):
         syn.main(["--dataset", "mmimdb", "--root", str(tmp_path / "m"), "--layout", "csv"])
     with pytest.raises(ValueError, match="unknown dataset"):
         syn.write_synthetic("cifar", tmp_path / "x")
+
+
+@pytest.mark.parametrize("dataset", syn.DATASETS)
+def test_keyword_repeats(tmp_path, dataset):
+    """keyword_repeats=3 writes each text keyword 3 times; 1 (the default) leaves the data byte for byte as it was."""
+    keywords = set(syn._KEYWORDS)
+
+    def counts(root: Path) -> set[int]:
+        texts = [p.read_text() for p in root.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()]
+        words = " ".join(texts).replace('"', " ").replace(",", " ").split()
+        return {words.count(k) for k in keywords if k in words}
+
+    one = syn.write_synthetic(dataset, tmp_path / "one", **SMALL)
+    assert tree(one) == tree(syn.write_synthetic(dataset, tmp_path / "default", keyword_repeats=1, **SMALL))
+    three = syn.write_synthetic(dataset, tmp_path / "three", keyword_repeats=3, **SMALL)
+    if dataset == "food101":
+        texts = json.loads((three / "text.json").read_text()).values()
+        assert all(sum(t.split().count(k) for k in keywords) == 3 for t in texts)
+        assert _food_oracles(three)[2] == 1.0
+    assert counts(three) and all(n % 3 == 0 for n in counts(three))
+    with pytest.raises(ValueError, match="keyword_repeats must be >= 1"):
+        syn.write_synthetic(dataset, tmp_path / "zero", keyword_repeats=0, **SMALL)

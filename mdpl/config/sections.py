@@ -151,7 +151,8 @@ class DemoConfig(Section):
     demo: bool = False
     demo_dir: str = "datasets/demo"
     demo_samples: list = field(default_factory=lambda: [240, 60, 120])
-    demo_pretrain_epochs: int = 6
+    demo_keyword_repeats: int = 3
+    demo_pretrain_epochs: int = 8
     demo_pretrain_lr: float = 2e-3
     demo_epochs: int = 4
     demo_methods: list = field(default_factory=lambda: ["none", "map", "memprompt"])

@@ -4,6 +4,8 @@ Labels depend on both modalities: some classes (genres, the positive class) are 
 coloured shape drawn in the image, others only by a keyword in the text; the remaining content (muted
 background, grey distractor dots, filler words) is noise. A model seeing both modalities can reach
 100 % accuracy; with one modality missing it cannot tell apart the classes signalled by the other.
+``keyword_repeats`` puts each text keyword that many times into its text (1 by default): a stronger text signal
+that a tiny model trained on complete data learns next to the image one (the demo's, docs/getting-started.md).
 
 * mmimdb: ``split.json`` + ``images/<id>.jpeg`` + ``labels/<id>.json`` (or the archive's ``dataset/``),
   23-genre vocabulary with 4 genres used (+ an unknown one that the writer must ignore), 1-3 plots.
@@ -135,7 +137,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 # ------------------------------------------------------------------------------------------ mmimdb
-def _write_mmimdb(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str) -> None:
+def _write_mmimdb(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str,
+                  keyword_repeats: int = 1) -> None:
     image_dir = root / ("dataset" if layout == "archive" else "images")
     label_dir = root / ("dataset" if layout == "archive" else "labels")
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,7 @@ def _write_mmimdb(root: Path, counts: dict[str, int], rng: random.Random, size: 
             movie_id, next_id = f"{next_id:07d}", next_id + 1
             genres = [g for g in genres_all if rng.random() < 0.4] or [rng.choice(genres_all)]
             shapes = [MMIMDB_IMAGE_GENRES[g] for g in genres if g in MMIMDB_IMAGE_GENRES]
-            keywords = [MMIMDB_TEXT_GENRES[g] for g in genres if g in MMIMDB_TEXT_GENRES]
+            keywords = [MMIMDB_TEXT_GENRES[g] for g in genres if g in MMIMDB_TEXT_GENRES] * keyword_repeats
             plots = [make_text(rng, keywords, (10, 20)) for _ in range(rng.choice((1, 1, 2, 3)))]
             if rng.random() < 0.2:
                 genres.append(MMIMDB_UNKNOWN_GENRE)
@@ -160,7 +163,8 @@ def _write_mmimdb(root: Path, counts: dict[str, int], rng: random.Random, size: 
 
 
 # ----------------------------------------------------------------------------------------- food101
-def _write_food101(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str) -> None:
+def _write_food101(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str,
+                   keyword_repeats: int = 1) -> None:
     classes = list(FOOD101_CLASSES)
     serial = {c: 0 for c in classes}
     names: dict[str, list[str]] = {}
@@ -175,7 +179,7 @@ def _write_food101(root: Path, counts: dict[str, int], rng: random.Random, size:
             serial[cls] += 1
             (folder / cls).mkdir(parents=True, exist_ok=True)
             draw_image(rng, size, [image_sig or _FOOD_NEUTRAL_SHAPE]).save(folder / cls / name, "JPEG", quality=90)
-            texts[name] = make_text(rng, [word or _FOOD_NEUTRAL_WORD])
+            texts[name] = make_text(rng, [word or _FOOD_NEUTRAL_WORD] * keyword_repeats)
             names[split].append(name)
     if layout in ("both", "json"):
         _write_json(root / "text.json", texts)
@@ -190,7 +194,8 @@ def _write_food101(root: Path, counts: dict[str, int], rng: random.Random, size:
 
 
 # --------------------------------------------------------------------------------------- hatememes
-def _write_hatememes(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str) -> None:
+def _write_hatememes(root: Path, counts: dict[str, int], rng: random.Random, size: int, layout: str,
+                     keyword_repeats: int = 1) -> None:
     base = root / "data" if layout == "data" else root
     (base / "img").mkdir(parents=True, exist_ok=True)
     next_id = 10000
@@ -199,7 +204,7 @@ def _write_hatememes(root: Path, counts: dict[str, int], rng: random.Random, siz
         for case in _balanced(rng, n, 4):  # 0,1 negative; 2 positive via image; 3 positive via text
             meme_id, next_id = next_id, next_id + 1
             shapes = [HATEMEMES_IMAGE_SIGNAL] if case == 2 else []
-            text = make_text(rng, [HATEMEMES_TEXT_SIGNAL] if case == 3 else [])
+            text = make_text(rng, [HATEMEMES_TEXT_SIGNAL] * keyword_repeats if case == 3 else [])
             draw_image(rng, size, shapes).save(base / "img" / f"{meme_id:05d}.png", format="PNG")
             lines.append(json.dumps({"id": meme_id, "img": f"img/{meme_id:05d}.png", "label": int(case >= 2),
                                      "text": text}))
@@ -208,14 +213,16 @@ def _write_hatememes(root: Path, counts: dict[str, int], rng: random.Random, siz
 
 
 def write_synthetic(dataset: str, root: Path, n_train: int = 48, n_val: int = 12, n_test: int = 12,
-                    seed: int = 0, image_size: int = 64, layout: str | None = None) -> Path:
+                    seed: int = 0, image_size: int = 64, layout: str | None = None,
+                    keyword_repeats: int = 1) -> Path:
     """Write a tiny ``dataset`` in its raw layout under ``root`` (deterministic for ``seed``).
 
     ``layout``: mmimdb 'split' (images/ + labels/, default) | 'archive' (dataset/); food101 'both'
     (json files + titles CSVs, default) | 'json' | 'csv' (CSV only: make_arrow derives the json content);
     hatememes 'data' (root/data/, default) | 'flat' (DATA.md layout); other registered datasets: their spec's
     ``synthetic_layouts``. The generator is the spec's ``synthetic``
-    ``write(root, counts, rng, image_size, layout)``. Returns ``root``.
+    ``write(root, counts, rng, image_size, layout)``, given ``keyword_repeats=`` (each text keyword that many
+    times, >= 1) only when it is not 1, so that generators without it keep working. Returns ``root``.
     """
     generator = dataset_spec(dataset).synthetic_fn() if dataset in synthetic_datasets() else None
     if generator is None:
@@ -224,10 +231,13 @@ def write_synthetic(dataset: str, root: Path, n_train: int = 48, n_val: int = 12
     layout = layout or layouts[0]
     if layout not in layouts:
         raise ValueError(f"unknown layout {layout!r} for {dataset}; choose one of {', '.join(layouts)}")
+    if int(keyword_repeats) < 1:
+        raise ValueError(f"keyword_repeats must be >= 1, got {keyword_repeats}")
+    extra = {} if int(keyword_repeats) == 1 else {"keyword_repeats": int(keyword_repeats)}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    generator(root, counts, random.Random(f"{dataset}:{seed}"), image_size, layout)
+    generator(root, counts, random.Random(f"{dataset}:{seed}"), image_size, layout, **extra)
     return root
 
 
@@ -242,12 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="image width in pixels (height varies +-25%%)")
     p.add_argument("--layout", default=None, help="mmimdb: split|archive; food101: both|json|csv; hatememes: data|flat")
+    p.add_argument("--keyword-repeats", type=int, default=1, help="each text keyword this many times (default 1)")
     p.add_argument("--vocab", type=Path, default=None,
                    help="also write a WordPiece vocab.txt of the synthetic words here")
     args = p.parse_args(argv)
     try:
         write_synthetic(args.dataset, args.root, args.n_train, args.n_val, args.n_test, args.seed,
-                        args.image_size, args.layout)
+                        args.image_size, args.layout, args.keyword_repeats)
     except ValueError as err:
         p.error(str(err))
     if args.vocab is not None:
