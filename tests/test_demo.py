@@ -56,7 +56,7 @@ def test_pretrained_backbone_uses_both_modalities(tmp_path: Path) -> None:
     synthetic test split when every text is removed, and when every image is removed."""
     from mdpl.config.run_config import RunConfig
     from mdpl.demo import DATASET, fit, modality_accuracy, pretrain_config, prepare_data, quiet_lightning
-    from tests.runs import resolved_config
+    from runs import resolved_config
 
     config = resolved_config(["demo"], {"demo_dir": str(tmp_path / "data"), "log_dir": str(tmp_path / "out")})
     run = RunConfig.coerce(config).replace(dataset=DATASET, backbone="vilt")
