@@ -32,7 +32,25 @@ from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
 
 @dataclass(frozen=True)
-class ClipSizes(BackboneSizes):
+class TwoTowerSizes(BackboneSizes):
+    """What the sizes of the open_clip two-tower backbones (CLIP, CoCa) share: image and text towers
+    (``vision_layers`` / ``text_layers``) and BPE texts of ``context_length`` ids from ``vocab_size`` tokens."""
+
+    @property
+    def depth(self) -> int:
+        return min(self.vision_layers, self.text_layers)
+
+    @property
+    def text_length(self) -> int:
+        return self.context_length
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+@dataclass(frozen=True)
+class ClipSizes(TwoTowerSizes):
     """CLIP's config section (keys ``clip_<field>``, and the run's ``image_size``); defaults: OpenAI ViT-B/16
     (§5.1), only tests change them."""
 
@@ -71,18 +89,6 @@ class ClipSizes(BackboneSizes):
             if getattr(self, name) != fixed:
                 raise UserInputError(f"{self.flat_key(name)}={getattr(self, name)} must be {fixed}: the CLIP "
                                      f"tokenizer (OpenAI BPE) always gives {fixed} {what}")
-
-    @property
-    def depth(self) -> int:
-        return min(self.vision_layers, self.text_layers)
-
-    @property
-    def text_length(self) -> int:
-        return self.context_length
-
-    @property
-    def text_vocab_size(self) -> int:
-        return self.vocab_size
 
 
 def _build_open_clip(sizes: ClipSizes) -> nn.Module:

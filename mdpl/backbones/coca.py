@@ -34,8 +34,8 @@ from torch import nn
 
 from mdpl.backbones.attention import adapted_linear, prefixed_attention, project_qkv, take_rows
 from mdpl.backbones.base import Batch, load_pretrained
-from mdpl.backbones.card import BackboneCard, BackboneSizes, WeightsSpec
-from mdpl.backbones.clip import (TwoTowerBackbone, batch_rows, block_mlp, open_clip_linear_map, open_clip_mlp,
+from mdpl.backbones.card import BackboneCard, WeightsSpec
+from mdpl.backbones.clip import (TwoTowerBackbone, TwoTowerSizes, batch_rows, block_mlp, open_clip_linear_map, open_clip_mlp,
                                  open_clip_query_parts, residual_block)
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
@@ -52,7 +52,7 @@ TEXT_CLS = "text_cls"
 
 
 @dataclass(frozen=True)
-class CocaSizes(BackboneSizes):
+class CocaSizes(TwoTowerSizes):
     """CoCa's config section (keys ``coca_<field>``, and the run's ``image_size``); defaults: open_clip's
     ``coca_ViT-B-32`` (its image tower and unimodal text tower)."""
 
@@ -93,18 +93,6 @@ class CocaSizes(BackboneSizes):
         if self.vocab_size != CLIP_VOCAB_SIZE:
             raise UserInputError(f"coca_vocab_size={self.vocab_size} must be {CLIP_VOCAB_SIZE}: CoCa's tokenizer "
                                  f"(OpenAI BPE) gives {CLIP_VOCAB_SIZE} token ids")
-
-    @property
-    def depth(self) -> int:
-        return min(self.vision_layers, self.text_layers)
-
-    @property
-    def text_length(self) -> int:
-        return self.context_length
-
-    @property
-    def text_vocab_size(self) -> int:
-        return self.vocab_size
 
 
 def build_open_clip_towers(sizes: CocaSizes) -> tuple[nn.Module, nn.Module]:
