@@ -20,13 +20,13 @@ from collections.abc import Sequence
 
 from sacred import Experiment
 
-from mdpl.backbones.registry import available_backbones, backbone_card
+from mdpl.backbones.registry import available_backbones, backbone_card, default_backbone, method_backbone
 from mdpl.config import backbone_size_defaults, backbone_tiny_sizes, method_keys_of_all
 from mdpl.config.sections import (DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig, ModelConfig,
                                   OptimConfig, TrainerConfig)
 from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import (method_defaults, method_presets, padding_is_inert, paper_backbone, paper_missing_type,
+from mdpl.prompts.keys import (method_defaults, method_presets, padding_is_inert, paper_missing_type,
                                paper_run)
 
 ex = Experiment("mdpl", save_git_info=False)
@@ -95,7 +95,7 @@ def base_config():
     exp_name = EXPERIMENT.exp_name
     prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' | 'mora' | a plugin's (or its preset)
     method_sizes = EXPERIMENT.method_sizes     # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
-    backbone = paper_backbone(prompt_method)   # the method's paper backbone; on_clip / on_vilt switch it
+    backbone = method_backbone(prompt_method)  # the method's paper backbone; on_clip / on_vilt switch it
     seed = paper_run(prompt_method, (0, EXPERIMENT.seed))[1]  # seeds Lightning, the model init and every missing table
     log_dir = LOGGING.log_dir     # run directories go to log_dir/<exp_name>_seed<seed>_from_<ckpt>/
 
@@ -181,7 +181,7 @@ def base_config():
     demo_pretrain_epochs = DEMO.demo_pretrain_epochs  # tiny ViLT trained on complete data, everything trainable
     demo_pretrain_lr = DEMO.demo_pretrain_lr
     demo_epochs = DEMO.demo_epochs  # epochs of each prompt method on the frozen backbone
-    demo_methods = DEMO.demo_methods
+    demo_methods = DEMO.demo_methods   # []: the baseline, MAP and MemPrompt (the methods whose class sets in_demo)
     demo_test_types = DEMO.demo_test_types   # evaluation scenarios: types x ratios (one pass, sweep)
     demo_test_ratios = DEMO.demo_test_ratios
 
@@ -270,4 +270,4 @@ DEMO_RUN = {
 """The embedded demo (mdpl/demo.py): synthetic Food-101 under demo_dir, a tiny ViLT (its card's TINY sizes)
 pre-trained on complete data, then baseline / MAP / MemPrompt trained with 70 % 'both' missing, swept over missing
 scenarios."""
-ex.add_named_config("demo", {**backbone_card("vilt").sizes.tiny_values(), **DEMO_RUN})
+ex.add_named_config("demo", {**backbone_card(default_backbone()).sizes.tiny_values(), **DEMO_RUN})

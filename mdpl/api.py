@@ -90,7 +90,7 @@ def build_text_tokenizer(config: RunConfig | Mapping):
 
     run = RunConfig.coerce(config)
     try:
-        return build_tokenizer(run)
+        return build_tokenizer(run.pipeline)
     except FileNotFoundError as err:
         source = str(run.data.tokenizer or "")
         where = f"the tokenizer folder {source!r} stored in the checkpoint has no vocab.txt" if source else \
@@ -109,7 +109,6 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, config: RunConfig | Mapping, tokenizer,
                  device: str | torch.device = "cpu", class_names: Sequence[str] | None = None) -> None:
         from mdpl.data.collate import Collator
-        from mdpl.data.datamodule import text_padding_is_dynamic
         from mdpl.data.transforms import build_transform
 
         self.config = RunConfig.coerce(config)
@@ -117,8 +116,8 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.transform = build_transform(self.config)
-        self.collator = Collator(tokenizer, dynamic_text_padding=text_padding_is_dynamic(self.config))
+        self.transform = build_transform(self.config.pipeline)
+        self.collator = Collator(tokenizer, dynamic_text_padding=self.config.pipeline.dynamic_text_padding)
         self.dummy_ids, self.dummy_masks = tokenizer.empty()
         self.spec = dataset_spec(self.dataset)
         self.classes = self._class_names(class_names)

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from mdpl.backbones.registry import default_backbone
 from mdpl.config.run_config import RunConfig
 from mdpl.data.registry import dataset_spec
+from mdpl.prompts.registry import baseline_method, demo_methods
 
 DATASET = "food101"
 
@@ -121,26 +123,23 @@ def with_method(run: RunConfig, method: str, **updates) -> RunConfig:
     return run.replace(prompt_method=method, **updates)
 
 
-def fit(config: RunConfig, run_dir: Path):
-    """Train one config (seeded model, MDPLDataModule, build_trainer). Returns (module, datamodule, trainer)."""
+QUIET = dict(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+"""Trainer options of the demo's runs."""
+
+
+def seeded_datamodule(config: RunConfig):
+    """The run's data module, built after seeding everything with the run's seed (as every demo run starts)."""
     import pytorch_lightning as pl
 
-    from mdpl.data.datamodule import MDPLDataModule
-    from mdpl.engine.module import MDPLModule
-    from mdpl.engine.trainer import build_trainer
+    from mdpl.engine.session import build_datamodule
 
     pl.seed_everything(int(config.experiment.seed), workers=True, verbose=False)
-    datamodule = MDPLDataModule(config)
-    module = MDPLModule(config)
-    trainer = build_trainer(config, run_dir, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule)
-    return module, datamodule, trainer
+    return build_datamodule(config)
 
 
 def pretrain_config(config: RunConfig) -> RunConfig:
     """The pre-training run: no prompt, everything trainable, complete data, the demo_pretrain_* keys."""
-    return with_method(config, "none", finetune=True, load_path="",
+    return with_method(config, baseline_method(), finetune=True, load_path="",
                        missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0},
                        max_epoch=int(config.demo.demo_pretrain_epochs),
                        learning_rate=float(config.demo.demo_pretrain_lr), exp_name="demo_pretrain")
@@ -160,8 +159,11 @@ def modality_accuracy(config: RunConfig, module, datamodule, trainer) -> dict[st
 
 def pretrain_backbone(config: RunConfig, out: Path) -> Path:
     """Tiny ViLT trained on complete data, everything trainable; its backbone saved as a ViLT state dict."""
+    from mdpl.engine.session import fit
+
     cfg = pretrain_config(config)
-    module, datamodule, trainer = fit(cfg, out / "pretrain")
+    datamodule = seeded_datamodule(cfg)
+    module, trainer = fit(cfg, out / "pretrain", datamodule, **QUIET)
     val = float(trainer.callback_metrics.get("val/the_metric", float("nan")))
     path = out / "tiny_vilt_pretrained.pt"
     torch.save({k: v.detach().cpu() for k, v in module.model.backbone.state_dict().items()}, path)
@@ -173,20 +175,18 @@ def pretrain_backbone(config: RunConfig, out: Path) -> Path:
 
 def train_and_sweep(config: RunConfig, method: str, backbone_path: Path, out: Path) -> list[dict]:
     """Train ``method`` on the frozen pre-trained backbone, then evaluate its best checkpoint on every scenario."""
-    from mdpl.engine.module import MDPLModule
-    from mdpl.engine.sweep import prepare_sweep, result_rows
+    from mdpl.engine.session import train_then_test
+    from mdpl.engine.sweep import prepare_sweep
 
     cfg = with_method(config, method, finetune=False, load_path=str(backbone_path),
                       max_epoch=int(config.demo.demo_epochs), exp_name=f"demo_{method}",
                       test_types=list(config.demo.demo_test_types),
                       test_ratios=[float(r) for r in config.demo.demo_test_ratios])
     start = time.perf_counter()
-    module, datamodule, trainer = fit(cfg, out / method)
-    best = trainer.checkpoint_callback.best_model_path or None
-    sweep = prepare_sweep(datamodule, cfg)
-    trainer.test(MDPLModule(cfg, model=module.model, sweep=sweep), datamodule=datamodule, ckpt_path=best,
-                 verbose=False)
-    rows = result_rows(sweep, cfg, best)
+    datamodule = seeded_datamodule(cfg)
+    outcome = train_then_test(cfg, out / method, datamodule, sweep=prepare_sweep(datamodule, cfg), verbose=False,
+                              **QUIET)
+    rows = outcome.sweep_rows
     print(f"[demo] {method_title(method)}: trained and evaluated in {time.perf_counter() - start:.0f} s")
     return rows
 
@@ -251,7 +251,7 @@ def write_report(rows: Sequence[Mapping], primary: str, out: Path, seconds: floa
 def run_demo(config: RunConfig | Mapping) -> dict:
     """The whole demo (module docstring). ``config``: the run config (``with demo``), or its flat form."""
     start = time.perf_counter()
-    config = RunConfig.coerce(config).replace(dataset=DATASET, backbone="vilt")
+    config = RunConfig.coerce(config).replace(dataset=DATASET, backbone=default_backbone())
     with quiet_lightning():
         config = config.replace(**prepare_data(config))
         out = new_demo_dir(config)
@@ -259,7 +259,7 @@ def run_demo(config: RunConfig | Mapping) -> dict:
         print(f"[demo] outputs in {out}")
         backbone = pretrain_backbone(config, out)
         rows: list[dict] = []
-        for method in config.demo.demo_methods:
+        for method in config.demo.demo_methods or demo_methods():
             rows += train_and_sweep(config, str(method), backbone, out)
     primary = next(k for k in rows[0] if k not in ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed"))
     return write_report(rows, primary, out, time.perf_counter() - start)

@@ -10,6 +10,18 @@ QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 """Trainer options that keep test output short."""
 
 
+def typed(flat: dict):
+    """The run config (``mdpl.config.RunConfig``) of a flat test config: what the package's functions take."""
+    from mdpl.config import RunConfig
+    return RunConfig.coerce(flat)
+
+
+def datamodule_of(flat: dict):
+    """The data module of a flat test config (``mdpl.engine.session.build_datamodule``)."""
+    from mdpl.engine.session import build_datamodule
+    return build_datamodule(typed(flat))
+
+
 def as_run(flat: dict, backbone: str):
     """The run config (``mdpl.config.RunConfig``) of a flat test config on `backbone`: what a backbone builder takes."""
     from mdpl.config import RunConfig

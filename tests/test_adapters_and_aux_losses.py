@@ -74,14 +74,16 @@ class ToyAux(PromptMethod):
 
     def __init__(self, config: ToyAuxConfig, info) -> None:
         super().__init__(config, info)
-        self.tokens = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(3, config.toy_aux_tokens, s.width))
-                                        for s in info.streams})
+        widths = {s.name: s.width for s in info.streams}
+        self.tokens = nn.ParameterDict({name: nn.Parameter(torch.zeros(config.toy_aux_tokens, width))
+                                        for name, width in widths.items()})   # one set for every missing type
 
     def before_block(self, stream, index, x, mask, layout, ctx):
-        if index != 0:
-            return x, mask, layout
-        x, mask = splice_tokens(x, mask, 0, [self.tokens[stream.name][ctx.missing_type]])
-        return x, mask, layout.prepend([("toy", self.config.toy_aux_tokens)])
+        if index == 0:   # the same tokens in front of every sample
+            shared = self.tokens[stream.name].expand(x.shape[0], -1, -1)
+            x, mask = splice_tokens(x, mask, 0, [shared])
+            layout = layout.prepend([("toy", self.config.toy_aux_tokens)])
+        return x, mask, layout
 
     def aux_losses(self, prepared):
         return {"toy_pull": torch.stack([(t - 1).pow(2).mean() for t in self.tokens.values()]).mean()}

@@ -8,7 +8,7 @@ str) pairs, with None for a missing modality, must give the logits of that batch
 """
 from __future__ import annotations
 
-from runs import as_run
+from runs import as_run, datamodule_of, typed
 
 import shutil
 import warnings
@@ -71,7 +71,7 @@ def trained(request, tmp_path_factory) -> dict:
 
     model = build_classifier(cfg)                      # reads the pre-training file
     out = run_quiet(cfg, model=model)                  # trains `model` in place; the test reloads the best weights
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("validate")
     ds = dm.datasets["val"]
     items = [ds[i] for i in range(len(ds))]
@@ -213,7 +213,7 @@ def test_mmimdb_predictions_name_the_genres_and_use_sigmoid(bert_vocab_dir) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                 # randomly initialised backbone
         model = build_classifier(cfg)
-    predictor = Predictor(model, cfg, build_tokenizer(cfg))
+    predictor = Predictor(model, cfg, build_tokenizer(typed(cfg).pipeline))
     image = Image.new("RGB", (80, 64), (200, 30, 30))
     out = predictor.predict([image, None], ["a love story", "the war"])
     assert out.classes == MMIMDB_GENRES and out.multi_label
@@ -221,4 +221,4 @@ def test_mmimdb_predictions_name_the_genres_and_use_sigmoid(bert_vocab_dir) -> N
     assert out.missing_type.tolist() == [MISSING_COMPLETE, MISSING_IMAGE]
     assert out.top(1)[0][0][0] == MMIMDB_GENRES[int(out.logits[0].argmax())]
     with pytest.raises(UserInputError, match="class_names has 2 names but mmimdb has 23 classes"):
-        Predictor(model, cfg, build_tokenizer(cfg), class_names=["a", "b"])
+        Predictor(model, cfg, build_tokenizer(typed(cfg).pipeline), class_names=["a", "b"])

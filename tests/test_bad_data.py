@@ -20,6 +20,7 @@ from mdpl.data.dataset import ArrowMultimodalDataset, check_arrow_exists, count_
 from mdpl.data.transforms import build_transform
 from mdpl.errors import UserInputError
 from mdpl.config.validate import check_data_root
+from runs import typed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def food_root(arrow_root, tmp_path) -> Path:
 def open_error(root: Path, dataset: str = "food101", split: str = "val") -> str:
     """The one-line UserInputError of opening ``split`` (dataset, count_rows and check_data_root agree)."""
     path = root / {"food101": "food101_val.arrow", "mmimdb": "mmimdb_dev.arrow"}[dataset]
-    transform = build_transform({"image_size": 32, "backbone": "vilt"})
+    transform = build_transform(typed({"image_size": 32, "backbone": "vilt"}).pipeline)
     with pytest.raises(UserInputError) as err:
         ArrowMultimodalDataset(root, dataset, split, transform)
     msg = str(err.value)
@@ -93,7 +94,7 @@ def test_column_of_another_type(food_root) -> None:
     # extra columns are ignored: the right columns plus one more open fine
     cols = {**make_rows("food101", "val", 4), "note": ["x"] * 4}
     write_food_val(food_root, _SCHEMAS["food101"].append(pa.field("note", pa.string())), cols)
-    transform = build_transform({"image_size": 32, "backbone": "vilt"})
+    transform = build_transform(typed({"image_size": 32, "backbone": "vilt"}).pipeline)
     assert len(ArrowMultimodalDataset(food_root, "food101", "val", transform)) == 4
     assert count_rows(food_root / "food101_val.arrow") == 4
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import resolved_config, run_quiet, synthetic_arrows
+from runs import resolved_config, run_quiet, synthetic_arrows, typed
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "finetune_food101_seed0_from_scratch"
@@ -163,5 +163,6 @@ def test_failure_before_the_first_step_leaves_no_run_directory(data, tmp_path) -
             raise UserInputError("bad split")
 
     with pytest.raises(UserInputError, match="bad split"):
-        run_quiet(cfg, datamodule=FailingSetup(cfg))
+        run = typed(cfg)
+        run_quiet(cfg, datamodule=FailingSetup(run.data, run.missing, run.pipeline, run.experiment.seed))
     assert not (tmp_path / "result" / BASE).exists()

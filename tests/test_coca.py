@@ -6,7 +6,7 @@ its layout (decoder included) and read back through ``coca_path``; nothing is do
 """
 from __future__ import annotations
 
-from runs import as_run
+from runs import as_run, typed
 
 import json
 import warnings
@@ -289,14 +289,14 @@ def test_tokenizer_and_transform_are_open_clips() -> None:
     from mdpl.data.tokenizers import build_tokenizer
     from mdpl.data.transforms import build_transform
 
-    tok = build_tokenizer({"backbone": "coca", "coca_context_length": 76})   # config.py's value
+    tok = build_tokenizer(typed({"backbone": "coca", "coca_context_length": 76}).pipeline)   # config.py's value
     texts = ["a photo of a cat", "word " * 100, ""]
     ids, masks = tok.encode(texts)
     assert ids.shape == (3, 76) and torch.equal(ids, open_clip.get_tokenizer("coca_ViT-B-32")(texts))
     assert torch.equal(masks, (ids != 0).long())
     assert ids[1, -1] == EOT and ids[2, :3].tolist() == [SOT, EOT, 0]
-    assert repr(build_transform({"backbone": "coca", "image_size": 224})) == \
-        repr(build_transform({"backbone": "clip", "image_size": 224}))
+    assert repr(build_transform(typed({"backbone": "coca", "image_size": 224}).pipeline)) == \
+        repr(build_transform(typed({"backbone": "clip", "image_size": 224}).pipeline))
 
 
 # ------------------------------------------------------------------------------------------------ end to end

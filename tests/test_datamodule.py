@@ -15,6 +15,7 @@ from mdpl.data.dataset import ArrowMultimodalDataset
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.missing import MissingSpec, make_missing_table
 from mdpl.data.transforms import build_transform
+from runs import datamodule_of, typed
 
 
 def _check_batch(batch: dict, dataset: str, text_len: int, bsz: int) -> None:
@@ -37,7 +38,7 @@ def _check_batch(batch: dict, dataset: str, text_len: int, bsz: int) -> None:
 @pytest.mark.parametrize("dataset", ["mmimdb", "food101", "hatememes"])
 def test_vilt_batches_all_datasets(dataset, arrow_root, bert_vocab_dir, data_config):
     cfg = data_config(dataset, arrow_root(dataset), bert_vocab_dir)
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("fit")
     train = dm.datasets["train"]
     assert train.n_rows == 6 and len(train) == (12 if dataset == "mmimdb" else 6)  # MM-IMDb: 1+2+3 plots x2
@@ -57,7 +58,7 @@ def test_vilt_batches_all_datasets(dataset, arrow_root, bert_vocab_dir, data_con
 
 def test_clip_batches(arrow_root, data_config):
     cfg = data_config("food101", arrow_root("food101"), None, backbone="clip", image_size=224)
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("validate")
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     _check_batch(batch, "food101", 77, 4)
@@ -82,8 +83,8 @@ def _dataset_side_batch(ds: ArrowMultimodalDataset, collator: Collator, types: l
 @pytest.mark.parametrize("backbone,image_size", [("vilt", 64), ("clip", 224)])
 def test_device_dummies_equal_dataset_dummies(backbone, image_size, arrow_root, bert_vocab_dir, data_config):
     cfg = data_config("mmimdb", arrow_root("mmimdb"), bert_vocab_dir, backbone=backbone, image_size=image_size)
-    dm = MDPLDataModule(cfg)
-    ds = ArrowMultimodalDataset(cfg["data_root"], "mmimdb", "train", build_transform(cfg))
+    dm = datamodule_of(cfg)
+    ds = ArrowMultimodalDataset(cfg["data_root"], "mmimdb", "train", build_transform(typed(cfg).pipeline))
     types = [0, 2, 1, 2, 1, 0]
     batch = dm.collator([ds[i] for i in range(len(types))])
     device_side = dm.on_after_batch_transfer({**batch, "missing_type": torch.tensor(types)}, 0)
@@ -96,7 +97,7 @@ def test_device_dummies_equal_dataset_dummies(backbone, image_size, arrow_root, 
 
 def test_mmimdb_items_per_plot_and_per_movie(arrow_root, bert_vocab_dir, data_config):
     root = arrow_root("mmimdb", mmimdb_plots=(3, 1, 2, 1, 1, 2))
-    tf = build_transform(data_config("mmimdb", root))
+    tf = build_transform(typed(data_config("mmimdb", root)).pipeline)
     per_plot = ArrowMultimodalDataset(root, "mmimdb", "train", tf)
     per_movie = ArrowMultimodalDataset(root, "mmimdb", "train", tf, mmimdb_items="movie")
     assert per_plot.item_rows.tolist() == [0, 0, 0, 1, 2, 2, 3, 4, 5, 5]
@@ -109,14 +110,14 @@ def test_mmimdb_items_per_plot_and_per_movie(arrow_root, bert_vocab_dir, data_co
 
 def test_missing_arrow_file_error(tmp_path, data_config):
     with pytest.raises(FileNotFoundError, match="make_arrow.py --dataset food101"):
-        ArrowMultimodalDataset(tmp_path, "food101", "train", build_transform(data_config("food101", tmp_path)))
+        ArrowMultimodalDataset(tmp_path, "food101", "train", build_transform(typed(data_config("food101", tmp_path)).pipeline))
 
 
 def test_corrupt_image_names_row(tmp_path, data_config):
     cols = make_rows("food101", "train", 3)
     cols["image"][1] = b"\xff\xd8garbage"
     write_arrow(tmp_path / "food101_train.arrow", _SCHEMAS["food101"], cols)
-    ds = ArrowMultimodalDataset(tmp_path, "food101", "train", build_transform(data_config("food101", tmp_path)))
+    ds = ArrowMultimodalDataset(tmp_path, "food101", "train", build_transform(typed(data_config("food101", tmp_path)).pipeline))
     assert ds[0]["image"].shape[0] == 3
     with pytest.raises(ValueError, match="row 1 .*apple_pie_1.jpg"):
         ds[1]
@@ -126,7 +127,7 @@ def test_tables_overrides_and_sweep_tables(arrow_root, bert_vocab_dir, data_conf
     root = arrow_root("hatememes")
     cfg = data_config("hatememes", root, bert_vocab_dir, test_ratio=1.0, test_type="image")
     before = copy.deepcopy(cfg)
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     assert cfg == before
     dm.setup("test")
     assert dm.specs["test"] == MissingSpec("image", 1.0, 0.5, 0)
@@ -140,7 +141,7 @@ def test_tables_overrides_and_sweep_tables(arrow_root, bert_vocab_dir, data_conf
 def test_simulate_missing_on_training_batches(arrow_root, bert_vocab_dir, data_config):
     cfg = data_config("food101", arrow_root("food101"), bert_vocab_dir, simulate_missing=True,
                       missing_ratio={"train": 0.0, "val": 0.0, "test": 0.0})
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     batch = dm.collator([dm.build_dataset("train")[i] for i in range(6)])
     assert batch["missing_type"].tolist() == [0] * 6
     dm.trainer = SimpleNamespace(training=False, current_epoch=0)
@@ -154,7 +155,7 @@ def test_simulate_missing_on_training_batches(arrow_root, bert_vocab_dir, data_c
 
 def test_worker_loader(arrow_root, bert_vocab_dir, data_config):
     cfg = data_config("hatememes", arrow_root("hatememes"), bert_vocab_dir, num_workers=1, per_gpu_batchsize=3)
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert [b["item_index"].tolist() for b in batches] == [[0, 1, 2], [3]]
@@ -181,7 +182,7 @@ def test_lightning_applies_hook_in_training(arrow_root, bert_vocab_dir, data_con
     cfg = data_config("food101", arrow_root("food101"), bert_vocab_dir, per_gpu_batchsize=6, simulate_missing=True,
                       missing_ratio={"train": 0.5, "val": 0.5, "test": 0.5}, missing_type={"train": "text",
                       "val": "text", "test": "text"})
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(Probe(), datamodule=dm)
@@ -197,7 +198,7 @@ def test_lightning_applies_hook_in_training(arrow_root, bert_vocab_dir, data_con
 
 def test_missing_override_for_sweeps(arrow_root, bert_vocab_dir, data_config):
     cfg = data_config("food101", arrow_root("food101"), bert_vocab_dir)
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     dm.trainer = SimpleNamespace(training=False, testing=True, current_epoch=0)

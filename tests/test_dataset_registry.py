@@ -29,6 +29,7 @@ from mdpl.data.writers.common import ImageFile, SplitPlan, write_splits
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
 from mdpl.errors import UserInputError
+from runs import typed
 
 # ------------------------------------------------------------------------------------- the toy dataset
 TOY = "toyset"
@@ -118,7 +119,7 @@ def test_toy_dataset_is_read_through_its_spec(toyset, tmp_path) -> None:
     data = synthetic_arrows(tmp_path, TOY, *COUNTS.values())
     assert sorted(p.name for p in data["arrow"].iterdir()) == ["toyset_test.arrow", "toyset_train.arrow",
                                                                 "toyset_val.arrow"]
-    ds = ArrowMultimodalDataset(data["arrow"], TOY, "test", build_transform({"image_size": 64, "backbone": "vilt"}))
+    ds = ArrowMultimodalDataset(data["arrow"], TOY, "test", build_transform(typed({"image_size": 64, "backbone": "vilt"}).pipeline))
     assert len(ds) == COUNTS["test"] and ds.labels.tolist() == [i % 3 for i in range(COUNTS["test"])]
     item = ds[4]
     assert item["label"] == 1 and item["text"].startswith(f"the {TOY_WORDS[1]} ")

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import run as run_script
-from runs import resolved_config, run_quiet
+from runs import datamodule_of, resolved_config, run_quiet
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.synthetic import write_synthetic
 from mdpl.data.writers import make_arrow
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def fixed_batch(cfg: dict) -> dict:
     """The whole val split as one batch, after the device-side dummies (docs/methods.md §1.4)."""
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("validate")
     batch = next(iter(DataLoader(dm.datasets["val"], batch_size=64, collate_fn=dm.collator)))
     return dm.on_after_batch_transfer(batch, 0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mdpl.data.settings import MissingConfig
 from mdpl.data.missing import (MissingSpec, apply_missing, import_reference_table, load_or_create_missing_table,
                                make_missing_table, missing_counts, missing_specs, missing_table_path,
                                reference_table_name, simulated_types, table_sha256)
@@ -202,12 +203,12 @@ def test_overrides_apply_to_copies():
               "missing_type": {"train": "both", "val": "both", "test": "both"},
               "both_ratio": 0.5, "seed": 4, "test_ratio": 0.3, "test_type": "image"}
     before = copy.deepcopy(config)
-    specs = missing_specs(config)
+    specs = missing_specs(MissingConfig.from_flat(config), config["seed"])
     assert config == before
     assert specs["train"] == MissingSpec("both", 0.7, 0.5, 4)
     assert specs["val"] == specs["test"] == MissingSpec("image", 0.3, 0.5, 4)
     with pytest.raises(ValueError, match="missing type"):
-        missing_specs({**config, "test_type": "audio"})
+        missing_specs(MissingConfig.from_flat({**config, "test_type": "audio"}), 4)
 
 
 def test_simulated_types():

@@ -27,6 +27,7 @@ from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.transforms import build_transform, clip_transform, pixelbert_transform
 from mdpl.errors import UserInputError
 from mdpl.config.validate import check_files, validate_config
+from runs import datamodule_of, typed
 
 #: (mode, width, height) cycled over rows: colour, grey, alpha and palette images (the dataset converts them to RGB),
 #: portrait / landscape / very wide (CLIP crops it) and one larger image (vectorised kernels, not just loop tails).
@@ -95,7 +96,7 @@ def assert_items_equal(a: dict, b: dict, stages: pc.PixelStages | None = None) -
 
 
 def _fit_module(cfg: dict) -> MDPLDataModule:
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("fit")
     return dm
 
@@ -282,8 +283,8 @@ def test_an_interrupted_write_leaves_no_file(arrows, tmp_path, data_config, bert
 
 
 def test_written_by_worker_processes_as_in_process(arrows, tmp_path):
-    ds = ArrowMultimodalDataset(arrows["hatememes"], "hatememes", "train", build_transform({"image_size": 64}))
-    stages = pc.pixel_stages({"backbone": "vilt", "image_size": 64}, ds.transform)
+    ds = ArrowMultimodalDataset(arrows["hatememes"], "hatememes", "train", build_transform(typed({"image_size": 64}).pipeline))
+    stages = pc.pixel_stages(typed({"backbone": "vilt", "image_size": 64}).pipeline, ds.transform)
     expected = pc.expected_record(ds, stages)
     caches = []
     for workers in (0, 2):
@@ -302,8 +303,8 @@ def _open_in_child(folder: str, dataset, stages, queue) -> None:
 
 def test_concurrent_openers_write_once(arrows, tmp_path, monkeypatch):
     """Two processes (e.g. DDP ranks) open a missing cache at once: one writes, the other waits and reads it."""
-    ds = ArrowMultimodalDataset(arrows["food101"], "food101", "val", build_transform({"image_size": 64}))
-    stages = pc.pixel_stages({"backbone": "vilt", "image_size": 64}, ds.transform)
+    ds = ArrowMultimodalDataset(arrows["food101"], "food101", "val", build_transform(typed({"image_size": 64}).pipeline))
+    stages = pc.pixel_stages(typed({"backbone": "vilt", "image_size": 64}).pipeline, ds.transform)
     log, real = tmp_path / "writers.log", pc.write_cache
 
     def slow_write(*args, **kwargs):
@@ -335,8 +336,8 @@ def test_config_key(fresh_food, tmp_path):
     assert base["pixel_cache"] == ""                                             # off by default
     for value in (True, str(tmp_path / "new" / "cache"), ""):
         validate_config({**base, "data_root": str(fresh_food), "pixel_cache": value})
-    assert pc.pixel_cache_folder({"pixel_cache": True, "data_root": "/d"}) == Path("/d/pixel_cache")
-    assert pc.pixel_cache_folder({"pixel_cache": False}) is None and pc.pixel_cache_folder({}) is None
+    assert pc.pixel_cache_folder(typed({"pixel_cache": True, "data_root": "/d"}).data) == Path("/d/pixel_cache")
+    assert pc.pixel_cache_folder(typed({"pixel_cache": False}).data) is None and pc.pixel_cache_folder(typed({}).data) is None
     with pytest.raises(UserInputError, match=r"^pixel_cache=3 must be '' \(off: decode every epoch\), a folder path, "
                                              r"or True \(<data_root>/pixel_cache\)$"):
         check_files({"pixel_cache": 3})

@@ -25,7 +25,7 @@ import torch
 
 import run as run_script
 from dcp_hashinit import hashed_tensor
-from runs import resolved_config, run_quiet, synthetic_arrows
+from runs import datamodule_of, resolved_config, run_quiet, synthetic_arrows
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -145,7 +145,7 @@ def test_checkpoint_has_the_reference_layout(case) -> None:
 def split_batches(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The test split as the model receives it (missing types resolved, dummies applied), in loader order."""
     from mdpl.data.datamodule import MDPLDataModule
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     dm.setup("test")
     return [dm.on_after_batch_transfer(dm.on_before_batch_transfer(b, 0), 0) for b in dm.test_dataloader()]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runs import resolved_config, synthetic_arrows
+from runs import datamodule_of, resolved_config, synthetic_arrows
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.errors import UserInputError
 from mdpl.config.validate import validate_config
@@ -27,11 +27,11 @@ def test_reference_table_replaces_the_seeded_one(data, tmp_path) -> None:
     torch.save(table, tmp_path / "val.pt")
     config = _config(data, {"val": str(tmp_path / "val.pt")})
     validate_config(config)
-    dm = MDPLDataModule(config)
+    dm = datamodule_of(config)
     dm.setup("validate")
     got = [int(dm.datasets["val"][i]["missing_type"]) for i in range(8)]
     assert got == table.long().tolist()
-    seeded = MDPLDataModule(_config(data, {}))
+    seeded = datamodule_of(_config(data, {}))
     seeded.setup("validate")
     assert not torch.equal(seeded.datasets["val"].missing_table, table.long())   # the import changed something
 
@@ -42,7 +42,7 @@ def test_reference_table_replaces_the_seeded_one(data, tmp_path) -> None:
     (torch.zeros(2, 4), "expected a 1-D tensor")])
 def test_a_wrong_table_is_one_line(data, tmp_path, content, match) -> None:
     torch.save(content, tmp_path / "bad.pt")
-    dm = MDPLDataModule(_config(data, {"val": str(tmp_path / "bad.pt")}))
+    dm = datamodule_of(_config(data, {"val": str(tmp_path / "bad.pt")}))
     with pytest.raises(UserInputError, match=match) as err:
         dm.setup("validate")
     assert "\n" not in str(err.value)

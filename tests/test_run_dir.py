@@ -24,7 +24,9 @@ class BrokenTrainData(StubDataModule):
 
 
 def test_failure_before_the_first_step_leaves_no_run_directory(tmp_path) -> None:
-    made, new_run_dir = [], run_script.new_run_dir
+    from mdpl.engine import session
+
+    made, new_run_dir = [], session.new_run_dir
 
     def recorded(cfg, resume_path=None):   # the directory the run made, recorded before the run goes on
         path, created = new_run_dir(cfg, resume_path)
@@ -33,7 +35,7 @@ def test_failure_before_the_first_step_leaves_no_run_directory(tmp_path) -> None
 
     config = make_config(tmp_path, max_epoch=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_script, "new_run_dir", recorded)
+        mp.setattr(session, "new_run_dir", recorded)
         with pytest.raises(OSError, match="unreadable training item"):
             run_script.run(config, datamodule=BrokenTrainData(), model=StubClassifier(), **QUIET)
     assert made == [tmp_path / "result" / "stub_seed0_from_scratch" / "version_0"]   # it was made, then removed

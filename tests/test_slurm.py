@@ -151,13 +151,14 @@ def test_slurm_job_id_and_checkpoint_choice(tmp_path, monkeypatch) -> None:
 
 
 def test_requeue_goes_before_resume_from_and_a_resumed_run_records_its_job(tmp_path, monkeypatch) -> None:
-    import run as run_script
+    from mdpl.config import RunConfig
+    from mdpl.engine import run_dir as run_script
     from mdpl.engine.resume import resolve_resume_path
 
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     config = {"log_dir": str(tmp_path), "exp_name": "x", "seed": 0, "load_path": "", "test_only": False}
-    base = run_script.run_base_dir(config)
+    base = run_script.run_base_dir(RunConfig.coerce(config))
     old = base / "version_0" / "checkpoints" / "last.ckpt"
     old.parent.mkdir(parents=True)
     old.write_bytes(b"")
@@ -166,7 +167,7 @@ def test_requeue_goes_before_resume_from_and_a_resumed_run_records_its_job(tmp_p
     monkeypatch.setenv("SLURM_JOB_ID", "31")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     assert resolve_resume_path(config, base) == str(old)                           # first start of job 31
-    assert run_script.new_run_dir(config, str(old)) == (base / "version_0", False)
+    assert run_script.new_run_dir(RunConfig.coerce(config), str(old)) == (base / "version_0", False)
     assert (base / "version_0" / "slurm_job_id").read_text() == "31\n"             # the resumed run is job 31's now
     hpc = base / "version_0" / "hpc_ckpt_1.ckpt"
     hpc.write_bytes(b"")
@@ -174,8 +175,8 @@ def test_requeue_goes_before_resume_from_and_a_resumed_run_records_its_job(tmp_p
     assert resolve_resume_path(config, base) == str(hpc)                           # requeued: its newest checkpoint
     monkeypatch.setenv("SLURM_JOB_ID", "32")                                       # another job: resume_from again
     assert resolve_resume_path(config, base) == str(old)
-    fresh, created = run_script.new_run_dir({**config, "resume_from": ""})
+    fresh, created = run_script.new_run_dir(RunConfig.coerce({**config, "resume_from": ""}))
     assert (fresh, created) == (base / "version_1", True) and (fresh / "slurm_job_id").read_text() == "32\n"
-    assert run_script.new_run_dir({**config, "resume_from": ""}) == (base / "version_1", False)   # found again
-    tested, _ = run_script.new_run_dir({**config, "resume_from": "", "test_only": True})
+    assert run_script.new_run_dir(RunConfig.coerce({**config, "resume_from": ""})) == (base / "version_1", False)   # found again
+    tested, _ = run_script.new_run_dir(RunConfig.coerce({**config, "resume_from": "", "test_only": True}))
     assert tested == base / "version_2" and not (tested / "slurm_job_id").exists()  # test_only: never resumed

@@ -19,7 +19,9 @@ from sacred.initialize import create_run
 import run as run_script
 from config import ex
 from mdpl.data.missing import MissingSpec
-from mdpl.engine.sweep import robustness_curves, sweep_specs
+from mdpl.data.scenarios import sweep_specs as specs_of
+from mdpl.data.settings import MissingConfig
+from mdpl.engine.sweep import robustness_curves
 from mdpl.report import robustness_figure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +97,10 @@ def test_sweep_equals_separate_runs_and_outputs_agree(trained):
     assert [line.get_label() for line in ax.get_lines()] == [f"{rows[0]['method']} ({rows[0]['backbone']})"]
     assert list(ax.get_lines()[0].get_xdata()) == [30.0, 80.0]
     assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([100 * r["AUROC"] for r in rows[:2]])
+
+
+def sweep_specs(flat: dict):
+    return specs_of(MissingConfig.from_flat(flat), flat["seed"])
 
 
 def test_sweep_specs_forms():

@@ -16,6 +16,7 @@ from mdpl.data.missing import MissingSpec, apply_missing
 from mdpl.engine.sweep import MissingSweep
 
 from tiny_models import TYPES, tiny_batch, tiny_model
+from runs import datamodule_of
 
 SYNC_OPS = ("nonzero", "_local_scalar_dense", "is_nonzero", "item")
 
@@ -110,7 +111,7 @@ def test_datamodule_resolves_types_once_on_the_host(arrow_root, bert_vocab_dir, 
 
     cfg = data_config("food101", arrow_root("food101"), bert_vocab_dir, simulate_missing=True,
                       missing_ratio={"train": 0.5, "val": 0.5, "test": 0.5})
-    dm = MDPLDataModule(cfg)
+    dm = datamodule_of(cfg)
     batch = dm.collator([dm.build_dataset("train")[i] for i in range(6)])
     for epoch in range(3):
         dm.trainer = SimpleNamespace(training=True, current_epoch=epoch)

@@ -8,14 +8,15 @@ from conftest import VOCAB
 from mdpl.data.synthetic import write_wordpiece_vocab
 from mdpl.data.tokenizers import CLIP_EOT, CLIP_SOT, build_tokenizer
 from mdpl.errors import UserInputError
+from runs import typed
 
 PAD, UNK, CLS, SEP = (VOCAB.index(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"))
 
 
 @pytest.fixture
 def bert(bert_vocab_dir):
-    return build_tokenizer({"backbone": "vilt", "tokenizer": str(bert_vocab_dir), "vocab_size": len(VOCAB),
-                            "max_text_len": 12})
+    return build_tokenizer(typed({"backbone": "vilt", "tokenizer": str(bert_vocab_dir), "vocab_size": len(VOCAB),
+                            "max_text_len": 12}).pipeline)
 
 
 def test_bert_maps_words_to_vocab_ids(bert):
@@ -39,22 +40,22 @@ def test_bert_truncation(bert):
 
 def test_bert_vocab_size_mismatch_raises(bert_vocab_dir):
     with pytest.raises(ValueError, match="vocab_size=30522"):
-        build_tokenizer({"backbone": "vilt", "tokenizer": str(bert_vocab_dir), "vocab_size": 30522,
-                         "max_text_len": 8})
+        build_tokenizer(typed({"backbone": "vilt", "tokenizer": str(bert_vocab_dir), "vocab_size": 30522,
+                         "max_text_len": 8}).pipeline)
 
 
 def test_bert_vocab_file_path_and_missing_folder(bert_vocab_dir, tmp_path):
-    tok = build_tokenizer({"tokenizer": str(bert_vocab_dir / "vocab.txt"), "vocab_size": len(VOCAB),
-                           "max_text_len": 8})
+    tok = build_tokenizer(typed({"tokenizer": str(bert_vocab_dir / "vocab.txt"), "vocab_size": len(VOCAB),
+                           "max_text_len": 8}).pipeline)
     assert tok.encode(["cake"])[0][0, 1].item() == VOCAB.index("cake")
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
-        build_tokenizer({"tokenizer": str(tmp_path), "vocab_size": len(VOCAB), "max_text_len": 8})
+        build_tokenizer(typed({"tokenizer": str(tmp_path), "vocab_size": len(VOCAB), "max_text_len": 8}).pipeline)
 
 
 def test_bert_default_offline_never_silently_wrong():
     """tokenizer='' uses the HF cache; offline transformers may return a tiny vocabulary: must be caught."""
     try:
-        tok = build_tokenizer({"tokenizer": "", "vocab_size": 30522, "max_text_len": 8})
+        tok = build_tokenizer(typed({"tokenizer": "", "vocab_size": 30522, "max_text_len": 8}).pipeline)
     except (ValueError, FileNotFoundError) as err:
         assert "tokenizer" in str(err)
     else:
@@ -63,7 +64,7 @@ def test_bert_default_offline_never_silently_wrong():
 
 @pytest.fixture(scope="module")
 def clip_tok():
-    return build_tokenizer({"backbone": "clip", "vocab_size": 30522, "max_text_len": 40})
+    return build_tokenizer(typed({"backbone": "clip", "vocab_size": 30522, "max_text_len": 40}).pipeline)
 
 
 def test_clip_empty_and_known_ids(clip_tok):
@@ -95,34 +96,34 @@ def _bert_config(folder, n_tokens: int, max_text_len: int = 8) -> dict:
 def test_vocabulary_needs_one_common_word(tmp_path):
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     with pytest.raises(UserInputError) as err:
-        build_tokenizer(_bert_config(_vocab_dir(tmp_path / "specials", specials), len(specials)))
+        build_tokenizer(typed(_bert_config(_vocab_dir(tmp_path / "specials", specials), len(specials))).pipeline)
     msg = str(err.value)
     assert "\n" not in msg and str(tmp_path / "specials") in msg and "the, a, of, and, is all to [UNK]" in msg
     assert "5-token vocabulary" in msg and "tokenizer=" in msg
     # one known common word is enough, and the synthetic test vocabulary passes
-    tok = build_tokenizer(_bert_config(_vocab_dir(tmp_path / "is", specials + ["is"]), len(specials) + 1))
+    tok = build_tokenizer(typed(_bert_config(_vocab_dir(tmp_path / "is", specials + ["is"]), len(specials) + 1)).pipeline)
     assert tok.encode(["is the"])[0][0, :4].tolist() == [2, 5, 1, 3]
     vocab = write_wordpiece_vocab(tmp_path / "synthetic" / "vocab.txt")
-    tok = build_tokenizer(_bert_config(vocab.parent, len(vocab.read_text().split())))
+    tok = build_tokenizer(typed(_bert_config(vocab.parent, len(vocab.read_text().split()))).pipeline)
     assert tok.encode(["the"])[0][0, 1].item() != 1
 
 
 def test_vocabulary_without_unk_token_is_refused(tmp_path):
     tokens = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "pizza"]   # transformers appends the absent [UNK]: 6 tokens
     with pytest.raises(UserInputError, match=r"cannot encode text .*\[UNK\]"):
-        build_tokenizer(_bert_config(_vocab_dir(tmp_path, tokens), len(tokens) + 1))
+        build_tokenizer(typed(_bert_config(_vocab_dir(tmp_path, tokens), len(tokens) + 1)).pipeline)
 
 
 def test_max_text_len_below_three_is_refused(bert_vocab_dir):
     for max_text_len in (0, 2, -5):
         with pytest.raises(UserInputError) as err:
-            build_tokenizer(_bert_config(bert_vocab_dir, len(VOCAB), max_text_len))
+            build_tokenizer(typed(_bert_config(bert_vocab_dir, len(VOCAB), max_text_len)).pipeline)
         msg = str(err.value)
         assert f"max_text_len={max_text_len} is too short" in msg and ">= 3" in msg and "[CLS]" in msg
-    tok = build_tokenizer(_bert_config(bert_vocab_dir, len(VOCAB), 3))   # [CLS] + one token + [SEP]
+    tok = build_tokenizer(typed(_bert_config(bert_vocab_dir, len(VOCAB), 3)).pipeline)   # [CLS] + one token + [SEP]
     assert tok.encode(["pizza cake"])[0].tolist() == [[CLS, VOCAB.index("pizza"), SEP]]
 
 
 def test_vocab_size_mismatch_is_a_user_error(bert_vocab_dir):
     with pytest.raises(UserInputError, match=f"has {len(VOCAB)} tokens but vocab_size=99"):
-        build_tokenizer(_bert_config(bert_vocab_dir, 99))
+        build_tokenizer(typed(_bert_config(bert_vocab_dir, 99)).pipeline)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from mdpl.data.transforms import (CLIP_MEAN, CLIP_STD, build_transform, clip_transform, minmax_size,
                                   pixelbert_transform)
+from runs import typed
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -62,6 +63,6 @@ def test_clip_transform_matches_open_clip(wh):
 
 def test_build_transform_dispatch():
     img = _noise(100, 60)
-    assert build_transform({"backbone": "vilt", "image_size": 64})(img).shape == (3, 64, 96)
-    assert build_transform({"backbone": "clip", "image_size": 224})(img).shape == (3, 224, 224)   # and every
+    assert build_transform(typed({"backbone": "vilt", "image_size": 64}).pipeline)(img).shape == (3, 64, 96)
+    assert build_transform(typed({"backbone": "clip", "image_size": 224}).pipeline)(img).shape == (3, 224, 224)   # and every
     # other open_clip two-tower backbone (an unknown backbone never gets here: config validation refuses it)

@@ -90,6 +90,11 @@ class BackboneSizes:
         raise NotImplementedError
 
     @property
+    def stream_widths(self) -> dict[str, int]:
+        """Stream name -> token width: 'joint' for a single-stream encoder, 'image' and 'text' for two towers."""
+        raise NotImplementedError
+
+    @property
     def text_length(self) -> int:
         """Text ids per sample the tokenizer gives (padded)."""
         raise NotImplementedError

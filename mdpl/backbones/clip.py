@@ -34,7 +34,29 @@ from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 @dataclass(frozen=True)
 class TwoTowerSizes(BackboneSizes):
     """What the sizes of the open_clip two-tower backbones (CLIP, CoCa) share: image and text towers
-    (``vision_layers`` / ``text_layers``) and BPE texts of ``context_length`` ids from ``vocab_size`` tokens."""
+    (``vision_layers`` / ``text_layers``) and BPE texts of ``context_length`` ids from ``vocab_size`` tokens.
+    Defaults: OpenAI CLIP ViT-B/16 (§5.1); a subclass names its key prefix and changes what differs."""
+
+    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
+                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
+
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_head_width: int = 64
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    path: str = ""        # the pre-trained weights file; "" = random init
+    sha256: str = ""      # optional SHA-256 check of the weights file
+
+    @property
+    def stream_widths(self) -> dict[str, int]:
+        return {"image": self.vision_width, "text": self.text_width}
 
     @property
     def depth(self) -> int:
@@ -55,23 +77,8 @@ class ClipSizes(TwoTowerSizes):
     (§5.1), only tests change them."""
 
     PREFIX: ClassVar[str] = "clip_"
-    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
-                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
     described_as: ClassVar[str] = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
-
-    embed_dim: int = 512
-    image_size: int = 224
-    patch_size: int = 16
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_head_width: int = 64
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
-    path: str = ""        # local ViT-B-16.pt (TorchScript archive) or OpenAI-layout state dict; "" = random init
-    sha256: str = ""      # optional SHA-256 check of clip_path
+    # clip_path: a local ViT-B-16.pt (TorchScript archive) or an OpenAI-layout state dict
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ClipSizes":

@@ -57,26 +57,14 @@ class CocaSizes(TwoTowerSizes):
     ``coca_ViT-B-32`` (its image tower and unimodal text tower)."""
 
     PREFIX: ClassVar[str] = "coca_"
-    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
-                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
     described_as: ClassVar[str] = "the CoCa backbone (coca_vision_layers, coca_text_layers)"
+    # coca_path: a local open_clip CoCa state dict (.bin, .pt, .safetensors)
 
-    embed_dim: int = 512
-    image_size: int = 224
     patch_size: int = 32
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_head_width: int = 64
-    attn_pooler_heads: int = 8
     context_length: int = dataclasses.field(default=76, metadata={"minimum": 2, "hint": (
         " (text ids: SOT, the text and EOT; coca_ViT-B-32: 76)")})   # CoCa appends its CLS token as position 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_heads: int = 8
-    text_layers: int = 12
+    attn_pooler_heads: int = 8
     pool_prompts: bool = False   # True: the attentional pooler (image feature) also attends over the prompt tokens
-    path: str = ""               # local open_clip CoCa state dict (.bin, .pt, .safetensors); "" = random init
-    sha256: str = ""             # optional SHA-256 check of coca_path
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "CocaSizes":

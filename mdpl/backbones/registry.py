@@ -15,14 +15,32 @@ from mdpl.errors import UserInputError
 _BUILTIN_MODULES = ("mdpl.backbones.vilt", "mdpl.backbones.clip", "mdpl.backbones.coca")
 
 _REGISTRY: dict[str, BackboneCard] = {}
+_DEFAULT: list[str] = []
 
 
-def register_backbone(card: BackboneCard) -> BackboneCard:
-    """Register `card` under ``card.name`` (the config's ``backbone``)."""
+def register_backbone(card: BackboneCard, default: bool = False) -> BackboneCard:
+    """Register `card` under ``card.name`` (the config's ``backbone``); ``default``: the backbone of a run whose
+    method names no paper backbone (one, built in)."""
     if card.name in _REGISTRY and _REGISTRY[card.name].build.__qualname__ != card.build.__qualname__:
         raise ValueError(f"backbone {card.name!r} registered twice")
+    if default and _DEFAULT and _DEFAULT[0] != card.name:
+        raise ValueError(f"{card.name!r} cannot be the default backbone: {_DEFAULT[0]!r} is")
     _REGISTRY[card.name] = card
+    if default:
+        _DEFAULT[:] = [card.name]
     return card
+
+
+def default_backbone() -> str:
+    """The backbone of a run whose method names no paper backbone (the baseline's)."""
+    _load_builtins()
+    return _DEFAULT[0]
+
+
+def method_backbone(method: str) -> str:
+    """The backbone `method`'s paper used (its class's ``paper_backbone``), else the default backbone."""
+    from mdpl.prompts.keys import paper_backbone
+    return paper_backbone(method) or default_backbone()
 
 
 def _load_builtins() -> None:

@@ -252,6 +252,10 @@ class ViLTSizes(BackboneSizes):
         return self.num_layers
 
     @property
+    def stream_widths(self) -> dict[str, int]:
+        return {"joint": self.hidden_size}
+
+    @property
     def text_length(self) -> int:
         return self.max_text_len
 
@@ -458,4 +462,4 @@ VILT = register_backbone(BackboneCard(
     weights=WeightsSpec(key="load_path", placeholder="<vilt_200k_mlm_itm.ckpt>", example="vilt_200k_mlm_itm.ckpt",
                         what="the ViLT checkpoint file (vilt_200k_mlm_itm.ckpt) or a Hugging Face ViltModel folder"),
     model_keys=("hidden_size", "num_layers", "num_heads", "patch_size"), dynamic_text_padding=True,
-    reference_reader=load_reference_checkpoint))
+    reference_reader=load_reference_checkpoint), default=True)

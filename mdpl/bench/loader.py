@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mdpl.bench.models import resolve_config
-from mdpl.prompts.keys import paper_backbone
+from mdpl.backbones.registry import method_backbone
 from mdpl.prompts.registry import available_methods
 
 
@@ -54,10 +54,11 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
     whatever else runs on the machine). With the cache the loader yields uint8 batches and the normalisation runs where the batch
     lands (on_after_batch_transfer): its CPU cost per image is timed on the last batch (``cache_cpu_norm_ms``;
     on a GPU it is a table lookup)."""
-    from mdpl.data.datamodule import MDPLDataModule
+    from mdpl.config import RunConfig
+    from mdpl.engine.session import build_datamodule
     from mdpl.data.synthetic import write_wordpiece_vocab
 
-    method = next(m for m in available_methods() if paper_backbone(m) == backbone)   # a method of its paper
+    method = next(m for m in available_methods() if method_backbone(m) == backbone)   # a method of its paper
     batch_size = args.loader_batch_size or (8 if args.small else 32)
     rows = args.loader_rows or (48 if args.small else 512)
     overrides: dict[str, Any] = {"num_workers": workers, "per_gpu_batchsize": batch_size,
@@ -75,7 +76,7 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
     cfg = resolve_config(method, dataset, args.small, overrides)
     n_target = args.loader_batches or (6 if args.small else 40)
     cores = max(workers, 1)
-    dm = MDPLDataModule(cfg)
+    dm = build_datamodule(RunConfig.coerce(cfg))
     dm.setup("fit")
     timed, images, elapsed, cpu, _ = _time_train_loader(dm, n_target)
     del dm
@@ -94,7 +95,7 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
         return row
     with tempfile.TemporaryDirectory(prefix="pixel_cache_", dir=work) as folder:
         started = time.perf_counter()
-        dm = MDPLDataModule({**cfg, "pixel_cache": folder})
+        dm = build_datamodule(RunConfig.coerce({**cfg, "pixel_cache": folder}))
         dm.setup("fit")   # writes the train and val caches (num_workers processes)
         row["cache_write_s"] = time.perf_counter() - started
         _, images, elapsed, cpu, batch = _time_train_loader(dm, n_target)

@@ -10,15 +10,9 @@ import torch
 
 from mdpl.backbones.registry import available_backbones, backbone_card
 from mdpl.data.registry import available_datasets, dataset_spec
-from mdpl.prompts.keys import method_presets, paper_backbone
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+from mdpl.backbones.registry import method_backbone
+from mdpl.prompts.keys import method_presets
+from mdpl.config.run_config import to_plain
 
 
 def resolve_config(method: str, dataset: str, small: bool, overrides: dict | None = None) -> dict:
@@ -36,9 +30,9 @@ def resolve_config(method: str, dataset: str, small: bool, overrides: dict | Non
     presets = [f"task_finetune_{dataset}", *([preset] if preset else [])] + (["tiny"] if small else [])
     weights = {backbone_card(name).weights_key: "" for name in available_backbones()}   # random weights
     updates = {**weights, "dataset": dataset, "test_only": False,
-               **({} if preset else {"prompt_method": method, "backbone": paper_backbone(method)}),
+               **({} if preset else {"prompt_method": method, "backbone": method_backbone(method)}),
                **({"max_text_len": spec.bench_small_text_len} if small else {}), **(overrides or {})}
-    return _plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
+    return to_plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
 
 
 def build_model(cfg: dict) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 from mdpl.backbones.registry import backbone_card
 from mdpl.bench.loader import bench_loader
 from mdpl.bench.steps import _free, bench_row
-from mdpl.prompts.keys import paper_backbone
+from mdpl.backbones.registry import method_backbone
 
 PRECISIONS = {"fp32": "fp32", "32": "fp32", "32-true": "fp32",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -101,7 +101,7 @@ def run_suite(args, device: torch.device) -> dict:
     loader_rows = []
     if not args.no_loader:
         workers = [int(w) for w in _csv(args.loader_workers or ("2" if args.small else "8"))]
-        backbones = sorted({paper_backbone(m) for m in args.method_list}, reverse=True)  # the joint-stream one first
+        backbones = sorted({method_backbone(m) for m in args.method_list}, reverse=True)  # the joint-stream one first
         datasets = _csv(args.loader_datasets) if args.loader_datasets else args.dataset_list
         with tempfile.TemporaryDirectory(prefix="mdpl_bench_") as tmp:
             for backbone in backbones:

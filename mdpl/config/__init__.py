@@ -7,14 +7,14 @@
 
 ``config.py`` (Sacred) is the command-line entry over the same keys and defaults.
 """
-from mdpl.config.checkpoint import checkpoint_mismatches, stored_run_config
+from mdpl.config.checkpoint import checkpoint_mismatches, size_differences, stored_run_config
 from mdpl.config.run_config import RunConfig, derived_defaults, inactive_defaults, method_keys_of_all, to_plain
 from mdpl.config.sections import (SECTIONS, DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig,
                                   ModelConfig, OptimConfig, TrainerConfig)
 
 __all__ = ["RunConfig", "derived_defaults", "to_plain", "SECTIONS", "DataConfig", "DemoConfig", "ExperimentConfig",
            "LoggingConfig", "MissingConfig", "ModelConfig", "OptimConfig", "TrainerConfig", "checkpoint_mismatches",
-           "stored_run_config", "build_run_config", "flat_defaults", "backbone_size_defaults", "backbone_tiny_sizes"]
+           "stored_run_config", "size_differences", "build_run_config", "flat_defaults", "backbone_size_defaults", "backbone_tiny_sizes"]
 
 
 def build_run_config(flat, check_data: bool = True) -> RunConfig:

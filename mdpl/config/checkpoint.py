@@ -16,6 +16,14 @@ def stored_run_config(checkpoint: Mapping[str, Any]) -> RunConfig:
     return RunConfig.from_flat(checkpoint["hyper_parameters"]["config"])
 
 
+def size_differences(stored: Mapping[str, Any], run: RunConfig) -> list[str]:
+    """'key=<checkpoint's> (this run: <run's>)' for each size key of the run's backbone card on which the checkpoint's
+    flat config `stored` differs (what to name when tensor shapes disagree, e.g. another ``max_text_len``)."""
+    ckpt, own = to_plain(stored), run.to_flat()
+    return [f"{k}={ckpt[k]!r} (this run: {own[k]!r})" for k in run.card.sizes.flat_keys().values()
+            if k in ckpt and k in own and ckpt[k] != own[k]]
+
+
 def checkpoint_mismatches(stored: Mapping[str, Any], run: RunConfig, extra_keys: tuple[str, ...] = ()) -> list[str]:
     """'key: checkpoint=.. vs config=..' for each model-defining key (``run.model_keys()``, then `extra_keys`) on which
     the checkpoint's flat config `stored` differs from `run`. A key the checkpoint does not hold is not compared,

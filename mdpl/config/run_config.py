@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mdpl.data.settings import DataPipeline
 from mdpl.config.sections import (SECTIONS, DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig,
                                   ModelConfig, OptimConfig, TrainerConfig)
 
@@ -36,10 +37,10 @@ def to_plain(obj: Any) -> Any:
 def derived_defaults(method: str, dataset: str, backbone: str | None = None) -> dict[str, Any]:
     """The defaults that follow from the method (its paper's backbone, seed, learning rate on `dataset`, missing
     type, whether padding is inert) and from the backbone (its image size)."""
-    from mdpl.backbones.registry import available_backbones, backbone_card
-    from mdpl.prompts.keys import padding_is_inert, paper_backbone, paper_missing_type, paper_run
+    from mdpl.backbones.registry import available_backbones, backbone_card, method_backbone
+    from mdpl.prompts.keys import padding_is_inert, paper_missing_type, paper_run
 
-    backbone = backbone or paper_backbone(method)
+    backbone = backbone or method_backbone(method)
     lr = paper_run(method, (OptimConfig.learning_rate, ExperimentConfig.seed), dataset)[0]
     out = {"backbone": backbone, "seed": paper_run(method, (0, ExperimentConfig.seed))[1], "learning_rate": lr,
            "missing_type": dict.fromkeys(("train", "val", "test"), paper_missing_type(method)),
@@ -157,10 +158,19 @@ class RunConfig:
         return backbone_card(self.experiment.backbone)
 
     @property
+    def pipeline(self) -> DataPipeline:
+        """What the data layer needs of the backbone: the card's transform and tokenizer at this run's sizes."""
+        card, sizes = self.card, self.backbone
+        return DataPipeline(backbone=card.name, transform=card.transform, image_size=int(sizes.image_size),
+                            tokenizer=card.tokenizer, tokenizer_source=str(self.data.tokenizer or ""),
+                            text_length=int(sizes.text_length), text_vocab_size=int(sizes.text_vocab_size),
+                            dynamic_text_padding=bool(self.data.dynamic_text_padding) and card.dynamic_text_padding)
+
+    @property
     def method_class(self) -> "type[PromptMethod]":
         """The selected method's class (the `none` baseline when no method is selected)."""
-        from mdpl.prompts.registry import method_class
-        return method_class(self.experiment.prompt_method or "none")
+        from mdpl.prompts.registry import baseline_method, method_class
+        return method_class(self.experiment.prompt_method or baseline_method())
 
     def method_options(self) -> "MethodConfig":
         """The selected method's config (the baseline's when no method is selected)."""

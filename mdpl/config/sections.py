@@ -7,39 +7,16 @@ backbone (seed, learning rate, backbone, missing type, ``dynamic_text_padding``,
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-SPLITS = ("train", "val", "test")
-
-
-def _per_split(value: Any) -> Any:
-    return field(default_factory=lambda: dict.fromkeys(SPLITS, value))
-
+from mdpl.data.settings import DataConfig, MissingConfig
+from mdpl.section import Section
 
 PRECISIONS = {"16": "16-mixed", "16-mixed": "16-mixed", "32": "32-true", "32-true": "32-true",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "64": "64-true",
               "64-true": "64-true"}
 """The accepted ``precision`` values -> Lightning's names (validated here, applied by the trainer)."""
-
-@dataclass(frozen=True)
-class Section:
-    """Base of the sections: the field names are the flat config keys."""
-
-    TITLE: ClassVar[str] = ""
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> "Section":
-        """The section from a flat config; absent keys keep their defaults."""
-        return cls(**{key: flat[key] for key in cls.keys() if key in flat})
-
-    def to_flat(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.keys()}
 
 
 @dataclass(frozen=True)
@@ -50,7 +27,7 @@ class ExperimentConfig(Section):
     exp_name: str = "mdpl"
     prompt_method: str = ""       # required: a registered method (or the preset of that name)
     method_sizes: str = "paper"   # defaults of the method's own keys: the papers' or 'tiny'
-    backbone: str = "vilt"        # a registered backbone; default: the method's paper backbone
+    backbone: str = ""            # a registered backbone; default: the method's paper backbone, else the default one
     seed: int = 0                 # default: the method's paper seed
     plugins: Any = field(default_factory=list)   # modules to import first: methods, backbones, datasets (mdpl.plugins)
 
@@ -62,39 +39,6 @@ class LoggingConfig(Section):
     TITLE = "logging"
     log_dir: str = "result"
     logger: Any = "tensorboard,csv"
-
-
-@dataclass(frozen=True)
-class DataConfig(Section):
-    """The dataset, its loaders and the text/image pipeline options."""
-
-    TITLE = "data"
-    dataset: str = "mmimdb"
-    data_root: str = ""
-    num_workers: int = 8
-    batch_size: int = 256
-    per_gpu_batchsize: int = 4
-    dynamic_text_padding: bool = False   # default: on where the method's outputs do not depend on padding
-    tokenizer: str = ""
-    mmimdb_items: str = "plot"
-    pixel_cache: Any = ""
-
-
-@dataclass(frozen=True)
-class MissingConfig(Section):
-    """Missing modalities (docs/methods.md §1.4) and the evaluation sweep."""
-
-    TITLE = "missing"
-    missing_ratio: dict = _per_split(0.7)
-    missing_type: dict = _per_split("both")   # default: the method's reference setting
-    both_ratio: float = 0.5
-    missing_table_root: str = ""
-    reference_missing_tables: dict = _per_split("")
-    simulate_missing: bool = False
-    test_ratio: Any = None
-    test_type: Any = None
-    test_types: Any = None
-    test_ratios: Any = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +99,7 @@ class DemoConfig(Section):
     demo_pretrain_epochs: int = 8
     demo_pretrain_lr: float = 2e-3
     demo_epochs: int = 4
-    demo_methods: list = field(default_factory=lambda: ["none", "map", "memprompt"])
+    demo_methods: list = field(default_factory=list)   # []: the methods whose class sets ``in_demo``
     demo_test_types: list = field(default_factory=lambda: ["text", "image", "both"])
     demo_test_ratios: list = field(default_factory=lambda: [0.0, 0.3, 0.7, 1.0])
 

@@ -34,6 +34,8 @@ from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
 from mdpl.data.pixel_cache import pixel_cache_folder
+from mdpl.data.scenarios import sweep_specs
+from mdpl.data.settings import DataConfig, MissingConfig
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import (METHOD_SIZES, complete_method_keys, key_readers,  # noqa: F401 (re-exported)
                                method_default, method_defaults, method_presets)
@@ -50,9 +52,9 @@ def _backbones() -> list[str]:
 
 def _backbone_name(config: Mapping) -> str:
     """The run's backbone: the key, else the selected method's paper backbone."""
-    from mdpl.prompts.keys import paper_backbone
+    from mdpl.backbones.registry import method_backbone
     value = config.get("backbone")
-    return paper_backbone(str(config.get("prompt_method") or "")) if value is None else value
+    return method_backbone(str(config.get("prompt_method") or "")) if value is None else value
 
 
 def _card(config: Mapping):
@@ -144,24 +146,19 @@ def _depth(config: Mapping) -> tuple[int, str]:
 
 
 def _widths(config: Mapping) -> dict[str, int]:
-    """Stream name -> width of the configured backbone, from its size keys (defaults: the papers' backbones)."""
-    backbone = config.get("backbone", "vilt")
-    if backbone in ("clip", "coca"):
-        return {"image": _int_or(config.get(f"{backbone}_vision_width"), 768),
-                "text": _int_or(config.get(f"{backbone}_text_width"), 512)}
-    return {"joint": _int_or(config.get("hidden_size"), 768)}
-
-
-def _int_or(value: Any, default: int) -> int:
-    return value if _is_int(value) and value > 0 else default
+    """Stream name -> width of the configured backbone, from its size keys (a key that is not a positive integer
+    keeps its default: the sizes' own check names it)."""
+    sizes = _card(config).sizes
+    given = {key: config[key] for key in sizes.flat_keys().values() if _is_int(config.get(key)) and config[key] > 0}
+    return sizes.from_flat(given).stream_widths
 
 
 def check_prompt_sizes(config: Mapping) -> None:
     """The selected method's options, checked by its own config class against the backbone depth (§3, §4, §6)."""
     from mdpl.prompts.base import BackboneInfo, StreamInfo
-    from mdpl.prompts.registry import method_class
+    from mdpl.prompts.registry import baseline_method, method_class
 
-    method = config.get("prompt_method") or "none"
+    method = config.get("prompt_method") or baseline_method()
     if method not in _methods():
         return
     config_class = method_class(method).config_class
@@ -376,8 +373,7 @@ def check_data_options(config: Mapping) -> None:
     if config.get("mmimdb_items", "plot") not in MMIMDB_ITEMS:
         _fail(f"mmimdb_items={config['mmimdb_items']!r} must be one of {', '.join(MMIMDB_ITEMS)}")
     if config.get("test_types") is not None or config.get("test_ratios") is not None:
-        from mdpl.engine.sweep import sweep_specs  # lazy: imports the engine
-        sweep_specs(config)
+        sweep_specs(MissingConfig.from_flat(dict(config)), int(config.get("seed", 0)))
 
 
 def _checkpoint_problem(path: Path) -> str:
@@ -517,7 +513,7 @@ def check_files(config: Mapping, data: bool = True) -> None:
     if cache is not None and not isinstance(cache, (str, bool)):
         _fail(f"pixel_cache={cache!r} must be '' (off: decode every epoch), a folder path, or True "
               "(<data_root>/pixel_cache)")
-    folder = pixel_cache_folder(config) if data and cache not in (None, "", False) else None
+    folder = pixel_cache_folder(DataConfig.from_flat(dict(config))) if data and cache not in (None, "", False) else None
     problem = _folder_problem(str(folder), writable=False) if folder is not None else ""
     if problem:   # read-only is fine when the cache files are there; writing them says so otherwise
         _fail(f"pixel_cache={cache!r} ({folder}) {problem}; set it to a folder for the decoded images "

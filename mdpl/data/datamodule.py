@@ -25,7 +25,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mdpl.config.run_config import RunConfig
 from mdpl.data.collate import Collator
 from mdpl.data.dataset import ArrowMultimodalDataset, arrow_path, count_rows, check_arrow_exists
 from mdpl.data.sampler import SeededTrainSampler
@@ -34,6 +33,7 @@ from mdpl.data.missing import (SPLITS, MissingSpec, apply_missing, load_or_creat
 from mdpl.data.pixel_cache import open_pixel_cache, pixel_cache_folder, pixel_stages
 from mdpl.data.tokenizers import build_tokenizer
 from mdpl.errors import UserInputError
+from mdpl.data.settings import DataConfig, DataPipeline, MissingConfig
 from mdpl.data.transforms import build_transform
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
@@ -68,28 +68,22 @@ def read_reference_table(path: str, n_rows: int, split: str) -> torch.Tensor:
     return table
 
 
-def text_padding_is_dynamic(run: RunConfig) -> bool:
-    """``dynamic_text_padding`` where the backbone's card accepts texts padded to the batch's longest (ViLT; the
-    open_clip towers keep their fixed text positions)."""
-    return bool(run.data.dynamic_text_padding) and run.card.dynamic_text_padding
-
-
 class MDPLDataModule(pl.LightningDataModule):
     """Datasets, loaders and device-side missing-modality handling for one dataset of the config."""
 
-    def __init__(self, config: RunConfig | Mapping) -> None:
-        """`config`: the run config (a flat dict is typed first)."""
+    def __init__(self, data: DataConfig, missing: MissingConfig, pipeline: DataPipeline, seed: int) -> None:
+        """The run config's data and missing sections, its backbone's pipeline (``RunConfig.pipeline``) and seed."""
         super().__init__()
-        self.config = RunConfig.coerce(config)
-        self.dataset_name = self.config.data.dataset
-        self.data_root = self.config.data.data_root
-        self.specs: dict[str, MissingSpec] = missing_specs(self.config)
-        self.table_root = self.config.missing.missing_table_root or str(Path(self.data_root) / "missing_tables")
-        self.transform = build_transform(self.config)
-        self.pixel_cache = pixel_cache_folder(self.config)   # None: decode every epoch
-        self.pixel_stages = pixel_stages(self.config, self.transform) if self.pixel_cache is not None else None
-        self.tokenizer = build_tokenizer(self.config)
-        self.collator = Collator(self.tokenizer, dynamic_text_padding=text_padding_is_dynamic(self.config))
+        self.data, self.missing, self.pipeline, self.seed = data, missing, pipeline, int(seed)
+        self.dataset_name = data.dataset
+        self.data_root = data.data_root
+        self.specs: dict[str, MissingSpec] = missing_specs(missing, self.seed)
+        self.table_root = missing.missing_table_root or str(Path(self.data_root) / "missing_tables")
+        self.transform = build_transform(pipeline)
+        self.pixel_cache = pixel_cache_folder(data)   # None: decode every epoch
+        self.pixel_stages = pixel_stages(pipeline, self.transform) if self.pixel_cache is not None else None
+        self.tokenizer = build_tokenizer(pipeline)
+        self.collator = Collator(self.tokenizer, dynamic_text_padding=pipeline.dynamic_text_padding)
         ids, masks = self.tokenizer.empty()
         self._dummy_ids, self._dummy_masks = ids, masks
         self.datasets: dict[str, ArrowMultimodalDataset] = {}
@@ -107,13 +101,13 @@ class MDPLDataModule(pl.LightningDataModule):
         pixel cache (written on first use, mdpl/data/pixel_cache.py)."""
         dataset = ArrowMultimodalDataset(self.data_root, self.dataset_name, split, self.transform,
                                          missing_spec=self.specs[split], missing_table_root=self.table_root,
-                                         mmimdb_items=self.config.data.mmimdb_items)
-        reference = str((self.config.missing.reference_missing_tables or {}).get(split) or "")
+                                         mmimdb_items=self.data.mmimdb_items)
+        reference = str((self.missing.reference_missing_tables or {}).get(split) or "")
         if reference:
             dataset.set_missing_table(read_reference_table(reference, dataset.n_rows, split))
         if self.pixel_cache is not None:
             dataset.use_pixel_cache(open_pixel_cache(self.pixel_cache, dataset, self.pixel_stages,
-                                                     workers=int(self.config.data.num_workers)))
+                                                     workers=int(self.data.num_workers)))
         return dataset
 
     # ------------------------------------------------------------------------------------- loaders
@@ -125,8 +119,8 @@ class MDPLDataModule(pl.LightningDataModule):
         """
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
-        dataset, seed = self.datasets[split], int(self.config.experiment.seed)
-        batch_size, workers = int(self.config.data.per_gpu_batchsize), int(self.config.data.num_workers)
+        dataset, seed = self.datasets[split], self.seed
+        batch_size, workers = int(self.data.per_gpu_batchsize), int(self.data.num_workers)
         if shuffle:
             sampler = SeededTrainSampler(dataset, seed)
             sampler.skip(self._pending_skip_batches * batch_size)
@@ -185,8 +179,8 @@ class MDPLDataModule(pl.LightningDataModule):
         if split in self._overrides:
             rows = batch["row_index"]
             types = self._overrides[split].to(rows.device)[rows]
-        if training and self.config.missing.simulate_missing:
-            types = simulated_types(types, epoch, int(self.config.experiment.seed), batch["item_index"])
+        if training and self.missing.simulate_missing:
+            types = simulated_types(types, epoch, self.seed, batch["item_index"])
         return types
 
     def _current_split(self) -> str | None:

@@ -32,9 +32,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mdpl.config.run_config import RunConfig
 from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT
 from mdpl.errors import UserInputError
+
+from mdpl.data.settings import MissingConfig
 
 MISSING_TYPES = ("text", "image", "both")
 SPLITS = ("train", "val", "test")
@@ -243,13 +244,11 @@ def import_reference_table(path: str | os.PathLike) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- config handling
-def missing_specs(config: RunConfig | Mapping) -> dict[str, MissingSpec]:
+def missing_specs(missing: MissingConfig, seed: int) -> dict[str, MissingSpec]:
     """Per-split specs from the run config, with ``test_ratio`` / ``test_type`` overriding val and test.
 
     Works on copies (D-14): the config is never mutated; overrides are printed.
     """
-    run = RunConfig.coerce(config)
-    missing = run.missing
     ratios, types = dict(missing.missing_ratio), dict(missing.missing_type)
     if missing.test_ratio is not None:
         print(f"[mdpl] test_ratio={missing.test_ratio} overrides missing_ratio val/test {ratios}")
@@ -257,7 +256,7 @@ def missing_specs(config: RunConfig | Mapping) -> dict[str, MissingSpec]:
     if missing.test_type is not None:
         print(f"[mdpl] test_type={missing.test_type} overrides missing_type val/test {types}")
         types["val"] = types["test"] = missing.test_type
-    return {s: MissingSpec(types[s], float(ratios[s]), float(missing.both_ratio), int(run.experiment.seed))
+    return {s: MissingSpec(types[s], float(ratios[s]), float(missing.both_ratio), int(seed))
             for s in SPLITS}
 
 

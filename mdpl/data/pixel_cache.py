@@ -50,9 +50,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from mdpl.config.run_config import RunConfig
 from mdpl.data.transforms import MinMaxResize
 from mdpl.errors import UserInputError
+
+from mdpl.data.settings import DataConfig, DataPipeline
 
 try:
     import fcntl
@@ -64,10 +65,9 @@ MAGIC = b"MDPLPIX\x01"
 HEADER_BYTES = 4096
 SUFFIX = ".pixels"
 DEFAULT_FOLDER = "pixel_cache"
-def pixel_cache_folder(config: RunConfig | Mapping) -> Path | None:
+def pixel_cache_folder(data: DataConfig) -> Path | None:
     """The folder of config ``pixel_cache``: None when off ('' / False / None), ``<data_root>/pixel_cache`` for
     True, else the given path."""
-    data = RunConfig.coerce(config).data
     value = data.pixel_cache
     if value is True:
         return Path(data.data_root) / DEFAULT_FOLDER
@@ -174,11 +174,10 @@ class PixelStages:
         return out
 
 
-def pixel_stages(config: RunConfig | Mapping, transform: Callable) -> PixelStages:
-    """:class:`PixelStages` of the run's transform (``build_transform(config)``), named by the backbone card's
+def pixel_stages(pipeline: DataPipeline, transform: Callable) -> PixelStages:
+    """:class:`PixelStages` of the run's transform (``build_transform(pipeline)``), named by the backbone card's
     transform id (part of the cache's file name)."""
-    run = RunConfig.coerce(config)
-    return PixelStages(transform, run.card.transform, int(run.backbone.image_size))
+    return PixelStages(transform, pipeline.transform, int(pipeline.image_size))
 
 
 # ----------------------------------------------------------------------------------------------- record

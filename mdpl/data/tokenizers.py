@@ -18,12 +18,12 @@ from __future__ import annotations
 import numbers
 import os
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
-from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
+
+from mdpl.data.settings import DataPipeline
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used in forked DataLoader workers
 
@@ -128,20 +128,19 @@ def check_vocabulary(tok, source: str) -> None:
                              "folder of bert-base-uncased's vocab.txt")
 
 
-def build_tokenizer(config: RunConfig | Mapping) -> BertTextTokenizer | ClipTextTokenizer:
+def build_tokenizer(pipeline: DataPipeline) -> BertTextTokenizer | ClipTextTokenizer:
     """The tokenizer the run's backbone card names: 'bert' -> BERT WordPiece (the ``tokenizer`` folder) with the
     backbone's text length, checked against its vocabulary size; 'bpe' -> OpenAI BPE with its text length."""
-    run = RunConfig.coerce(config)
-    kind, sizes = run.card.tokenizer, run.backbone
+    kind = pipeline.tokenizer
     if kind == "bpe":
-        return ClipTextTokenizer(int(sizes.text_length))
+        return ClipTextTokenizer(int(pipeline.text_length))
     if kind != "bert":
-        raise ValueError(f"backbone {run.card.name!r} names an unknown tokenizer {kind!r} (bert | bpe)")
-    max_text_len = check_max_text_len(sizes.text_length)
-    source = str(run.data.tokenizer or "")
+        raise ValueError(f"backbone {pipeline.backbone!r} names an unknown tokenizer {kind!r} (bert | bpe)")
+    max_text_len = check_max_text_len(pipeline.text_length)
+    source = pipeline.tokenizer_source
     tok = _load_bert(source)
     name = source or "bert-base-uncased (HF cache)"
-    expected = int(sizes.text_vocab_size)
+    expected = int(pipeline.text_vocab_size)
     if len(tok) != expected:
         raise UserInputError(f"tokenizer {name} has {len(tok)} tokens but vocab_size={expected}; point tokenizer= "
                              "at the right vocab.txt folder (an offline transformers may silently load an empty "

@@ -6,13 +6,14 @@ Both take an RGB PIL image (the dataset decodes and converts to RGB) and return 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mdpl.config.run_config import RunConfig
+from mdpl.data.settings import DataPipeline
+
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,8 +82,7 @@ TRANSFORMS: dict[str, Callable[[int], Callable[[Image.Image], torch.Tensor]]] = 
 """A backbone card's ``transform`` id -> the transform builder (of ``image_size``)."""
 
 
-def build_transform(config: RunConfig | Mapping) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(pipeline: DataPipeline) -> Callable[[Image.Image], torch.Tensor]:
     """The transform the run's backbone card names (``pixelbert`` for ViLT, ``clip`` for the open_clip towers), at
     the run's ``image_size``."""
-    run = RunConfig.coerce(config)
-    return TRANSFORMS[run.card.transform](int(run.backbone.image_size))
+    return TRANSFORMS[pipeline.transform](int(pipeline.image_size))

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from mdpl.config import RunConfig, checkpoint_mismatches, to_plain  # noqa: F401 (to_plain: re-exported)
+from mdpl.config import RunConfig, checkpoint_mismatches, size_differences, to_plain  # noqa: F401 (to_plain: re-exported)
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
 from mdpl.engine.sweep import MissingSweep
@@ -299,26 +299,20 @@ def load_for_test(module: MDPLModule, checkpoint: object) -> str:
         raise UserInputError(f"checkpoint state_dict lacks {len(missing)} keys {missing[:6]} and has "
                              f"{len(unexpected)} unexpected keys {unexpected[:6]}; it was not written by this "
                              f"model's mdpl version")
-    check_shapes(state, module.state_dict(), checkpoint["hyper_parameters"]["config"], module.config.to_flat())
+    check_shapes(state, module.state_dict(), checkpoint["hyper_parameters"]["config"], module.config)
     module.load_state_dict(state, strict=True)
     return "mdpl"
 
 
-SIZE_KEYS = ("max_text_len", "max_image_len", "image_size", "patch_size", "vocab_size", "hidden_size", "num_layers",
-             "num_heads", "mlp_ratio")
-"""Config keys that size tensors without being model keys of every backbone: named when shapes differ."""
-
-
 def check_shapes(state: Mapping[str, Tensor], own: Mapping[str, Tensor], ckpt_config: Mapping,
-                 config: Mapping) -> None:
+                 run: RunConfig) -> None:
     """UserInputError (one line) when a tensor of the checkpoint has another shape than the module's, naming the
     size keys whose checkpoint value differs from this run's (e.g. trained with another ``max_text_len``)."""
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
               if isinstance(v, Tensor) and k in own and tuple(v.shape) != tuple(own[k].shape)]
     if not shapes:
         return
-    keys = [f"{k}={to_plain(ckpt_config[k])!r} (this run: {to_plain(config[k])!r})" for k in SIZE_KEYS
-            if k in ckpt_config and k in config and to_plain(ckpt_config[k]) != to_plain(config[k])]
+    keys = size_differences(ckpt_config, run)
     cause = (f"it was trained with {', '.join(keys)}: pass the training run's values" if keys
              else "it was trained with other size keys: pass the training run's values")
     raise UserInputError(f"{len(shapes)} checkpoint tensors have other shapes than this config's model "

@@ -25,72 +25,16 @@ from torchmetrics import MeanMetric
 
 from mdpl.atomic import write_text_atomic
 from mdpl.data.missing import MISSING_TYPES, MissingSpec, apply_missing
+from mdpl.data.scenarios import sweep_specs, unique
 from mdpl.engine.losses import task_loss
 from mdpl.engine.metrics import build_task_metrics
 from mdpl import report
 from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
+from mdpl.prompts.registry import baseline_method
 
 #: Leading columns of results.csv; the metrics (primary first, then the others, then loss) follow.
 ID_COLUMNS = ("dataset", "method", "backbone", "checkpoint", "type", "ratio", "seed")
-
-
-# ----------------------------------------------------------------------------------------- config
-def _as_list(value, key: str) -> list:
-    """A list from a list/tuple, a scalar, or the CLI string form '[text,image]' / 'text,image'."""
-    if isinstance(value, str):
-        items = [v.strip().strip("'\"") for v in value.strip().strip("[]()").split(",")]
-        items = [v for v in items if v]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [value]
-    if not items:
-        example = "[text,image,both]" if key == "test_types" else "[0.1,0.5,0.9]"
-        raise UserInputError(f"{key} is empty; give e.g. {key}={example}")
-    return items
-
-
-def _unique(items: list) -> list:
-    out: list = []
-    for item in items:
-        if item not in out:
-            out.append(item)
-    return out
-
-
-def sweep_specs(config: RunConfig | Mapping) -> list[MissingSpec] | None:
-    """Scenarios of the sweep (type-major order), or None when neither ``test_types`` nor ``test_ratios`` is set.
-
-    A missing list falls back to the single value: ``test_type`` / ``test_ratio``, else ``missing_type['test']`` /
-    ``missing_ratio['test']``. Raises UserInputError (a ValueError) on unknown types or ratios outside [0, 1].
-    """
-    run = RunConfig.coerce(config)
-    missing = run.missing
-    types_value, ratios_value = missing.test_types, missing.test_ratios
-    if types_value is None and ratios_value is None:
-        return None
-    if types_value is None:
-        types_value = missing.test_type or dict(missing.missing_type)["test"]
-    if ratios_value is None:
-        ratios_value = missing.test_ratio if missing.test_ratio is not None else dict(missing.missing_ratio)["test"]
-    types = _unique([str(t) for t in _as_list(types_value, "test_types")])
-    bad = [t for t in types if t not in MISSING_TYPES]
-    if bad:
-        raise UserInputError(f"test_types has unknown missing types {bad}; use a list of {list(MISSING_TYPES)}")
-    items = _as_list(ratios_value, "test_ratios")
-    try:
-        if any(isinstance(r, bool) for r in items):
-            raise TypeError("a switch is not a ratio")
-        ratios = _unique([float(r) for r in items])
-    except (TypeError, ValueError):
-        raise UserInputError(f"test_ratios={ratios_value!r} must be a list of numbers in [0, 1], "
-                             "e.g. [0.1,0.5,0.9]") from None
-    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
-    if bad:
-        raise UserInputError(f"test_ratios has values outside [0, 1]: {bad}")
-    both, seed = float(missing.both_ratio), int(run.experiment.seed)
-    return [MissingSpec(t, r, both, seed) for t in types for r in ratios]
 
 
 def scenario_tag(spec: MissingSpec) -> str:
@@ -163,7 +107,7 @@ def prepare_sweep(datamodule, config: RunConfig | Mapping) -> MissingSweep | Non
     single-scenario ones), the dummies ``datamodule.dummy_text()``.
     """
     run = RunConfig.coerce(config)
-    specs = sweep_specs(run)
+    specs = sweep_specs(run.missing, int(run.experiment.seed))
     if specs is None:
         return None
     for name in ("missing_table", "set_missing_override", "dummy_text"):
@@ -179,8 +123,8 @@ def prepare_sweep(datamodule, config: RunConfig | Mapping) -> MissingSweep | Non
 
 
 def _describe(specs: Sequence[MissingSpec]) -> str:
-    types = _unique([s.type for s in specs])
-    ratios = _unique([s.ratio for s in specs])
+    types = unique([s.type for s in specs])
+    ratios = unique([s.ratio for s in specs])
     return f"types {types} x ratios {ratios}"
 
 
@@ -188,7 +132,7 @@ def _describe(specs: Sequence[MissingSpec]) -> str:
 def result_rows(sweep: MissingSweep, config: RunConfig | Mapping, checkpoint: str | None) -> list[dict]:
     """One dict per scenario: ID_COLUMNS then every metric (primary first) and loss."""
     run = RunConfig.coerce(config)
-    ident = {"dataset": run.data.dataset, "method": run.experiment.prompt_method or "none",
+    ident = {"dataset": run.data.dataset, "method": run.experiment.prompt_method or baseline_method(),
              "backbone": run.experiment.backbone, "checkpoint": checkpoint or ""}
     return [{**ident, "type": spec.type, "ratio": spec.ratio, "seed": int(run.experiment.seed), **values}
             for spec, values in zip(sweep.specs, sweep.results)]
@@ -225,7 +169,7 @@ def robustness_curves(rows: Sequence[Mapping], primary: str) -> list[report.Curv
     """One panel per missing type, the run's ``primary`` (x100) vs missing rate."""
     first = rows[0]
     curves = []
-    for t in _unique([r["type"] for r in rows]):
+    for t in unique([r["type"] for r in rows]):
         pts = sorted((float(r["ratio"]), r[primary]) for r in rows if r["type"] == t)
         curves.append(report.Curve(f"missing {t}", f"{first['method']} ({first['backbone']})", [x for x, _ in pts],
                                    [100 * y for _, y in pts], ylabel=f"{primary} (×100)"))

@@ -20,7 +20,8 @@ from pathlib import Path
 from mdpl.backbones.registry import backbone_card
 from mdpl.data.missing import MISSING_TYPES
 from mdpl.data.registry import resolve
-from mdpl.prompts.keys import method_presets, paper_backbone
+from mdpl.backbones.registry import method_backbone
+from mdpl.prompts.keys import method_presets
 from mdpl.prompts.registry import available_methods, method_class
 
 FIG_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -56,12 +57,12 @@ class Cell:
 
     @property
     def net(self) -> str:
-        return self.backbone or paper_backbone(self.method)
+        return self.backbone or method_backbone(self.method)
 
     @property
     def tag(self) -> str:
         """The method, with '@backbone' when it is not the method's paper backbone."""
-        return self.method + ("" if self.net == paper_backbone(self.method) else f"@{self.net}")
+        return self.method + ("" if self.net == method_backbone(self.method) else f"@{self.net}")
 
     @property
     def id(self) -> str:
@@ -143,7 +144,7 @@ def fmt(value) -> str:
 
 def named_configs(cell: Cell, tiny: bool) -> list[str]:
     named = [f"task_finetune_{cell.dataset}", method_presets()[cell.method]]
-    if cell.net != paper_backbone(cell.method):
+    if cell.net != method_backbone(cell.method):
         named.append(f"on_{cell.net}")
     return named + (["tiny"] if tiny else [])   # `tiny` goes after the task config
 

@@ -21,7 +21,7 @@ from mdpl.backbones.clip_weights import check_state_dict
 from mdpl.backbones.vilt_weights import reference_prompt_keys
 from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
-from mdpl.prompts.registry import method_class
+from mdpl.prompts.registry import baseline_method, method_class
 
 
 def upgrade_state(state: Mapping[str, torch.Tensor], method: str, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ def load_trained_weights(model: nn.Module, checkpoint: Any, config: Mapping[str,
     run = RunConfig.coerce(config)
     method = run.experiment.prompt_method
     if run.card.reference_reader is not None:
-        if method != "none" and method not in reference_prompt_keys():
+        if method != baseline_method() and method not in reference_prompt_keys():
             raise UserInputError(f"it was not written by mdpl, and {method!r} on ViLT has no reference code whose "
                                  f"checkpoints could be read; evaluate a checkpoint of an mdpl training run")
         cls, own = method_class(method), model.state_dict()

@@ -177,11 +177,13 @@ class PromptMethod(nn.Module):
     """Dataset -> the learning rate the reference used there when it differs from ``paper_run``'s."""
     paper_missing_type: ClassVar[str] = "both"
     """The missing type the reference trains and tests with on every split (config.py's default)."""
-    paper_backbone: ClassVar[str] = "vilt"
+    in_demo: ClassVar[bool] = False
+    """Trained by the embedded demo (``make demo``) unless ``demo_methods`` names others."""
+    paper_backbone: ClassVar[str] = ""
+    """The backbone the method's paper used (the benchmark's default pairing); '' = the default backbone."""
     padding_is_inert: ClassVar[bool] = True
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
-    """The backbone the method's paper used (the benchmark's default pairing)."""
     paper_tables: ClassVar[str | None] = None
     """``"module:function"`` returning the method's paper tables (``mdpl.experiments.matrix.Table``), or None."""
     reference_prompt_keys: ClassVar[tuple[str, ...]] = ()

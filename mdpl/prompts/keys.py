@@ -13,7 +13,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from mdpl.prompts.registry import available_methods, method_class, method_keys, tiny_method_keys
+from mdpl.prompts.registry import available_methods, baseline_method, method_class, method_keys, tiny_method_keys
 
 METHOD_SIZES = ("paper", "tiny")
 
@@ -40,8 +40,9 @@ def paper_missing_type(method: str) -> str:
 
 
 def paper_backbone(method: str) -> str:
-    """The backbone the method's paper used ('vilt' for no method or an unknown one)."""
-    return _declared(method, "paper_backbone", "vilt")
+    """The backbone the method's paper used ('' for no method, an unknown one, or one that names none: the default
+    backbone, ``mdpl.backbones.registry.method_backbone``)."""
+    return _declared(method, "paper_backbone", "")
 
 
 def padding_is_inert(method: str) -> bool:
@@ -82,7 +83,7 @@ def complete_method_keys(flat: Mapping) -> dict:
     keys at their defaults (``method_sizes``): what ``mdpl.config.RunConfig.from_flat`` types."""
     readers = key_readers()
     out = {k: v for k, v in flat.items() if not (v is None and k in readers)}
-    defaults = method_defaults(str(flat.get("prompt_method", "none")), str(flat.get("method_sizes", "paper")),
+    defaults = method_defaults(str(flat.get("prompt_method") or baseline_method()), str(flat.get("method_sizes", "paper")),
                                str(flat.get("dataset", "") or ""))
     for key, value in defaults.items():
         out.setdefault(key, value)

@@ -81,6 +81,7 @@ class MissingAwarePrompts(PromptMethod):
     """MAP prompts (§3) on every stream of the backbone."""
 
     title = "MAP"
+    in_demo = True
     preset = "map"
     paper_tables = "mdpl.experiments.papers.map:tables"
     reference_prompt_keys = ("complete_prompt", "missing_text_prompt", "missing_img_prompt")

@@ -136,6 +136,7 @@ class MemPrompt(PromptMethod):
     """MemPrompt (§4) on every stream of the backbone."""
 
     title = "MemPrompt"
+    in_demo = True
     preset = "memprompt"
     paper_run = (5e-3, 42)
     paper_learning_rates = {"hatememes": 1e-3}   # the reference's Hateful Memes config

@@ -6,9 +6,10 @@ from mdpl.prompts.base import PromptMethod
 from mdpl.prompts.registry import register_method
 
 
-@register_method("none")
+@register_method("none", baseline=True)
 class NoPrompt(PromptMethod):
     """Inserts nothing in any stream."""
 
     title = "baseline (no prompt)"
+    in_demo = True
     preset = "baseline"

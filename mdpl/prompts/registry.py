@@ -27,16 +27,22 @@ _BUILTIN_MODULES = (
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
+_BASELINE: list[str] = []
 
 
-def register_method(name: str) -> Callable[[type[PromptMethod]], type[PromptMethod]]:
-    """Class decorator registering a `PromptMethod` under `name` (the config's ``prompt_method``)."""
+def register_method(name: str, baseline: bool = False) -> Callable[[type[PromptMethod]], type[PromptMethod]]:
+    """Class decorator registering a `PromptMethod` under `name` (the config's ``prompt_method``); ``baseline``: the
+    method a run without ``prompt_method`` uses (one, built in)."""
 
     def deco(cls: type[PromptMethod]) -> type[PromptMethod]:
         if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
             raise ValueError(f"prompt method {name!r} registered twice ({_REGISTRY[name]} and {cls})")
+        if baseline and _BASELINE and _BASELINE[0] != name:
+            raise ValueError(f"{name!r} cannot be the baseline: {_BASELINE[0]!r} is")
         cls.name = name
         _REGISTRY[name] = cls
+        if baseline:
+            _BASELINE[:] = [name]
         return cls
 
     return deco
@@ -67,6 +73,17 @@ def _order(name: str) -> tuple[int, int]:
     return builtin, list(_REGISTRY).index(name)
 
 
+def baseline_method() -> str:
+    """The name of the no-prompt baseline (what an empty ``prompt_method`` means)."""
+    _load_builtins()
+    return _BASELINE[0]
+
+
+def demo_methods() -> list[str]:
+    """The methods the demo trains when ``demo_methods`` is empty: those whose class sets ``in_demo``."""
+    return [name for name in available_methods() if _REGISTRY[name].in_demo]
+
+
 def available_methods() -> list[str]:
     """Names of the registered methods (built-ins first: none, map, memprompt, dcp)."""
     _load_builtins()
@@ -94,6 +111,6 @@ def tiny_method_keys() -> dict[str, dict[str, Any]]:
 
 
 def build_method(name: str, options: MethodConfig | None, info: BackboneInfo) -> PromptMethod:
-    """The method registered as `name` ('' = the `none` baseline) with `options` (None: its defaults)."""
-    cls = method_class(name or "none")
+    """The method registered as `name` ('' = the baseline) with `options` (None: its defaults)."""
+    cls = method_class(name or baseline_method())
     return cls(options if options is not None else cls.config_class(), info)

@@ -4,7 +4,7 @@ keys (``toyvit_*``); randomly initialised, no weight file."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from mdpl.backbones.card import BackboneCard, WeightsSpec
 from mdpl.backbones.clip import ClipBackbone, ClipSizes
@@ -18,8 +18,6 @@ class ToyVitSizes(ClipSizes):
     """Keys ``toyvit_<field>``; defaults: a 4-layer, 128-wide ViT-S/16-like pair of towers."""
 
     PREFIX: ClassVar[str] = "toyvit_"
-    TINY: ClassVar[Mapping[str, Any]] = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2,
-                                         "vision_head_width": 32, "text_width": 64, "text_heads": 2, "text_layers": 2}
     described_as: ClassVar[str] = "the toy ViT backbone (toyvit_vision_layers, toyvit_text_layers)"
 
     embed_dim: int = 64

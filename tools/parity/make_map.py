@@ -9,13 +9,11 @@ never edited. Configurations and layout: tests/fixtures/README.md.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-from common import (add_tiny_vit_factory, offline_load_pretrained, patch_my_metrics, prepare_reference,
-                    refs_argument, save_deterministic)
-from vilt_fixture import Reference, make_fixture
+from common import refs_argument, save_deterministic
+from vilt_fixture import load_vilt_reference, make_fixture
 
 MAP_KEYS = ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt")
 # (prompt_type, configuration) -> method keys; attention mode needs 12 heads (the reference hard-codes them).
@@ -30,16 +28,6 @@ VARIANTS = {
 PROMPTS = ("complete_prompt", "missing_text_prompt", "missing_img_prompt")
 
 
-def load_reference(refs: Path) -> Reference:
-    prepare_reference(refs, "map")
-    import vilt.gadgets.my_metrics as my_metrics
-    import vilt.modules.vision_transformer_prompts as vit
-    from vilt.config import ex
-    from vilt.modules import ViLTransformerSS, vilt_utils
-    patch_my_metrics(my_metrics)
-    offline_load_pretrained(vit)
-    add_tiny_vit_factory(vit)
-    return Reference(ViLTransformerSS, ex, vilt_utils.set_task, vilt_utils.set_schedule, MAP_KEYS)
 
 
 def initial_prompts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,7 +38,7 @@ def initial_prompts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     args = refs_argument(__doc__.splitlines()[0], argv)
     torch.set_num_threads(1)              # one summation order on every machine
-    ref = load_reference(args.refs)
+    ref = load_vilt_reference(args.refs, "map", "vilt", "ViLTransformerSS", MAP_KEYS)
     for (prompt_type, config), updates in VARIANTS.items():
         fixture = make_fixture(ref, config, updates, init_prompts=initial_prompts)
         path = args.out / f"ref_map_{prompt_type}_{config}.pt"

@@ -9,15 +9,13 @@ edited. Configurations and layout: tests/fixtures/README.md.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from common import (add_tiny_vit_factory, offline_load_pretrained, patch_my_metrics, prepare_reference,
-                    refs_argument, save_deterministic)
-from vilt_fixture import Reference, make_fixture
+from common import refs_argument, save_deterministic
+from vilt_fixture import load_vilt_reference, make_fixture
 
 MEMPROMPT_KEYS = ("prompt_type", "learnt_p", "multi_layer_prompt", "gen_prompt_length", "gen_prompt_layers",
                   "shared_prompt_length", "shared_prompt_layers", "mem_size", "top_k", "bottleneck_dim")
@@ -30,16 +28,6 @@ VARIANTS = {
 MIN_GAP = 1e-3       # k-th vs (k+1)-th cosine: a smaller gap would make the retrieval fragile to rounding
 
 
-def load_reference(refs: Path) -> Reference:
-    prepare_reference(refs, "memprompt")
-    import src.gadgets.my_metrics as my_metrics
-    import src.modules.vision_transformer_prompts as vit
-    from src.config import ex
-    from src.modules import MemPromptTransformer, vilt_utils
-    patch_my_metrics(my_metrics)
-    offline_load_pretrained(vit)
-    add_tiny_vit_factory(vit)
-    return Reference(MemPromptTransformer, ex, vilt_utils.set_task, vilt_utils.set_schedule, MEMPROMPT_KEYS)
 
 
 def retrieval_recorder(model: torch.nn.Module) -> Callable[[], dict[str, Any]]:
@@ -77,7 +65,7 @@ def retrieval_recorder(model: torch.nn.Module) -> Callable[[], dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = refs_argument(__doc__.splitlines()[0], argv)
     torch.set_num_threads(1)              # one summation order on every machine
-    ref = load_reference(args.refs)
+    ref = load_vilt_reference(args.refs, "memprompt", "src", "MemPromptTransformer", MEMPROMPT_KEYS)
     for config, updates in VARIANTS.items():
         fixture = make_fixture(ref, config, updates, debug=retrieval_recorder)
         path = args.out / f"ref_memprompt_{config}.pt"

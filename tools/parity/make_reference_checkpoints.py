@@ -35,6 +35,8 @@ from common import (REFERENCES, add_tiny_vit_factory, cpu_get_device, detached, 
 sys.path.insert(0, str(repo_root()))
 sys.path.insert(0, str(repo_root() / "tests"))
 
+from mdpl.config.run_config import to_plain  # noqa: E402
+
 FORWARD_SEED = 1234
 MISSING = {"missing_ratio.train": 0.5, "missing_ratio.val": 0.5, "missing_ratio.test": 0.5,
            "missing_type.train": "both", "missing_type.val": "both", "missing_type.test": "both"}
@@ -85,8 +87,9 @@ def mdpl_config(method: str, data_paths: dict[str, Any], log_dir: Path) -> dict[
 
 def mdpl_batches(cfg: dict[str, Any], split: str) -> list[dict[str, Any]]:
     """The split's batches as mdpl's model receives them (missing types resolved, dummies applied)."""
-    from mdpl.data.datamodule import MDPLDataModule
-    dm = MDPLDataModule(cfg)
+    from mdpl.config import RunConfig
+    from mdpl.engine.session import build_datamodule
+    dm = build_datamodule(RunConfig.coerce(cfg))
     dm.setup("fit" if split == "train" else "test")
     loader = {"train": dm.train_dataloader, "test": dm.test_dataloader}[split]()
     torch.manual_seed(0)
@@ -179,17 +182,8 @@ def dcp_checkpoint(refs: Path, cfg: dict[str, Any], folder: Path) -> dict[str, A
         dclip.tokenize = original
     state = model.state_dict()
     return {"state_shapes": {k: list(v.shape) for k, v in state.items()},
-            "hyper_parameters": {"config": plain(dict(model.hparams["config"]))},
+            "hyper_parameters": {"config": to_plain(dict(model.hparams["config"]))},
             "dynamic_queries": dynamic, "test_logits": logits}
-
-
-def plain(value: Any) -> Any:
-    """Sacred's read-only containers as plain dicts / lists (loadable with ``weights_only=True``)."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
 
 
 def make_fixture(method: str, refs: Path) -> dict[str, Any]:

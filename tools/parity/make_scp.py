@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from mdpl.config.run_config import to_plain   # the installed package (pip install -e .)
+
 REPO = "https://github.com/vittoriopipoli/SCP_WACV2025"
 COMMIT = "2e91072b3bbc82a335b6bb6449526e0fbf077093"
 NAME = "SCP_WACV2025"
@@ -194,15 +196,6 @@ def stored_batch(batch: dict, task: str) -> dict:
             "missing_type": torch.tensor(batch["missing_type"]).long(), "label": label}
 
 
-def plain(value: object) -> object:
-    """A config value as plain dicts, lists, str and numbers (Sacred hands out read-only containers)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def sampled_grad(name: str, grad: torch.Tensor) -> dict:
     """A gradient too large to store: `SAMPLED` hash-chosen flat indices with their values, and the float64 norm."""
     flat = grad.reshape(-1)
@@ -240,7 +233,7 @@ def run_head(ref: types.SimpleNamespace, name: str, task: str) -> dict:
             grads[n] = {"full": p.grad.clone()} if p.grad.numel() <= FULL_GRAD_LIMIT else sampled_grad(n, p.grad)
     keys = sorted(shapes)
     return {
-        "config": {k: plain(cfg[k]) for k in SAVED_CONFIG_KEYS},
+        "config": {k: to_plain(cfg[k]) for k in SAVED_CONFIG_KEYS},
         "keys": keys, "shapes": {k: list(shapes[k]) for k in keys},
         "checksums": torch.stack([checksum(state[k]) for k in keys]),
         "batch": stored_batch(batch, task),

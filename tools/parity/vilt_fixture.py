@@ -8,14 +8,16 @@ float64 re-run. Everything is seeded, so a second run writes the same bytes.
 """
 from __future__ import annotations
 
+import importlib
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from common import (TINY_VIT, detached, legacy_adamw_step, perturb_parameters, reference_param_groups,
-                    sacred_config, share_equal_tensors, silenced_stdout)
+from common import (TINY_VIT, add_tiny_vit_factory, detached, legacy_adamw_step, offline_load_pretrained,
+                    patch_my_metrics, perturb_parameters, prepare_reference, reference_param_groups, sacred_config,
+                    share_equal_tensors, silenced_stdout)
 
 HEADS = ("mmimdb", "food101", "hatememes")
 NUM_CLASSES = {"mmimdb": 23, "food101": 101, "hatememes": 2}
@@ -45,6 +47,21 @@ class Reference:
     set_task: Callable[[Any], None]
     set_schedule: Callable[[Any], Any]
     method_keys: tuple[str, ...]          # config keys of the method stored in the fixture
+
+
+def load_vilt_reference(refs, key: str, package: str, model_class: str, method_keys: tuple[str, ...]) -> "Reference":
+    """Check out-of-tree reference `key` (tools/parity/common.py), import its package (``vilt`` / ``src``) with the
+    run-time shims (metrics, offline pre-trained weights, the tiny ViT) and name its model, config and schedule."""
+    prepare_reference(refs, key)
+    my_metrics = importlib.import_module(f"{package}.gadgets.my_metrics")
+    vit = importlib.import_module(f"{package}.modules.vision_transformer_prompts")
+    experiment = importlib.import_module(f"{package}.config").ex
+    modules = importlib.import_module(f"{package}.modules")
+    patch_my_metrics(my_metrics)
+    offline_load_pretrained(vit)
+    add_tiny_vit_factory(vit)
+    utils = modules.vilt_utils
+    return Reference(getattr(modules, model_class), experiment, utils.set_task, utils.set_schedule, method_keys)
 
 
 def make_batch(config: str) -> dict[str, torch.Tensor]:
