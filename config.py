@@ -24,7 +24,7 @@ from mdpl.backbones.registry import available_backbones, backbone_card, default_
 from mdpl.config import backbone_size_defaults, backbone_tiny_sizes, method_keys_of_all
 from mdpl.config.sections import (DataConfig, DemoConfig, ExperimentConfig, LoggingConfig, MissingConfig, ModelConfig,
                                   OptimConfig, TrainerConfig)
-from mdpl.data.registry import available_datasets, dataset_spec
+from mdpl.data.registry import available_datasets, dataset_spec, demo_dataset
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import (method_defaults, method_presets, padding_is_inert, paper_missing_type,
                                paper_run)
@@ -252,7 +252,7 @@ ex.add_named_config("tiny", {**backbone_tiny_sizes(), **TINY_RUN})
 DEMO_RUN = {
     "demo": True,
     "exp_name": "demo",
-    "dataset": "food101",
+    "dataset": demo_dataset(),
     "missing_ratio": {"train": 0.7, "val": 0.7, "test": 0.7},
     "missing_type": {"train": "both", "val": "both", "test": "both"},
     "image_size": 64,

@@ -33,10 +33,9 @@ import torch
 
 from mdpl.backbones.registry import default_backbone
 from mdpl.config.run_config import RunConfig
-from mdpl.data.registry import dataset_spec
+from mdpl.data.registry import dataset_spec, demo_dataset
 from mdpl.prompts.registry import baseline_method, demo_methods
 
-DATASET = "food101"
 
 
 def method_title(method: str) -> str:
@@ -67,7 +66,7 @@ def quiet_lightning():
 
 # ------------------------------------------------------------------------------------------------ data
 def prepare_data(run: RunConfig) -> dict:
-    """Synthetic Food-101 (raw + arrow + vocab) under ``demo_dir``; reused when already there.
+    """The synthetic demo dataset (raw + arrow + vocab) under ``demo_dir``; reused when already there.
 
     The folder name encodes sizes, seed and keyword repeats, so a demo of another size never overwrites it.
     Returns ``{"data_root", "tokenizer", "vocab_size"}``.
@@ -76,23 +75,24 @@ def prepare_data(run: RunConfig) -> dict:
 
     n_train, n_val, n_test = (int(n) for n in run.demo.demo_samples)
     seed, repeats = int(run.experiment.seed), int(run.demo.demo_keyword_repeats)
-    root = Path(run.demo.demo_dir) / f"{DATASET}_{n_train}-{n_val}-{n_test}_seed{seed}_kw{repeats}"
+    dataset = run.data.dataset
+    root = Path(run.demo.demo_dir) / f"{dataset}_{n_train}-{n_val}-{n_test}_seed{seed}_kw{repeats}"
     raw, arrow, tok = root / "raw", root / "arrow", root / "tokenizer"
-    expected = [arrow / name for name in dataset_spec(DATASET).arrow_file_names()]
+    expected = [arrow / name for name in dataset_spec(dataset).arrow_file_names()]
     if all(p.is_file() for p in expected) and (tok / "vocab.txt").is_file():
-        print(f"[demo] using the synthetic {DATASET} in {root}")
+        print(f"[demo] using the synthetic {dataset} in {root}")
     else:
-        print(f"[demo] writing a synthetic {DATASET} ({n_train}/{n_val}/{n_test} items) to {root}")
+        print(f"[demo] writing a synthetic {dataset} ({n_train}/{n_val}/{n_test} items) to {root}")
         if not (raw / "text.json").exists():
-            write_synthetic(DATASET, raw, n_train, n_val, n_test, seed=seed, keyword_repeats=repeats)
+            write_synthetic(dataset, raw, n_train, n_val, n_test, seed=seed, keyword_repeats=repeats)
         write_wordpiece_vocab(tok / "vocab.txt")
-        _make_arrow(raw, arrow)
+        _make_arrow(dataset, raw, arrow)
     vocab_size = sum(1 for line in (tok / "vocab.txt").read_text(encoding="utf-8").splitlines() if line)
     return {"data_root": str(arrow), "tokenizer": str(tok), "vocab_size": vocab_size}
 
 
-def _make_arrow(raw: Path, arrow: Path) -> None:
-    """``python make_arrow.py --dataset food101 --root RAW --out ARROW --no-progress --overwrite`` (in-process;
+def _make_arrow(dataset: str, raw: Path, arrow: Path) -> None:
+    """``python make_arrow.py --dataset DATASET --root RAW --out ARROW --no-progress --overwrite`` (in-process;
     the demo owns its folder, so a half-written earlier attempt is replaced)."""
     import importlib.util
 
@@ -100,7 +100,7 @@ def _make_arrow(raw: Path, arrow: Path) -> None:
     spec = importlib.util.spec_from_file_location("_mdpl_make_arrow", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    status = module.main(["--dataset", DATASET, "--root", str(raw), "--out", str(arrow), "--no-progress", "--overwrite"])
+    status = module.main(["--dataset", dataset, "--root", str(raw), "--out", str(arrow), "--no-progress", "--overwrite"])
     if status:
         raise RuntimeError(f"make_arrow.py failed with status {status} on {raw}")
 
@@ -251,7 +251,7 @@ def write_report(rows: Sequence[Mapping], primary: str, out: Path, seconds: floa
 def run_demo(config: RunConfig | Mapping) -> dict:
     """The whole demo (module docstring). ``config``: the run config (``with demo``), or its flat form."""
     start = time.perf_counter()
-    config = RunConfig.coerce(config).replace(dataset=DATASET, backbone=default_backbone())
+    config = RunConfig.coerce(config).replace(dataset=demo_dataset(), backbone=default_backbone())
     with quiet_lightning():
         config = config.replace(**prepare_data(config))
         out = new_demo_dir(config)

@@ -18,7 +18,7 @@ from mdpl.bench.models import build_model, resolve_config
 from mdpl.bench.steps import bench_row
 from mdpl.data.registry import dataset_spec
 from mdpl.prompts.registry import available_methods
-from mdpl.prompts.keys import paper_backbone
+from mdpl.backbones.registry import method_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
     assert set(rows) == {(m, p) for m in available_methods() for p in ("fp32", "bf16-mixed")}
     for (method, _), r in rows.items():
         assert r["status"] == "ok" and r["batch"] == 8 and r["dataset"] == "hatememes"
-        assert r["backbone"] == paper_backbone(method)     # vilt, but clip for DCP and MoRA
+        assert r["backbone"] == method_backbone(method)     # vilt, but clip for DCP and MoRA
         assert r["train_samples_per_s"] > 0 and r["eval_samples_per_s"] > 0
         assert r["train_gflops_per_sample"] > r["eval_gflops_per_sample"] > 0
         assert r["train_mfu"] is None  # no peak FLOP/s known on CPU without --peak-tflops

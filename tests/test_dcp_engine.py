@@ -87,7 +87,7 @@ def trained(tmp_path_factory) -> dict:
         return trainer
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("mdpl.engine.trainer.build_trainer", build_trainer_with_probe)
+        mp.setattr("mdpl.engine.session.build_trainer", build_trainer_with_probe)
         out = run_quiet(cfg)
     assert probe.logits is not None
     return {"cfg": cfg, "batch": batch, "out": out, "fit_logits": probe.logits, "base": base,

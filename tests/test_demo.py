@@ -55,15 +55,18 @@ def test_pretrained_backbone_uses_both_modalities(tmp_path: Path) -> None:
     """At the demo's real settings (seed 0), the pre-trained tiny ViLT loses >= 8 accuracy points on the
     synthetic test split when every text is removed, and when every image is removed."""
     from mdpl.config.run_config import RunConfig
-    from mdpl.demo import DATASET, fit, modality_accuracy, pretrain_config, prepare_data, quiet_lightning
+    from mdpl.data.registry import demo_dataset
+    from mdpl.demo import QUIET, modality_accuracy, pretrain_config, prepare_data, quiet_lightning, seeded_datamodule
+    from mdpl.engine.session import fit
     from runs import resolved_config
 
     config = resolved_config(["demo"], {"demo_dir": str(tmp_path / "data"), "log_dir": str(tmp_path / "out")})
-    run = RunConfig.coerce(config).replace(dataset=DATASET, backbone="vilt")
+    run = RunConfig.coerce(config).replace(dataset=demo_dataset(), backbone="vilt")
     with quiet_lightning():
         run = run.replace(**prepare_data(run))
         cfg = pretrain_config(run)
-        module, datamodule, trainer = fit(cfg, tmp_path / "out")
+        datamodule = seeded_datamodule(cfg)
+        module, trainer = fit(cfg, tmp_path / "out", datamodule, **QUIET)
         acc = modality_accuracy(cfg, module, datamodule, trainer)
     assert acc["complete"] - acc["no text"] >= 0.08, acc
     assert acc["complete"] - acc["no image"] >= 0.08, acc

@@ -64,6 +64,8 @@ class DatasetSpec:
       benchmark's synthetic batches; ``bench_patch_grids``: the same keys -> image sizes in patches (rows, cols)
       cycled over a ViLT batch (the dataset's typical aspects); ``bench_small_text_len``: max_text_len under
       ``--small``. None: the benchmark does not run on the dataset.
+    * ``demo``: the dataset the embedded demo (``python run.py with demo``) writes synthetically and runs on; the
+      first registered spec with it set is taken.
     """
 
     name: str
@@ -89,6 +91,7 @@ class DatasetSpec:
     bench_text_fill: Mapping[str, tuple[int, int]] | None = None
     bench_patch_grids: Mapping[str, tuple[tuple[int, int], ...]] | None = None
     bench_small_text_len: int | None = None
+    demo: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -220,6 +223,14 @@ def dataset_spec(name: str) -> DatasetSpec:
     return spec
 
 
+def demo_dataset() -> str:
+    """The dataset of the embedded demo: the first registered spec with ``demo`` set."""
+    names = [name for name in available_datasets() if _REGISTRY[name].demo]
+    if not names:
+        raise UserInputError("no registered dataset is marked for the demo (DatasetSpec.demo)")
+    return names[0]
+
+
 # ------------------------------------------------------------------------------------------ built-ins
 #: docs/methods.md §1.1: fixed genre order of the MM-IMDb multi-hot label (index = position).
 MMIMDB_GENRES = (
@@ -250,6 +261,7 @@ FOOD101 = register_dataset(DatasetSpec(
     max_text_len=512, max_epoch=20, val_check_interval=0.2, nominal_sizes=(61142, 6846, 22716),
     bench_text_fill={"full": (80, 512), "small": (6, 32)}, bench_small_text_len=32,
     bench_patch_grids={"full": ((12, 16), (12, 12), (12, 16), (12, 15)), "small": ((4, 5), (4, 4))},   # photos
+    demo=True,
 ))
 HATEMEMES = register_dataset(DatasetSpec(
     name="hatememes", num_classes=2, class_names=("not hateful", "hateful"),
