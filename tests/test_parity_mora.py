@@ -72,12 +72,13 @@ def backbone_state(config: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build(config: str) -> torch.nn.Module:
-    """mdpl's classifier from the fixture's flat config, with the reference's backbone and trainable tensors."""
+def build(config: str, **over) -> torch.nn.Module:
+    """mdpl's classifier from the fixture's flat config (+ `over`), with the reference's backbone and trainable
+    tensors, in eval mode."""
     rec = fixture(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = build_classifier({**rec["config"], "prompt_method": "mora"})
+        model = build_classifier({**rec["config"], "prompt_method": "mora", **over})
     model.backbone.load_openai_state_dict(backbone_state(config))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -136,6 +137,16 @@ def test_merged_weights_and_logits_match_reference(config) -> None:
         torch.testing.assert_close(ours, weight, atol=WEIGHT_ATOL, rtol=0, msg=name)
     torch.testing.assert_close(merged, rec["merged_logits"], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(merged, unmerged, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_training_mode_without_dropout_matches_reference() -> None:
+    """In training mode only the adapters' input dropout differs from evaluation (MoRA-D4; masks cannot be matched
+    across implementations): at ``mora_dropout=0`` the logits are the reference's."""
+    rec = fixture("B")
+    model = build("B", mora_dropout=0.0).train()
+    with torch.no_grad():
+        logits = model(batch_of(rec))["logits"]
+    torch.testing.assert_close(logits, rec["logits"], atol=LOGITS_ATOL, rtol=0)
 
 
 def test_fixtures_cover_the_reference_options() -> None:
