@@ -1,6 +1,6 @@
 """Shared pieces of the reference-fixture generators (tests/fixtures/README.md).
 
-The reference implementations (MAP, MemPrompt, DCP) are never copied into this repository: each generator takes a
+The reference implementations (MAP, MemPrompt, DCP, SCP, MoRA) are never copied into this repository: each generator takes a
 folder of their git checkouts, checks that every checkout sits at its pinned commit with unedited sources, puts it
 on ``sys.path`` and imports it. The references were written for 2021-2023 libraries; the run-time shims below let
 them run on today's stack without editing a single reference file:
@@ -55,6 +55,7 @@ REFERENCES: dict[str, Reference] = {
                      "Deep_Correlated_Prompting", "clip"),
     "scp": Reference("scp", "vittoriopipoli/SCP_WACV2025", "2e91072b3bbc82a335b6bb6449526e0fbf077093",
                      "SCP_WACV2025", "vilt"),
+    "mora": Reference("mora", "Tree-Shu-Zhao/MoRA", "5fec9864bcc906bd3d121a1a333aed5524a399b0", "MoRA", "src"),
 }
 
 

@@ -1,0 +1,175 @@
+"""Numerical parity of mdpl's MoRA with its reference implementation (tests/fixtures/README.md, "MoRA").
+
+Fixtures ``ref_mora_{A,B}.pt`` (written by tools/parity/make_mora.py from ``Tree-Shu-Zhao/MoRA`` under transformers
+4.x) hold the config in mdpl's flat keys, the OpenAI-layout keys / shapes / float64 checksums of the backbone (the
+values are regenerated from ``tests/dcp_hashinit.py``), the reference's every trainable tensor, one batch with all
+three missing types, and the reference's features, logits, loss and gradients (eval mode), its merged effective
+weights and its logits after merging. For each config this file builds mdpl's classifier from the flat config, loads
+the backbone through the OpenAI-layout loader and the trainable tensors under their mdpl names, and checks in float32
+on CPU: features and logits (atol 1e-5), loss (rtol 1e-5), the trainable-parameter set and every gradient (1e-4 of
+its norm), and after ``merge_adapters`` the effective q / k / v weights and the logits.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
+
+from mdpl.engine.losses import task_loss  # noqa: E402
+from mdpl.models import build_classifier  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = ("A", "B")
+FEATURE_ATOL = LOGITS_ATOL = WEIGHT_ATOL = 1e-5
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+REFERENCE_NAME = re.compile(r"model\.(text|vision)_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj"
+                            r"(?:\.shared_params\.(shared_[AB])|\.(\w+))?")
+STREAMS = {"text": "text", "vision": "image"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@lru_cache(maxsize=None)
+def fixture(config: str) -> dict:
+    path = FIXTURES / f"ref_mora_{config}.pt"
+    if not path.is_file():
+        pytest.fail(f"golden fixture {path.name} is missing: make it with tools/parity/make_mora.py under "
+                    f"transformers 4.x (tests/fixtures/README.md)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mdpl_name(reference_name: str, dataset: str) -> str:
+    """A reference parameter (or adapted module) name -> mdpl's: the block pair shared by the towers lives in
+    ``prompt.shared.<i>`` (the reference names it after its first text user), the rest of an adapted projection in
+    ``prompt.adapters.<stream>_<i>_<map>``, the head in ``<dataset>_classifier``."""
+    if reference_name.startswith("cls_head."):
+        return f"{dataset}_classifier." + reference_name.split(".", 1)[1]
+    match = REFERENCE_NAME.fullmatch(reference_name)
+    assert match is not None, reference_name
+    tower, block, proj, shared, leaf = match.groups()
+    if shared:
+        return f"prompt.shared.{block}.{shared}"
+    site = f"prompt.adapters.{STREAMS[tower]}_{block}_{proj}"
+    return site if leaf is None else f"{site}.{leaf}"
+
+
+@lru_cache(maxsize=None)
+def backbone_state(config: str) -> dict[str, torch.Tensor]:
+    """The OpenAI-layout backbone regenerated from the hash init, checked against the fixture's checksums."""
+    rec = fixture(config)
+    state = {k: hashed_tensor(k, rec["shapes"][k]) for k in rec["keys"]}
+    sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
+    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated weights differ from the fixture's"
+    return state
+
+
+def build(config: str, **over) -> torch.nn.Module:
+    """mdpl's classifier from the fixture's flat config (+ `over`), with the reference's backbone and trainable
+    tensors, in eval mode."""
+    rec = fixture(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_classifier({**rec["config"], "prompt_method": "mora", **over})
+    model.backbone.load_openai_state_dict(backbone_state(config))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in rec["trainable"].items():
+            params[mdpl_name(name, rec["config"]["dataset"])].copy_(value)
+    return model.eval()
+
+
+def batch_of(rec: dict) -> dict[str, torch.Tensor]:
+    return {**rec["batch"], "image": rec["batch"]["image"].float()}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_features_logits_loss_match_reference(config) -> None:
+    rec = fixture(config)
+    with torch.no_grad():
+        out = build(config)(batch_of(rec))
+    image, text = out["pooled"].split([rec["features"]["image"].shape[1], rec["features"]["text"].shape[1]], dim=1)
+    torch.testing.assert_close(image, rec["features"]["image"], atol=FEATURE_ATOL, rtol=0)
+    torch.testing.assert_close(text, rec["features"]["text"], atol=FEATURE_ATOL, rtol=0)
+    torch.testing.assert_close(out["logits"], rec["logits"], atol=LOGITS_ATOL, rtol=0)
+    loss = task_loss(rec["config"]["dataset"], out["logits"], rec["batch"]["label"])
+    torch.testing.assert_close(loss, rec["loss"], rtol=LOSS_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_trainable_gradient_matches_reference(config) -> None:
+    rec = fixture(config)
+    dataset = rec["config"]["dataset"]
+    model = build(config)
+    task_loss(dataset, model(batch_of(rec))["logits"], rec["batch"]["label"]).backward()
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == {mdpl_name(n, dataset) for n in rec["grads"]}
+    for name, ref in rec["grads"].items():
+        grad = params[mdpl_name(name, dataset)].grad
+        assert grad is not None and ref.norm() > 0, name
+        assert (grad - ref).norm() <= GRAD_RTOL * ref.norm(), name
+        torch.testing.assert_close(grad, ref, rtol=GRAD_RTOL, atol=GRAD_RTOL * ref.abs().max(), msg=name)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_merged_weights_and_logits_match_reference(config) -> None:
+    """``merge_adapters`` folds the same effective weights into the frozen ones as the reference's
+    ``merge_weights``, and the merged logits agree with the reference's merged and mdpl's unmerged ones."""
+    rec = fixture(config)
+    model = build(config)
+    batch = batch_of(rec)
+    encoders = model.backbone.encoders()
+    with torch.no_grad():
+        unmerged = model(batch)["logits"]
+        model.merge_adapters()
+        merged = model(batch)["logits"]
+    for name, weight in rec["merged_weights"].items():
+        stream, block, proj = mdpl_name(name, rec["config"]["dataset"]).rsplit(".", 1)[1].split("_")
+        ours = encoders[stream].linear_map(int(block), proj)[0]
+        torch.testing.assert_close(ours, weight, atol=WEIGHT_ATOL, rtol=0, msg=name)
+    torch.testing.assert_close(merged, rec["merged_logits"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(merged, unmerged, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_training_mode_without_dropout_matches_reference() -> None:
+    """In training mode only the adapters' input dropout differs from evaluation (MoRA-D4; masks cannot be matched
+    across implementations): at ``mora_dropout=0`` the logits are the reference's."""
+    rec = fixture("B")
+    model = build("B", mora_dropout=0.0).train()
+    with torch.no_grad():
+        logits = model(batch_of(rec))["logits"]
+    torch.testing.assert_close(logits, rec["logits"], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_fixtures_cover_the_reference_options() -> None:
+    """The two configs differ in maps, ranks, α and head, include every missing type, and the reference's updates
+    (modality_B included) are far from zero: a parity failure cannot hide behind an inert adapter."""
+    a, b = fixture("A"), fixture("B")
+    assert set(a["config"]["mora_maps"]) | set(b["config"]["mora_maps"]) == {"q", "k", "v"}
+    assert a["config"]["mora_text_rank"] != a["config"]["mora_image_rank"]
+    assert a["config"]["dataset"] != b["config"]["dataset"]
+    for rec in (a, b):
+        assert set(rec["batch"]["missing_type"].tolist()) == {0, 1, 2}
+        assert all(v.abs().min() > 0 for k, v in rec["trainable"].items() if k.endswith("modality_B"))
+    # config B: text tower deeper than the image tower, its last block has no partner and is not adapted
+    assert b["config"]["clip_text_layers"] > b["config"]["clip_vision_layers"]
+    assert not any(f"layers.{b['config']['clip_text_layers'] - 1}." in k for k in b["merged_weights"])
+
+
+def test_missing_type_is_never_read() -> None:
+    """MoRA conditions on nothing: missing modalities enter only through the dummy inputs."""
+    rec = fixture("A")
+    model = build("A")
+    batch = batch_of(rec)
+    with torch.no_grad():
+        ref = model(batch)["logits"]
+        other = model({**batch, "missing_type": torch.zeros_like(batch["missing_type"])})["logits"]
+    assert torch.equal(ref, other)
