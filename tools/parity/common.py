@@ -55,6 +55,7 @@ REFERENCES: dict[str, Reference] = {
                      "Deep_Correlated_Prompting", "clip"),
     "scp": Reference("scp", "vittoriopipoli/SCP_WACV2025", "2e91072b3bbc82a335b6bb6449526e0fbf077093",
                      "SCP_WACV2025", "vilt"),
+    "ragpt": Reference("ragpt", "Jian-Lang/RAGPT", "6077706b5f72043a9c29ac59391fba19db417539", "RAGPT", "src"),
 }
 
 

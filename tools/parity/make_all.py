@@ -2,7 +2,7 @@
 
     python tools/parity/make_all.py --refs REFS_DIR [--check]
 
-REFS_DIR holds the checkouts of the four references at their pinned commits (tools/parity/common.py lists them;
+REFS_DIR holds the checkouts of the references at their pinned commits (tools/parity/common.py lists them;
 a missing or moved checkout is reported with the ``git clone`` / ``git checkout`` lines to run). Each generator
 runs in its own process, so the references' generic package names (``vilt``, ``src``, ``clip``) never meet.
 ``--check`` writes into a temporary folder and compares byte for byte with the committed files instead.
@@ -25,6 +25,7 @@ GENERATORS = (
     ("make_memprompt.py", [], [f"ref_memprompt_{c}.pt" for c in "AB"]),
     ("make_dcp.py", [], ["ref_dcp_tiny.pt"]),
     ("make_scp.py", [], [f"ref_scp_{c}.pt" for c in "AB"]),
+    ("make_msps.py", [], [f"ref_msps_{c}.pt" for c in "AB"]),
     *((("make_reference_checkpoints.py", ["--method", m], [f"ref_ckpt_{m}.pt"]) for m in ("map", "memprompt", "dcp"))),
 )
 
