@@ -93,7 +93,7 @@ def base_config():
     # method, from its class (mdpl.prompts.keys); this scope lists the keys and says what they mean.
     # --- experiment -----------------------------------------------------------------------------
     exp_name = EXPERIMENT.exp_name
-    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' | 'mora' | a plugin's (or its preset)
+    prompt_method = EXPERIMENT.prompt_method   # required: 'none' (baseline) | 'map' | 'memprompt' | 'dcp' | 'scp' | 'mora' | 'msps' | a plugin's (or its preset)
     method_sizes = EXPERIMENT.method_sizes     # defaults of the method's own keys: the papers' or 'tiny' (set by tiny, demo)
     backbone = method_backbone(prompt_method)  # the method's paper backbone; on_clip / on_vilt switch it
     seed = paper_run(prompt_method, (0, EXPERIMENT.seed))[1]  # seeds Lightning, the model init and every missing table

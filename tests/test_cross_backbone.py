@@ -1,6 +1,6 @@
 """Every prompt method on every backbone: build, forward, learn, save/reload, trainable counts.
 
-Cells: {none, map, memprompt, dcp, scp} x {vilt, clip}, built by `mdpl.models.build_classifier` from the
+Cells: {none, map, memprompt, dcp, scp, msps} x {vilt, clip}, built by `mdpl.models.build_classifier` from the
 `tiny` named config (random-initialised backbones, CPU). Original pairings keep their own parity tests
 (test_parity_vilt.py, test_dcp.py); here the cross pairings get the same contract checks.
 """
@@ -16,10 +16,10 @@ from mdpl.backbones.clip import residual_block
 from mdpl.models import PromptedClassifier, build_classifier
 from mdpl.prompts import PromptContext
 
-METHODS = ("none", "map", "memprompt", "dcp", "scp")
+METHODS = ("none", "map", "memprompt", "dcp", "scp", "msps")
 BACKBONES = ("vilt", "clip")
 CELLS = [(m, b) for b in BACKBONES for m in METHODS]
-PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp", "scp": "scp"}
+PRESET = {"none": "baseline", "map": "map", "memprompt": "memprompt", "dcp": "dcp", "scp": "scp", "msps": "msps"}
 IGNORES_MISSING_TYPE = ("none", "scp")   # SCP conditions on the read-out token only (docs/methods.md §14)
 SOT, EOT = 49406, 49407
 
@@ -200,7 +200,7 @@ def test_two_tower_memprompt_prepends_per_tower(tiny) -> None:
 
 # Full paper sizes (MM-IMDb, each method's preset): (total, trainable). Original pairings match docs/methods.md
 # §3.4 (MAP 2,031,383), §4.1 (MemPrompt 5,358,935), §6.6 (DCP 2,006,784 + 2,362,368 + 1,050,624 +
-# 1,536 + 1,024 + 393,216 + 23,575 = 5,839,127) and §14.3 (SCP 2,062,103). SCP on CLIP needs scp_length=16 (12 does
+# 1,536 + 1,024 + 393,216 + 23,575 = 5,839,127), §14.3 (SCP 2,062,103) and §16.3 (MSPs 1,957,655). SCP on CLIP needs scp_length=16 (12 does
 # not divide the text width 512).
 FULL_COUNTS = {
     ("none", "vilt"): (113_570_327, 1_810_199),
@@ -218,6 +218,9 @@ FULL_COUNTS = {
     ("memprompt", "coca"): (155_475_288, 3_146_839),
     ("dcp", "coca"): (158_035_992, 5_707_543),
     ("scp", "coca"): (153_061_656, 733_207),
+    ("msps", "vilt"): (113_717_783, 1_957_655),
+    ("msps", "clip"): (149_890_072, 665_111),
+    ("msps", "coca"): (152_861_976, 533_527),
 }
 PAPER_SIZE_UPDATES = {("scp", "clip"): {"scp_length": 16}, ("scp", "coca"): {"scp_length": 16}}
 

@@ -1,4 +1,5 @@
-"""Deterministic weights of a 768-wide ViLT for the SCP parity fixtures (tests/fixtures/README.md, "SCP").
+"""Deterministic weights of a 768-wide ViLT for the SCP and MSPs parity fixtures (tests/fixtures/README.md, "SCP",
+"MSPs").
 
 The reference SCP slices its query weights at 768 columns, so its smallest model is 768 wide (~20 M values): too
 many to store. As for DCP (`dcp_hashinit`), every tensor is a pure function of (key, shape), scaled like a trained
@@ -20,7 +21,7 @@ _NORM_MARKS = ("norm", "LayerNorm", "layerNorm")
 def _scale(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(offset, amplitude) of tensor `key`: uniform values in offset ± amplitude."""
     leaf = key.rsplit(".", 1)[-1]
-    head_norm = "_classifier.1." in key                    # Linear, LayerNorm, GELU, Linear
+    head_norm = "_classifier.1." in key or key.startswith("classifier.1.")   # Linear, LayerNorm, GELU, Linear
     if (any(m in key for m in _NORM_MARKS) or head_norm) and leaf == "weight":
         return 1.0, 0.1
     if leaf.startswith("bias"):
@@ -59,4 +60,21 @@ def refresh_copies(state: dict[str, torch.Tensor], layers: list[int]) -> dict[st
         out[f"QKV_ps_layers.{j}.bias_Q"] = state[f"transformer.blocks.{layer}.attn.qkv.bias"][:width].clone()
         out[f"QKV_ps_layers.{j}.layerNorm.weight"] = state[f"transformer.blocks.{layer}.norm1.weight"].clone()
         out[f"QKV_ps_layers.{j}.layerNorm.bias"] = state[f"transformer.blocks.{layer}.norm1.bias"].clone()
+    return out
+
+
+MSPS_PROMPTS = ("text_prompt", "img_prompt")
+"""The two prompt tensors of the MSPs reference (RAGPT's baseline), named as there."""
+
+
+def hashed_msps_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Every floating tensor of an MSPs reference model (a Hugging Face ``ViltModel`` + prompts + pooler + head; key ->
+    shape): hashed as :func:`hashed_vilt_tensor`, except the two prompt tensors: a shared hashed component plus one
+    of their own (amplitude 0.5 each), so the prompts are far from orthogonal and the orthogonality term has a
+    gradient (it has none at the reference's init, docs/methods.md MSPS-D4)."""
+    out = {k: hashed_vilt_tensor(k, s) for k, s in shapes.items() if k not in MSPS_PROMPTS}
+    for key in MSPS_PROMPTS:
+        shape = tuple(int(s) for s in shapes[key])
+        numel = math.prod(shape)
+        out[key] = 0.5 * (hashed_uniform("msps.shared", numel) + hashed_uniform(key, numel)).reshape(shape)
     return out

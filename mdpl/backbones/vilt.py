@@ -40,6 +40,9 @@ from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
 
 VIT_LN_EPS = 1e-6   # timm ViT LayerNorm (§2.1)
 BERT_LN_EPS = 1e-12  # BERT embeddings LayerNorm (§2.1)
+VARIANT_LN_EPS = {"map": VIT_LN_EPS, "hf": BERT_LN_EPS}
+"""``vilt_variant`` -> epsilon of the blocks' and the final LayerNorm: the original (timm) ViLT of MAP's lineage, or
+Hugging Face's ``ViltModel`` (``layer_norm_eps`` 1e-12), which RAGPT's baselines (MSPs, §16) run on."""
 
 
 def _init_linear_embedding(module: nn.Module, std: float = 0.02) -> None:
@@ -88,7 +91,7 @@ class ViLTVisionTransformer(StreamEncoder):
     of the joint stream."""
 
     def __init__(self, *, hidden_size: int, num_layers: int, num_heads: int, mlp_ratio: float,
-                 patch_size: int, image_size: int, drop_rate: float):
+                 patch_size: int, image_size: int, drop_rate: float, ln_eps: float = VIT_LN_EPS):
         super().__init__()
         if image_size % patch_size:
             raise UserInputError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
@@ -101,7 +104,7 @@ class ViLTVisionTransformer(StreamEncoder):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, hidden_size))
         self.pos_drop = nn.Dropout(drop_rate)
-        norm = partial(nn.LayerNorm, eps=VIT_LN_EPS)
+        norm = partial(nn.LayerNorm, eps=ln_eps)
         self.blocks = nn.ModuleList(
             Block(hidden_size, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=drop_rate,
                   attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=norm)
@@ -212,6 +215,8 @@ class ViLTSizes(BackboneSizes):
     max_image_len: int = dataclasses.field(default=-1, metadata={"minimum": -1})  # cap on image patches (-1: none)
     # interpolate the checkpoint's 40 text positions to a longer max_text_len (the reference does on every task)
     interpolate_text_positions: bool = False
+    # LayerNorm epsilon of the blocks and the final norm: 'map' (timm ViLT, 1e-6) | 'hf' (Hugging Face ViltModel, 1e-12)
+    vilt_variant: str = "map"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ViLTSizes":
@@ -223,6 +228,9 @@ class ViLTSizes(BackboneSizes):
 
     def check(self) -> None:
         super().check()
+        if self.vilt_variant not in VARIANT_LN_EPS:
+            raise UserInputError(f"vilt_variant={self.vilt_variant!r}; choose map (timm ViLT, LayerNorm eps 1e-6) or hf "
+                                 "(Hugging Face ViltModel, eps 1e-12)")
         if self.max_image_len == 0:
             raise UserInputError(f"max_image_len={self.max_image_len!r} must be -1 (no cap) or a positive number of "
                                  "image patches")
@@ -271,7 +279,7 @@ class ViLTBackbone(Backbone):
 
     def __init__(self, *, vocab_size: int = 30522, hidden_size: int = 768, num_layers: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4, patch_size: int = 32, image_size: int = 384,
-                 max_text_len: int = 40, drop_rate: float = 0.1, max_image_len: int = -1):
+                 max_text_len: int = 40, drop_rate: float = 0.1, max_image_len: int = -1, vilt_variant: str = "map"):
         super().__init__()
         self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
         self.max_text_len = max_text_len
@@ -286,7 +294,7 @@ class ViLTBackbone(Backbone):
         _init_linear_embedding(self.token_type_embeddings)
         self.transformer = ViLTVisionTransformer(
             hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            patch_size=patch_size, image_size=image_size, drop_rate=drop_rate)
+            patch_size=patch_size, image_size=image_size, drop_rate=drop_rate, ln_eps=VARIANT_LN_EPS[vilt_variant])
         self.transformer.reset_parameters()
         self.pooler = Pooler(hidden_size)
         _init_linear_embedding(self.pooler)

@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "mdpl.prompts.dcp",
     "mdpl.prompts.scp",
     "mdpl.prompts.mora",
+    "mdpl.prompts.msps",
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}

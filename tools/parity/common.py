@@ -56,6 +56,7 @@ REFERENCES: dict[str, Reference] = {
     "scp": Reference("scp", "vittoriopipoli/SCP_WACV2025", "2e91072b3bbc82a335b6bb6449526e0fbf077093",
                      "SCP_WACV2025", "vilt"),
     "mora": Reference("mora", "Tree-Shu-Zhao/MoRA", "5fec9864bcc906bd3d121a1a333aed5524a399b0", "MoRA", "src"),
+    "ragpt": Reference("ragpt", "Jian-Lang/RAGPT", "6077706b5f72043a9c29ac59391fba19db417539", "RAGPT", "src"),
 }
 
 
