@@ -51,22 +51,30 @@ def write_csv(rows: Sequence[Mapping] | pd.DataFrame, path: Path, columns: Seque
 
 @dataclass(frozen=True)
 class Curve:
-    """One line of a robustness figure: a metric (display units, e.g. x100) against the missing rate."""
+    """One series of a figure panel: a metric (display units, e.g. x100) against the missing rate (the default), a
+    swept key's values (``xlabel``, ``percent=False``) or the positions of named rows (``ticks``)."""
 
     panel: str                        # the panel (subplot) title, e.g. "missing text"
     label: str                        # legend entry: the method or row
-    rates: Sequence[float]            # missing rates in [0, 1] (plotted in %)
+    rates: Sequence[float]            # x: missing rates in [0, 1] (plotted in %), or values as given (percent=False)
     values: Sequence[float]
-    spread: Sequence[float] | None = None   # ± band (e.g. the std over seeds)
+    spread: Sequence[float] | None = None   # ± band (e.g. the std over seeds); error bars when `points`
     ylabel: str = ""                  # the panel's y-axis label (its first curve's)
+    xlabel: str = "missing rate (%)"  # the panel's x-axis label (its first curve's)
+    percent: bool = True              # x plotted as 100 x rates
+    points: bool = False              # markers (with error bars) only, no connecting line
+    ticks: Sequence[str] | None = None   # names of the x positions (rows of a table), written under the panel
+    style: str = ""                   # fixed marker format, e.g. "k|" (paper values); "" = one per label
 
 
 MARKERS, LINESTYLES = "os^Dv", ("-", "--", ":")
 
 
 def robustness_figure(curves: Sequence[Curve], title: str = "", columns: int = 3):
-    """Metric vs missing rate: one panel per distinct ``Curve.panel`` (first-seen order, up to `columns` a row),
-    one line per curve, with distinct markers and line styles so that coinciding lines stay visible."""
+    """The one figure of mdpl's reports: one panel per distinct ``Curve.panel`` (first-seen order, up to `columns`
+    a row), one series per curve, with distinct markers and line styles so that coinciding lines stay visible. By
+    default metric vs missing rate; a curve's ``xlabel`` / ``percent`` / ``points`` / ``ticks`` plot a swept key
+    or the rows of a table instead."""
     import math
 
     import matplotlib
@@ -76,21 +84,19 @@ def robustness_figure(curves: Sequence[Curve], title: str = "", columns: int = 3
     panels = list(dict.fromkeys(c.panel for c in curves)) or [""]
     cols = min(columns, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
+    ticks = max((len(c.ticks) for c in curves if c.ticks), default=0)
+    width, height = max(4.6, 0.16 * ticks), 3.8 + (0.06 * ticks if ticks else 0)
+    fig, axes = plt.subplots(nrows, cols, figsize=(width * cols, height * nrows), squeeze=False)
     labels = list(dict.fromkeys(c.label for c in curves))
     for ax, panel in zip(axes.flat, panels):
         mine = [c for c in curves if c.panel == panel]
         for curve in mine:
-            k = labels.index(curve.label)
-            x = [100 * r for r in curve.rates]
-            (line,) = ax.plot(x, list(curve.values), marker=MARKERS[k % 5], linestyle=LINESTYLES[k % 3],
-                    markersize=7 - k % 3, label=curve.label)
-            if curve.spread is not None:
-                ax.fill_between(x, [v - s for v, s in zip(curve.values, curve.spread)],
-                                [v + s for v, s in zip(curve.values, curve.spread)], alpha=0.15,
-                                color=line.get_color())
+            _draw(ax, curve, labels.index(curve.label))
+        named = next((c for c in mine if c.ticks), None)
+        if named is not None:
+            ax.set_xticks(list(named.rates), list(named.ticks), rotation=90, fontsize=6)
         ax.set_title(panel)
-        ax.set_xlabel("missing rate (%)")
+        ax.set_xlabel(mine[0].xlabel if mine else "")
         ax.set_ylabel(mine[0].ylabel if mine else "")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -101,6 +107,21 @@ def robustness_figure(curves: Sequence[Curve], title: str = "", columns: int = 3
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _draw(ax, curve: Curve, k: int) -> None:
+    """One curve: a line with its ± band, or markers with error bars (``points``)."""
+    x = [100 * r for r in curve.rates] if curve.percent else list(curve.rates)
+    if curve.points:
+        style = curve.style or MARKERS[k % 5]
+        ax.errorbar(x, list(curve.values), yerr=None if curve.spread is None else list(curve.spread), fmt=style,
+                    ms=8 if curve.style else 5, mew=2 if curve.style else 1, capsize=2, label=curve.label)
+        return
+    (line,) = ax.plot(x, list(curve.values), marker=MARKERS[k % 5], linestyle=LINESTYLES[k % 3],
+                      markersize=7 - k % 3, label=curve.label)
+    if curve.spread is not None:
+        ax.fill_between(x, [v - s for v, s in zip(curve.values, curve.spread)],
+                        [v + s for v, s in zip(curve.values, curve.spread)], alpha=0.15, color=line.get_color())
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:

@@ -44,11 +44,15 @@ def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
                          "--loader-batches", "2", "--loader-rows", "12", "--loader-batch-size", "4")
     rows = {(r["method"], r["precision"]): r for r in saved["rows"]}
     assert set(rows) == {(m, p) for m in available_methods() for p in ("fp32", "bf16-mixed")}
+    assert {"scp", "mora"} <= {m for m, _ in rows}          # the newer methods have their rows
     for (method, _), r in rows.items():
         assert r["status"] == "ok" and r["batch"] == 8 and r["dataset"] == "hatememes"
         assert r["backbone"] == method_backbone(method)     # vilt, but clip for DCP and MoRA
         assert r["train_samples_per_s"] > 0 and r["eval_samples_per_s"] > 0
         assert r["train_gflops_per_sample"] > r["eval_gflops_per_sample"] > 0
+        for phase in ("train", "eval"):   # executed vs needed FLOPs, peak memory
+            assert 0 < r[f"{phase}_gflops_needed_per_sample"] <= r[f"{phase}_gflops_per_sample"] * (1 + 1e-9)
+            assert f"{phase}_peak_mib" in r
         assert r["train_mfu"] is None  # no peak FLOP/s known on CPU without --peak-tflops
         assert 0 < r["params_trainable"] < r["params_total"]
     # input prompts lengthen the ViLT sequence (tiny: MAP 2 x 6 tokens, MemPrompt 2 x (2x4 + 2x4))
@@ -97,7 +101,7 @@ def direct_counts(method: str, dataset: str, batch_size: int, math_attention: bo
     return counts
 
 
-@pytest.mark.parametrize("method", ["none", "map", "memprompt", "dcp"])
+@pytest.mark.parametrize("method", ["none", "map", "memprompt", "dcp", "scp", "mora"])
 def test_flops_are_flop_counter_counts_and_mfu_is_as_printed(method, tmp_path):
     batch_size, peak = 4, 0.002
     result, stdout = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--datasets",

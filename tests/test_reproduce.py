@@ -341,9 +341,19 @@ def test_registry_and_paper_results():
         counts[name] = (len(table.cells), len(table.runnable))
     assert counts["dcp_main"] == (54, 54) and counts["map_main"] == (27, 27) and counts["dcp_table7"] == (18, 18)
     assert counts["dcp_fig5"] == (3, 3) and counts["dcp_table6_coca"] == (18, 18) and counts["dcp_design"] == (14, 14)
-    assert counts["dcp_table5"] == (12, 12)
-    assert sum(c for c, _ in counts.values()) == 238 and sum(r for _, r in counts.values()) == 238
-    assert len({matrix.run_key(c, ctx) for t in TABLES.values() for c in t.runnable}) == 170
+    assert counts["dcp_table5"] == (12, 12) and counts["scp_main"] == (27, 27) and counts["mora_main"] == (27, 27)
+    builtin = [n for n in TABLES if n.split("_")[0] in ("dcp", "map", "memprompt", "scp", "mora")]
+    assert len(builtin) == 19                             # a plugin's paper tables come on top of these
+    assert sum(counts[n][0] for n in builtin) == 292 and sum(counts[n][1] for n in builtin) == 292
+    assert len({matrix.run_key(c, ctx) for n in builtin for c in TABLES[n].runnable}) == 188
+    # SCP's numbers were not found (no paper column); MoRA's 70 % numbers are its missing-both cells
+    assert not any(c.paper for c in TABLES["scp_main"].cells)
+    linked = {c.paper: values[c.paper] for c in TABLES["mora_main"].cells if c.paper}
+    assert linked == {"mora/t70/mmimdb/mora": "52.97", "mora/t70/food101/mora": "83.77",
+                      "mora/t70/hatememes/mora": "70.15", "mora/t70/mmimdb/dcp": "51.42",
+                      "mora/t70/food101/dcp": "81.87", "mora/t70/hatememes/dcp": "66.08"}
+    assert all(c.train == ("both", 0.7) for c in TABLES["mora_main"].cells if c.paper)
+    assert linked["mora/t70/mmimdb/dcp"] == values["dcp/t4/mmimdb/test/both/70/dcp"]   # why 'both' is read
     # the CoCa runs are their own: no other table trains a CoCa run, and each names the backbone in its folder
     coca = {matrix.run_key(c, ctx) for c in TABLES["dcp_table6_coca"].runnable}
     assert len(coca) == 18 and all("@coca-" in k for k in coca)
@@ -442,3 +452,57 @@ def test_device_hours_from_counted_flops_and_an_assumed_mfu(tmp_path):
     res = cli("dcp_length", "--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "0.25")
     assert res.returncode == 0 and "25% assumed MFU" in res.stdout, res.stderr
     assert cli("--list", "--bench", str(tmp_path / "bench.json"), "--assume-mfu", "2").returncode == 2
+
+
+# ------------------------------------------------------------------------------------ all methods, one protocol
+def test_all_methods_table_is_built_from_the_registry():
+    """Every registered method is a row (on its paper's backbone), the baseline once per backbone; a method
+    registered later (a plugin) is a row too, with no edit elsewhere."""
+    from mdpl.backbones.registry import method_backbone
+    from mdpl.experiments import protocol
+    from mdpl.prompts.base import PromptMethod
+    from mdpl.prompts.registry import available_methods, registered
+
+    table = TABLES["all_methods"]
+    assert "all_methods" in cli("--list").stdout
+    rows = {(c.method, c.net) for c in table.cells}
+    assert rows == {("none", "vilt"), ("none", "clip"), *((m, method_backbone(m)) for m in available_methods())}
+    assert len(table.cells) == 9 * len(rows) and not any(c.paper or c.needs for c in table.cells)
+    assert {(c.dataset, c.train, c.test_types, c.test_ratios) for c in table.cells} == {
+        (ds, (t, 0.7), (t,), (0.7,)) for ds in BUILTIN_DATASETS for t in ("text", "image", "both")}
+    ctx = Context(out=Path("/x"))   # shared runs: MAP on ViLT is map_main's, DCP on CLIP dcp_main's
+    assert matrix.run_key(cell_by("all_methods", method="map", dataset="food101", train=("image", 0.7)), ctx) == \
+        matrix.run_key(cell_by("map_main", method="map", dataset="food101", train=("image", 0.7), keys={}), ctx)
+
+    class Plugged(PromptMethod):
+        title = "Plugged"
+        paper_backbone = "coca"
+
+    with registered(Plugged, "plugged"):
+        plugged = protocol.all_methods_table()
+    labels = list(dict.fromkeys(c.label for c in plugged.cells))
+    assert labels[-1] == "Plugged (coca)" and "baseline (coca)" in labels
+    assert len(plugged.cells) == len(table.cells) + 2 * 9
+
+
+def test_all_methods_tiny_one_scenario_of_every_row(tmp_path):
+    """--tiny with --cells k/9 (the cells are row-major over the 9 scenarios): one cell of every row runs, here
+    Hateful Memes with the text missing (the scenario no figure sweeps, so each run tests once)."""
+    from mdpl.experiments import protocol
+
+    table = TABLES["all_methods"]
+    k = protocol.scenarios().index(("hatememes", "text")) + 1
+    res = cli("all_methods", "--tiny", "--out", str(tmp_path), "--seeds", "0", "--jobs", "2",
+              "--cells", f"{k}/{len(protocol.scenarios())}", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "all_methods.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["cell"] for r in rows] == [c.id for c in table.cells]
+    done = [r for r in rows if r["status"] == "done"]
+    assert {(r["method"], r["backbone"]) for r in done} == {(c.method, c.net) for c in table.cells}
+    assert len(done) == len(protocol.protocol_rows())
+    for r in done:
+        assert (r["dataset"], r["test_type"], r["n"]) == ("hatememes", "text", "1")
+        assert 0 <= float(r["ours_mean"]) <= 100 and r["paper"] == ""
+    assert all(r["status"] == "pending" for r in rows if r not in done)
+    assert (tmp_path / "all_methods.png").stat().st_size > 5_000

@@ -2,9 +2,11 @@
 applied, real texts of a length in each dataset's ``bench_text_fill`` range, images at its typical aspects."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from mdpl.bench.models import two_tower
+from mdpl.config import RunConfig
 from mdpl.data.missing import apply_missing
 from mdpl.data.registry import dataset_spec
 
@@ -51,39 +53,49 @@ def _text(batch_size: int, length: int, fill: tuple[int, int], vocab: tuple[int,
     return ids.long(), (pos < n[:, None]).long()
 
 
-def synthetic_batch(cfg: dict, batch_size: int, size_key: str, device: torch.device, seed: int = 0) -> dict:
-    """One batch in the collated batch format (on ``device``, dummies applied) for the config's backbone."""
-    gen = torch.Generator().manual_seed(seed)
-    dataset = cfg["dataset"]
-    spec = dataset_spec(dataset)
-    fill = spec.bench_text_fill[size_key]
-    if two_tower(cfg):
-        side = int(cfg["image_size"])
-        sizes = torch.full((batch_size, 2), side, dtype=torch.long)
-        image = torch.randn(batch_size, 3, side, side, generator=gen)
-        ids, masks = _text(batch_size, int(cfg[f"{cfg['backbone']}_context_length"]), fill, (1, CLIP_SOT), CLIP_SOT,
-                           CLIP_EOT, gen)
-        dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
-        dummy_ids[0, :2] = torch.tensor([CLIP_SOT, CLIP_EOT])
+def _images(run: RunConfig, batch_size: int, size_key: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, their [h, w] sizes): one square of ``image_size`` for a fixed-size transform ('clip'); for ViLT's
+    aspect-keeping resize ('pixelbert'), the dataset's typical patch grids, zero beyond each image."""
+    if run.card.transform != "pixelbert":
+        side = int(run.backbone.image_size)
+        return torch.randn(batch_size, 3, side, side, generator=gen), torch.full((batch_size, 2), side, dtype=torch.long)
+    cycle = dataset_spec(run.data.dataset).bench_patch_grids[size_key]
+    sizes = torch.tensor([cycle[i % len(cycle)] for i in range(batch_size)], dtype=torch.long) * int(run.backbone.patch_size)
+    h, w = (int(v) for v in sizes.max(dim=0).values)
+    image = torch.randn(batch_size, 3, h, w, generator=gen)
+    valid = ((torch.arange(h)[None, :, None] < sizes[:, 0, None, None])
+             & (torch.arange(w)[None, None, :] < sizes[:, 1, None, None]))
+    return image * valid[:, None], sizes
+
+
+def _texts(run: RunConfig, batch_size: int, size_key: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(ids, masks, dummy ids) of the backbone's tokenizer ('bert': [CLS] .. [SEP] over ids from 1000; 'bpe':
+    SOT .. EOT), ``text_length`` ids, cut to the batch's longest text where the pipeline pads dynamically."""
+    fill = dataset_spec(run.data.dataset).bench_text_fill[size_key]
+    length = int(run.backbone.text_length)
+    if run.card.tokenizer == "bert":
+        start, end, vocab = VILT_CLS, VILT_SEP, (1000, int(run.backbone.text_vocab_size))
     else:
-        p = int(cfg["patch_size"])
-        cycle = spec.bench_patch_grids[size_key]
-        sizes = torch.tensor([cycle[i % len(cycle)] for i in range(batch_size)], dtype=torch.long) * p
-        h, w = (int(v) for v in sizes.max(dim=0).values)
-        image = torch.randn(batch_size, 3, h, w, generator=gen)
-        valid = ((torch.arange(h)[None, :, None] < sizes[:, 0, None, None])
-                 & (torch.arange(w)[None, None, :] < sizes[:, 1, None, None]))
-        image = image * valid[:, None]
-        vocab = (1000, int(cfg["vocab_size"]))
-        ids, masks = _text(batch_size, int(cfg["max_text_len"]), fill, vocab, VILT_CLS, VILT_SEP, gen)
-        if cfg.get("dynamic_text_padding"):  # as the collator: cut to the longest real text of the batch
-            length = max(2, int(masks.sum(dim=1).max()))
-            ids, masks = ids[:, :length].contiguous(), masks[:, :length].contiguous()
-        dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
-        dummy_ids[0, :2] = torch.tensor([VILT_CLS, VILT_SEP])
+        start, end, vocab = CLIP_SOT, CLIP_EOT, (1, CLIP_SOT)
+    ids, masks = _text(batch_size, length, fill, vocab, start, end, gen)
+    if run.pipeline.dynamic_text_padding:   # as the collator: cut to the longest real text of the batch
+        length = max(2, int(masks.sum(dim=1).max()))
+        ids, masks = ids[:, :length].contiguous(), masks[:, :length].contiguous()
+    dummy_ids = torch.zeros(1, ids.shape[1], dtype=torch.long)
+    dummy_ids[0, :2] = torch.tensor([start, end])
+    return ids, masks, dummy_ids
+
+
+def synthetic_batch(config: RunConfig | Mapping, batch_size: int, size_key: str, device: torch.device,
+                    seed: int = 0) -> dict:
+    """One batch in the collated batch format (on ``device``, dummies applied) for the config's backbone."""
+    run = RunConfig.coerce(config)
+    gen = torch.Generator().manual_seed(seed)
+    image, sizes = _images(run, batch_size, size_key, gen)
+    ids, masks, dummy_ids = _texts(run, batch_size, size_key, gen)
     dummy_masks = (dummy_ids != 0).long()
     batch = {"image": image, "image_sizes": sizes, "text_ids": ids, "text_masks": masks,
-             "label": _labels(dataset, batch_size, gen), "missing_type": _missing_types(batch_size, gen),
+             "label": _labels(run.data.dataset, batch_size, gen), "missing_type": _missing_types(batch_size, gen),
              "row_index": torch.arange(batch_size), "item_index": torch.arange(batch_size)}
     batch = {k: v.to(device) for k, v in batch.items()}
     # as the collator does: the sizes as Python ints too, so ViLT sizes its patch tensor without a device sync

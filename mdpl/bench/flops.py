@@ -4,12 +4,13 @@ alone, unpadded), the sequence length after prompt insertion and the devices' pe
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from mdpl.bench.models import two_tower
+from mdpl.config import RunConfig
 
 # Dense peak TFLOP/s by (GPU name fragment, precision); fp32 = plain FP32 (TF32 off, the PyTorch default).
 PEAK_TFLOPS = {
@@ -61,12 +62,14 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas())
 
 
-def count_flops(model: torch.nn.Module, cfg: dict, batch: dict, device: torch.device, precision: str) -> Flops:
+def count_flops(model: torch.nn.Module, config: RunConfig | Mapping, batch: dict, device: torch.device,
+                precision: str) -> Flops:
     """FLOPs of `model` on `batch`, counted on the real computation the timed steps run (same precision):
     the evaluation forward (eval mode, inference_mode) and the training forward + task loss + backward (the
     optimizer update is elementwise: not counted). The gradients it makes are dropped; the mode is restored."""
     from mdpl.engine.losses import task_loss
 
+    dataset = RunConfig.coerce(config).data.dataset
     was_training = model.training
     model.eval()
     with flop_counter() as forward, torch.inference_mode(), autocast(device, precision):
@@ -76,24 +79,25 @@ def count_flops(model: torch.nn.Module, cfg: dict, batch: dict, device: torch.de
         model.set_frozen_modes()
     with flop_counter() as train:
         with autocast(device, precision):
-            loss = task_loss(cfg["dataset"], model(batch)["logits"], batch["label"])
+            loss = task_loss(dataset, model(batch)["logits"], batch["label"])
         loss.backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return Flops(float(forward.get_total_flops()), float(train.get_total_flops()))
 
 
-def sequence_length(cfg: dict, batch: dict, model: torch.nn.Module) -> int:
-    """Longest sequence after every prompt insertion: the joint ViLT sequence, or CLIP's vision tower (the
-    method's `added_tokens`)."""
+def sequence_length(config: RunConfig | Mapping, batch: dict, model: torch.nn.Module) -> int:
+    """Longest sequence after every prompt insertion: the joint sequence of a single-stream backbone (text, image
+    [CLS], patches), else the image tower's ([CLS] + patches); with the method's `added_tokens`."""
+    sizes = RunConfig.coerce(config).backbone
     method = model.prompt
     added = method.added_tokens(method.config, model.backbone.info)
-    if two_tower(cfg):
-        side, patch = batch["image"].shape[-1], int(cfg[f"{cfg['backbone']}_patch_size"])
-        return (side // patch) ** 2 + 1 + added.get("image", 0)
-    p = int(cfg["patch_size"])
-    sizes = batch["image_sizes"].cpu()
-    m = int((((sizes[:, 0] + p - 1) // p) * ((sizes[:, 1] + p - 1) // p)).max())
+    p = int(sizes.patch_size)
+    if "joint" not in sizes.stream_widths:
+        side = batch["image"].shape[-1]
+        return (side // p) ** 2 + 1 + added.get("image", 0)
+    hw = batch["image_sizes"].cpu()
+    m = int((((hw[:, 0] + p - 1) // p) * ((hw[:, 1] + p - 1) // p)).max())
     return batch["text_ids"].shape[1] + 1 + m + added.get("joint", 0)
 
 
@@ -120,15 +124,17 @@ def single_samples(batch: dict, cut_text: bool) -> list[dict]:
         one["text_len_host"] = length
         if "image_sizes_host" in batch:
             one["image_sizes_host"] = batch["image_sizes_host"][i:i + 1]
-        if cut_text:   # ViLT: the text segment itself; the two-tower models keep their fixed ids, cut by the model
+        if cut_text:   # an encoder reading texts of any length (the card's dynamic_text_padding): the text itself;
+            # the fixed-length ones keep their ids, cut by the model
             one["text_ids"], one["text_masks"] = one["text_ids"][:, :length], one["text_masks"][:, :length]
         out.append(one)
     return out
 
 
-def needed_flops(model, cfg: dict, batch: dict, device: torch.device, precision: str) -> Flops:
+def needed_flops(model, config: RunConfig | Mapping, batch: dict, device: torch.device, precision: str) -> Flops:
     """FLOPs of the same model on every sample alone and unpadded (`single_samples`), summed: what the answer
     needs, against which the executed FLOPs of the batched step are compared."""
-    counts = [count_flops(model, cfg, one, device, precision)
-              for one in single_samples(batch, cut_text=not two_tower(cfg))]
+    run = RunConfig.coerce(config)
+    counts = [count_flops(model, run, one, device, precision)
+              for one in single_samples(batch, cut_text=run.card.dynamic_text_padding)]
     return Flops(sum(c.forward for c in counts), sum(c.train for c in counts))

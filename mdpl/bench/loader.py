@@ -73,10 +73,10 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
         vocab = write_wordpiece_vocab(work / "vocab" / "vocab.txt")
         overrides["tokenizer"] = str(vocab.parent)
         overrides["vocab_size"] = len(vocab.read_text(encoding="utf-8").splitlines())
-    cfg = resolve_config(method, dataset, args.small, overrides)
+    run = RunConfig.coerce(resolve_config(method, dataset, args.small, overrides))
     n_target = args.loader_batches or (6 if args.small else 40)
     cores = max(workers, 1)
-    dm = build_datamodule(RunConfig.coerce(cfg))
+    dm = build_datamodule(run)
     dm.setup("fit")
     timed, images, elapsed, cpu, _ = _time_train_loader(dm, n_target)
     del dm
@@ -95,7 +95,7 @@ def bench_loader(dataset: str, backbone: str, workers: int, args, work: Path) ->
         return row
     with tempfile.TemporaryDirectory(prefix="pixel_cache_", dir=work) as folder:
         started = time.perf_counter()
-        dm = build_datamodule(RunConfig.coerce({**cfg, "pixel_cache": folder}))
+        dm = build_datamodule(run.replace(pixel_cache=folder))
         dm.setup("fit")   # writes the train and val caches (num_workers processes)
         row["cache_write_s"] = time.perf_counter() - started
         _, images, elapsed, cpu, batch = _time_train_loader(dm, n_target)

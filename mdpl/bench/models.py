@@ -3,7 +3,6 @@ classifier with random weights."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from mdpl.backbones.registry import available_backbones, backbone_card
 from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.backbones.registry import method_backbone
 from mdpl.prompts.keys import method_presets
-from mdpl.config.run_config import to_plain
+from mdpl.config.run_config import RunConfig, to_plain
 
 
 def resolve_config(method: str, dataset: str, small: bool, overrides: dict | None = None) -> dict:
@@ -35,20 +34,14 @@ def resolve_config(method: str, dataset: str, small: bool, overrides: dict | Non
     return to_plain(dict(create_run(ex, "print_config", config_updates=updates, named_configs=presets).config))
 
 
-def build_model(cfg: dict) -> torch.nn.Module:
+def build_model(config: RunConfig | dict) -> torch.nn.Module:
     """Random-weight classifier; the 'randomly initialised' warnings are silenced."""
     from mdpl.models import build_classifier
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
         warnings.filterwarnings("ignore", message=r"\w+ is empty.*")
-        return build_classifier(cfg)
-
-
-def two_tower(cfg: Mapping) -> bool:
-    """Whether the config's backbone has an image and a text tower reading OpenAI BPE texts (square images, fixed
-    ``<backbone>_context_length`` ids) rather than one joint stream over WordPiece texts."""
-    return not backbone_card(str(cfg["backbone"])).tokenizer_dir
+        return build_classifier(config)
 
 
 def bench_datasets() -> list[str]:

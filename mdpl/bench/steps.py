@@ -11,7 +11,8 @@ import torch
 from mdpl.bench.batches import synthetic_batch
 from mdpl.bench.flops import autocast, count_flops, needed_flops, peak_tflops, sequence_length
 from mdpl.bench.memory import MemoryMeter
-from mdpl.bench.models import build_model, resolve_config, two_tower
+from mdpl.bench.models import build_model, resolve_config
+from mdpl.config import RunConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -19,14 +20,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_train_step(model, cfg: dict, device: torch.device, precision: str) -> tuple[Callable, Any]:
+def make_train_step(model, run: RunConfig, device: torch.device, precision: str) -> tuple[Callable, Any]:
     """forward + loss + backward + optimizer step (GradScaler for fp16-mixed)."""
     from mdpl.engine.losses import task_loss
     from mdpl.engine.optim import build_optimizer
 
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, run)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
-    dataset = cfg["dataset"]
+    dataset = run.data.dataset
 
     def step(batch: dict) -> torch.Tensor:
         with autocast(device, precision):
@@ -85,20 +86,21 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
     size_key = "small" if args.small else "full"
     padding = {} if args.text_padding == "default" else {"dynamic_text_padding": args.text_padding == "dynamic"}
     backbone = {} if args.backbone == "paper" else {"backbone": args.backbone}
-    cfg = resolve_config(method, dataset, args.small, {"per_gpu_batchsize": batch_size, **padding, **backbone})
-    dynamic = bool(cfg["dynamic_text_padding"]) and not two_tower(cfg)
-    row: dict[str, Any] = {"method": method, "backbone": cfg["backbone"], "dataset": dataset,
+    run = RunConfig.coerce(resolve_config(method, dataset, args.small,
+                                          {"per_gpu_batchsize": batch_size, **padding, **backbone}))
+    dynamic = run.pipeline.dynamic_text_padding
+    row: dict[str, Any] = {"method": method, "backbone": run.experiment.backbone, "dataset": dataset,
                            "precision": precision, "batch": batch_size, "dynamic_text_padding": dynamic,
                            "status": "ok"}
     if device.type == "cpu" and precision == "fp16-mixed":
         row["status"] = "skipped: fp16-mixed needs CUDA"
         return row
     torch.manual_seed(0)
-    raw = build_model(cfg).to(device)
+    raw = build_model(run).to(device)
     model = torch.compile(raw) if args.compile else raw
     row["params_total"], row["params_trainable"] = raw.trainable_parameters_report()
-    batches = [synthetic_batch(cfg, batch_size, size_key, device, seed=s) for s in range(2)]
-    row["seq_len"] = sequence_length(cfg, batches[0], raw)
+    batches = [synthetic_batch(run, batch_size, size_key, device, seed=s) for s in range(2)]
+    row["seq_len"] = sequence_length(run, batches[0], raw)
     row["text_len"] = int(batches[0]["text_ids"].shape[1])
     row["image_hw"] = list(batches[0]["image"].shape[-2:])
     meter = MemoryMeter(device)
@@ -108,7 +110,7 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
         model.train()
         if hasattr(raw, "set_frozen_modes"):
             raw.set_frozen_modes()
-        step, opt = make_train_step(model, cfg, device, precision)
+        step, opt = make_train_step(model, run, device, precision)
         t_train, cpu_train, row["train_peak_mib"] = time_loop(step, batches, args.warmup, args.steps, device, meter)
         opt.zero_grad(set_to_none=True)
         del step, opt
@@ -117,8 +119,8 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
         t_eval, cpu_eval, row["eval_peak_mib"] = time_loop(make_eval_step(model, device, precision), batches,
                                                            args.warmup, args.steps, device, meter)
         # counted after the timed loops, so that the memory figures are those of the steps alone
-        flops = [count_flops(raw, cfg, b, device, precision) for b in batches]
-        needed = [needed_flops(raw, cfg, b, device, precision) for b in batches]
+        flops = [count_flops(raw, run, b, device, precision) for b in batches]
+        needed = [needed_flops(raw, run, b, device, precision) for b in batches]
     except RuntimeError as err:
         if not _is_oom(err):
             raise

@@ -4,7 +4,8 @@ A table is a list of cells. A cell is one training run (dataset, method, backbon
 ablation keys) whose final test is the one-pass evaluation sweep over the cell's test scenarios. Every run is
 ``python run.py with <task> <method preset> [on_<backbone>] [tiny] key=value ...``; nothing here names a method,
 backbone or dataset: presets, paper backbones, learning rates and weight files come from the method, backbone and
-dataset cards, and the tables from the methods' ``paper_tables`` (``mdpl/experiments/papers/``).
+dataset cards, and the tables from the methods' ``paper_tables`` (``mdpl/experiments/papers/``) and the method
+registry (``mdpl/experiments/protocol.py``).
 
 Runs are shared between tables: a training run is identified by its experiment settings (named configs + keys;
 :func:`run_key`) and sweeps the union of the test scenarios of every cell that uses it (:func:`scenario_union`).
@@ -104,11 +105,16 @@ def make_cell(label, dataset, method, train, tests=None, **kw) -> Cell:
 
 @functools.cache
 def tables() -> dict[str, Table]:
-    """Every registered method's paper tables (``paper_tables`` of its class), by name; methods by name."""
+    """Every registered method's paper tables (``paper_tables`` of its class), by name; methods by name; then the
+    table of every registered method under one protocol (``mdpl.experiments.protocol``)."""
+    from mdpl.experiments.protocol import all_methods_table
+
     out: dict[str, Table] = {}
     for method in sorted(available_methods()):
         ref = method_class(method).paper_tables
         out.update({t.name: t for t in (resolve(ref)() if ref else [])})
+    table = all_methods_table()
+    out[table.name] = table
     return out
 
 

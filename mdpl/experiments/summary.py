@@ -4,6 +4,7 @@ through :mod:`mdpl.report`."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import statistics
@@ -143,64 +144,61 @@ def _f(text) -> float | None:
     return None if text in ("", None) else float(text)
 
 
-def plot(table: Table, rows: list[dict], path: Path) -> str:
-    """One figure for the table; returns a note for the markdown ('' when written)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "Plot skipped: matplotlib is not importable."
-    if table.kind == "figure":
-        save_figure(robustness_figure(figure_curves(rows)), path, dpi=110)
-        return ""
-    if table.kind == "sweep":
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for t in MISSING_TYPES:
-            rs = sorted((r for r in rows if r["test_type"] == t), key=lambda r: float(r["x"]))
-            done = [r for r in rs if r["ours_mean"] != ""]
-            if done:
-                ax.errorbar([float(r["x"]) for r in done], [float(r["ours_mean"]) for r in done],
-                            yerr=[float(r["ours_std"] or 0) for r in done], marker="o", capsize=2, label=f"ours, test {t}")
-            val = [r for r in rs if r["ours_val_best_mean"] != ""]
-            if val and any(r["paper_split"] == "val" for r in rs):
-                ax.errorbar([float(r["x"]) for r in val], [float(r["ours_val_best_mean"]) for r in val],
-                            yerr=[float(r["ours_val_best_std"] or 0) for r in val], marker="s", ls="--", capsize=2,
-                            label="ours, val (best)")
-        papers = [r for r in rows if r["paper"] != ""]
-        if papers:
-            seen = {}
-            for r in papers:
-                seen[float(r["x"])] = float(r["paper"])
-            split = papers[0]["paper_split"]
-            ax.plot(list(seen), list(seen.values()), "k*", ms=10, label=f"paper ({split})")
-        ax.set_xlabel(table.sweep_key)
-        ax.set_ylabel(f"{rows[0]['metric']} (×100)")
-        ax.legend(fontsize=7)
-        ax.set_title(table.name)
-    else:
-        labels = [f"{r['index']}. {r['label']} | {r['dataset']} {r['train_type']}{100 * r['train_ratio']:g}"
-                  f"→{r['test_type']}{100 * r['test_ratio']:g}" for r in rows]
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * len(rows)))
-        ys = list(range(len(rows)))[::-1]
-        ours = [float(r["ours_mean"]) if r["ours_mean"] != "" else math.nan for r in rows]
-        errs = [float(r["ours_std"]) if r["ours_std"] != "" else 0.0 for r in rows]
-        ax.barh(ys, [0 if math.isnan(v) else v for v in ours], xerr=errs, color="tab:blue", alpha=0.7,
-                label="ours (test)")
-        val = [(y, float(r["ours_val_best_mean"])) for y, r in zip(ys, rows)
-               if r["paper_split"] == "val" and r["ours_val_best_mean"] != ""]
+def sweep_curves(table: Table, rows: list[dict]) -> list[Curve]:
+    """A sweep table's curves on one panel against the swept key: ours (test) per missing type, ours (best
+    validation score) where the paper reports the validation split, and the paper's numbers."""
+    ylabel, panel = f"{rows[0]['metric']} (×100)", ""   # one panel: the figure title names the table
+    kw = {"ylabel": ylabel, "xlabel": table.sweep_key, "percent": False}
+    curves = []
+    for t in MISSING_TYPES:
+        rs = sorted((r for r in rows if r["test_type"] == t), key=lambda r: float(r["x"]))
+        done = [r for r in rs if r["ours_mean"] != ""]
+        if done:
+            curves.append(Curve(panel, f"ours, test {t}", [float(r["x"]) for r in done],
+                                [float(r["ours_mean"]) for r in done], [float(r["ours_std"] or 0) for r in done], **kw))
+        val = [r for r in rs if r["ours_val_best_mean"] != ""]
+        if val and any(r["paper_split"] == "val" for r in rs):
+            curves.append(Curve(panel, "ours, val (best)", [float(r["x"]) for r in val],
+                                [float(r["ours_val_best_mean"]) for r in val],
+                                [float(r["ours_val_best_std"] or 0) for r in val], **kw))
+    papers = {float(r["x"]): float(r["paper"]) for r in rows if r["paper"] != ""}
+    if papers:
+        split = next(r["paper_split"] for r in rows if r["paper"] != "")
+        curves.append(Curve(panel, f"paper ({split})", list(papers), list(papers.values()), points=True,
+                            style="k*", **kw))
+    return curves
+
+
+def table_curves(rows: list[dict]) -> list[Curve]:
+    """A table's curves: one panel per dataset (its metric), its rows along x: ours (test, mean ± std), ours (best
+    validation score) where the paper reports the validation split, and the paper's numbers."""
+    curves = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == ds]
+        panel, xs = f"{ds} ({mine[0]['metric']})", list(range(len(mine)))
+        kw = {"ylabel": "metric (×100)", "xlabel": "", "percent": False, "points": True}
+        names = [f"{r['index']}. {r['label']} | {r['train_type']}{100 * r['train_ratio']:g}"
+                 f"→{r['test_type']}{100 * r['test_ratio']:g}" for r in mine]
+        curves.append(Curve(panel, "ours (test)", xs, [math.nan if r["ours_mean"] == "" else float(r["ours_mean"]) for r in mine],
+                            [_f(r["ours_std"]) or 0.0 for r in mine], ticks=names, **kw))
+        val = [(x, r) for x, r in zip(xs, mine) if r["paper_split"] == "val" and r["ours_val_best_mean"] != ""]
         if val:
-            ax.plot([v for _, v in val], [y for y, _ in val], "o", color="tab:orange", ms=4, label="ours (val, best)")
-        px = [(y, float(r["paper"])) for y, r in zip(ys, rows) if r["paper"] != ""]
-        if px:
-            ax.plot([v for _, v in px], [y for y, _ in px], "k|", ms=12, mew=2, label="paper")
-        ax.set_yticks(ys, labels, fontsize=6)
-        ax.set_xlabel("metric (×100)")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(table.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            curves.append(Curve(panel, "ours (val, best)", [x for x, _ in val],
+                                [float(r["ours_val_best_mean"]) for _, r in val], **kw))
+        paper = [(x, float(r["paper"])) for x, r in zip(xs, mine) if r["paper"] != ""]
+        if paper:
+            curves.append(Curve(panel, "paper", [x for x, _ in paper], [v for _, v in paper], style="k_", **kw))
+    return curves
+
+
+def plot(table: Table, rows: list[dict], path: Path) -> str:
+    """One figure for the table (:func:`mdpl.report.robustness_figure`); returns a note for the markdown ('' when
+    written)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "Plot skipped: matplotlib is not importable."
+    curves = (figure_curves(rows) if table.kind == "figure" else sweep_curves(table, rows) if table.kind == "sweep"
+              else table_curves(rows))
+    save_figure(robustness_figure(curves, "" if table.kind == "figure" else table.name), path, dpi=110)
     return ""
 
 

@@ -128,6 +128,7 @@ class MoRA(PromptMethod):
     preset = "mora"
     paper_run = (1e-2, 42)
     paper_backbone = "clip"
+    paper_tables = "mdpl.experiments.papers.mora:tables"
     trains_backbone_parts = False   # the reference trains the adapters and the head only
 
     def __init__(self, config: MoRAConfig, info: BackboneInfo) -> None:

@@ -119,6 +119,7 @@ class SemanticallyConditionedPrompts(PromptMethod):
     title = "SCP"
     preset = "scp"
     paper_run = (1e-2, 0)
+    paper_tables = "mdpl.experiments.papers.scp:tables"
     config_class = ScpConfig
     reference_prompt_keys = ("add_agnostic_prompts_layers.", "QKV_ps_layers.")
     reference_config_keys = (("prompt_length", "scp_length"), ("pool_size", "scp_pool_size"),
