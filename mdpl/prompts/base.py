@@ -36,6 +36,7 @@ from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT  #
 from mdpl.errors import UserInputError
 from mdpl.prompts.adapters import AdapterSite, AdapterSpec, WeightAdapter, build_generic_adapter
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
+from mdpl.prompts.preparation import PreparationNeed, PreparedArtifact
 
 JOINT = "joint"
 """Name of a single-stream backbone's stream (ViLT: ``[text ; image]``)."""
@@ -244,6 +245,18 @@ class PromptMethod(nn.Module):
         none: on a causal stream the positions after the last read-out token are dropped after that block's hooks
         (exact: later positions cannot change earlier ones)."""
         return -1
+
+    # --- preparation stage ----------------------------------------------------------------------------
+    def preparation_needs(self) -> PreparationNeed | None:
+        """What this method needs computed over the training split with the frozen backbone before it trains or
+        tests (pooled block inputs, k-means centres, neighbour lists; ``mdpl.prompts.preparation``), or None."""
+        return None
+
+    def load_prepared(self, artifact: PreparedArtifact) -> None:
+        """Receive the preparation's result (called on every rank before training and before testing). Copy what is
+        kept into tensors allocated in ``__init__`` (their sizes follow from the config), so that the optimizer, DDP
+        and checkpoints see the same tensors throughout."""
+        raise NotImplementedError(f"{type(self).__name__} declares preparation_needs but no load_prepared")
 
     # --- auxiliary losses -----------------------------------------------------------------------------
     def aux_losses(self, prepared: Any) -> dict[str, torch.Tensor]:
