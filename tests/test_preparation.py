@@ -90,6 +90,12 @@ def data(tmp_path_factory, toy) -> dict:
     return data
 
 
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The artefact of one uninterrupted single-process preparation (chunks of one batch)."""
+    return prepare(copy_root(data, tmp_path_factory.mktemp("reference")))[1]
+
+
 def copy_root(data: dict, tmp_path: Path) -> dict:
     """The config with its own copy of the arrow files (same names, sizes and times: the same inputs)."""
     root = tmp_path / "arrow"
@@ -237,9 +243,8 @@ def test_changed_arrow_file_is_never_reused(data, tmp_path) -> None:
         prepare(flat)
 
 
-def test_killed_preparation_resumes_to_the_same_artifact(data, tmp_path, monkeypatch) -> None:
+def test_killed_preparation_resumes_to_the_same_artifact(data, reference, tmp_path, monkeypatch) -> None:
     import mdpl.engine.preparation as prep
-    _, reference = prepare(copy_root(data, tmp_path / "one"))
     flat = copy_root(data, tmp_path / "two")
     proc = subprocess_prepare(flat, tmp_path, "--kill-after", "2")
     _, err = proc.communicate(timeout=240)
@@ -256,15 +261,17 @@ def test_killed_preparation_resumes_to_the_same_artifact(data, tmp_path, monkeyp
     same_artifact(reference, resumed)                          # bit for bit
 
 
-def test_two_process_gloo_equals_one_process(data, tmp_path) -> None:
-    _, one = prepare(copy_root(data, tmp_path / "one"))
+def test_two_process_gloo_equals_one_process(data, reference, tmp_path) -> None:
+    one = reference
     flat = copy_root(data, tmp_path / "two")
     init = f"file://{tmp_path / 'pg'}"
     procs = [subprocess_prepare(flat, tmp_path, "--rank", str(r), "--world", "2", "--init", init) for r in (0, 1)]
     outputs = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert sorted(json.loads(out)["key"] for out, _ in outputs) == [one.key, one.key]   # both ranks loaded it
+    results = [json.loads(out) for out, _ in outputs]
+    assert [r["key"] for r in results] == [one.key, one.key]       # both ranks loaded it
+    assert [r["chunks"] for r in results] == [3, 3]                # each rank collected its 11 items (6 chunks in 1)
     [path] = artefact_files(flat)
     from mdpl.engine.preparation import read_artifact
     two = read_artifact(path, one.dependencies, one.key)
@@ -278,6 +285,7 @@ def test_run_py_prepares_before_fit_and_test_only(data, tmp_path) -> None:
     [path] = artefact_files(flat)
     stored = torch.load(path, map_location="cpu", weights_only=True)
     state = torch.load(out["best_model_path"], map_location="cpu", weights_only=False)["state_dict"]
+    assert stored["centres"]["joint"].abs().sum() > 0
     assert torch.equal(state["model.prompt.centres_joint"], stored["centres"]["joint"])
     mtime = path.stat().st_mtime_ns
     again = run_quiet({**flat, "test_only": True, "load_path": out["best_model_path"],
@@ -303,13 +311,16 @@ def _main(argv: list[str]) -> None:
     if args.world > 1:
         torch.distributed.init_process_group("gloo", init_method=args.init, rank=args.rank, world_size=args.world)
 
+    chunks = []
+
     def on_chunk(index: int) -> None:
+        chunks.append(index)
         if args.kill_after is not None and index >= args.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     with registered(CentrePrompt, "centres"):
         _, artifact = prepare(json.loads(Path(args.config).read_text()), on_chunk=on_chunk)
-    print(json.dumps({"key": artifact.key}))
+    print(json.dumps({"key": artifact.key, "chunks": len(chunks)}))
     if args.world > 1:
         torch.distributed.destroy_process_group()
 

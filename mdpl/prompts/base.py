@@ -16,7 +16,8 @@ read-only views of the stream: ``ctx.block_query(i, x)`` (block ``i``'s own froz
 projection applied to tokens ``x``, SCP §14) and ``ctx.readout_positions(layout)`` (where each row's feature token,
 e.g. ViLT's text [CLS], sits in a layout).
 
-Two more optional pieces: auxiliary loss terms (``aux_loss_names`` / ``aux_losses``, added to the training loss only)
+Optional pieces: a preparation need (``preparation_needs`` / ``load_prepared``, ``mdpl.prompts.preparation``:
+computed over the training split with the frozen backbone before training), auxiliary loss terms (``aux_loss_names`` / ``aux_losses``, added to the training loss only)
 and weight adapters on named linear maps of a stream's blocks (``adapter_specs`` / ``build_adapter``,
 ``mdpl.prompts.adapters``).
 
