@@ -295,6 +295,22 @@ def test_run_py_prepares_before_fit_and_test_only(data, tmp_path) -> None:
         assert abs(again["test"][key] - value) <= 1e-6, key
 
 
+def test_stage_loads_the_artifact_but_a_loaded_checkpoint_wins(data, tmp_path) -> None:
+    from types import SimpleNamespace
+    from mdpl.config import RunConfig
+    from mdpl.engine.preparation import PreparationStage
+    from mdpl.engine.session import build_datamodule
+    flat = copy_root(data, tmp_path)
+    model, artifact = prepare(flat)
+    run = RunConfig.coerce(flat)
+    for stage, expected in (("fit", artifact.centres["joint"]), ("test", torch.full_like(artifact.centres["joint"], 7))):
+        model.prompt.centres_joint.fill_(7)                  # e.g. the values a test_only checkpoint loaded
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), is_global_zero=True,
+                                  datamodule=build_datamodule(run))
+        PreparationStage(run, progress=False).setup(trainer, SimpleNamespace(model=model, to=lambda d: None), stage)
+        assert torch.equal(model.prompt.centres_joint, expected), stage
+
+
 # ------------------------------------------------------------------------------------------------ subprocess entry
 def _main(argv: list[str]) -> None:
     """``prepare <config.json> [--kill-after N] [--rank R --world W --init URL]``: prints the artefact's key."""

@@ -409,23 +409,28 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 class PreparationStage(pl.Callback):
-    """Runs :func:`run_preparation` on every rank when fit or test starts (the model on its device, the processes
-    connected), once per trainer."""
+    """Runs :func:`run_preparation` on every rank in the trainer's ``setup`` (the processes are connected; before
+    Lightning restores a checkpoint), on the strategy's device, once per trainer.
+
+    The checkpoint wins: when fit resumes, Lightning restores the method's tensors after ``load_prepared``; for
+    ``test_only`` (``stage == "test"``: the weights were loaded before the trainer existed) the method's state is
+    put back after ``load_prepared``, which then supplies only what checkpoints do not hold."""
 
     def __init__(self, run, progress: bool = True) -> None:
         self.run = run
         self.progress = progress
         self.done = False
 
-    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.done:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.done or stage not in ("fit", "test"):
             return
-        run_preparation(self.run, pl_module.model, trainer.datamodule, pl_module.device,
-                        progress=self.progress and trainer.is_global_zero)
         self.done = True
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare(trainer, pl_module)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare(trainer, pl_module)
+        method = pl_module.model.prompt
+        if method.preparation_needs() is None:
+            return
+        pl_module.to(trainer.strategy.root_device)   # where the strategy puts it next anyway
+        kept = {k: v.clone() for k, v in method.state_dict().items()} if stage == "test" else None
+        run_preparation(self.run, pl_module.model, trainer.datamodule, trainer.strategy.root_device,
+                        progress=self.progress and trainer.is_global_zero)
+        if kept is not None:
+            method.load_state_dict(kept)

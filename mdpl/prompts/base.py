@@ -254,9 +254,10 @@ class PromptMethod(nn.Module):
         return None
 
     def load_prepared(self, artifact: PreparedArtifact) -> None:
-        """Receive the preparation's result (called on every rank before training and before testing). Copy what is
-        kept into tensors allocated in ``__init__`` (their sizes follow from the config), so that the optimizer, DDP
-        and checkpoints see the same tensors throughout."""
+        """Receive the preparation's result (on every rank, when fit or ``test_only`` starts). Copy what is kept into
+        tensors allocated in ``__init__`` (their sizes follow from the config), so that the optimizer, DDP and
+        checkpoints see the same tensors throughout. Tensors a checkpoint holds keep its values (a resumed run, a
+        trained parameter initialised from the artefact, ``test_only``)."""
         raise NotImplementedError(f"{type(self).__name__} declares preparation_needs but no load_prepared")
 
     # --- auxiliary losses -----------------------------------------------------------------------------
