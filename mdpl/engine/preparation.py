@@ -425,8 +425,8 @@ class PreparationStage(pl.Callback):
         if self.done or stage not in ("fit", "test"):
             return
         self.done = True
-        method = pl_module.model.prompt
-        if method.preparation_needs() is None:
+        method = getattr(pl_module.model, "prompt", None)   # injected models (tests) may have no method
+        if not isinstance(method, PromptMethod) or method.preparation_needs() is None:
             return
         pl_module.to(trainer.strategy.root_device)   # where the strategy puts it next anyway
         kept = {k: v.clone() for k, v in method.state_dict().items()} if stage == "test" else None
