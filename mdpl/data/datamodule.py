@@ -132,6 +132,25 @@ class MDPLDataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0, drop_last=False,
                           generator=torch.Generator().manual_seed(seed))
 
+    def items_loader(self, split: str, items: list[int]) -> DataLoader:
+        """The items `items` of ``split`` in that order, in batches of ``per_gpu_batchsize`` (outside the Trainer's
+        loops: the preparation stage, ``mdpl.engine.preparation``)."""
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        workers = int(self.data.num_workers)
+        return DataLoader(torch.utils.data.Subset(self.datasets[split], items),
+                          batch_size=int(self.data.per_gpu_batchsize), shuffle=False, num_workers=workers,
+                          collate_fn=self.collator, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+    def device_batch(self, batch: dict, device: torch.device, split: str, complete: bool = False) -> dict:
+        """A batch of ``items_loader`` ready for the model on `device`: the split's table types (no
+        ``simulate_missing``) and their dummies, or with `complete` every modality kept (type 0)."""
+        from pytorch_lightning.utilities import move_data_to_device
+        types = torch.zeros_like(batch["missing_type"]) if complete else self.batch_missing_types(batch, False, 0, split)
+        batch = {**batch, "missing_type": types, "missing_type_host": tuple(types.tolist()),
+                 "row_index_host": tuple(batch["row_index"].tolist())}
+        return self.on_after_batch_transfer(move_data_to_device(batch, device), 0)
+
     def skip_train_batches(self, batches: int) -> None:
         """The next train loader starts after its first ``batches`` batches (a mid-epoch resume)."""
         self._pending_skip_batches = int(batches)

@@ -1,7 +1,8 @@
 """One run, start to end: the data module, training, testing the best checkpoint (or only testing a checkpoint with
 ``test_only``), the evaluation sweep and ``test_metrics.json``. ``run.py`` and the demo both run through here.
 
-Training runs end with ``trainer.test`` on the best checkpoint. ``test_only=True`` loads every tensor from
+A method that declares ``preparation_needs`` gets its prepared artefact (``mdpl.engine.preparation``) when fit or
+test starts, on every rank. Training runs end with ``trainer.test`` on the best checkpoint. ``test_only=True`` loads every tensor from
 ``load_path`` strictly (``build_test_module``); anything that is not a trained checkpoint is refused.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mdpl.config.run_config import RunConfig
 from mdpl.data.datamodule import MDPLDataModule
 from mdpl.data.scenarios import sweep_specs
 from mdpl.engine.module import MDPLModule, load_for_test, read_test_checkpoint
+from mdpl.engine.preparation import PreparationStage
 from mdpl.engine.resume import check_resume_config, resolve_resume_path
 from mdpl.engine.run_dir import new_run_dir, remove_if_empty_run, run_base_dir
 from mdpl.engine.sweep import MissingSweep, prepare_sweep, result_rows, write_outputs
@@ -77,13 +79,19 @@ class Outcome:
                 "sweep": self.sweep_outputs, "global_rank": self.trainer.global_rank}
 
 
+def preparation_stages(run: RunConfig, trainer_overrides: dict) -> list[pl.Callback]:
+    """The preparation stage (``mdpl.engine.preparation``): what the method's ``preparation_needs`` asks for,
+    computed or read on every rank when fit or test starts, and handed to its ``load_prepared``."""
+    return [PreparationStage(run, progress=bool(trainer_overrides.get("enable_progress_bar", True)))]
+
+
 def fit(run: RunConfig, directory: RunDirectory | Path, datamodule, model=None, sweep: MissingSweep | None = None,
         resume_path: str | None = None, started: Callable[[pl.Trainer], None] | None = None,
         **trainer_overrides) -> tuple[MDPLModule, pl.Trainer]:
     """Train ``run``: the module (``model`` injects a classifier), the trainer (``started`` sees it before training
     starts), ``trainer.fit`` from ``resume_path`` when given (resume_from / resume=True / a SLURM requeue)."""
     module = MDPLModule(run, model=model, sweep=sweep)
-    trainer = build_trainer(run, directory, **trainer_overrides)
+    trainer = build_trainer(run, directory, stages=preparation_stages(run, trainer_overrides), **trainer_overrides)
     if started is not None:
         started(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
@@ -130,7 +138,8 @@ def execute(run: RunConfig, datamodule=None, model=None, **trainer_overrides) ->
     trainers: list[pl.Trainer] = []
     try:
         if module is not None:
-            trainers.append(build_trainer(run, directory, **trainer_overrides))
+            trainers.append(build_trainer(run, directory, stages=preparation_stages(run, trainer_overrides),
+                                          **trainer_overrides))
             results = trainers[0].test(module, datamodule=datamodule)
             outcome = _outcome(run, trainers[0], module, datamodule, run.model.load_path, results, sweep)
         else:

@@ -25,7 +25,7 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -239,9 +239,11 @@ def build_callbacks(progress_bar: bool = True) -> list[pl.Callback]:
     return callbacks
 
 
-def build_trainer(config: RunConfig | Mapping, run_dir: str | Path | RunDirectory, **overrides) -> pl.Trainer:
+def build_trainer(config: RunConfig | Mapping, run_dir: str | Path | RunDirectory,
+                  stages: Sequence[pl.Callback] = (), **overrides) -> pl.Trainer:
     """Trainer for `config` writing checkpoints and logs (TensorBoard and CSV by default) under `run_dir`: a path,
-    or a RunDirectory whose directory global rank 0 chooses when the run starts.
+    or a RunDirectory whose directory global rank 0 chooses when the run starts. `stages`: callbacks that run before
+    the others (the preparation stage, ``mdpl.engine.preparation``).
 
     `overrides` are passed to `pl.Trainer` last (tests: limit_train_batches, enable_progress_bar, ...).
     Seeds everything with config seed first.
@@ -261,7 +263,7 @@ def build_trainer(config: RunConfig | Mapping, run_dir: str | Path | RunDirector
         accumulate_grad_batches=accumulation(run, devices, num_nodes),
         max_epochs=int(run.optim.max_epoch), max_steps=-1 if max_steps is None else int(max_steps),
         val_check_interval=trainer.val_check_interval,
-        callbacks=[directory, FitLogInterval(), *build_callbacks(overrides.get("enable_progress_bar", True)),
+        callbacks=[directory, *stages, FitLogInterval(), *build_callbacks(overrides.get("enable_progress_bar", True)),
                    *resume_callbacks(run)],  # RNG/epoch-position state, mid-epoch last.ckpt (resume.py)
         logger=directory.loggers or False,   # a directory chosen at the start gets its loggers then
         deterministic=determinism(run, accelerator), benchmark=False,

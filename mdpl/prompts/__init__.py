@@ -4,10 +4,12 @@
 """
 from mdpl.prompts.base import BackboneInfo, FrozenBlocks, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, Segment, TokenLayout, splice_tokens
+from mdpl.prompts.preparation import (FeatureRequest, KMeansRequest, NeighbourRequest, PreparationNeed,
+                                      PreparedArtifact)
 from mdpl.prompts.registry import available_methods, build_method, method_class, register_method, registered
 
 __all__ = [
     "BackboneInfo", "StreamInfo", "PromptContext", "FrozenBlocks", "MethodConfig", "PromptMethod", "TokenLayout", "Segment",
     "splice_tokens", "TEXT", "IMAGE", "build_method", "register_method", "registered", "available_methods",
-    "method_class",
+    "method_class", "FeatureRequest", "KMeansRequest", "NeighbourRequest", "PreparationNeed", "PreparedArtifact",
 ]

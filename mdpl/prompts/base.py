@@ -16,7 +16,8 @@ read-only views of the stream: ``ctx.block_query(i, x)`` (block ``i``'s own froz
 projection applied to tokens ``x``, SCP §14) and ``ctx.readout_positions(layout)`` (where each row's feature token,
 e.g. ViLT's text [CLS], sits in a layout).
 
-Two more optional pieces: auxiliary loss terms (``aux_loss_names`` / ``aux_losses``, added to the training loss only)
+Optional pieces: a preparation need (``preparation_needs`` / ``load_prepared``, ``mdpl.prompts.preparation``:
+computed over the training split with the frozen backbone before training), auxiliary loss terms (``aux_loss_names`` / ``aux_losses``, added to the training loss only)
 and weight adapters on named linear maps of a stream's blocks (``adapter_specs`` / ``build_adapter``,
 ``mdpl.prompts.adapters``).
 
@@ -36,6 +37,7 @@ from mdpl.data.constants import MISSING_COMPLETE, MISSING_IMAGE, MISSING_TEXT  #
 from mdpl.errors import UserInputError
 from mdpl.prompts.adapters import AdapterSite, AdapterSpec, WeightAdapter, build_generic_adapter
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
+from mdpl.prompts.preparation import PreparationNeed, PreparedArtifact
 
 JOINT = "joint"
 """Name of a single-stream backbone's stream (ViLT: ``[text ; image]``)."""
@@ -244,6 +246,19 @@ class PromptMethod(nn.Module):
         none: on a causal stream the positions after the last read-out token are dropped after that block's hooks
         (exact: later positions cannot change earlier ones)."""
         return -1
+
+    # --- preparation stage ----------------------------------------------------------------------------
+    def preparation_needs(self) -> PreparationNeed | None:
+        """What this method needs computed over the training split with the frozen backbone before it trains or
+        tests (pooled block inputs, k-means centres, neighbour lists; ``mdpl.prompts.preparation``), or None."""
+        return None
+
+    def load_prepared(self, artifact: PreparedArtifact) -> None:
+        """Receive the preparation's result (on every rank, when fit or ``test_only`` starts). Copy what is kept into
+        tensors allocated in ``__init__`` (their sizes follow from the config), so that the optimizer, DDP and
+        checkpoints see the same tensors throughout. Tensors a checkpoint holds keep its values (a resumed run, a
+        trained parameter initialised from the artefact, ``test_only``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares preparation_needs but no load_prepared")
 
     # --- auxiliary losses -----------------------------------------------------------------------------
     def aux_losses(self, prepared: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""What a method asks the preparation stage for, and what it gets back (docs/architecture.md, "Preparation").
+
+Some methods read the training split with the frozen backbone before they train: prototypes by k-means over pooled
+block inputs (AOEPT's memory tokens), nearest-neighbour lists for retrieval (RAGPT). A method declares that with
+``PromptMethod.preparation_needs() -> PreparationNeed | None``; the engine (``mdpl.engine.preparation``) computes it
+once per (data, backbone weights, need), stores it beside the data and hands it to ``PromptMethod.load_prepared``
+before training and before testing. This module is the interface side only: plain dataclasses, no computation.
+
+Layers are *block inputs*: layer ``l`` is the input of block ``l`` of the stream (``0`` = the embedding output), and
+``l = num_layers`` is the output of the last block (before the backbone's final norm).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+POOLINGS = ("mean", "mean_all", "first")
+"""``mean``: over the real tokens of the span (the stream's key mask); ``mean_all``: over every position of the span
+(padding included); ``first``: the span's first token."""
+MISSING_MODES = ("table", "complete")
+"""``table``: the training split's missing table applies (dummies as in training, without ``simulate_missing``);
+``complete``: every sample with both modalities."""
+METRICS = ("cosine", "l2")
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Pooled block inputs of one stream: a tensor [N_train, len(layers), width] named ``name``."""
+
+    name: str
+    stream: str                          # StreamInfo.name: "joint" | "image" | "text"
+    layers: tuple[int, ...]              # block inputs, 0..num_layers (num_layers: output of the last block)
+    segment: str | None = None           # a TokenLayout segment ("text", "image"); None: the whole sequence
+    pooling: str = "mean"                # POOLINGS
+    zero_missing: bool = False           # rows whose modality (the segment's, or the stream's) is missing give zeros
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: one of {POOLINGS}")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={self.layers}: a non-empty list of distinct block inputs")
+
+
+@dataclass(frozen=True)
+class KMeansRequest:
+    """K-means per layer over a feature: centres [len(layers), k', width], k' = min(k, rows clustered).
+
+    Lloyd iterations from k-means++ seeds (``n_init`` restarts, the lowest inertia kept), stopped after ``iters`` or
+    when the squared centre shift is at most ``tol`` times the mean per-dimension variance (sklearn's rule).
+    ``drop_zero_rows``: rows that are zero at every layer (``zero_missing`` rows) are not clustered."""
+
+    feature: str
+    k: int
+    iters: int = 300
+    seed: int = 0
+    n_init: int = 1
+    tol: float = 1e-4
+    drop_zero_rows: bool = True
+
+
+@dataclass(frozen=True)
+class NeighbourRequest:
+    """Exact top-``k`` neighbours among the training items of one layer of a feature: indices [N_train, k] (item
+    indices, best first) and scores [N_train, k] (cosine similarity, or minus the squared L2 distance)."""
+
+    feature: str
+    layer: int
+    k: int
+    metric: str = "cosine"               # METRICS
+    exclude_self: bool = True
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric={self.metric!r}: one of {METRICS}")
+
+
+@dataclass(frozen=True)
+class PreparationNeed:
+    """Everything a method needs computed over the training split before it trains or tests.
+
+    ``mask_missing``: on a joint stream the missing modality's tokens are masked as keys from block 0 on (a
+    collection pass that ignores the dummies); no effect on single-modality streams. ``keep_features``: the artefact
+    keeps the pooled features themselves (otherwise only centres and neighbours). ``version``: change it when the
+    method's use of the artefact changes, so older artefacts are not reused."""
+
+    features: tuple[FeatureRequest, ...]
+    kmeans: tuple[KMeansRequest, ...] = ()
+    neighbours: tuple[NeighbourRequest, ...] = ()
+    missing: str = "table"               # MISSING_MODES
+    mask_missing: bool = False
+    keep_features: bool = False
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names must be unique, got {names}")
+        unknown = sorted({r.feature for r in (*self.kmeans, *self.neighbours)} - set(names))
+        if unknown:
+            raise ValueError(f"k-means / neighbour requests name unknown features {unknown}")
+        if self.missing not in MISSING_MODES:
+            raise ValueError(f"missing={self.missing!r}: one of {MISSING_MODES}")
+
+    def feature(self, name: str) -> FeatureRequest:
+        return next(f for f in self.features if f.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able form (part of the artefact's dependencies)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PreparedArtifact:
+    """The preparation's result, as ``load_prepared`` receives it.
+
+    ``item_index`` long [N_train]: the training items in dataset order (row i of every per-item tensor).
+    ``features``: name -> [N_train, layers, width] (only with ``keep_features``). ``centres``: feature name ->
+    [layers, k', width]. ``neighbours``: feature name -> (indices long [N_train, k], scores [N_train, k]).
+    ``key`` and ``dependencies``: what the artefact was computed from (``mdpl.engine.preparation``)."""
+
+    key: str
+    dependencies: dict[str, Any]
+    item_index: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    centres: dict[str, torch.Tensor] = field(default_factory=dict)
+    neighbours: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
