@@ -223,14 +223,14 @@ def machine_meta(device: str) -> dict[str, Any]:
 def gpu_check(out: Path, device: str, tiny: bool, refs: Path | None, only: list[str] | None = None) -> dict[str, Any]:
     """Run the plan (``only``: a subset of step names), write ``gpu_check.json`` and ``gpu_check.md`` into ``out``."""
     from mdpl.atomic import write_text_atomic
-    from mdpl.backbones.registry import default_backbone  # noqa: F401  (registry loaded before the data step)
     from mdpl.prompts.registry import baseline_method
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = prepare_real_run_data(out, tiny)
+    real = not only or any(name.startswith("real_run") for name in only)
+    data = prepare_real_run_data(out, tiny) if real else {"dataset": ""}
     plan = [*bench_steps(out, device, tiny), *([reference_step(out, device, tiny, refs)] if refs else []),
-            *real_run_steps(out, device, tiny, data)]
+            *(real_run_steps(out, device, tiny, data) if real else [])]
     steps = {s.name: s for s in plan if not only or s.name in only}
     for step in steps.values():
         run_step(step)

@@ -1,0 +1,80 @@
+"""scripts/gpu_check.py: the GPU run must not fail on a typo. Every step's command line of the GPU plan and of the
+CPU dry run is accepted by its own parser (bench, reference harness) or resolves as a Sacred config (run.py), and
+the real-run pair trains through run.py on the CPU and yields a positive samples/s."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mdpl.bench import gpu_check as gc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(f"_gpu_check_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan(out: Path, device: str, tiny: bool) -> list[gc.Step]:
+    data = {"dataset": "food101", "data_root": str(out / "arrow"), "tokenizer": str(out / "tok"), "vocab_size": "50"}
+    return [*gc.bench_steps(out, device, tiny), gc.reference_step(out, device, tiny, out / "refs"),
+            *gc.real_run_steps(out, device, tiny, data)]
+
+
+@pytest.mark.parametrize("device,tiny", [("cuda", False), ("cpu", True)])
+def test_every_step_command_parses(tmp_path: Path, device: str, tiny: bool) -> None:
+    bench, harness = _load("scripts/bench.py"), _load("tools/vs_reference.py")
+    from runs import resolved_config
+
+    plan = _plan(tmp_path, device, tiny)
+    assert [s.name for s in plan] == ["bench", "bench_compile", "loader", "reference", "real_run_short",
+                                      "real_run_long"]
+    for step in plan:
+        script, args = Path(step.argv[1]).relative_to(ROOT).as_posix(), step.argv[2:]
+        if script == "scripts/bench.py":
+            parsed = bench.parse_args(args)
+            assert parsed.device == device and parsed.small == tiny
+        elif script == "tools/vs_reference.py":
+            parsed = harness.parse_args(args)
+            assert parsed.device == device and parsed.size == ("small" if tiny else "full")
+        else:
+            assert script == "run.py" and args[0] == "with"
+            named = [a for a in args[1:] if "=" not in a]
+            updates = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+            config = resolved_config(named, {k: v for k, v in updates.items() if k not in ("vocab_size", "load_path")})
+            assert config["dataset"] == "food101" and config["prompt_method"] == "none"
+            assert int(updates["max_steps"]) == step.result["max_steps"]
+    compiled = next(s for s in plan if s.name == "bench_compile")
+    assert "--compile" in compiled.argv
+
+
+def test_real_run_pair_measures_a_rate(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--device", "cpu", "--tiny", "--out",
+                           str(out), "--only", "real_run_short,real_run_long"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert set(result["steps"]) == {"real_run_short", "real_run_long"}
+    assert all(s["status"] == "ok" for s in result["steps"].values())
+    assert result["meta"]["real_run_samples_per_s"] > 0
+    markdown = (out / "gpu_check.md").read_text()
+    assert "| real_run_long | ok |" in markdown and "Real `run.py` training" in markdown
+
+
+def test_unknown_step_is_one_error_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--device", "cpu", "--tiny", "--out",
+                           str(tmp_path), "--only", "benhc"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown step(s) benhc; choose from bench, bench_compile, loader, reference, real_run_short, "
+        "real_run_long"]
+    assert not (tmp_path / "gpu_check.json").exists()
