@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -20,11 +21,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_train_step(model, run: RunConfig, device: torch.device, precision: str) -> tuple[Callable, Any]:
-    """forward + loss + backward + optimizer step (GradScaler for fp16-mixed)."""
+def make_train_step(model, config: RunConfig | Mapping, device: torch.device, precision: str) -> tuple[Callable, Any]:
+    """forward + loss + backward + optimizer step (GradScaler for fp16-mixed); a flat config is typed first."""
     from mdpl.engine.losses import task_loss
     from mdpl.engine.optim import build_optimizer
 
+    run = RunConfig.coerce(config)
     opt = build_optimizer(model, run)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     dataset = run.data.dataset
