@@ -26,16 +26,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> Path:
-    """Write ``text`` to a temporary file in ``path``'s folder, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline=newline) as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``write_atomic`` of ``text``; ``newline`` as ``open()``'s (None, '' and '\\n' keep the text's line ends)."""
+    if newline not in (None, "", "\n"):
+        text = text.replace("\n", newline)
+    return write_atomic(path, lambda fh: fh.write(text.encode(encoding)))

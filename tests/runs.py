@@ -74,3 +74,12 @@ def assert_same_run(ref, resumed) -> None:
     res_out = json.loads((Path(resumed) / "test_metrics.json").read_text())
     assert Path(ref_out["checkpoint"]).name == Path(res_out["checkpoint"]).name    # the same "best" epoch
     assert ref_out["metrics"] == res_out["metrics"]
+
+
+def tiny_run_config(tmp_path, method: str, backbone: str, dataset: str = "hatememes", **updates) -> dict:
+    """The `tiny` config of ``method`` on ``backbone`` over a synthetic ``dataset`` of 32 / 16 / 16 items under
+    ``tmp_path``, one epoch, logging under ``tmp_path/result``; ``updates`` last."""
+    data = synthetic_arrows(tmp_path, dataset, 32, 16, 16)
+    return resolved_config([f"task_finetune_{dataset}", method, "tiny"], {
+        "backbone": backbone, "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]),
+        "vocab_size": data["vocab_size"], "log_dir": str(tmp_path / "result"), "max_epoch": 1, **updates})

@@ -17,7 +17,7 @@ from mdpl.errors import UserInputError
 from mdpl.prompts import PromptContext
 from mdpl.prompts.layout import IMAGE, TEXT
 from mdpl.prompts.msps import abs_cosine
-from runs import resolved_config, run_quiet, synthetic_arrows
+from runs import resolved_config, run_quiet, synthetic_arrows, tiny_run_config
 from tiny_models import CLIP, TYPES, VILT, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,11 +167,8 @@ def test_preset_is_the_reference_config() -> None:
 
 @pytest.mark.parametrize("backbone", ["vilt", "clip"])
 def test_trains_through_run_logs_the_term_and_test_only_reproduces(tmp_path, backbone: str) -> None:
-    data = synthetic_arrows(tmp_path, "hatememes", 32, 16, 16)
-    config = resolved_config(["task_finetune_hatememes", "msps", "tiny"], {
-        "backbone": backbone, "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]),
-        "vocab_size": data["vocab_size"], "log_dir": str(tmp_path / "result"), "max_epoch": 1, "logger": "csv",
-        "per_gpu_batchsize": 8, "batch_size": 8, "learning_rate": 1e-2, "val_check_interval": 1.0})
+    config = tiny_run_config(tmp_path, "msps", backbone, logger="csv", per_gpu_batchsize=8, batch_size=8,
+                             learning_rate=1e-2, val_check_interval=1.0)
     out = run_quiet(config)
     rows = list(csv.DictReader((Path(out["run_dir"]) / "csv" / "metrics.csv").open()))
     terms = [float(r["train/aux/msps_ortho"]) for r in rows if r.get("train/aux/msps_ortho")]

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from golden import golden
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,13 +39,8 @@ STREAMS = {"text": "text", "vision": "image"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
 def fixture(config: str) -> dict:
-    path = FIXTURES / f"ref_mora_{config}.pt"
-    if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: make it with tools/parity/make_mora.py under "
-                    f"transformers 4.x (tests/fixtures/README.md)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return golden(f"ref_mora_{config}.pt", "make it with tools/parity/make_mora.py under transformers 4.x")
 
 
 def mdpl_name(reference_name: str, dataset: str) -> str:

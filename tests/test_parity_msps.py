@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from golden import LOGITS_ATOL, LOSS_RTOL, assert_grad_matches, fixture_loader, state_loader
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vilt_hashinit import checksum, hashed_msps_state  # noqa: E402
+from vilt_hashinit import hashed_msps_state  # noqa: E402
 
 from mdpl.backbones.vilt_weights import load_vilt_checkpoint  # noqa: E402
 from mdpl.engine.losses import task_loss  # noqa: E402
@@ -38,30 +38,12 @@ HEADS = ("mmimdb", "food101", "hatememes")
 CASES = [pytest.param(c, h, id=f"{c}-{h}") for c in CONFIGS for h in HEADS]
 PIXEL_LEVELS = 127
 CHANNELS_SEED, CHANNELS = 5, 16
-LOGITS_ATOL = 1e-5
-LOSS_RTOL = 1e-5
-GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
-def fixture(config: str) -> dict:
-    path = FIXTURES / f"ref_msps_{config}.pt"
-    if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: python tools/parity/make_msps.py --refs REFS_DIR "
-                    "(tests/fixtures/README.md)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@lru_cache(maxsize=None)
-def reference_state(config: str, head: str) -> dict[str, torch.Tensor]:
-    """The reference state dict regenerated from the hash init, checked against the fixture's checksums."""
-    rec = fixture(config)[head]
-    state = hashed_msps_state({k: tuple(rec["shapes"][k]) for k in rec["keys"]})
-    sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
-    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated weights differ from the fixture's"
-    return state
+fixture = fixture_loader("ref_msps_{}.pt", "python tools/parity/make_msps.py --refs REFS_DIR")
+reference_state = state_loader(fixture, lambda rec: hashed_msps_state({k: tuple(rec["shapes"][k]) for k in rec["keys"]}))
 
 
 def mdpl_config(ref: dict[str, Any], head: str) -> dict[str, Any]:
@@ -163,14 +145,7 @@ def test_every_trainable_gradient_matches_reference(config, head) -> None:
     assert {n for n, p in params.items() if p.requires_grad} == {mdpl_name(n, head) for n in rec["trainable"]}
     assert set(rec["grads"]) == set(rec["trainable"])
     for name, ref in rec["grads"].items():
-        grad = params[mdpl_name(name, head)].grad
-        assert grad is not None, name
-        if "full" in ref:
-            torch.testing.assert_close(grad, ref["full"], atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=name)
-        else:
-            torch.testing.assert_close(grad.reshape(-1)[ref["idx"]], ref["val"], atol=GRAD_ATOL, rtol=GRAD_RTOL,
-                                       msg=name)
-            torch.testing.assert_close(grad.double().norm(), ref["norm"], atol=0, rtol=GRAD_RTOL, msg=name)
+        assert_grad_matches(params[mdpl_name(name, head)].grad, ref, name)
 
 
 def test_switches_change_outputs() -> None:

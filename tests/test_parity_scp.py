@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from golden import LOGITS_ATOL, LOSS_RTOL, assert_grad_matches, fixture_loader, state_loader
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vilt_hashinit import checksum, hashed_scp_state  # noqa: E402
+from vilt_hashinit import hashed_scp_state  # noqa: E402
 
 from mdpl.config import RunConfig  # noqa: E402
 from mdpl.backbones.vilt_weights import load_reference_checkpoint, reference_key_to_mdpl  # noqa: E402
@@ -39,30 +39,14 @@ SHARED_KEYS = ("hidden_size", "num_layers", "num_heads", "mlp_ratio", "patch_siz
                "vocab_size", "max_image_len", "drop_rate", "learning_rate", "weight_decay", "lr_mult")
 RENAMED = {"prompt_length": "scp_length", "pool_size": "scp_pool_size", "fixed_prompts": "scp_fixed_prompts",
            "prompt_layers": "scp_layers", "fixed_prompt_layers": "scp_static_layers"}
-LOGITS_ATOL = POOLED_ATOL = 1e-5
-LOSS_RTOL = 1e-5
-GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
+POOLED_ATOL = LOGITS_ATOL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
-def fixture(config: str) -> dict:
-    path = FIXTURES / f"ref_scp_{config}.pt"
-    if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: python tools/parity/make_scp.py --refs REFS_DIR (tests/fixtures/README.md)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@lru_cache(maxsize=None)
-def reference_state(config: str, head: str) -> dict[str, torch.Tensor]:
-    """The reference state dict regenerated from the hash init, checked against the fixture's checksums."""
-    rec = fixture(config)[head]
-    state = hashed_scp_state({k: tuple(rec["shapes"][k]) for k in rec["keys"]}, list(rec["config"]["prompt_layers"]))
-    sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
-    # float64 sums: equal up to the summation order of the thread count
-    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated weights differ from the fixture's"
-    return state
+fixture = fixture_loader("ref_scp_{}.pt", "python tools/parity/make_scp.py --refs REFS_DIR")
+reference_state = state_loader(fixture, lambda rec: hashed_scp_state({k: tuple(rec["shapes"][k]) for k in rec["keys"]},
+                                                                     list(rec["config"]["prompt_layers"])))
 
 
 def mdpl_config(ref: dict[str, Any], head: str) -> dict[str, Any]:
@@ -119,14 +103,7 @@ def test_every_trainable_gradient_matches_reference(config, head) -> None:
     assert trainable == {mdpl_name(n) for n in rec["trainable"]}
     assert set(rec["grads"]) == set(rec["trainable"])
     for name, ref in rec["grads"].items():
-        grad = params[mdpl_name(name)].grad
-        assert grad is not None, name
-        if "full" in ref:
-            torch.testing.assert_close(grad, ref["full"], atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=name)
-        else:
-            torch.testing.assert_close(grad.reshape(-1)[ref["idx"]], ref["val"], atol=GRAD_ATOL, rtol=GRAD_RTOL,
-                                       msg=name)
-            torch.testing.assert_close(grad.double().norm(), ref["norm"], atol=0, rtol=GRAD_RTOL, msg=name)
+        assert_grad_matches(params[mdpl_name(name)].grad, ref, name)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -17,7 +17,7 @@ from mdpl.models import build_classifier
 from mdpl.prompts import PromptContext
 from mdpl.prompts.layout import TEXT, TokenLayout
 from mdpl.config.validate import validate_config
-from runs import resolved_config, run_quiet, synthetic_arrows
+from runs import resolved_config, run_quiet, synthetic_arrows, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOT, EOT = 49406, 49407
@@ -139,11 +139,7 @@ def test_preset_is_the_documented_command() -> None:
 
 @pytest.mark.parametrize("backbone", ["vilt", "clip"])
 def test_trains_through_run_and_test_only_reproduces(tmp_path, backbone: str) -> None:
-    data = synthetic_arrows(tmp_path, "hatememes", 32, 16, 16)
-    config = resolved_config(["task_finetune_hatememes", "scp", "tiny"], {
-        "backbone": backbone, "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]),
-        "vocab_size": data["vocab_size"], "log_dir": str(tmp_path / "result"), "max_epoch": 1,
-        "per_gpu_batchsize": 16, "batch_size": 16})
+    config = tiny_run_config(tmp_path, "scp", backbone, per_gpu_batchsize=16, batch_size=16)
     out = run_quiet(config)
     metrics = json.loads((Path(out["run_dir"]) / "test_metrics.json").read_text())["metrics"]
     assert metrics == out["test"] and "hatememes/test/AUROC" in metrics

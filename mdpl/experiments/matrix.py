@@ -25,6 +25,7 @@ from mdpl.backbones.registry import method_backbone
 from mdpl.prompts.keys import method_presets
 from mdpl.prompts.registry import available_methods, method_class
 
+ALL_METHODS_TABLE = "mdpl.experiments.protocol:all_methods_table"
 FIG_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 """Missing rates of the robustness figures (x axis)."""
 RESOURCE_KEYS = frozenset({"per_gpu_batchsize", "num_gpus", "num_nodes", "num_workers", "num_cpu_processes",
@@ -106,14 +107,13 @@ def make_cell(label, dataset, method, train, tests=None, **kw) -> Cell:
 @functools.cache
 def tables() -> dict[str, Table]:
     """Every registered method's paper tables (``paper_tables`` of its class), by name; methods by name; then the
-    table of every registered method under one protocol (``mdpl.experiments.protocol``)."""
-    from mdpl.experiments.protocol import all_methods_table
-
+    table of every registered method under one protocol, resolved by name as the paper tables are (its module builds
+    on this one)."""
     out: dict[str, Table] = {}
     for method in sorted(available_methods()):
         ref = method_class(method).paper_tables
         out.update({t.name: t for t in (resolve(ref)() if ref else [])})
-    table = all_methods_table()
+    table = resolve(ALL_METHODS_TABLE)()
     out[table.name] = table
     return out
 

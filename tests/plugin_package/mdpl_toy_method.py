@@ -28,11 +28,9 @@ class ToyPromptConfig(MethodConfig):
 class ToyPrompt(PromptMethod):
     """One [3, P, width] parameter per stream; row r gets slice missing_type[r] before block 0."""
 
-    title = "toy prompt"
-    preset = "toyprompt"
-    paper_run = (1e-2, 0)
-    paper_tables = "mdpl_toy_method:paper_tables"
     config_class = ToyPromptConfig
+    paper_tables = "mdpl_toy_method:paper_tables"
+    title, preset, paper_run = "toy prompt", "toyprompt", (1e-2, 0)
 
     def __init__(self, config: ToyPromptConfig, info) -> None:
         super().__init__(config, info)
