@@ -14,7 +14,10 @@ reporting samples/s, peak memory (CUDA ``max_memory_allocated``; on CPU the peak
 ``/proc/self/clear_refs``) and an MFU estimate. Then it times the DataModule's train loader (decode +
 transform + tokenise + collate) on an arrow file (``--data-root``, or a synthetic one written with
 ``mdpl.data.synthetic`` + ``make_arrow``), and again with the pixel cache (config ``pixel_cache``: the resized
-uint8 images read memory-mapped instead of decoded; same tensors), reporting images/s and images/s per core.
+uint8 images read memory-mapped instead of decoded; same tensors), reporting images/s and images/s per core. With ``--preparation`` (or ``--preparation-only``) it also times the
+preparation stage (``mdpl.bench.preparation``: the frozen-backbone collection pass + k-means / neighbours, fp32) on
+synthetic batches, for every selected method that declares a ``preparation_needs()``, or, when none does, for a
+built-in need (every layer of every stream + k-means) on each backbone, reporting samples/s and peak memory.
 
 FLOPs: counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real computation of each row, on its
 two batches, at its precision (``count_flops``): the evaluation forward, and the training forward + task loss +
@@ -36,6 +39,7 @@ Examples:
   python scripts/bench.py --device cuda --text-padding full --methods none,map,memprompt  # ViLT, pad to max_text_len
   python scripts/bench.py --loader-only --small --methods none --datasets hatememes --loader-image-px 700 \
       --loader-rows 256 --loader-batch-size 32 --loader-batches 12 --loader-workers 0 --threads 1  # decode vs cache
+  python scripts/bench.py --preparation-only --small --datasets hatememes     # the preparation stage only
 """
 from __future__ import annotations
 
@@ -94,6 +98,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                    help="side of the synthetic images (default 128 small, 512 full; Hateful Memes-like: 700)")
     p.add_argument("--no-loader-cache", action="store_true", help="time the decode path only, not the pixel cache")
     p.add_argument("--loader-only", action="store_true", help="only the dataloader benchmark (no model rows)")
+    p.add_argument("--preparation", action="store_true",
+                   help="also time the preparation stage (declared needs, else a built-in one)")
+    p.add_argument("--preparation-only", action="store_true", help="only the preparation stage (no model/loader rows)")
+    p.add_argument("--preparation-batches", type=int, default=None,
+                   help="timed batches per preparation row (default 4 small, 20 full)")
+    p.add_argument("--preparation-k", type=int, default=None,
+                   help="k-means centres per layer of the built-in need (default 4 small, 32 full)")
     args = p.parse_args(list(argv) if argv is not None else None)
     args.method_list = _csv(args.methods)
     args.dataset_list = _csv(args.datasets)

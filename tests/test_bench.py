@@ -175,3 +175,55 @@ def test_every_backbone_is_benchmarked_with_backbone_option(tmp_path):
                           "--backbone", "coca", "--no-loader")
     assert [(r["method"], r["backbone"], r["status"]) for r in result["rows"]] == [("map", "coca", "ok"),
                                                                                   ("dcp", "coca", "ok")]
+
+
+# ------------------------------------------------------------------------------------------------ preparation stage
+def test_preparation_only_times_the_builtin_need_on_every_paper_backbone(tmp_path):
+    """No registered method declares a need: one built-in row per paper backbone (every layer of every stream +
+    k-means), with positive samples/s over collection + k-means, peak memory, and its line in the printed table."""
+    result, stdout = bench_cli(tmp_path, "--preparation-only", "--small", "--device", "cpu", "--datasets",
+                               "hatememes", "--batch-size", "4", "--preparation-batches", "2", "--warmup", "0")
+    assert result["rows"] == [] and result["loader"] == []
+    rows = result["preparation"]
+    methods = list(available_methods())
+    assert [r["backbone"] for r in rows] == list(dict.fromkeys(method_backbone(m) for m in methods))
+    assert sorted(m for r in rows for m in r["methods"]) == sorted(methods)
+    for r in rows:
+        assert (r["method"], r["need"], r["status"], r["dataset"], r["precision"]) == \
+            ("built-in", "built-in", "ok", "hatememes", "fp32")
+        assert r["batch"] == 4 and r["samples"] == 8 and "peak_mib" in r and r["mem_kind"]
+        assert r["samples_per_s"] > 0 and r["collect_samples_per_s"] >= r["samples_per_s"]
+        assert r["samples_per_s"] == pytest.approx(r["samples"] / (r["collect_s"] + r["compute_s"]), rel=1e-9)
+        info = build_model(resolve_config(r["methods"][0], "hatememes", True)).backbone.info
+        assert r["features"] == {f"{s.name}_all_layers": [s.num_layers + 1, s.width] for s in info.streams}
+        assert r["kmeans_k"] == {name: 4 for name in r["features"]} and r["neighbours_k"] == {}
+        line = next(l for l in stdout.splitlines() if l.startswith("built-in") and f" {r['backbone']} " in l)
+        assert line.split()[1:6] == [r["backbone"], "hatememes", "4", "8", format(r["samples_per_s"], ".4g")]
+
+
+def test_preparation_times_a_declared_need():
+    """A method that declares a need gets its own row with that need (the built-in one is not used)."""
+    from mdpl.bench.preparation import plan, preparation_rows
+    from mdpl.prompts import FeatureRequest, KMeansRequest, NeighbourRequest, PreparationNeed, PromptMethod, registered
+
+    class Prepped(PromptMethod):
+        def preparation_needs(self) -> PreparationNeed:
+            s = self.info.streams[0]
+            return PreparationNeed((FeatureRequest("first", s.name, (0, 1), pooling="first"),),
+                                   kmeans=(KMeansRequest("first", 3, iters=5),),
+                                   neighbours=(NeighbourRequest("first", 1, k=2),), missing="complete")
+
+    with registered(Prepped, "prepped"):
+        assert plan(["none", "prepped"], "paper") == [("prepped", "declared", ["prepped"])]
+        logged: list[dict] = []
+        args = options(method_list=["none", "prepped"], dataset_list=["food101"], preparation_batches=3,
+                       preparation_k=None)
+        (row,) = preparation_rows(args, torch.device("cpu"), [2], logged.append)
+    assert logged == [row]
+    assert (row["method"], row["need"], row["status"], row["samples"]) == ("prepped", "declared", "ok", 6)
+    assert row["features"] == {"first": [2, 64]} and row["kmeans_k"] == {"first": 3}
+    assert row["neighbours_k"] == {"first": 2} and row["samples_per_s"] > 0
+    cfg = resolve_config("map", "food101", True)
+    mixed, complete = (synthetic_batch(cfg, 6, "small", torch.device("cpu"), complete=c) for c in (False, True))
+    assert set(mixed["missing_type"].tolist()) == {0, 1, 2} and complete["missing_type"].eq(0).all()
+    assert torch.equal(mixed["label"], complete["label"])

@@ -87,8 +87,9 @@ def _texts(run: RunConfig, batch_size: int, size_key: str, gen: torch.Generator)
 
 
 def synthetic_batch(config: RunConfig | Mapping, batch_size: int, size_key: str, device: torch.device,
-                    seed: int = 0) -> dict:
-    """One batch in the collated batch format (on ``device``, dummies applied) for the config's backbone."""
+                    seed: int = 0, complete: bool = False) -> dict:
+    """One batch in the collated batch format (on ``device``, dummies applied) for the config's backbone; every row
+    complete with `complete` (a preparation need with ``missing='complete'``)."""
     run = RunConfig.coerce(config)
     gen = torch.Generator().manual_seed(seed)
     image, sizes = _images(run, batch_size, size_key, gen)
@@ -97,6 +98,8 @@ def synthetic_batch(config: RunConfig | Mapping, batch_size: int, size_key: str,
     batch = {"image": image, "image_sizes": sizes, "text_ids": ids, "text_masks": masks,
              "label": _labels(run.data.dataset, batch_size, gen), "missing_type": _missing_types(batch_size, gen),
              "row_index": torch.arange(batch_size), "item_index": torch.arange(batch_size)}
+    if complete:   # drawn anyway: the other tensors do not depend on `complete`
+        batch["missing_type"] = torch.zeros_like(batch["missing_type"])
     batch = {k: v.to(device) for k, v in batch.items()}
     # as the collator does: the sizes as Python ints too, so ViLT sizes its patch tensor without a device sync
     batch["image_sizes_host"] = tuple((int(h), int(w)) for h, w in sizes.tolist())

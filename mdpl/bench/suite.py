@@ -1,5 +1,5 @@
-"""The benchmark suite: every row (``mdpl.bench.steps.bench_row``) and loader row (``mdpl.bench.loader``), the
-printed table and the JSON result of ``scripts/bench.py``."""
+"""The benchmark suite: every row (``mdpl.bench.steps.bench_row``), loader row (``mdpl.bench.loader``) and
+preparation row (``mdpl.bench.preparation``), the printed tables and the JSON result of ``scripts/bench.py``."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import torch
 
 from mdpl.backbones.registry import backbone_card
 from mdpl.bench.loader import bench_loader
+from mdpl.bench.preparation import format_rows, preparation_rows
 from mdpl.bench.steps import _free, bench_row
 from mdpl.backbones.registry import method_backbone
 
@@ -68,6 +69,11 @@ def format_table(rows: list[dict], loader: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _log_preparation(r: dict) -> None:
+    print(f"[bench] preparation {r['method']}/{r['backbone']}/{r['dataset']}/B{r['batch']}: {r['status']}"
+          + (f" {r['samples_per_s']:.1f} samples/s" if r["status"] == "ok" else ""), file=sys.stderr, flush=True)
+
+
 def run_suite(args, device: torch.device) -> dict:
     """Every row of the selected methods x datasets x precisions x batch sizes, then the loader rows; prints the table
     and writes ``args.json``. `args`: the namespace of ``scripts/bench.py``'s options (its docstring)."""
@@ -87,8 +93,9 @@ def run_suite(args, device: torch.device) -> dict:
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
 
+    only_preparation = getattr(args, "preparation_only", False)
     rows = []
-    for method in ([] if args.loader_only else args.method_list):
+    for method in ([] if args.loader_only or only_preparation else args.method_list):
         for dataset in args.dataset_list:
             for precision in precisions:
                 for bs in batch_sizes:
@@ -99,7 +106,7 @@ def run_suite(args, device: torch.device) -> dict:
                           + (f" train {r['train_samples_per_s']:.1f}/s eval {r['eval_samples_per_s']:.1f}/s"
                              if r["status"] == "ok" else ""), file=sys.stderr, flush=True)
     loader_rows = []
-    if not args.no_loader:
+    if not (args.no_loader or only_preparation):
         workers = [int(w) for w in _csv(args.loader_workers or ("2" if args.small else "8"))]
         backbones = sorted({method_backbone(m) for m in args.method_list}, reverse=True)  # the joint-stream one first
         datasets = _csv(args.loader_datasets) if args.loader_datasets else args.dataset_list
@@ -109,6 +116,9 @@ def run_suite(args, device: torch.device) -> dict:
                 for dataset in (datasets if backbone_card(backbone).tokenizer_dir else datasets[:1]):
                     for w in workers:
                         loader_rows.append(bench_loader(dataset, backbone, w, args, Path(tmp)))
+    prep_rows = []
+    if only_preparation or getattr(args, "preparation", False):
+        prep_rows = preparation_rows(args, device, batch_sizes, _log_preparation)
     result = {
         "meta": {
             "command": "python scripts/bench.py " + " ".join(args.argv),
@@ -123,12 +133,20 @@ def run_suite(args, device: torch.device) -> dict:
             "mem": "cuda: torch.cuda.max_memory_allocated over warm-up + timed steps (weights + optimizer "
                    "state + activations); cpu: peak RSS minus RSS before the first step (activations + gradients + "
                    "optimizer state; memory the allocator kept from the training steps hides most of the eval figure)",
+            "preparation": "collection pass (frozen backbone, fp32, no gradients) over synthetic batches + k-means / "
+                           "neighbours of the need (declared by the method, else the built-in need: every layer of "
+                           "every stream + k-means); samples/s over both, peak memory as 'mem' "
+                           "(mdpl/bench/preparation.py)",
             "wall_s": time.perf_counter() - started,
         },
         "rows": rows,
         "loader": loader_rows,
+        "preparation": prep_rows,
     }
-    print(format_table(rows, loader_rows))
+    if rows or loader_rows or not prep_rows:
+        print(format_table(rows, loader_rows))
+    if prep_rows:
+        print(("\n" if rows or loader_rows else "") + format_rows(prep_rows))
     print(f"[bench] wall time {result['meta']['wall_s']:.1f} s", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,7 @@ class ModalitySpecificPrompts(PromptMethod):
     paper_run = (1e-3, 2024)
     config_class = MspsConfig
     aux_loss_names = ("msps_ortho",)
+    paper_tables = "mdpl.experiments.papers.msps:tables"
 
     def __init__(self, config: MspsConfig, info: BackboneInfo):
         super().__init__(config, info)
