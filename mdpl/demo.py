@@ -208,13 +208,13 @@ def comparison(rows: Sequence[Mapping], primary: str) -> tuple[list[str], dict[s
     return columns, table
 
 
-def format_table(columns: Sequence[str], table: Mapping[str, Mapping[str, float]], primary: str) -> str:
+def format_table(columns: Sequence[str], table: Mapping[str, Mapping[str, float]], primary: str, dataset: str) -> str:
     """Markdown table: rows = methods, columns = scenarios, ``primary`` x 100."""
     from mdpl.report import markdown_table
 
     body = ([method_title(method), *("–" if math.isnan(values.get(c, math.nan)) else f"{100 * values[c]:.1f}"
                                      for c in columns)] for method, values in table.items())
-    lines = [f"{primary} (x100) on the synthetic Food-101 test split, by missing scenario:", "",
+    lines = [f"{primary} (x100) on the synthetic {dataset} test split, by missing scenario:", "",
              *markdown_table(["method", *columns], body, "l" + "r" * len(columns))]
     return "\n".join(lines) + "\n"
 
@@ -229,14 +229,14 @@ def plot(rows: Sequence[Mapping], primary: str, path: Path) -> Path:
             pts = sorted((float(r["ratio"]), float(r[primary])) for r in rows if r["type"] == t and r["method"] == m)
             curves.append(Curve(f"{t} missing", method_title(m), [x for x, _ in pts], [100 * y for _, y in pts],
                                 ylabel=f"{primary} (x100)"))
-    return plot_robustness(curves, path, "mdpl demo: synthetic Food-101, tiny ViLT")
+    return plot_robustness(curves, path, f"mdpl demo: synthetic {dataset_spec(str(rows[0]['dataset'])).title}, tiny ViLT")
 
 
 def write_report(rows: Sequence[Mapping], primary: str, out: Path, seconds: float) -> dict:
     from mdpl.report import write_csv
 
     columns, table = comparison(rows, primary)
-    text = format_table(columns, table, primary)
+    text = format_table(columns, table, primary, dataset_spec(str(rows[0]["dataset"])).title)
     (out / "results.md").write_text(text, encoding="utf-8")
     write_csv(rows, out / "results.csv", columns=["method", "type", "ratio", primary])
     png = plot(rows, primary, out / "demo_results.png")

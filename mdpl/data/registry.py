@@ -64,6 +64,7 @@ class DatasetSpec:
       benchmark's synthetic batches; ``bench_patch_grids``: the same keys -> image sizes in patches (rows, cols)
       cycled over a ViLT batch (the dataset's typical aspects); ``bench_small_text_len``: max_text_len under
       ``--small``. None: the benchmark does not run on the dataset.
+    * ``title``: how reports name the dataset (default: ``name``).
     * ``demo``: the dataset the embedded demo (``python run.py with demo``) writes synthetically and runs on; the
       first registered spec with it set is taken.
     """
@@ -92,6 +93,7 @@ class DatasetSpec:
     bench_patch_grids: Mapping[str, tuple[tuple[int, int], ...]] | None = None
     bench_small_text_len: int | None = None
     demo: bool = False
+    title: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -112,7 +114,7 @@ class DatasetSpec:
                   loss=self.loss or ("bce_with_logits" if self.multi_label else "cross_entropy"),
                   metrics=tuple(self.metrics or (("f1",) if self.multi_label else ("accuracy",))),
                   primary_metric=self.primary_metric or ("F1_Macro" if self.multi_label else "accuracy"))
-        self._set(metric_label=self.metric_label or self.primary_metric)
+        self._set(metric_label=self.metric_label or self.primary_metric, title=self.title or self.name)
         if self.class_names is not None:
             self._set(class_names=tuple(self.class_names))
 
@@ -240,7 +242,7 @@ MMIMDB_GENRES = (
 )
 
 MMIMDB = register_dataset(DatasetSpec(
-    name="mmimdb", num_classes=23, multi_label=True, class_names=MMIMDB_GENRES,
+    name="mmimdb", title="MM-IMDb", num_classes=23, multi_label=True, class_names=MMIMDB_GENRES,
     arrow_splits={"train": "mmimdb_train", "val": "mmimdb_dev", "test": "mmimdb_test"},
     text_column="plots", text_items="selectable",
     loss="bce_with_logits", metrics=("f1",), primary_metric="F1_Macro",
@@ -252,7 +254,7 @@ MMIMDB = register_dataset(DatasetSpec(
     bench_patch_grids={"full": ((18, 12), (17, 12), (18, 12), (16, 12)), "small": ((6, 4), (5, 4))},   # posters
 ))
 FOOD101 = register_dataset(DatasetSpec(
-    name="food101", num_classes=101,
+    name="food101", title="Food-101", num_classes=101,
     arrow_splits={"train": "food101_train", "val": "food101_val", "test": "food101_test"},
     loss="cross_entropy", metrics=("accuracy",), primary_metric="accuracy",
     schema="mdpl.data.writers.food101:SCHEMA", writer="mdpl.data.writers.food101:make_arrow",
@@ -264,7 +266,7 @@ FOOD101 = register_dataset(DatasetSpec(
     demo=True,
 ))
 HATEMEMES = register_dataset(DatasetSpec(
-    name="hatememes", num_classes=2, class_names=("not hateful", "hateful"),
+    name="hatememes", title="Hateful Memes", num_classes=2, class_names=("not hateful", "hateful"),
     arrow_splits={"train": "hatememes_train", "val": "hatememes_dev", "test": "hatememes_test"},
     loss="cross_entropy", metrics=("AUROC", "accuracy"), primary_metric="AUROC",
     schema="mdpl.data.writers.hatememes:SCHEMA", writer="mdpl.data.writers.hatememes:make_arrow",
