@@ -231,6 +231,25 @@ class PromptMethod(nn.Module):
         """Computed once per forward, shared by every stream's hooks as ``ctx.prepared``."""
         return None
 
+    def prepare_batch(self, missing_type: torch.Tensor, batch: Mapping[str, Any]) -> Any:
+        """``prepare`` for a method whose per-forward state depends on the samples themselves (RAGPT's retrieved
+        neighbours: the batch's ``item_index`` and ``split``); the classifier calls this one. Default: ``prepare``."""
+        return self.prepare(missing_type)
+
+    def readout_segment(self, stream: StreamInfo) -> str | None:
+        """A segment this method inserts whose first token is `stream`'s feature token instead of the backbone's
+        read-out (RAGPT pools its label token, RAGPT-D5); None: the backbone's read-out."""
+        return None
+
+    def build_head(self, num_classes: int) -> nn.Module | None:
+        """The task head when the method owns it (registered as ``{dataset}_classifier`` in place of the backbone's
+        head; RAGPT's label-prototype head), or None: the backbone's head."""
+        return None
+
+    def head_logits(self, head: nn.Module, pooled: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """Logits [B, C] of the stream features `pooled` [B, F]. Default: ``head(pooled)``."""
+        return head(pooled)
+
     def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                      layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         """Tokens before block `index` of `stream`: x [B, N, D], mask bool [B, N]."""
