@@ -117,6 +117,9 @@ def base_config():
     # memory-mapped after; the model gets the same tensors, bit for bit. Disk ~ images x H x W x 3 bytes per transform
     # (README "Data"); a cache of another arrow file / image_size / transform is refused.
     pixel_cache = DATA.pixel_cache  # "" = off (decode every epoch) | a folder | True = <data_root>/pixel_cache
+    # "" = the backbone's image transform (ViLT 'pixelbert', CLIP/CoCa 'clip') | 'square': both sides to image_size,
+    # aspect ratio not kept (RAGPT's reference: every image gives the full patch grid)
+    image_transform = DATA.image_transform
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = MISSING.missing_ratio

@@ -161,7 +161,7 @@ class RunConfig:
     def pipeline(self) -> DataPipeline:
         """What the data layer needs of the backbone: the card's transform and tokenizer at this run's sizes."""
         card, sizes = self.card, self.backbone
-        return DataPipeline(backbone=card.name, transform=card.transform, image_size=int(sizes.image_size),
+        return DataPipeline(backbone=card.name, transform=str(self.data.image_transform or card.transform), image_size=int(sizes.image_size),
                             tokenizer=card.tokenizer, tokenizer_source=str(self.data.tokenizer or ""),
                             text_length=int(sizes.text_length), text_vocab_size=int(sizes.text_vocab_size),
                             dynamic_text_padding=bool(self.data.dynamic_text_padding) and card.dynamic_text_padding)
