@@ -2,7 +2,8 @@
 "Preparation").
 
 The *retriever* is a registered two-tower backbone (e.g. CLIP) built from the run's config with the request's
-backbone, local weight file and image size (its other sizes: the run's keys of that backbone), no prompts, frozen,
+backbone, local weight file (empty: the card's random initialisation, tests only) and image size (its other sizes:
+the run's keys of that backbone), no prompts, frozen,
 in evaluation mode, fp32, on the run's device, with its own data pipeline (its tokenizer and transform). Every item of
 every requested split is embedded **complete** (both modalities), one feature per tower (the backbone's own pooled
 feature: CLIP's projected image CLS and text EOT). Per split and modality the exact top-k
@@ -32,7 +33,7 @@ def retriever_run(run: RunConfig, req: RetrievalRequest) -> RunConfig:
     if req.backbone not in available_backbones():
         raise UserInputError(f"retriever backbone {req.backbone!r} is not registered; choose one of "
                              f"{', '.join(available_backbones())}")
-    if not Path(req.weights).is_file():
+    if req.weights and not Path(req.weights).is_file():
         raise UserInputError(f"retriever weights {req.weights!r} ({req.backbone}) is not a file")
     card = backbone_card(req.backbone)
     flat = run.to_flat()
@@ -51,7 +52,8 @@ def retrieval_dependencies(run: RunConfig, req: RetrievalRequest) -> dict[str, A
     import dataclasses
 
     rrun = retriever_run(run, req)
-    return {"weights": file_identity(Path(req.weights)), "sizes": dataclasses.asdict(rrun.backbone),
+    weights = file_identity(Path(req.weights)) if req.weights else None
+    return {"weights": weights, "sizes": dataclasses.asdict(rrun.backbone),
             "pipeline": dataclasses.asdict(rrun.pipeline),
             "splits": {s: file_identity(arrow_path(run.data.data_root, run.data.dataset, s)) for s in req.splits}}
 

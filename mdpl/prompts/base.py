@@ -186,6 +186,9 @@ class PromptMethod(nn.Module):
     padding_is_inert: ClassVar[bool] = True
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
+    image_transform: ClassVar[str] = ""
+    """The image transform the method needs (config.py's default of ``image_transform``; '' = the backbone's): RAGPT's
+    'square' gives every image the same full patch grid."""
     paper_tables: ClassVar[str | None] = None
     """``"module:function"`` returning the method's paper tables (``mdpl.experiments.matrix.Table``), or None."""
     reference_prompt_keys: ClassVar[tuple[str, ...]] = ()

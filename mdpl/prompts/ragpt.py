@@ -65,7 +65,7 @@ class RagptConfig(MethodConfig):
     ragpt_text_dummy_mask: bool = True            # text-missing rows attend to every text position (RAGPT-D10)
     ragpt_bank_dtype: str = field(default="float16", metadata={"structural": False})  # memory-bank storage
     ragpt_retriever: str = field(default="clip", metadata={"structural": False})      # registered two-tower backbone
-    ragpt_retriever_path: str = field(default="", metadata={"structural": False})     # its local weight file
+    ragpt_retriever_path: str = field(default="", metadata={"structural": False})     # its local weight file ("": random)
     ragpt_retriever_image_size: int = field(default=336, metadata={"structural": False})  # its image size
     max_text_len: int = field(default=40, metadata={"shared_key": True})
     image_size: int = field(default=384, metadata={"shared_key": True})
@@ -177,6 +177,7 @@ class Ragpt(PromptMethod):
     paper_missing_type = "text"
     paper_backbone = "vilt"
     padding_is_inert = False            # the prompter pools every text position, [PAD] included (RAGPT-D9)
+    image_transform = "square"          # every image resized to image_size² (RAGPT-D7)
     paper_tables = "mdpl.experiments.papers.ragpt:tables"
     config_class = RagptConfig
 
@@ -288,12 +289,9 @@ class Ragpt(PromptMethod):
     # --- preparation ----------------------------------------------------------------------------------
     def preparation_needs(self) -> PreparationNeed:
         """The memory bank (the ViLT embeddings of every training item, both segments, complete) and, for every
-        split, each item's nearest training items by the retriever's image and text features."""
+        split, each item's nearest training items by the retriever's image and text features (an empty
+        ``ragpt_retriever_path``: a randomly initialised retriever, with the backbone's warning; tests only)."""
         cfg = self.config
-        if not cfg.ragpt_retriever_path:
-            raise UserInputError("ragpt retrieves neighbours with a frozen retriever: set ragpt_retriever_path to its "
-                                 f"local weight file (ragpt_retriever={cfg.ragpt_retriever}; e.g. CLIP ViT-L/14-336 "
-                                 "with its clip_* sizes, docs/methods.md §17.3)")
         features = tuple(FeatureRequest(f"{MEMORY}_{m}", stream=self.info.streams[0].name, layers=(0,), segment=m,
                                         pooling="tokens", dtype=cfg.ragpt_bank_dtype) for m in (TEXT, IMAGE))
         retrieval = RetrievalRequest(RETRIEVAL, backbone=cfg.ragpt_retriever, weights=cfg.ragpt_retriever_path,
