@@ -186,6 +186,9 @@ class PromptMethod(nn.Module):
     padding_is_inert: ClassVar[bool] = True
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
+    fixed_segment_lengths: ClassVar[bool] = False
+    """True: the method needs every sample's text and image segments at their full configured lengths (RAGPT's
+    generators): no per-sample cut of the text in the benchmark's FLOP count."""
     image_transform: ClassVar[str] = ""
     """The image transform the method needs (config.py's default of ``image_transform``; '' = the backbone's): RAGPT's
     'square' gives every image the same full patch grid."""
@@ -238,6 +241,11 @@ class PromptMethod(nn.Module):
         """``prepare`` for a method whose per-forward state depends on the samples themselves (RAGPT's retrieved
         neighbours: the batch's ``item_index`` and ``split``); the classifier calls this one. Default: ``prepare``."""
         return self.prepare(missing_type)
+
+    def synthetic_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Random stand-ins for the per-sample inputs the preparation stage would give (the benchmark's synthetic
+        batches; RAGPT's neighbours). Default: none."""
+        return {}
 
     def readout_segment(self, stream: StreamInfo) -> str | None:
         """A segment this method inserts whose first token is `stream`'s feature token instead of the backbone's

@@ -178,6 +178,7 @@ class Ragpt(PromptMethod):
     paper_backbone = "vilt"
     padding_is_inert = False            # the prompter pools every text position, [PAD] included (RAGPT-D9)
     image_transform = "square"          # every image resized to image_size² (RAGPT-D7)
+    fixed_segment_lengths = True        # the generators have max_text_len and 1 + grid² rows
     paper_tables = "mdpl.experiments.papers.ragpt:tables"
     config_class = RagptConfig
 
@@ -217,6 +218,16 @@ class Ragpt(PromptMethod):
         dtype = self.label_embedding.dtype
         label = (labels.to(dtype) @ self.label_embedding).mean(1)
         return {"text": text, "image": image, "label": label}
+
+    def synthetic_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Random neighbours of the right shapes (the benchmark; the bank gather itself is not timed)."""
+        b, device = batch["text_ids"].shape[0], batch["text_ids"].device
+        k, n, classes = int(self.config.ragpt_k), int(self.config.ragpt_label_neighbours), self.label_embedding.shape[0]
+        g = torch.Generator().manual_seed(0)
+        labels = F.one_hot(torch.randint(0, classes, (b, n), generator=g), classes).float()
+        return {"ragpt_text": torch.randn(b, k, self.config.text_tokens, self.width, generator=g).to(device),
+                "ragpt_image": torch.randn(b, k, self.config.image_tokens, self.width, generator=g).to(device),
+                "ragpt_labels": labels.to(device)}
 
     def neighbour_lists(self, missing_type: torch.Tensor, split: str,
                         items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
