@@ -26,8 +26,8 @@ from mdpl.config.sections import (DataConfig, DemoConfig, ExperimentConfig, Logg
                                   OptimConfig, TrainerConfig)
 from mdpl.data.registry import available_datasets, dataset_spec, demo_dataset
 from mdpl.errors import UserInputError
-from mdpl.prompts.keys import (method_defaults, method_presets, padding_is_inert, paper_missing_type,
-                               paper_run)
+from mdpl.prompts.keys import (method_defaults, method_image_transform, method_presets, padding_is_inert,
+                               paper_missing_type, paper_run)
 
 ex = Experiment("mdpl", save_git_info=False)
 
@@ -117,6 +117,9 @@ def base_config():
     # memory-mapped after; the model gets the same tensors, bit for bit. Disk ~ images x H x W x 3 bytes per transform
     # (README "Data"); a cache of another arrow file / image_size / transform is refused.
     pixel_cache = DATA.pixel_cache  # "" = off (decode every epoch) | a folder | True = <data_root>/pixel_cache
+    # "" = the backbone's image transform (ViLT 'pixelbert', CLIP/CoCa 'clip') | 'square': both sides to image_size,
+    # aspect ratio not kept; default: the method's (RAGPT: 'square', every image gives the full patch grid)
+    image_transform = method_image_transform(prompt_method)
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = MISSING.missing_ratio

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mdpl.backbones.clip import residual_block
+from mdpl.errors import UserInputError
 from mdpl.models import PromptedClassifier, build_classifier
 from mdpl.prompts import PromptContext
 
@@ -235,3 +236,19 @@ def test_trainable_counts_at_paper_sizes(method, backbone) -> None:
         warnings.simplefilter("ignore", UserWarning)
         model = build_classifier(cfg)
     assert model.trainable_parameters_report() == FULL_COUNTS[(method, backbone)]
+
+
+def test_ragpt_counts_at_reference_sizes_and_refuses_two_towers() -> None:
+    """RAGPT (ViLT only): the reference's 'both' model on MM-IMDb at max_text_len 128 and 384² images (145 image
+    tokens) trains 7,527,936 values (the complex filters counted as real pairs, docs/methods.md §17.3); on CLIP and
+    CoCa the method is one error line."""
+    cfg = resolve("task_finetune_mmimdb", "ragpt", image_size=384, max_text_len=128)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_classifier(cfg)
+    total, trainable = model.trainable_parameters_report()
+    assert trainable == 7_527_936, (total, trainable)
+    for backbone in ("clip", "coca"):
+        with pytest.raises(UserInputError, match="^ragpt replaces embeddings") as err:
+            build_classifier(resolve("task_finetune_mmimdb", "ragpt", backbone=backbone, image_size=224))
+        assert "\n" not in str(err.value)

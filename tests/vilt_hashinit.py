@@ -78,3 +78,27 @@ def hashed_msps_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Ten
         numel = math.prod(shape)
         out[key] = 0.5 * (hashed_uniform("msps.shared", numel) + hashed_uniform(key, numel)).reshape(shape)
     return out
+
+
+RAGPT_UNIT = ("label_enhanced", "W")
+"""RAGPT leaves hashed at amplitude 1 (the reference's N(0, 1) label prototypes and N(0, 1/2) complex filter
+parts), so the label token and the spectral filter move the outputs."""
+
+
+def hashed_ragpt_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Every tensor of a RAGPT reference model (key -> shape; the complex filters ``*.W`` as real pairs [n, D, 2]):
+    hashed as :func:`hashed_vilt_tensor`, the prototypes and filters at amplitude 1."""
+    out = {}
+    for key, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        if key.rsplit(".", 1)[-1] in RAGPT_UNIT:
+            out[key] = hashed_uniform(key, math.prod(shape)).reshape(shape)
+        else:
+            out[key] = hashed_vilt_tensor(key, shape)
+    return out
+
+
+def hashed_ragpt_bank(modality: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A RAGPT memory bank [M, n, D] of one modality: uniform with unit variance (the embedding output is layer-
+    normalised)."""
+    return hashed_uniform(f"ragpt.bank.{modality}", math.prod(shape)).reshape(shape) * math.sqrt(3.0)

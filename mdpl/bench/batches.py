@@ -54,9 +54,9 @@ def _text(batch_size: int, length: int, fill: tuple[int, int], vocab: tuple[int,
 
 
 def _images(run: RunConfig, batch_size: int, size_key: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, their [h, w] sizes): one square of ``image_size`` for a fixed-size transform ('clip'); for ViLT's
+    """(images, their [h, w] sizes): one square of ``image_size`` for a fixed-size transform ('clip', 'square'); for ViLT's
     aspect-keeping resize ('pixelbert'), the dataset's typical patch grids, zero beyond each image."""
-    if run.card.transform != "pixelbert":
+    if run.pipeline.transform != "pixelbert":
         side = int(run.backbone.image_size)
         return torch.randn(batch_size, 3, side, side, generator=gen), torch.full((batch_size, 2), side, dtype=torch.long)
     cycle = dataset_spec(run.data.dataset).bench_patch_grids[size_key]

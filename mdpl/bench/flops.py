@@ -136,5 +136,6 @@ def needed_flops(model, config: RunConfig | Mapping, batch: dict, device: torch.
     needs, against which the executed FLOPs of the batched step are compared."""
     run = RunConfig.coerce(config)
     counts = [count_flops(model, run, one, device, precision)
-              for one in single_samples(batch, cut_text=run.card.dynamic_text_padding)]
+              for one in single_samples(batch, cut_text=run.card.dynamic_text_padding
+                                        and not model.prompt.fixed_segment_lengths)]
     return Flops(sum(c.forward for c in counts), sum(c.train for c in counts))

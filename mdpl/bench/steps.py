@@ -102,6 +102,7 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
     model = torch.compile(raw) if args.compile else raw
     row["params_total"], row["params_trainable"] = raw.trainable_parameters_report()
     batches = [synthetic_batch(run, batch_size, size_key, device, seed=s) for s in range(2)]
+    batches = [{**b, **raw.prompt.synthetic_inputs(b)} for b in batches]   # e.g. retrieved neighbours
     row["seq_len"] = sequence_length(run, batches[0], raw)
     row["text_len"] = int(batches[0]["text_ids"].shape[1])
     row["image_hw"] = list(batches[0]["image"].shape[-2:])

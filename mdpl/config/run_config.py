@@ -38,13 +38,13 @@ def derived_defaults(method: str, dataset: str, backbone: str | None = None) -> 
     """The defaults that follow from the method (its paper's backbone, seed, learning rate on `dataset`, missing
     type, whether padding is inert) and from the backbone (its image size)."""
     from mdpl.backbones.registry import available_backbones, backbone_card, method_backbone
-    from mdpl.prompts.keys import padding_is_inert, paper_missing_type, paper_run
+    from mdpl.prompts.keys import method_image_transform, padding_is_inert, paper_missing_type, paper_run
 
     backbone = backbone or method_backbone(method)
     lr = paper_run(method, (OptimConfig.learning_rate, ExperimentConfig.seed), dataset)[0]
     out = {"backbone": backbone, "seed": paper_run(method, (0, ExperimentConfig.seed))[1], "learning_rate": lr,
            "missing_type": dict.fromkeys(("train", "val", "test"), paper_missing_type(method)),
-           "dynamic_text_padding": padding_is_inert(method)}
+           "dynamic_text_padding": padding_is_inert(method), "image_transform": method_image_transform(method)}
     if backbone in available_backbones():
         out["image_size"] = backbone_card(backbone).sizes().image_size
     return out
@@ -161,7 +161,7 @@ class RunConfig:
     def pipeline(self) -> DataPipeline:
         """What the data layer needs of the backbone: the card's transform and tokenizer at this run's sizes."""
         card, sizes = self.card, self.backbone
-        return DataPipeline(backbone=card.name, transform=card.transform, image_size=int(sizes.image_size),
+        return DataPipeline(backbone=card.name, transform=str(self.data.image_transform or card.transform), image_size=int(sizes.image_size),
                             tokenizer=card.tokenizer, tokenizer_source=str(self.data.tokenizer or ""),
                             text_length=int(sizes.text_length), text_vocab_size=int(sizes.text_vocab_size),
                             dynamic_text_padding=bool(self.data.dynamic_text_padding) and card.dynamic_text_padding)

@@ -369,9 +369,13 @@ def check_optimisation(config: Mapping) -> None:
 
 
 def check_data_options(config: Mapping) -> None:
-    """mmimdb_items, and the evaluation sweep's test_types / test_ratios."""
+    """mmimdb_items, image_transform, and the evaluation sweep's test_types / test_ratios."""
+    from mdpl.data.transforms import TRANSFORMS
     if config.get("mmimdb_items", "plot") not in MMIMDB_ITEMS:
         _fail(f"mmimdb_items={config['mmimdb_items']!r} must be one of {', '.join(MMIMDB_ITEMS)}")
+    transform = config.get("image_transform") or ""
+    if transform and transform not in TRANSFORMS:
+        _fail(f"image_transform={transform!r} must be '' (the backbone's) or one of {', '.join(sorted(TRANSFORMS))}")
     if config.get("test_types") is not None or config.get("test_ratios") is not None:
         sweep_specs(MissingConfig.from_flat(dict(config)), int(config.get("seed", 0)))
 

@@ -148,7 +148,7 @@ class MDPLDataModule(pl.LightningDataModule):
         from pytorch_lightning.utilities import move_data_to_device
         types = torch.zeros_like(batch["missing_type"]) if complete else self.batch_missing_types(batch, False, 0, split)
         batch = {**batch, "missing_type": types, "missing_type_host": tuple(types.tolist()),
-                 "row_index_host": tuple(batch["row_index"].tolist())}
+                 "row_index_host": tuple(batch["row_index"].tolist()), "split": split}
         return self.on_after_batch_transfer(move_data_to_device(batch, device), 0)
 
     def skip_train_batches(self, batches: int) -> None:
@@ -223,7 +223,7 @@ class MDPLDataModule(pl.LightningDataModule):
         """Host side of docs/methods.md §1.4: the missing types (override / simulation), kept as a host tuple too."""
         types = self._resolved_types(batch)
         return {**batch, "missing_type": types, "missing_type_host": tuple(types.tolist()),
-                "row_index_host": tuple(batch["row_index"].tolist())}
+                "row_index_host": tuple(batch["row_index"].tolist()), "split": self._current_split()}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Device side of docs/methods.md §1.4: the dummies (and, for a batch that skipped the host hook, the missing

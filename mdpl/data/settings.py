@@ -26,6 +26,7 @@ class DataConfig(Section):
     tokenizer: str = ""
     mmimdb_items: str = "plot"
     pixel_cache: Any = ""
+    image_transform: str = ""            # "" = the backbone card's transform; else a name in TRANSFORMS ("square")
 
 
 @dataclass(frozen=True)

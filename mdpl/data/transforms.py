@@ -77,12 +77,19 @@ def clip_transform(image_size: int = 224) -> Callable[[Image.Image], torch.Tenso
                       T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
+def square_transform(image_size: int = 384) -> Callable[[Image.Image], torch.Tensor]:
+    """Both sides resized to image_size (PIL bilinear, aspect ratio not kept), to tensor, normalise mean=std=0.5: the
+    image processing of RAGPT's reference (every image gives the same full patch grid; docs/methods.md RAGPT-D7)."""
+    return T.Compose([T.Lambda(_to_rgb), T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR),
+                      T.ToTensor(), T.Normalize(PIXELBERT_MEAN, PIXELBERT_STD)])
+
+
 TRANSFORMS: dict[str, Callable[[int], Callable[[Image.Image], torch.Tensor]]] = {
-    "pixelbert": pixelbert_transform, "clip": clip_transform}
+    "pixelbert": pixelbert_transform, "clip": clip_transform, "square": square_transform}
 """A backbone card's ``transform`` id -> the transform builder (of ``image_size``)."""
 
 
 def build_transform(pipeline: DataPipeline) -> Callable[[Image.Image], torch.Tensor]:
-    """The transform the run's backbone card names (``pixelbert`` for ViLT, ``clip`` for the open_clip towers), at
-    the run's ``image_size``."""
+    """The transform the run's backbone card names (``pixelbert`` for ViLT, ``clip`` for the open_clip towers), or the
+    run's ``image_transform`` when set, at the run's ``image_size``."""
     return TRANSFORMS[pipeline.transform](int(pipeline.image_size))

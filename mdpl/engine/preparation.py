@@ -9,8 +9,8 @@ with the frozen backbone, stored beside the data and handed to ``load_prepared``
 * **Chunks**: each rank saves its pooled features every ``CHUNK_BATCHES`` batches (atomically) under
   ``<artefact>.partial/``; a killed preparation resumes from the chunks it finished (each chunk is recomputed with the
   same batches, so the result is identical to an uninterrupted run) and the folder is removed once the artefact exists.
-* **Artefact**: rank 0 computes k-means centres (``mdpl.engine.kmeans``) and neighbour lists (``mdpl.engine.topk``)
-  and writes ``<data_root>/prepared/<dataset>-<key>.pt`` atomically; every rank then reads it and calls
+* **Artefact**: rank 0 computes k-means centres (``mdpl.engine.kmeans``), neighbour lists (``mdpl.engine.topk``) and
+  the retrievals with another backbone over every split (``mdpl.engine.retrieval``), and writes ``<data_root>/prepared/<dataset>-<key>.pt`` atomically; every rank then reads it and calls
   ``load_prepared``. ``key`` hashes everything the result depends on (:func:`dependencies`): the training arrow
   file's identity, the missing table, the data pipeline, the backbone's sizes and frozen weights, the need. Other
   inputs give another key, hence another file: an artefact is never reused for changed inputs. A file under the key
@@ -34,6 +34,7 @@ from torch import nn
 from mdpl.atomic import write_atomic
 from mdpl.errors import UserInputError
 from mdpl.engine.kmeans import kmeans
+from mdpl.engine.retrieval import retrieval_dependencies, retrieve
 from mdpl.engine.topk import exact_topk
 from mdpl.prompts.base import MISSING_TYPE_OF, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
@@ -112,8 +113,8 @@ def _modality(f: FeatureRequest, stream: StreamInfo) -> str | None:
 
 def pool_feature(f: FeatureRequest, stream: StreamInfo, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
                  missing_type: torch.Tensor) -> torch.Tensor:
-    """[B, width]: the request's span of x [B, N, width] pooled (``POOLINGS``), zero where its modality is missing
-    with ``zero_missing``."""
+    """[B, width] ([B, span, width] with ``tokens``): the request's span of x [B, N, width] pooled (``POOLINGS``),
+    zero where its modality is missing with ``zero_missing``."""
     span = layout.span(f.segment) if f.segment is not None else slice(0, x.shape[1])
     xs, ms = x[:, span].float(), mask[:, span]
     if f.pooling == "mean":
@@ -121,13 +122,16 @@ def pool_feature(f: FeatureRequest, stream: StreamInfo, x: torch.Tensor, mask: t
         pooled = (xs * weights).sum(1) / weights.sum(1).clamp_min(1)
     elif f.pooling == "mean_all":
         pooled = xs.mean(1)
+    elif f.pooling == "tokens":
+        pooled = xs
     else:
         pooled = xs[:, 0]
     if f.zero_missing:
         modality = _modality(f, stream)
         if modality is None:
             raise ValueError(f"feature {f.name!r}: zero_missing needs a text or image segment on a joint stream")
-        pooled = pooled * (missing_type != MISSING_TYPE_OF[modality]).unsqueeze(1).to(pooled.dtype)
+        keep = (missing_type != MISSING_TYPE_OF[modality]).to(pooled.dtype)
+        pooled = pooled * keep.view(-1, *([1] * (pooled.dim() - 1)))
     return pooled
 
 
@@ -192,6 +196,7 @@ def dependencies(run, need: PreparationNeed, dataset, backbone: nn.Module) -> di
         "backbone": {"name": run.card.name, "sizes": dataclasses.asdict(run.backbone),
                      "weights_sha256": tensor_digest(frozen_state(backbone, not run.model.finetune))},
         "need": need.as_dict(),
+        "retrieval": {req.name: retrieval_dependencies(run, req) for req in need.retrieval},
     })
 
 
@@ -233,7 +238,8 @@ class Group:
 
 # ------------------------------------------------------------------------------------------------ chunks
 def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A saved object, its tensors memory-mapped (a memory bank need not fit in memory twice)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _save(path: Path, obj: Any) -> None:
@@ -288,7 +294,8 @@ def _collect(model, collector: Collector, datamodule, items: list[int], device: 
     parts: list[dict[str, torch.Tensor]] = []
     for batch in datamodule.items_loader(SPLIT, items):
         batch = datamodule.device_batch(batch, device, SPLIT, complete=need.missing == "complete")
-        parts.append({k: v.cpu() for k, v in pooled_batch(model.backbone, collector, batch).items()})
+        dtypes = {f.name: getattr(torch, f.dtype) for f in need.features}
+        parts.append({k: v.to("cpu", dtypes[k]) for k, v in pooled_batch(model.backbone, collector, batch).items()})
         bar.update(1)
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
@@ -338,16 +345,25 @@ def read_artifact(path: Path, deps: dict[str, Any], key: str) -> PreparedArtifac
                              f"{', '.join(differ)}); it is not used: delete it and run again to rebuild it")
     return PreparedArtifact(key=key, dependencies=recorded, item_index=stored["item_index"],
                             features=stored["features"], centres=stored["centres"],
-                            neighbours={k: (v["indices"], v["scores"]) for k, v in stored["neighbours"].items()})
+                            neighbours={k: (v["indices"], v["scores"]) for k, v in stored["neighbours"].items()},
+                            retrieved={name: {split: {m: (v["indices"], v["scores"]) for m, v in lists.items()}
+                                              for split, lists in per_split.items()}
+                                       for name, per_split in stored.get("retrieved", {}).items()},
+                            labels=stored.get("labels"))
 
 
-def _build(need: PreparationNeed, parts, n_items: int, deps: dict[str, Any], key: str, path: Path,
-           device: torch.device) -> None:
-    """Rank 0: the artefact from the gathered shards, written atomically; the chunk folder removed."""
+def _build(run, need: PreparationNeed, parts, dataset, deps: dict[str, Any], key: str, path: Path,
+           device: torch.device, progress: bool) -> None:
+    """Rank 0: the artefact from the gathered shards and the retrievals, written atomically; the chunk folder
+    removed."""
+    n_items = len(dataset)
     features = assemble(parts, n_items)
     centres, neighbours = compute(need, features, device)
+    retrieved = {req.name: retrieve(run, req, device, progress) for req in need.retrieval}
+    labels = dataset.labels[dataset.item_rows] if need.keep_labels else None
     _save(path, {"format": FORMAT, "key": key, "dependencies": deps, "item_index": torch.arange(n_items),
-                 "features": features if need.keep_features else {}, "centres": centres, "neighbours": neighbours})
+                 "features": features if need.keep_features else {}, "centres": centres, "neighbours": neighbours,
+                 "retrieved": retrieved, "labels": labels})
     shutil.rmtree(partial_folder(path), ignore_errors=True)
 
 
@@ -383,7 +399,7 @@ def run_preparation(run, model, datamodule, device: torch.device | str = "cpu", 
         error = None
         if group.rank == 0:
             try:
-                _build(need, parts, len(dataset), deps, key, path, device)
+                _build(run, need, parts, dataset, deps, key, path, device, progress)
             except BaseException as err:   # tell the other ranks instead of leaving them waiting
                 error = err
         message = group.broadcast(None if error is None else f"{type(error).__name__}: {error}")

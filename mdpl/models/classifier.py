@@ -54,6 +54,9 @@ class PromptedClassifier(nn.Module):
         self.head_name = f"{self.dataset}_classifier"
         self.add_module(self.head_name, self.backbone.build_head(num_classes))
         self.prompt: PromptMethod = build_method(run.experiment.prompt_method, run.method, self.backbone.info)
+        own_head = self.prompt.build_head(num_classes)
+        if own_head is not None:     # the method's own head replaces the backbone's
+            self.add_module(self.head_name, own_head)
         self._attach_adapters()
         self._apply_freezing()
         self._originals: list[tuple[AdapterSite, torch.Tensor]] | None = None
@@ -171,7 +174,12 @@ class PromptedClassifier(nn.Module):
         if keep is not None and self.prompt.skip_missing:
             rows = _kept_rows(keep, batch.get("missing_type_host"), dropped)
         x, mask, layout = self.backbone.embed(stream.name, batch, rows)
-        readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
+        segment = self.prompt.readout_segment(stream)
+        if segment is None:
+            readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
+        else:
+            n = missing_type.shape[0] if rows is None else rows.shape[0]
+            readout = partial(_segment_start, segment, n, missing_type.device)
         ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared, readout=readout)
         encoder = self.backbone.encoders()[stream.name]
         needed = self.backbone.needed_length(stream.name, batch)
@@ -191,10 +199,10 @@ class PromptedClassifier(nn.Module):
         if missing_type is None:
             missing_type = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
         missing_type = missing_type.to(image.device).long()
-        prepared = self.prompt.prepare(missing_type)
+        prepared = self.prompt.prepare_batch(missing_type, batch)
         features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
         pooled = torch.cat([f.to(features[0].dtype) for f in features], dim=1)
-        out = {"logits": self.head(pooled), "pooled": pooled}
+        out = {"logits": self.prompt.head_logits(self.head, pooled, prepared), "pooled": pooled}
         if self.prompt.aux_loss_names:
             out.update(self._aux_losses(prepared))
         return out
@@ -211,6 +219,11 @@ class PromptedClassifier(nn.Module):
 
     def head_device(self) -> torch.device:
         return next(self.head.parameters()).device
+
+
+def _segment_start(segment: str, rows: int, device: torch.device, layout) -> torch.Tensor:
+    """Long [rows]: the first position of a method's segment in `layout` (``PromptMethod.readout_segment``)."""
+    return torch.full((rows,), layout.offset(segment), dtype=torch.long, device=device)
 
 
 def _kept_rows(keep: torch.Tensor, host_types: Sequence[int] | None, dropped: int) -> torch.Tensor | None:

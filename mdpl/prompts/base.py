@@ -186,6 +186,12 @@ class PromptMethod(nn.Module):
     padding_is_inert: ClassVar[bool] = True
     """Outputs do not depend on how far texts are padded (padded keys are masked): ``dynamic_text_padding`` is
     exact and on by default. False for a method that reads the hidden states of [PAD] positions (MemPrompt)."""
+    fixed_segment_lengths: ClassVar[bool] = False
+    """True: the method needs every sample's text and image segments at their full configured lengths (RAGPT's
+    generators): no per-sample cut of the text in the benchmark's FLOP count."""
+    image_transform: ClassVar[str] = ""
+    """The image transform the method needs (config.py's default of ``image_transform``; '' = the backbone's): RAGPT's
+    'square' gives every image the same full patch grid."""
     paper_tables: ClassVar[str | None] = None
     """``"module:function"`` returning the method's paper tables (``mdpl.experiments.matrix.Table``), or None."""
     reference_prompt_keys: ClassVar[tuple[str, ...]] = ()
@@ -230,6 +236,30 @@ class PromptMethod(nn.Module):
     def prepare(self, missing_type: torch.Tensor) -> Any:
         """Computed once per forward, shared by every stream's hooks as ``ctx.prepared``."""
         return None
+
+    def prepare_batch(self, missing_type: torch.Tensor, batch: Mapping[str, Any]) -> Any:
+        """``prepare`` for a method whose per-forward state depends on the samples themselves (RAGPT's retrieved
+        neighbours: the batch's ``item_index`` and ``split``); the classifier calls this one. Default: ``prepare``."""
+        return self.prepare(missing_type)
+
+    def synthetic_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Random stand-ins for the per-sample inputs the preparation stage would give (the benchmark's synthetic
+        batches; RAGPT's neighbours). Default: none."""
+        return {}
+
+    def readout_segment(self, stream: StreamInfo) -> str | None:
+        """A segment this method inserts whose first token is `stream`'s feature token instead of the backbone's
+        read-out (RAGPT pools its label token, RAGPT-D5); None: the backbone's read-out."""
+        return None
+
+    def build_head(self, num_classes: int) -> nn.Module | None:
+        """The task head when the method owns it (registered as ``{dataset}_classifier`` in place of the backbone's
+        head; RAGPT's label-prototype head), or None: the backbone's head."""
+        return None
+
+    def head_logits(self, head: nn.Module, pooled: torch.Tensor, prepared: Any) -> torch.Tensor:
+        """Logits [B, C] of the stream features `pooled` [B, F]. Default: ``head(pooled)``."""
+        return head(pooled)
 
     def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                      layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:

@@ -51,6 +51,11 @@ def padding_is_inert(method: str) -> bool:
     return bool(_declared(method, "padding_is_inert", False))
 
 
+def method_image_transform(method: str) -> str:
+    """The image transform the method's reference uses ('' = the backbone's; ``PromptMethod.image_transform``)."""
+    return str(_declared(method, "image_transform", ""))
+
+
 def method_defaults(method: str, sizes: str = "paper", dataset: str = "") -> dict[str, Any]:
     """The keys `method` reads with their defaults for ``method_sizes=sizes`` (a fresh copy; {} if unknown); with
     `dataset`, the reference's values on that dataset where the method's config declares them (``DATASETS``)."""

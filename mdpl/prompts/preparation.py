@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
-POOLINGS = ("mean", "mean_all", "first")
+POOLINGS = ("mean", "mean_all", "first", "tokens")
 """``mean``: over the real tokens of the span (the stream's key mask); ``mean_all``: over every position of the span
-(padding included); ``first``: the span's first token."""
+(padding included); ``first``: the span's first token; ``tokens``: no pooling, every position of the span (a span of
+the same length in every batch: [N_train, layers, length, width])."""
+DTYPES = ("float32", "float16", "bfloat16")
 MISSING_MODES = ("table", "complete")
 """``table``: the training split's missing table applies (dummies as in training, without ``simulate_missing``);
 ``complete``: every sample with both modalities."""
@@ -36,11 +38,14 @@ class FeatureRequest:
     segment: str | None = None           # a TokenLayout segment ("text", "image"); None: the whole sequence
     pooling: str = "mean"                # POOLINGS
     zero_missing: bool = False           # rows whose modality (the segment's, or the stream's) is missing give zeros
+    dtype: str = "float32"               # DTYPES: how the features are stored
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: one of {POOLINGS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: one of {DTYPES}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={self.layers}: a non-empty list of distinct block inputs")
 
@@ -79,20 +84,45 @@ class NeighbourRequest:
 
 
 @dataclass(frozen=True)
+class RetrievalRequest:
+    """Nearest training items of every item of ``splits``, per modality, by the features of another registered
+    backbone (the *retriever*: a two-tower backbone such as CLIP, its frozen encoders from the local file
+    ``weights``, at ``image_size``, its other sizes the run's keys of that backbone). Every item is embedded complete;
+    an image query is compared with the training images only, a text query with the training texts only; training
+    queries never return themselves. Result: split -> modality -> (indices long [N_split, k], scores)."""
+
+    name: str
+    backbone: str
+    weights: str
+    image_size: int
+    k: int
+    splits: tuple[str, ...] = ("train", "val", "test")
+    metric: str = "cosine"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "splits", tuple(self.splits))
+        if self.metric not in METRICS:
+            raise ValueError(f"metric={self.metric!r}: one of {METRICS}")
+
+
+@dataclass(frozen=True)
 class PreparationNeed:
     """Everything a method needs computed over the training split before it trains or tests.
 
     ``mask_missing``: on a joint stream the missing modality's tokens are masked as keys from block 0 on (a
     collection pass that ignores the dummies); no effect on single-modality streams. ``keep_features``: the artefact
-    keeps the pooled features themselves (otherwise only centres and neighbours). ``version``: change it when the
+    keeps the pooled features themselves (otherwise only centres and neighbours), ``keep_labels`` the training items'
+    labels. ``version``: change it when the
     method's use of the artefact changes, so older artefacts are not reused."""
 
     features: tuple[FeatureRequest, ...]
     kmeans: tuple[KMeansRequest, ...] = ()
     neighbours: tuple[NeighbourRequest, ...] = ()
+    retrieval: tuple[RetrievalRequest, ...] = ()
     missing: str = "table"               # MISSING_MODES
     mask_missing: bool = False
     keep_features: bool = False
+    keep_labels: bool = False
     version: str = ""
 
     def __post_init__(self) -> None:
@@ -120,6 +150,8 @@ class PreparedArtifact:
     ``item_index`` long [N_train]: the training items in dataset order (row i of every per-item tensor).
     ``features``: name -> [N_train, layers, width] (only with ``keep_features``). ``centres``: feature name ->
     [layers, k', width]. ``neighbours``: feature name -> (indices long [N_train, k], scores [N_train, k]).
+    ``retrieved``: retrieval name -> split -> modality -> (indices long [N_split, k], scores). ``labels``: the
+    training items' labels (long [N_train] or float multi-hot [N_train, C]) with ``keep_labels``.
     ``key`` and ``dependencies``: what the artefact was computed from (``mdpl.engine.preparation``)."""
 
     key: str
@@ -128,3 +160,5 @@ class PreparedArtifact:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     centres: dict[str, torch.Tensor] = field(default_factory=dict)
     neighbours: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    retrieved: dict[str, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=dict)
+    labels: torch.Tensor | None = None

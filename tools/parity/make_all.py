@@ -31,6 +31,7 @@ GENERATORS = (
     ("make_scp.py", [], [f"ref_scp_{c}.pt" for c in "AB"]),
     ("make_mora.py", [], [f"ref_mora_{c}.pt" for c in "AB"], TF4),
     ("make_msps.py", [], [f"ref_msps_{c}.pt" for c in "AB"]),
+    ("make_ragpt.py", [], [f"ref_ragpt_{c}.pt" for c in "AB"]),
     *((("make_reference_checkpoints.py", ["--method", m], [f"ref_ckpt_{m}.pt"]) for m in ("map", "memprompt", "dcp"))),
 )
 
