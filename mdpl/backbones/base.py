@@ -51,6 +51,10 @@ class Backbone(nn.Module):
         [CLS], the image CLS, the text EOT); the last block computes only these positions."""
         raise NotImplementedError
 
+    def token_ids(self, stream: str, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ids of `stream`'s data tokens [B, N] (``PromptContext.token_ids``), or None (the default)."""
+        return None
+
     def needed_length(self, stream: str, batch: Batch) -> int | None:
         """On a causal stream: how many leading data positions can change a read-out token (None: all)."""
         return None
