@@ -67,6 +67,10 @@ class Backbone(nn.Module):
         """The task head on the concatenated stream features."""
         raise NotImplementedError
 
+    def optional_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """Named frozen parts a method may ask to train (``PromptMethod.extra_backbone_parts``); none by default."""
+        return {}
+
     def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
         """Parts trained with the prompts while the rest of the backbone is frozen (ViLT: pooler)."""
         return []

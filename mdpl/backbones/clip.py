@@ -398,6 +398,10 @@ class TwoTowerBackbone(Backbone):
         so that methods compare alike."""
         return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
 
+    def optional_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """``text_projection``: the text tower's output projection (frozen unless a method asks)."""
+        return {"text_projection": [self.text_encoder.text_projection]}
+
     def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
         return [self.logit_scale]
 

@@ -93,8 +93,9 @@ class StreamEncoder(nn.Module):
     def block_steps(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                     ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
                     needed: int | None = None) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor, TokenLayout]]:
-        """:meth:`forward_blocks` one block at a time: a generator that yields the index of each block once it has
-        run (and the method's ``after_block`` has seen its output) and returns ``(x, mask, layout)``. The classifier
+        """:meth:`forward_blocks` one block at a time: a generator that yields -1 once the method's ``after_block``
+        has seen the embeddings, then the index of each block once it has run (and ``after_block`` has seen its
+        output), and returns ``(x, mask, layout)``. The classifier
         advances the streams of a method with a ``lock_step_order`` through it block by block, interleaved."""
         info = self.info
         if ctx.blocks is None:
@@ -104,6 +105,8 @@ class StreamEncoder(nn.Module):
         last = len(self.blocks) - 1
         cut = max(method.reads_every_position_until(info), 0) if needed is not None else -1
         extra = {"key_mask": True} if method.masks_padding_keys(info) and not info.masks_padding else {}
+        method.after_block(info, -1, x, mask, layout, ctx)          # the embeddings (block 0's input)
+        yield -1
         for index in range(len(self.blocks)):
             x, mask, layout = method.before_block(info, index, x, mask, layout, ctx)
             if index == cut:

@@ -139,6 +139,9 @@ class PromptedClassifier(nn.Module):
         learned |= {id(p) for p in self.prompt.adapters.parameters()}
         self.requires_grad_(self.finetune)
         parts = self.backbone.trainable_parts() if self.prompt.trains_backbone_parts else []
+        optional = self.backbone.optional_parts()
+        for name in self.prompt.extra_backbone_parts:
+            parts = [*parts, *optional.get(name, [])]
         for item in [*parts, self.head]:
             item.requires_grad_(True)
         for p in self.prompt.parameters():

@@ -208,6 +208,9 @@ class PromptMethod(nn.Module):
     trains_backbone_parts: ClassVar[bool] = True
     """False: the backbone's ``trainable_parts`` stay frozen (a method whose reference trains only its own
     parameters and the head)."""
+    extra_backbone_parts: ClassVar[tuple[str, ...]] = ()
+    """Names of optional backbone parts (``Backbone.optional_parts``, e.g. ``"text_projection"``) the method's
+    reference also trains, beyond the backbone's ``trainable_parts``."""
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
     is not computed for those rows (DCP §6.5). Single-stream backbones ignore it."""
@@ -254,7 +257,8 @@ class PromptMethod(nn.Module):
     def after_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                     layout: TokenLayout, ctx: PromptContext) -> None:
         """Sees the output of block `index` of `stream` (x [B, N, D]; [B, 1, D] after the last block, which computes
-        only the read-out position). Records what later hooks read, changes nothing."""
+        only the read-out position); `index` -1: the embeddings (block 0's input, before ``before_block(0)``).
+        Records what later hooks read, changes nothing."""
 
     def lock_step_order(self, info: BackboneInfo) -> tuple[str, ...] | None:
         """None (the default): the classifier encodes the streams one after the other. A tuple of stream names: the

@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "mdpl.prompts.scp",
     "mdpl.prompts.mora",
     "mdpl.prompts.msps",
+    "mdpl.prompts.aoept",
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
