@@ -78,10 +78,8 @@ class AOEPTConfig(MethodConfig):
     }
 
     def check(self, info: BackboneInfo) -> None:
-        names = {s.name for s in info.streams}
-        if names != {IMAGE, TEXT} or info.stream(TEXT).masks_padding or not info.stream(TEXT).causal:
-            raise UserInputError(f"AOEPT is mapped onto CLIP's two towers only (its text tower reads the outputs of "
-                                 f"padding positions, AOEPT-D8); {info.what} is not supported: use backbone=clip")
+        if {s.name for s in info.streams} != {IMAGE, TEXT}:
+            raise UserInputError(unsupported(info))
         for key in ("aoept_length", "aoept_shared_length", "aoept_depth", "aoept_reduction", "aoept_heads",
                     "aoept_prototypes", "aoept_kmeans_iters", "aoept_kmeans_restarts"):
             check_positive(key, getattr(self, key))
@@ -98,6 +96,11 @@ class AOEPTConfig(MethodConfig):
         for key, values in SWITCHES.items():
             if getattr(self, key) not in values:
                 raise UserInputError(f"{key}={getattr(self, key)!r} must be one of {', '.join(values)}")
+
+
+def unsupported(info: BackboneInfo) -> str:
+    return (f"AOEPT is mapped onto CLIP's two towers only (a causal text tower that reads padding, whose outputs at "
+            f"padding positions AOEPT averages, AOEPT-D8); {info.what} is not supported: use backbone=clip")
 
 
 def free_attention(q: torch.Tensor, memory: torch.Tensor, heads: int) -> torch.Tensor:
@@ -147,6 +150,9 @@ class AOEPT(PromptMethod):
 
     def __init__(self, config: AOEPTConfig, info: BackboneInfo) -> None:
         super().__init__(config, info)
+        text = info.stream(TEXT)
+        if text.masks_padding or not text.causal:            # CoCa's text tower hides its padding already
+            raise UserInputError(unsupported(info))
         c = config
         d, lt, ls = c.aoept_depth, c.aoept_length, c.aoept_shared_length
         widths = {s.name: s.width for s in info.streams}
