@@ -1,4 +1,4 @@
-"""AOEPT (mdpl/prompts/aoept.py, docs/methods.md §16): preparation, gates, switches, config, and a run through run.py.
+"""AOEPT (mdpl/prompts/aoept.py, docs/methods.md §17): preparation, gates, switches, config, and a run through run.py.
 
 The reference parity is tests/test_parity_aoept.py; here: the clustering on a well-separated case (the prototypes do
 not depend on k-means seeding there), the gates' forced opening on rows whose source modality is missing, the defect

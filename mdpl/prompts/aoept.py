@@ -1,4 +1,4 @@
-"""AOEPT: cross-modal adaptive prompts over k-means prototypes (Lang et al., ICML 2026), docs/methods.md §16.
+"""AOEPT: cross-modal adaptive prompts over k-means prototypes (Lang et al., ICML 2026), docs/methods.md §17.
 
 Memory: per prompted block i < d, the k-means prototypes M^t_i [K, Dt], M^v_i [K, Dv] of the block-i inputs of the
 training split (the preparation stage; text pooled over its real tokens, the image over all its tokens, rows whose
@@ -177,7 +177,7 @@ class AOEPT(PromptMethod):
     def prompt_count(self) -> int:
         return self.config.aoept_length + self.config.aoept_shared_length
 
-    # --- preparation (§16.2) ------------------------------------------------------------------------
+    # --- preparation (§17.2) ------------------------------------------------------------------------
     def preparation_needs(self) -> PreparationNeed:
         """Block inputs 0..d-1 of both towers over the training split with its missing table, text pooled over its
         real tokens and the image over all tokens, missing rows zero and left out; k-means per block (sklearn's
@@ -206,7 +206,7 @@ class AOEPT(PromptMethod):
 
     # --- proxies ------------------------------------------------------------------------------------
     def proxies(self) -> dict[str, torch.Tensor]:
-        """T, V, ST, SV for every prompted block (§16.3), each [d, n, D]."""
+        """T, V, ST, SV for every prompted block (§17.3), each [d, n, D]."""
         heads, out = self.config.aoept_heads, {}
         mt, mv = self.memory(TEXT), self.memory(IMAGE)
         for name, query, memory, norm in (("text", self.text_query, mt, self.text_norm),
@@ -297,7 +297,7 @@ class AOEPT(PromptMethod):
 
     # --- loss ---------------------------------------------------------------------------------------
     def aux_losses(self, prepared: AOEPTState) -> dict[str, torch.Tensor]:
-        """The consistency loss (§16.4): mean of the InfoNCE terms of every prompted block and tower."""
+        """The consistency loss (§17.4): mean of the InfoNCE terms of every prompted block and tower."""
         terms = []
         scale = self.logit_scale.exp()
         for stream, missing in ((TEXT, MISSING_TEXT), (IMAGE, MISSING_IMAGE)):

@@ -16,7 +16,7 @@ def _aoept_main() -> Table:
                         "paper_results.csv `aoept/t70/*`); the same source's averages at 70 % and 90 %, its SyP "
                         "baseline, ablations and ViLT row are kept in paper_results.csv.",
                         "AOEPT = the `aoept` preset with the reference's CLIP sizes for the missing-both setting "
-                        "(per-dataset prompt lengths; docs/methods.md §16). The paper's numbers come from its own data "
+                        "(per-dataset prompt lengths; docs/methods.md §17). The paper's numbers come from its own data "
                         "construction (AOEPT-D17): compare trends, not decimals.",
                         "The baseline (CLIP) and DCP cells are the dcp_main runs (same settings: shared)."])
 
