@@ -86,7 +86,8 @@ def test_gates_open_where_the_source_modality_is_missing() -> None:
             proxy = state.proxies[stream][index]
             rows = types == opened
             torch.testing.assert_close(own[rows], proxy.expand(int(rows.sum()), -1, -1))
-            assert (own[~rows].abs() < proxy.abs() + 1e-7).all() and not torch.allclose(own[~rows], own[~rows] * 0 + proxy)
+            gated = own[~rows]
+            assert (gated.abs() < proxy.abs() + 1e-7).all() and not torch.allclose(gated, proxy.expand_as(gated))
 
 
 @pytest.mark.parametrize("switch,value", [("aoept_text_pool", "eot"), ("aoept_feature_pool", "masked"),
@@ -138,7 +139,8 @@ def test_coca_is_refused_in_one_line() -> None:
 
 def test_preset_is_the_reference_config() -> None:
     cfg = resolved_config(["task_finetune_mmimdb", "aoept"], {})
-    assert (cfg["aoept_length"], cfg["aoept_shared_length"], cfg["aoept_depth"], cfg["aoept_reduction"]) == (5, 5, 4, 16)
+    sizes = ("aoept_length", "aoept_shared_length", "aoept_depth", "aoept_reduction")
+    assert tuple(cfg[k] for k in sizes) == (5, 5, 4, 16)
     assert (cfg["aoept_prototypes"], cfg["aoept_kmeans_seed"], cfg["aoept_consistency_loss_weight"]) == (256, 42, 0.05)
     assert (cfg["learning_rate"], cfg["seed"], cfg["backbone"]) == (2e-2, 2026, "clip")
 

@@ -85,7 +85,8 @@ def test_lock_step_interleaves_blocks_in_the_given_order(tiny, backbone) -> None
     outputs(model, batch_for(model, tiny["image_size"]), ("text", "image"))
     depth = model.backbone.info.num_layers
     embeddings = [("text", -1, "after"), ("image", -1, "after")]   # every stream's embeddings before any block
-    assert seen == embeddings + [(s, i, w) for i in range(depth) for s in ("text", "image") for w in ("before", "after")]
+    blocks = [(s, i, w) for i in range(depth) for s in ("text", "image") for w in ("before", "after")]
+    assert seen == embeddings + blocks
     seen.clear()
     outputs(model, batch_for(model, tiny["image_size"]), None)    # sequential: one stream's blocks, then the other's
     assert [s for s, _, _ in seen] == ["image"] * (2 * depth + 1) + ["text"] * (2 * depth + 1)
