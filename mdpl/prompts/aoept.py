@@ -214,7 +214,7 @@ class AOEPT(PromptMethod):
             out[name] = torch.stack([norm(free_attention(q, m, heads) + q) for q, m in zip(query, memory)])
         for name, projs, memory, norm in (("shared_text", self.shared_text_proj, mt, self.shared_text_norm),
                                           ("shared_image", self.shared_image_proj, mv, self.shared_image_norm)):
-            qs = [proj(q) for proj, q in zip(projs, self.shared_query)]
+            qs = [project(proj, self.shared_query[i]) for i, proj in enumerate(projs)]
             out[name] = torch.stack([norm(free_attention(q, m, heads) + q) for q, m in zip(qs, memory)])
         return out
 
@@ -316,6 +316,13 @@ class AOEPT(PromptMethod):
     def added_tokens(cls, config: AOEPTConfig, info: BackboneInfo) -> dict[str, int]:
         p = config.aoept_length + config.aoept_shared_length
         return {s.name: p for s in info.streams}
+
+
+def project(proj: nn.Sequential, q: torch.Tensor) -> torch.Tensor:
+    """`proj`(q) with its first layer called functionally: q is a view of a parameter, which module hooks (FLOP
+    counting under inference mode) cannot follow."""
+    first = proj[0]
+    return proj[1:](F.linear(q, first.weight, first.bias))
 
 
 def _projection(hidden: int, width: int) -> nn.Sequential:
