@@ -50,8 +50,11 @@ def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
         assert r["backbone"] == method_backbone(method)     # vilt, but clip for DCP and MoRA
         assert r["train_samples_per_s"] > 0 and r["eval_samples_per_s"] > 0
         assert r["train_gflops_per_sample"] > r["eval_gflops_per_sample"] > 0
-        for phase in ("train", "eval"):   # executed vs needed FLOPs, peak memory
-            assert 0 < r[f"{phase}_gflops_needed_per_sample"] <= r[f"{phase}_gflops_per_sample"] * (1 + 1e-9)
+        # executed vs needed FLOPs, peak memory; a method's batch-independent work (its ``prepare``: AOEPT's proxy
+        # prompts) is paid once per batch but once per sample in the per-sample sum: up to 1 % more "needed"
+        slack = 1e-2 if method == "aoept" else 1e-9
+        for phase in ("train", "eval"):
+            assert 0 < r[f"{phase}_gflops_needed_per_sample"] <= r[f"{phase}_gflops_per_sample"] * (1 + slack)
             assert f"{phase}_peak_mib" in r
         assert r["train_mfu"] is None  # no peak FLOP/s known on CPU without --peak-tflops
         assert 0 < r["params_trainable"] < r["params_total"]

@@ -54,7 +54,7 @@ BAD = [
     ("map", {"dataset": "imagenet"}, r"unknown dataset 'imagenet'; choose one of mmimdb, food101, hatememes"),
     ("map", {"backbone": "resnet"}, r"unknown backbone 'resnet'; choose one of vilt, clip"),
     ("map", {"prompt_method": "bogus"},
-     r"unknown prompt_method 'bogus'; registered methods: none, map, memprompt, dcp, scp, mora, msps, ragpt"),
+     r"unknown prompt_method 'bogus'; registered methods: none, map, memprompt, dcp, scp, mora, msps, ragpt, aoept"),
     ("map", {"backbone": "clip", "prompt_layers": [0, 12]},
      r"prompt_layers=\[0, 12\] has layers \[12\] outside 0\.\.1 \(the CLIP backbone"),
     ("dcp", {"backbone": "vilt", "prompt_depth": 3}, r"prompt_depth=3 must be an integer in 0\.\.2 \(the ViLT"),
@@ -80,9 +80,9 @@ BAD = [
                                                  r"food101_train\.arrow, food101_val\.arrow, food101_test\.arrow .*"
                                                  r"python make_arrow\.py --dataset food101"),
     # no default method: the papers' commands name none (MAP's adds prompt_type=attention)
-    ("", {}, r"^no prompt method selected: name a method preset \(baseline, map, memprompt, dcp, scp, mora, msps, ragpt, e\.g\. `with "
-             r"task_finetune_mmimdb map`\) or set prompt_method=none\|map\|memprompt\|dcp\|scp\|mora\|msps\|ragpt$"),
-    ("", {"prompt_type": "attention"}, r"or set prompt_method=none\|map\|memprompt\|dcp\|scp\|mora\|msps\|ragpt \(prompt_type is read by "
+    ("", {}, r"^no prompt method selected: name a method preset \(baseline, map, memprompt, dcp, scp, mora, msps, ragpt, aoept, e\.g\. `with "
+             r"task_finetune_mmimdb map`\) or set prompt_method=none\|map\|memprompt\|dcp\|scp\|mora\|msps\|ragpt\|aoept$"),
+    ("", {"prompt_type": "attention"}, r"or set prompt_method=none\|map\|memprompt\|dcp\|scp\|mora\|msps\|ragpt\|aoept \(prompt_type is read by "
                                        r"map: name `map`\)$"),
     # a key only another method reads: it would be ignored silently
     ("memprompt", {"prompt_type": "attention"}, r"^prompt_type='attention' is read only by map, but prompt_method is "
@@ -154,7 +154,7 @@ def _cli_errors(*args: str) -> tuple[int, list[str], str]:
 def test_cli_bad_method_exits_with_one_line() -> None:
     code, lines, stderr = _cli_errors("task_finetune_food101", "prompt_method=bogus")
     assert code == 2
-    assert lines == ["error: unknown prompt_method 'bogus'; registered methods: none, map, memprompt, dcp, scp, mora, msps, ragpt"]
+    assert lines == ["error: unknown prompt_method 'bogus'; registered methods: none, map, memprompt, dcp, scp, mora, msps, ragpt, aoept"]
     assert "Traceback" not in stderr
 
 
@@ -162,8 +162,8 @@ def test_cli_without_method_exits_with_one_line() -> None:
     """MAP's own command (task config + prompt_type, no preset) no longer trains the no-prompt baseline."""
     code, lines, stderr = _cli_errors("task_finetune_food101", "prompt_type=attention")
     assert code == 2 and "Traceback" not in stderr
-    assert lines == ["error: no prompt method selected: name a method preset (baseline, map, memprompt, dcp, scp, mora, msps, ragpt, "
-                     "e.g. `with task_finetune_mmimdb map`) or set prompt_method=none|map|memprompt|dcp|scp|mora|msps|ragpt "
+    assert lines == ["error: no prompt method selected: name a method preset (baseline, map, memprompt, dcp, scp, mora, msps, ragpt, aoept, "
+                     "e.g. `with task_finetune_mmimdb map`) or set prompt_method=none|map|memprompt|dcp|scp|mora|msps|ragpt|aoept "
                      "(prompt_type is read by map: name `map`)"]
 
 

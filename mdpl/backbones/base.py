@@ -51,6 +51,10 @@ class Backbone(nn.Module):
         [CLS], the image CLS, the text EOT); the last block computes only these positions."""
         raise NotImplementedError
 
+    def token_ids(self, stream: str, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ids of `stream`'s data tokens [B, N] (``PromptContext.token_ids``), or None (the default)."""
+        return None
+
     def needed_length(self, stream: str, batch: Batch) -> int | None:
         """On a causal stream: how many leading data positions can change a read-out token (None: all)."""
         return None
@@ -62,6 +66,10 @@ class Backbone(nn.Module):
     def build_head(self, num_classes: int) -> nn.Module:
         """The task head on the concatenated stream features."""
         raise NotImplementedError
+
+    def optional_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """Named frozen parts a method may ask to train (``PromptMethod.extra_backbone_parts``); none by default."""
+        return {}
 
     def trainable_parts(self) -> list[nn.Module | nn.Parameter]:
         """Parts trained with the prompts while the rest of the backbone is frozen (ViLT: pooler)."""

@@ -143,16 +143,30 @@ class _Tower(StreamEncoder):
     def run_block(self, index: int, x: torch.Tensor, mask: torch.Tensor | None = None,
                   kv_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                   query_index: torch.Tensor | None = None,
-                  adapters: Mapping[str, WeightAdapter] | None = None) -> torch.Tensor:
-        """Block ``index`` on batch-first ``x`` [B, L, D] (`residual_block`); `mask` (real tokens) is unused:
-        CLIP attends to padding; the text tower's causal mask follows the current length. Only the positions
-        `query_index` when given, the maps named in `adapters` through them (`StreamEncoder.run_block`). A causal
-        tower's block over the whole square sequence (no prompt keys / values, every query) passes SDPA `is_causal`
-        instead of the mask tensor."""
+                  adapters: Mapping[str, WeightAdapter] | None = None, key_mask: bool = False) -> torch.Tensor:
+        """Block ``index`` on batch-first ``x`` [B, L, D] (`residual_block`); `mask` (real tokens) is unused unless
+        `key_mask`: CLIP attends to padding; the text tower's causal mask follows the current length. Only the
+        positions `query_index` when given, the maps named in `adapters` through them (`StreamEncoder.run_block`). A
+        causal tower's block over the whole square sequence (no prompt keys / values, every query) passes SDPA
+        `is_causal` instead of the mask tensor. `key_mask` (a method's ``masks_padding_keys``): the keys where `mask`
+        is False are hidden from every query as well, itself included (Hugging Face's CLIP text model with an
+        attention mask)."""
+        if key_mask and mask is not None:
+            return residual_block(self.blocks[index], x, self.padding_mask(mask), kv_prefix, query_index,
+                                  adapters=adapters)
         if self.causal and kv_prefix is None and query_index is None:
             return residual_block(self.blocks[index], x, is_causal=True, adapters=adapters)
         attn_mask = self.attention_mask(x.shape[1], x.device, x.dtype)
         return residual_block(self.blocks[index], x, attn_mask, kv_prefix, query_index, adapters=adapters)
+
+    def padding_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Bool [B, 1, L, L] (True = attend): the real keys of every row (`mask` [B, L]), and only earlier ones on a
+        causal tower."""
+        allowed = mask[:, None, None, :]
+        if self.causal:
+            n = mask.shape[1]
+            allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
+        return allowed
 
     def linear_map(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return open_clip_linear_map(self.blocks[index], name)
@@ -205,7 +219,8 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     QKV projection as a batched matmul over L copies of the weight; here the projection is one matmul on the
     contiguous input (DCP's CPU training step: 48 % of its time was that batched matmul).
 
-    ``attn_mask``: additive [L, L] (the text tower's causal mask) or boolean (True = attend).
+    ``attn_mask``: additive [L, L] (the text tower's causal mask) or boolean (True = attend), [L, L] or per row
+    [B, 1, L, L].
     ``kv_prefix``: raw keys / values [B, P, D] (after the in-projection) put in front of the sequence's and visible
     to every query — MAP's attention-level prompts (§3.3).
     ``query_index``: long [B]; only that position of each row is computed -> [B, 1, D] (its row of the mask).
@@ -219,8 +234,11 @@ def residual_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | 
     q, k, v = project_qkv(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias, query_index, adapters)
     if query_index is not None:
         x = take_rows(x, query_index)
-        if attn_mask is not None:
+        if attn_mask is not None and attn_mask.dim() == 2:
             attn_mask = attn_mask[query_index][:, None, None, :]
+        elif attn_mask is not None:                                   # per-row masks [B, 1, L, L]
+            rows = torch.arange(x.shape[0], device=x.device)
+            attn_mask = attn_mask[rows, :, query_index][:, :, None, :]
     out = prefixed_attention(q, k, v, attn.num_heads, attn_mask, kv_prefix, is_causal=is_causal)
     x = x + block.ls_1(attn.out_proj(out) if not adapters else
                        adapted_linear(out, attn.out_proj.weight, attn.out_proj.bias, adapters.get("out")))
@@ -302,6 +320,10 @@ class ClipTextTower(_Tower):
         if not isinstance(self.text_projection, nn.Parameter):
             raise ValueError("open_clip built a text projection module; expected the OpenAI [width, embed] matrix")
 
+    def position_table(self) -> torch.Tensor:
+        """The text positions' additive embeddings [77, D] (``embed`` adds them to the token embeddings)."""
+        return self.positional_embedding
+
     @property
     def context_length(self) -> int:
         return int(self.positional_embedding.shape[0])
@@ -376,6 +398,10 @@ class TwoTowerBackbone(Backbone):
         so that methods compare alike."""
         return [self.image_encoder.ln_post, self.text_encoder.ln_final, self.image_encoder.proj]
 
+    def optional_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """``text_projection``: the text tower's output projection (frozen unless a method asks)."""
+        return {"text_projection": [self.text_encoder.text_projection]}
+
     def untrained_parts(self) -> list[nn.Module | nn.Parameter]:
         return [self.logit_scale]
 
@@ -413,6 +439,10 @@ class ClipBackbone(TwoTowerBackbone):
             n = batch["image"].shape[0] if rows is None else rows.shape[0]
             return torch.full((n,), layout.offset(IMAGE), dtype=torch.long, device=batch["image"].device)
         return batch_rows(batch["text_ids"], rows).argmax(dim=-1) + layout.offset(TEXT)
+
+    def token_ids(self, stream: str, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The text stream's BPE ids [B, 77] (``PromptContext.token_ids``); None for the image stream."""
+        return batch_rows(batch["text_ids"], rows) if stream == TEXT else None
 
     def needed_length(self, stream: str, batch: Batch) -> int | None:
         """Text: up to the last EOT of the batch (causal attention: later positions cannot change it), from the

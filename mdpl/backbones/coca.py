@@ -10,7 +10,7 @@ not built: the classifier reads the two contrastive embeddings only.
 * ``"image"``: conv -> [CLS] -> +pos -> ln_pre -> blocks -> the **attentional pooler** (``attn_pool``: learned
   queries attending over the output tokens; its first query is CoCa's contrastive image embedding) -> ``ln_post``
   -> @ ``proj``. The pooler reads every token of the last block, so this stream has no one read-out token:
-  :meth:`CocaVisionTower.forward_blocks` runs the blocks (the method's hooks as on every stream) and, when the
+  `CocaVisionTower.block_steps` runs the blocks (the method's hooks as on every stream) and, when the
   classifier asks for its read-out, returns the pooler output [B, 1, E] instead; ``pool`` applies ln_post and proj.
   ``coca_pool_prompts`` says whether the pooler also attends over the prompt tokens (default: no, data tokens only).
 * ``"text"`` (the *unimodal* text tower): token + position embeddings of the 76 ids, CoCa's learned ``cls_emb``
@@ -183,14 +183,13 @@ class CocaVisionTower(StreamEncoder):
         query = pooler.ln_q(pooler.query[:1]).to(kv.dtype).expand(x.shape[0], -1, -1)
         return pooler.attn(query, kv, kv, need_weights=False)[0][:, 0]
 
-    def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
-                       ctx: PromptContext, readout=None, *args: Any, **kwargs: Any,
-                       ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
-        """``StreamEncoder.forward_blocks`` with every position of the last block computed (the pooler reads them
+    def block_steps(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
+                    ctx: PromptContext, readout=None, *args: Any, **kwargs: Any):
+        """``StreamEncoder.block_steps`` with every position of the last block computed (the pooler reads them
         all); with `readout` (the classifier's read-out request) the output is the pooler's [B, 1, E], which
         ``CocaBackbone.pool`` turns into the feature; without it, the last block's tokens [B, N, D] as on any
         stream."""
-        x, mask, layout = super().forward_blocks(x, mask, layout, method, ctx, None, *args, **kwargs)
+        x, mask, layout = yield from super().block_steps(x, mask, layout, method, ctx, None, *args, **kwargs)
         if readout is None:
             return x, mask, layout
         return self.attentional_pool(x, layout)[:, None], mask, layout
@@ -322,7 +321,7 @@ class CocaBackbone(TwoTowerBackbone):
     def readout(self, stream: str, layout: TokenLayout, batch: Batch,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """Text: the appended CLS, wherever the prompts moved it. Image: the CLS position, for completeness only —
-        the image feature is the attentional pooler's over every token (``CocaVisionTower.forward_blocks``)."""
+        the image feature is the attentional pooler's over every token (``CocaVisionTower.block_steps``)."""
         key = IMAGE if stream == IMAGE else "text_ids"
         n = batch[key].shape[0] if rows is None else rows.shape[0]
         position = layout.offset(IMAGE) if stream == IMAGE else layout.offset(TEXT_CLS)

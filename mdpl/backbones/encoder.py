@@ -11,7 +11,7 @@ adapters (:meth:`StreamEncoder.linear_map` names each block's linear maps).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,11 @@ class StreamEncoder(nn.Module):
         raise UserInputError(f"the {self.info.name!r} stream of this backbone has no named linear maps: weight "
                              f"adapters cannot run on it")
 
+    def position_table(self) -> torch.Tensor | None:
+        """The additive position embeddings of the stream's data tokens [N, width] (the live frozen table), or None
+        when the stream has none a method may re-read (``PromptContext.position_table``)."""
+        return None
+
     def forward_blocks(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                        ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
                        needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
@@ -76,7 +81,22 @@ class StreamEncoder(nn.Module):
         block then computes only that position (exact: no other output of it is read) and x comes back [B, 1, D].
         `needed` (causal streams): how many leading positions of the stream's data segment can matter (up to the
         last read-out token); the rest is dropped once the method has read every position for the last time.
+        The loop itself is :meth:`block_steps`, run to its end.
         """
+        steps = self.block_steps(x, mask, layout, method, ctx, readout, needed)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def block_steps(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
+                    ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
+                    needed: int | None = None) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor, TokenLayout]]:
+        """:meth:`forward_blocks` one block at a time: a generator that yields -1 once the method's ``after_block``
+        has seen the embeddings, then the index of each block once it has run (and ``after_block`` has seen its
+        output), and returns ``(x, mask, layout)``. The classifier
+        advances the streams of a method with a ``lock_step_order`` through it block by block, interleaved."""
         info = self.info
         if ctx.blocks is None:
             ctx = dataclasses.replace(ctx, blocks=self)
@@ -84,6 +104,9 @@ class StreamEncoder(nn.Module):
             ctx = dataclasses.replace(ctx, readout=readout)
         last = len(self.blocks) - 1
         cut = max(method.reads_every_position_until(info), 0) if needed is not None else -1
+        extra = {"key_mask": True} if method.masks_padding_keys(info) and not info.masks_padding else {}
+        method.after_block(info, -1, x, mask, layout, ctx)          # the embeddings (block 0's input)
+        yield -1
         for index in range(len(self.blocks)):
             x, mask, layout = method.before_block(info, index, x, mask, layout, ctx)
             if index == cut:
@@ -92,9 +115,11 @@ class StreamEncoder(nn.Module):
             query_index = readout(layout) if readout is not None and index == last else None
             adapters = method.block_adapters(info, index)
             if adapters:
-                x = self.run_block(index, x, mask, kv_prefix, query_index, adapters=adapters)
+                x = self.run_block(index, x, mask, kv_prefix, query_index, adapters=adapters, **extra)
             else:
-                x = self.run_block(index, x, mask, kv_prefix, query_index)
+                x = self.run_block(index, x, mask, kv_prefix, query_index, **extra)
+            method.after_block(info, index, x, mask, layout, ctx)
+            yield index
         return x, mask, layout
 
 

@@ -23,7 +23,7 @@ Build order (backbone, its weights, head, method) follows the ViLT references fo
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -142,6 +142,9 @@ class PromptedClassifier(nn.Module):
         learned |= {id(p) for p in self.prompt.adapters.parameters()}
         self.requires_grad_(self.finetune)
         parts = self.backbone.trainable_parts() if self.prompt.trains_backbone_parts else []
+        optional = self.backbone.optional_parts()
+        for name in self.prompt.extra_backbone_parts:
+            parts = [*parts, *optional.get(name, [])]
         for item in [*parts, self.head]:
             item.requires_grad_(True)
         for p in self.prompt.parameters():
@@ -168,29 +171,65 @@ class PromptedClassifier(nn.Module):
     def encode(self, stream: StreamInfo, batch: Mapping[str, Any], missing_type: torch.Tensor,
                prepared: Any) -> torch.Tensor:
         """The feature [B, F] of one stream."""
+        steps, finish = self._stream_steps(stream, batch, missing_type, prepared)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return finish(done.value[0])
+
+    def _stream_steps(self, stream: StreamInfo, batch: Mapping[str, Any], missing_type: torch.Tensor,
+                      prepared: Any) -> tuple[Iterator[int], Callable[[torch.Tensor], torch.Tensor]]:
+        """The block loop of one stream as a generator (``StreamEncoder.block_steps``) and the function that turns its
+        read-out token into the feature [B, F]."""
         dropped = MISSING_TYPE_OF[stream.modalities[0]]
         keep = missing_type != dropped if self._drops(stream) else None
         rows = None
         if keep is not None and self.prompt.skip_missing:
             rows = _kept_rows(keep, batch.get("missing_type_host"), dropped)
         x, mask, layout = self.backbone.embed(stream.name, batch, rows)
+        ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared,
+                            token_ids=self.backbone.token_ids(stream.name, batch, rows))
         segment = self.prompt.readout_segment(stream)
         if segment is None:
-            readout = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
+            base = partial(self.backbone.readout, stream.name, batch=batch, rows=rows)
         else:
             n = missing_type.shape[0] if rows is None else rows.shape[0]
-            readout = partial(_segment_start, segment, n, missing_type.device)
-        ctx = PromptContext(missing_type if rows is None else missing_type[rows], prepared, readout=readout)
+            base = partial(_segment_start, segment, n, missing_type.device)
+        ctx.readout = lambda layout: self.prompt.readout_override(stream, layout, base(layout), ctx)
         encoder = self.backbone.encoders()[stream.name]
         needed = self.backbone.needed_length(stream.name, batch)
-        token, _, _ = encoder.forward_blocks(x, mask, layout, self.prompt, ctx, readout, needed)
-        feature = self.backbone.pool(stream.name, token[:, 0])
-        if keep is None:
-            return feature
-        if rows is None:
-            return feature * keep.unsqueeze(1).to(feature.dtype)
-        full = feature.new_zeros(missing_type.shape[0], feature.shape[1])
-        return full.index_copy(0, rows, feature)
+        steps = encoder.block_steps(x, mask, layout, self.prompt, ctx, ctx.readout, needed)
+
+        def finish(token: torch.Tensor) -> torch.Tensor:
+            feature = self.backbone.pool(stream.name, token[:, 0])
+            if keep is None:
+                return feature
+            if rows is None:
+                return feature * keep.unsqueeze(1).to(feature.dtype)
+            full = feature.new_zeros(missing_type.shape[0], feature.shape[1])
+            return full.index_copy(0, rows, feature)
+
+        return steps, finish
+
+    def encode_lock_step(self, order: Sequence[str], batch: Mapping[str, Any], missing_type: torch.Tensor,
+                         prepared: Any) -> list[torch.Tensor]:
+        """The features of every stream (in ``info.streams`` order) with the streams advanced in one block loop:
+        block ``i`` of each stream in `order`, then block ``i + 1`` (``PromptMethod.lock_step_order``)."""
+        streams = {s.name: s for s in self.backbone.info.streams}
+        if sorted(order) != sorted(streams):
+            raise ValueError(f"lock_step_order {tuple(order)} must name every stream {tuple(streams)} once")
+        runs = {name: self._stream_steps(streams[name], batch, missing_type, prepared) for name in order}
+        tokens: dict[str, torch.Tensor] = {}
+        while len(tokens) < len(runs):
+            for name in order:
+                if name in tokens:
+                    continue
+                try:
+                    next(runs[name][0])
+                except StopIteration as done:
+                    tokens[name] = done.value[0]
+        return [runs[s.name][1](tokens[s.name]) for s in self.backbone.info.streams]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Logits [B, C] and the concatenated stream features ``pooled`` [B, F]."""
@@ -200,7 +239,11 @@ class PromptedClassifier(nn.Module):
             missing_type = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
         missing_type = missing_type.to(image.device).long()
         prepared = self.prompt.prepare_batch(missing_type, batch)
-        features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
+        order = self.prompt.lock_step_order(self.backbone.info)
+        if order is None or self.backbone.info.single_stream:
+            features = [self.encode(s, batch, missing_type, prepared) for s in self.backbone.info.streams]
+        else:
+            features = self.encode_lock_step(order, batch, missing_type, prepared)
         pooled = torch.cat([f.to(features[0].dtype) for f in features], dim=1)
         out = {"logits": self.prompt.head_logits(self.head, pooled, prepared), "pooled": pooled}
         if self.prompt.aux_loss_names:

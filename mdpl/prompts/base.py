@@ -109,6 +109,8 @@ class PromptContext:
     """The stream's blocks (set by the block loop, ``StreamEncoder.forward_blocks``)."""
     readout: Callable[[TokenLayout], torch.Tensor] | None = None
     """Layout -> long [B_rows], the position of each row's feature token (set by the classifier)."""
+    token_ids: torch.Tensor | None = None
+    """The ids of the stream's data tokens, long [B_rows, N] (CLIP's text stream; None elsewhere)."""
 
     def block_query(self, index: int, x: torch.Tensor, norm_eps: float | None = None) -> torch.Tensor:
         """Block `index`'s own query of x [..., width] (:class:`FrozenBlocks`); the frozen weights are read live,
@@ -116,6 +118,14 @@ class PromptContext:
         if self.blocks is None:
             raise RuntimeError("this context has no stream blocks: run the hooks through StreamEncoder.forward_blocks")
         return self.blocks.block_query(index, x, norm_eps)
+
+    def position_table(self) -> torch.Tensor | None:
+        """The stream's additive position embeddings of its data tokens [N, width] (live frozen weights; CLIP's text
+        tower), or None."""
+        if self.blocks is None:
+            raise RuntimeError("this context has no stream blocks: run the hooks through StreamEncoder.forward_blocks")
+        table = getattr(self.blocks, "position_table", None)
+        return None if table is None else table()
 
     def readout_positions(self, layout: TokenLayout) -> torch.Tensor:
         """Long [B_rows]: where each row's feature token (ViLT text [CLS], CLIP image CLS / text EOT, CoCa CLS) is in
@@ -204,6 +214,9 @@ class PromptMethod(nn.Module):
     trains_backbone_parts: ClassVar[bool] = True
     """False: the backbone's ``trainable_parts`` stay frozen (a method whose reference trains only its own
     parameters and the head)."""
+    extra_backbone_parts: ClassVar[tuple[str, ...]] = ()
+    """Names of optional backbone parts (``Backbone.optional_parts``, e.g. ``"text_projection"``) the method's
+    reference also trains, beyond the backbone's ``trainable_parts``."""
     drops_missing_streams: ClassVar[bool] = False
     """True: on a multi-stream backbone the feature of a stream whose modality is missing is zero, and that stream
     is not computed for those rows (DCP §6.5). Single-stream backbones ignore it."""
@@ -270,6 +283,31 @@ class PromptMethod(nn.Module):
                           ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Extra (K, V) of block `index` of `stream`, each [B, P, width], or None."""
         return None
+
+    def after_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
+                    layout: TokenLayout, ctx: PromptContext) -> None:
+        """Sees the output of block `index` of `stream` (x [B, N, D]; [B, 1, D] after the last block, which computes
+        only the read-out position); `index` -1: the embeddings (block 0's input, before ``before_block(0)``).
+        Records what later hooks read, changes nothing."""
+
+    def lock_step_order(self, info: BackboneInfo) -> tuple[str, ...] | None:
+        """None (the default): the classifier encodes the streams one after the other. A tuple of stream names: the
+        streams advance block by block in one loop, block ``i`` of each stream in this order before block ``i + 1``
+        of any, so a hook of one stream can read what the others' hooks recorded up to then (AOEPT's cross-modal
+        gates). Without hooks that read across streams the logits are the same either way."""
+        return None
+
+    def masks_padding_keys(self, stream: StreamInfo) -> bool:
+        """True: on a stream whose attention reads padding (``masks_padding`` False: CLIP), padding keys are hidden
+        from every query (Hugging Face CLIP's text model with its attention mask), for a method that reads the
+        outputs of padding positions."""
+        return False
+
+    def readout_override(self, stream: StreamInfo, layout: TokenLayout, positions: torch.Tensor,
+                         ctx: PromptContext) -> torch.Tensor:
+        """Where each row's feature is read, given the backbone's `positions` (long [B]) in `layout` (default: there);
+        `ctx.token_ids` holds the stream's ids where the backbone gives them."""
+        return positions
 
     def reads_every_position_until(self, stream: StreamInfo) -> int:
         """The last block whose hooks read every position of `stream` (e.g. a max-pool over its padding too), -1 if

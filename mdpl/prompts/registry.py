@@ -26,6 +26,7 @@ _BUILTIN_MODULES = (
     "mdpl.prompts.mora",
     "mdpl.prompts.msps",
     "mdpl.prompts.ragpt",
+    "mdpl.prompts.aoept",
 )
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}

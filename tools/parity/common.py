@@ -1,6 +1,6 @@
 """Shared pieces of the reference-fixture generators (tests/fixtures/README.md).
 
-The reference implementations (MAP, MemPrompt, DCP, SCP, MoRA) are never copied into this repository: each generator takes a
+The reference implementations (MAP, MemPrompt, DCP, SCP, MoRA, AOEPT) are never copied into this repository: each generator takes a
 folder of their git checkouts, checks that every checkout sits at its pinned commit with unedited sources, puts it
 on ``sys.path`` and imports it. The references were written for 2021-2023 libraries; the run-time shims below let
 them run on today's stack without editing a single reference file:
@@ -56,6 +56,7 @@ REFERENCES: dict[str, Reference] = {
     "scp": Reference("scp", "vittoriopipoli/SCP_WACV2025", "2e91072b3bbc82a335b6bb6449526e0fbf077093",
                      "SCP_WACV2025", "vilt"),
     "mora": Reference("mora", "Tree-Shu-Zhao/MoRA", "5fec9864bcc906bd3d121a1a333aed5524a399b0", "MoRA", "src"),
+    "aoept": Reference("aoept", "Jian-Lang/AOEPT", "b3129050b5ddb874fbc047985512e3df2c65acf6", "AOEPT", "core"),
     "ragpt": Reference("ragpt", "Jian-Lang/RAGPT", "6077706b5f72043a9c29ac59391fba19db417539", "RAGPT", "src"),
 }
 

@@ -5,7 +5,7 @@
 REFS_DIR holds the checkouts of the references at their pinned commits (tools/parity/common.py lists them; a
 missing or moved checkout is reported with the ``git clone`` / ``git checkout`` lines to run). Each generator runs in
 its own process, so the references' generic package names (``vilt``, ``src``, ``clip``) never meet. Generators
-marked ``TF4`` (MoRA: its vendored CLIP fails on transformers 5, MoRA-D16) run under ``--tf4-python``, an interpreter
+marked ``TF4`` (MoRA: its vendored CLIP fails on transformers 5, MoRA-D16; AOEPT: AOEPT-D13) run under ``--tf4-python``, an interpreter
 with transformers 4.x and this project's other packages; the others under this one.
 ``--check`` writes into a temporary folder and compares byte for byte with the committed files instead.
 """
@@ -32,6 +32,7 @@ GENERATORS = (
     ("make_mora.py", [], [f"ref_mora_{c}.pt" for c in "AB"], TF4),
     ("make_msps.py", [], [f"ref_msps_{c}.pt" for c in "AB"]),
     ("make_ragpt.py", [], [f"ref_ragpt_{c}.pt" for c in "AB"]),
+    ("make_aoept.py", [], [f"ref_aoept_{c}.pt" for c in "AB"], TF4),
     *((("make_reference_checkpoints.py", ["--method", m], [f"ref_ckpt_{m}.pt"]) for m in ("map", "memprompt", "dcp"))),
 )
 

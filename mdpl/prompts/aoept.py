@@ -1,0 +1,330 @@
+"""AOEPT: cross-modal adaptive prompts over k-means prototypes (Lang et al., ICML 2026), docs/methods.md §18.
+
+Memory: per prompted block i < d, the k-means prototypes M^t_i [K, Dt], M^v_i [K, Dv] of the block-i inputs of the
+training split (the preparation stage; text pooled over its real tokens, the image over all its tokens, rows whose
+modality is missing left out). Batch-independent proxy prompts, with A_H(q, m) = softmax(q_h m_hᵀ / √w) m_h, the
+parameter-free attention over H heads of width w (keys = values = m, no projections):
+
+    T_i  = LN_t(A_H(Q^t_i, M^t_i) + Q^t_i)              [L, Dt]     V_i  = LN_v(A_H(Q^v_i, M^v_i) + Q^v_i)   [L, Dv]
+    q_t  = proj^t_i(S_i), q_v = proj^v_i(S_i)           S_i [Ls, Dt/r] shared, proj = Linear, GELU, Linear
+    ST_i = LN_st(A_H(q_t, M^t_i) + q_t)                 [Ls, Dt]    SV_i = LN_sv(A_H(q_v, M^v_i) + q_v)      [Ls, Dv]
+
+The towers run in lock-step, text block i before image block i (AOEPT-D7). Before text block i < d the P = Ls + L
+slots in front of the text are replaced by [ST_i ⊙ σ(g^st_i(f_v)) ; T_i ⊙ σ(g^t_i(f_v))], f_v = the image tower's
+mean token after block i - 1 (its embeddings for i = 0), gates forced to 1 where the image is missing; before image
+block i < d likewise with f_t = the text tower's mean after block i (gates 1 where the text is missing). From block d
+on the slots pass through as ordinary tokens. g = Linear(in, in/r), ReLU, Linear(in/r, out).
+
+Consistency loss (InfoNCE, the paper's prompt-feature alignment): for each i < d and tower, p = normalise(mean of the
+gated non-shared prompt), f = normalise(stop-grad(tower mean after block i)), logits = p fᵀ · exp(τ) over the rows
+whose modality is present (at least two), cross-entropy against the diagonal; the mean over terms, weighted by
+``aoept_consistency_loss_weight`` (α = 0.05). τ (``logit_scale``) starts at 4.6052 and trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdpl.errors import UserInputError
+from mdpl.prompts.base import (MISSING_IMAGE, MISSING_TEXT, BackboneInfo, MethodConfig, PromptContext, PromptMethod,
+                               StreamInfo, check_positive)
+from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
+from mdpl.prompts.preparation import FeatureRequest, KMeansRequest, PreparationNeed, PreparedArtifact
+from mdpl.prompts.registry import register_method
+
+LOGIT_SCALE_INIT = 4.6052
+"""Initial τ of the consistency loss (exp τ ≈ 100), the reference's."""
+REFERENCE_EOS_ID = 2
+"""The ``eos_token_id`` of OpenAI's Hugging Face CLIP configs, where the reference reads the text feature (AOEPT-D1)."""
+SHARED, OWN = "aoept_shared", "aoept"
+"""Layout segments of the shared and the modality's own prompt slots."""
+GATED_BY = {TEXT: IMAGE, IMAGE: TEXT}
+FORCED_OPEN = {TEXT: MISSING_IMAGE, IMAGE: MISSING_TEXT}
+"""A tower's gates are 1 on rows where the other modality (their source) is missing."""
+SWITCHES = {"aoept_text_pool": ("reference", "eot"), "aoept_feature_pool": ("reference", "masked"),
+            "aoept_text_positions": ("resized", "pretrained"), "aoept_gate_init": ("reference", "closed")}
+
+
+@dataclass(frozen=True)
+class AOEPTConfig(MethodConfig):
+    """AOEPT's keys; defaults: the reference's CLIP configs for the 'both' setting (Food-101 / Hateful Memes), per
+    dataset in ``DATASETS``."""
+
+    aoept_length: int = 6                 # L, the modality's own prompt tokens per tower
+    aoept_shared_length: int = 6          # Ls, the shared prompt tokens per tower
+    aoept_depth: int = 4                  # d, prompted blocks 0..d-1 of both towers
+    aoept_reduction: int = 16             # r, bottleneck of the gates and width of the shared query (Dt / r)
+    aoept_heads: int = 8                  # H, heads of the parameter-free attention over the prototypes
+    aoept_prototypes: int = 256           # K, k-means prototypes per block (AOEPT-D3)
+    aoept_kmeans_iters: int = 300
+    aoept_kmeans_restarts: int = 10
+    aoept_kmeans_seed: int = 42
+    aoept_consistency_loss_weight: float = 0.05   # α
+    aoept_text_pool: str = "reference"    # AOEPT-D1: reference (first id 2, else the last position) | eot
+    aoept_feature_pool: str = "reference"  # AOEPT-D8: reference (text mean over all positions) | masked (real ones)
+    aoept_text_positions: str = "resized"  # AOEPT-D9: resized (bilinear 77 -> 77 + P) | pretrained
+    aoept_gate_init: str = "reference"    # AOEPT-D6: reference (torch default, gates ≈ 0.5) | closed (σ(-5))
+
+    TINY = {"aoept_length": 2, "aoept_shared_length": 2, "aoept_depth": 1, "aoept_reduction": 4, "aoept_heads": 2,
+            "aoept_prototypes": 3, "aoept_kmeans_iters": 20, "aoept_kmeans_restarts": 1}
+    DATASETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "food101": {"aoept_length": 6, "aoept_shared_length": 6},
+        "hatememes": {"aoept_length": 6, "aoept_shared_length": 6},
+        "mmimdb": {"aoept_length": 5, "aoept_shared_length": 5},
+    }
+
+    def check(self, info: BackboneInfo) -> None:
+        if {s.name for s in info.streams} != {IMAGE, TEXT}:
+            raise UserInputError(unsupported(info))
+        for key in ("aoept_length", "aoept_shared_length", "aoept_depth", "aoept_reduction", "aoept_heads",
+                    "aoept_prototypes", "aoept_kmeans_iters", "aoept_kmeans_restarts"):
+            check_positive(key, getattr(self, key))
+        if self.aoept_depth >= info.num_layers:
+            raise UserInputError(f"aoept_depth={self.aoept_depth} must be below the {info.num_layers} blocks of "
+                                 f"{info.what} (the last block computes only the read-out token)")
+        for s in info.streams:
+            if s.width % self.aoept_heads or s.width % self.aoept_reduction:
+                raise UserInputError(f"aoept_heads={self.aoept_heads} and aoept_reduction={self.aoept_reduction} must "
+                                     f"divide the {s.name} width {s.width}")
+        weight = self.aoept_consistency_loss_weight
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise UserInputError(f"aoept_consistency_loss_weight must be a number >= 0, got {weight!r}")
+        for key, values in SWITCHES.items():
+            if getattr(self, key) not in values:
+                raise UserInputError(f"{key}={getattr(self, key)!r} must be one of {', '.join(values)}")
+
+
+def unsupported(info: BackboneInfo) -> str:
+    return (f"AOEPT is mapped onto CLIP's two towers only (a causal text tower that reads padding, whose outputs at "
+            f"padding positions AOEPT averages, AOEPT-D8); {info.what} is not supported: use backbone=clip")
+
+
+def free_attention(q: torch.Tensor, memory: torch.Tensor, heads: int) -> torch.Tensor:
+    """A_H(q, m): q [L, D] over m [K, D] split into `heads`, keys = values = m, no projections -> [L, D]."""
+    (n, d), k = q.shape, memory.shape[0]
+    qh = q.view(n, heads, d // heads).transpose(0, 1)
+    mh = memory.view(k, heads, d // heads).transpose(0, 1)
+    out = torch.softmax(qh @ mh.transpose(1, 2) / (d // heads) ** 0.5, dim=-1) @ mh
+    return out.transpose(0, 1).reshape(n, d)
+
+
+def gate_mlp(source: int, target: int, reduction: int, closed: bool) -> nn.Sequential:
+    """Linear(source, source / r), ReLU, Linear(source / r, target) -> gate logits; `closed`: last layer zero with
+    bias -5 (the zero-init the reference comments out, AOEPT-D6)."""
+    net = nn.Sequential(nn.Linear(source, source // reduction), nn.ReLU(), nn.Linear(source // reduction, target))
+    if closed:
+        nn.init.zeros_(net[2].weight)
+        nn.init.constant_(net[2].bias, -5.0)
+    return net
+
+
+@dataclass
+class AOEPTState:
+    """One forward: the proxy prompts, each tower's mean token after every block so far (index -1: the embeddings),
+    and the gated own prompts (for the consistency loss)."""
+
+    proxies: dict[str, torch.Tensor]                  # "text", "image", "shared_text", "shared_image": [d, n, D]
+    missing_type: torch.Tensor
+    means: dict[str, dict[int, torch.Tensor]] = field(default_factory=lambda: {TEXT: {}, IMAGE: {}})
+    gated: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {TEXT: [], IMAGE: []})
+
+
+@register_method("aoept")
+class AOEPT(PromptMethod):
+    """Gated proxy prompts in front of both CLIP towers, blocks 0..d-1, the towers in lock-step."""
+
+    config_class = AOEPTConfig
+    title = "AOEPT"
+    preset = "aoept"
+    paper_run = (1e-2, 2026)
+    paper_learning_rates: ClassVar[Mapping[str, float]] = {"hatememes": 5e-3, "mmimdb": 2e-2}
+    paper_backbone = "clip"
+    paper_tables = "mdpl.experiments.papers.aoept:tables"
+    padding_is_inert = False            # the text features average the padding positions too (AOEPT-D8)
+    extra_backbone_parts = ("text_projection",)     # AOEPT-D10
+    aux_loss_names = ("aoept_consistency",)
+
+    def __init__(self, config: AOEPTConfig, info: BackboneInfo) -> None:
+        super().__init__(config, info)
+        text = info.stream(TEXT)
+        if text.masks_padding or not text.causal:            # CoCa's text tower hides its padding already
+            raise UserInputError(unsupported(info))
+        c = config
+        d, lt, ls = c.aoept_depth, c.aoept_length, c.aoept_shared_length
+        widths = {s.name: s.width for s in info.streams}
+        dt, dv, hidden = widths[TEXT], widths[IMAGE], widths[TEXT] // c.aoept_reduction
+        self.text_query = nn.Parameter(torch.randn(d, lt, dt) * 0.02)
+        self.image_query = nn.Parameter(torch.randn(d, lt, dv) * 0.02)
+        self.text_norm, self.image_norm = nn.LayerNorm(dt), nn.LayerNorm(dv)
+        self.shared_query = nn.Parameter(torch.randn(d, ls, hidden) * 0.02)
+        self.shared_text_proj = nn.ModuleList(_projection(hidden, dt) for _ in range(d))
+        self.shared_image_proj = nn.ModuleList(_projection(hidden, dv) for _ in range(d))
+        self.shared_text_norm, self.shared_image_norm = nn.LayerNorm(dt), nn.LayerNorm(dv)
+        closed = c.aoept_gate_init == "closed"
+        self.gates = nn.ModuleDict({
+            kind: nn.ModuleList(gate_mlp(widths[GATED_BY[s]], widths[s], c.aoept_reduction, closed) for _ in range(d))
+            for kind, s in (("text", TEXT), ("image", IMAGE), ("shared_text", TEXT), ("shared_image", IMAGE))})
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.register_buffer("text_memory", torch.zeros(d, c.aoept_prototypes, dt))
+        self.register_buffer("image_memory", torch.zeros(d, c.aoept_prototypes, dv))
+        self.register_buffer("memory_rows", torch.full((2,), c.aoept_prototypes, dtype=torch.long))
+
+    @property
+    def prompt_count(self) -> int:
+        return self.config.aoept_length + self.config.aoept_shared_length
+
+    # --- preparation (§18.2) ------------------------------------------------------------------------
+    def preparation_needs(self) -> PreparationNeed:
+        """Block inputs 0..d-1 of both towers over the training split with its missing table, text pooled over its
+        real tokens and the image over all tokens, missing rows zero and left out; k-means per block (sklearn's
+        parameters: k-means++, ``n_init`` 10, 300 iterations, tol 1e-4, seed 42)."""
+        c = self.config
+        layers = tuple(range(c.aoept_depth))
+        features = tuple(FeatureRequest(s, stream=s, layers=layers, segment=s, pooling="mean", zero_missing=True)
+                         for s in (TEXT, IMAGE))
+        kmeans = tuple(KMeansRequest(s, k=c.aoept_prototypes, iters=c.aoept_kmeans_iters, seed=c.aoept_kmeans_seed,
+                                     n_init=c.aoept_kmeans_restarts, tol=1e-4) for s in (TEXT, IMAGE))
+        return PreparationNeed(features=features, kmeans=kmeans, missing="table", version="aoept-1")
+
+    @torch.no_grad()
+    def load_prepared(self, artifact: PreparedArtifact) -> None:
+        """The prototypes into the memory buffers (k' = min(K, rows) of them per tower)."""
+        for i, (name, memory) in enumerate(((TEXT, self.text_memory), (IMAGE, self.image_memory))):
+            centres = artifact.centres[name]
+            memory.zero_()
+            memory[:, :centres.shape[1]].copy_(centres.to(memory))
+            self.memory_rows[i] = centres.shape[1]
+
+    def memory(self, stream: str) -> torch.Tensor:
+        """The prototypes of `stream` in use [d, k', D]."""
+        rows = int(self.memory_rows[0 if stream == TEXT else 1])
+        return (self.text_memory if stream == TEXT else self.image_memory)[:, :rows]
+
+    # --- proxies ------------------------------------------------------------------------------------
+    def proxies(self) -> dict[str, torch.Tensor]:
+        """T, V, ST, SV for every prompted block (§18.3), each [d, n, D]."""
+        heads, out = self.config.aoept_heads, {}
+        mt, mv = self.memory(TEXT), self.memory(IMAGE)
+        for name, query, memory, norm in (("text", self.text_query, mt, self.text_norm),
+                                          ("image", self.image_query, mv, self.image_norm)):
+            out[name] = torch.stack([norm(free_attention(q, m, heads) + q) for q, m in zip(query, memory)])
+        for name, projs, memory, norm in (("shared_text", self.shared_text_proj, mt, self.shared_text_norm),
+                                          ("shared_image", self.shared_image_proj, mv, self.shared_image_norm)):
+            qs = [project(proj, self.shared_query[i]) for i, proj in enumerate(projs)]
+            out[name] = torch.stack([norm(free_attention(q, m, heads) + q) for q, m in zip(qs, memory)])
+        return out
+
+    def prepare(self, missing_type: torch.Tensor) -> AOEPTState:
+        return AOEPTState(self.proxies(), missing_type)
+
+    # --- hooks --------------------------------------------------------------------------------------
+    def lock_step_order(self, info: BackboneInfo) -> tuple[str, ...]:
+        return (TEXT, IMAGE)
+
+    def masks_padding_keys(self, stream: StreamInfo) -> bool:
+        """The reference's text tower masks padding keys (Hugging Face CLIP with its attention mask)."""
+        return stream.name == TEXT
+
+    def reads_every_position_until(self, stream: StreamInfo) -> int:
+        """Every text position is read (the mean features; the reference read-out may sit in the padding)."""
+        return stream.num_layers
+
+    def readout_override(self, stream: StreamInfo, layout: TokenLayout, positions: torch.Tensor,
+                         ctx: PromptContext) -> torch.Tensor:
+        """AOEPT-D1 ``reference``: the text feature at the first id 2, else at the last position."""
+        if stream.name != TEXT or self.config.aoept_text_pool == "eot" or ctx.token_ids is None:
+            return positions
+        hit = ctx.token_ids == REFERENCE_EOS_ID
+        last = torch.full_like(positions, ctx.token_ids.shape[1] - 1)
+        return torch.where(hit.any(dim=1), hit.int().argmax(dim=1), last) + layout.offset(TEXT)
+
+    def after_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
+                    layout: TokenLayout, ctx: PromptContext) -> None:
+        """Record the tower's mean token (the gates' source, the loss's target) after blocks -1..d-1."""
+        if index < self.config.aoept_depth and x.shape[1] == layout.total:
+            ctx.prepared.means[stream.name][index] = self.tower_mean(stream.name, x, mask, layout)
+
+    def tower_mean(self, stream: str, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Mean over the tower's data tokens (the prompt slots excluded): every position (reference, AOEPT-D8), or
+        for the text under ``aoept_feature_pool=masked`` its real tokens only."""
+        span = layout.span(stream)
+        if stream == TEXT and self.config.aoept_feature_pool == "masked":
+            w = mask[:, span].to(x.dtype)
+            return (x[:, span] * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        return x[:, span].mean(dim=1)
+
+    def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
+                     layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        if index == 0:
+            x, mask, layout = self.open_slots(stream, x, mask, layout, ctx)
+        if index >= self.config.aoept_depth:
+            return x, mask, layout
+        state: AOEPTState = ctx.prepared
+        source = state.means[GATED_BY[stream.name]][index - 1 if stream.name == TEXT else index]
+        shared, own = self.gated(stream.name, index, source, ctx.missing_type, state)
+        state.gated[stream.name].append(own)
+        return torch.cat([shared.to(x.dtype), own.to(x.dtype), x[:, self.prompt_count:]], dim=1), mask, layout
+
+    def open_slots(self, stream: StreamInfo, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout,
+                   ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
+        """P slots in front of the tower (filled by ``before_block``); the text tokens at the positions P.. of the
+        table resized to 77 + P (AOEPT-D9)."""
+        p = self.prompt_count
+        table = ctx.position_table() if stream.name == TEXT else None
+        if table is not None and self.config.aoept_text_positions == "resized":
+            n, d = table.shape
+            resized = F.interpolate(table.reshape(1, 1, n, d), size=(n + p, d), mode="bilinear").reshape(n + p, d)
+            x = x + (resized[p:] - table).to(x.dtype)
+        slots = x.new_zeros(x.shape[0], p, x.shape[2])
+        mask = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+        layout = layout.prepend([(SHARED, self.config.aoept_shared_length), (OWN, self.config.aoept_length)])
+        return torch.cat([slots, x], dim=1), mask, layout
+
+    def gated(self, stream: str, index: int, source: torch.Tensor, missing_type: torch.Tensor,
+              state: AOEPTState) -> tuple[torch.Tensor, torch.Tensor]:
+        """[ST_i ⊙ σ(g^s(source)) , T_i ⊙ σ(g(source))], each [B, n, D]; gates 1 on rows whose source is missing."""
+        open_rows = (missing_type == FORCED_OPEN[stream])[:, None, None]
+        out = []
+        for kind in (f"shared_{stream}", stream):
+            gate = torch.sigmoid(self.gates[kind][index](source))[:, None, :]
+            gate = torch.where(open_rows, torch.ones_like(gate), gate)
+            out.append(state.proxies[kind][index][None] * gate)
+        return out[0], out[1]
+
+    # --- loss ---------------------------------------------------------------------------------------
+    def aux_losses(self, prepared: AOEPTState) -> dict[str, torch.Tensor]:
+        """The consistency loss (§18.4): mean of the InfoNCE terms of every prompted block and tower."""
+        terms = []
+        scale = self.logit_scale.exp()
+        for stream, missing in ((TEXT, MISSING_TEXT), (IMAGE, MISSING_IMAGE)):
+            keep = (prepared.missing_type != missing).nonzero().squeeze(1)
+            if keep.numel() < 2:
+                continue
+            for index, own in enumerate(prepared.gated[stream]):
+                p = F.normalize(own.mean(dim=1)[keep], dim=-1)
+                f = F.normalize(prepared.means[stream][index].detach()[keep], dim=-1)
+                terms.append(F.cross_entropy(p @ f.T * scale, torch.arange(keep.numel(), device=p.device)))
+        if not terms:
+            return {"aoept_consistency": self.logit_scale.new_zeros(())}
+        return {"aoept_consistency": torch.stack(terms).mean()}
+
+    @classmethod
+    def added_tokens(cls, config: AOEPTConfig, info: BackboneInfo) -> dict[str, int]:
+        p = config.aoept_length + config.aoept_shared_length
+        return {s.name: p for s in info.streams}
+
+
+def project(proj: nn.Sequential, q: torch.Tensor) -> torch.Tensor:
+    """`proj`(q) with its first layer called functionally: q is a view of a parameter, which module hooks (FLOP
+    counting under inference mode) cannot follow."""
+    first = proj[0]
+    return proj[1:](F.linear(q, first.weight, first.bias))
+
+
+def _projection(hidden: int, width: int) -> nn.Sequential:
+    """The shared query's projection into a tower: Linear(h, h), GELU, Linear(h, width)."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, width))
