@@ -17,7 +17,8 @@ from mdpl.bench.batches import synthetic_batch
 from mdpl.bench.models import build_model, resolve_config
 from mdpl.bench.steps import bench_row
 from mdpl.data.registry import dataset_spec
-from mdpl.prompts.registry import available_methods
+from mdpl.prompts.base import PromptMethod
+from mdpl.prompts.registry import available_methods, method_class
 from mdpl.backbones.registry import method_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,13 +183,15 @@ def test_every_backbone_is_benchmarked_with_backbone_option(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ preparation stage
 def test_preparation_only_times_the_builtin_need_on_every_paper_backbone(tmp_path):
-    """No registered method declares a need: one built-in row per paper backbone (every layer of every stream +
+    """No selected method declares a need: one built-in row per paper backbone (every layer of every stream +
     k-means), with positive samples/s over collection + k-means, peak memory, and its line in the printed table."""
+    methods = [m for m in available_methods() if method_class(m).preparation_needs is PromptMethod.preparation_needs]
+    assert len(methods) >= 2
     result, stdout = bench_cli(tmp_path, "--preparation-only", "--small", "--device", "cpu", "--datasets",
-                               "hatememes", "--batch-size", "4", "--preparation-batches", "2", "--warmup", "0")
+                               "hatememes", "--batch-size", "4", "--preparation-batches", "2", "--warmup", "0",
+                               "--methods", ",".join(methods))
     assert result["rows"] == [] and result["loader"] == []
     rows = result["preparation"]
-    methods = list(available_methods())
     assert [r["backbone"] for r in rows] == list(dict.fromkeys(method_backbone(m) for m in methods))
     assert sorted(m for r in rows for m in r["methods"]) == sorted(methods)
     for r in rows:
