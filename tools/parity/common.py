@@ -350,3 +350,44 @@ def lightning2_module(cls: type) -> type:
     removed ``*_epoch_end(outputs)`` hooks (they only aggregate metrics), so they are hidden."""
     return type(cls.__name__, (cls,), {"training_epoch_end": None, "validation_epoch_end": None,
                                        "test_epoch_end": None, "__module__": cls.__module__})
+
+
+# ------------------------------------------------------------------------------------------- fixture records
+def classification_loss(dataset: str, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The references' task losses: BCE-with-logits on MM-IMDb's multi-hot labels, cross-entropy otherwise (means)."""
+    if dataset == "mmimdb":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
+    return torch.nn.functional.cross_entropy(logits, label.long())
+
+
+def sampled_grad(name: str, grad: torch.Tensor, count: int) -> dict:
+    """A gradient too large to store: ``count`` flat indices chosen by a generator seeded from ``name``, their
+    values, and the float64 norm."""
+    flat = grad.reshape(-1)
+    g = torch.Generator().manual_seed(sum(name.encode()))
+    idx = torch.randperm(flat.numel(), generator=g)[:count].sort().values
+    return {"idx": idx, "val": flat[idx].clone(), "norm": flat.double().norm()}
+
+
+def stored_grad(name: str, grad: torch.Tensor, full_max: int, count: int) -> dict:
+    """``{"full": grad}`` up to ``full_max`` values, else :func:`sampled_grad`."""
+    return {"full": grad.clone()} if grad.numel() <= full_max else sampled_grad(name, grad, count)
+
+
+def share_heads(heads: dict[str, dict]) -> dict[str, dict]:
+    """Records per dataset head whose tensors equal the first head's (its batch, its top-level tensors) hold the
+    first head's tensor objects, so that ``torch.save`` stores each once."""
+    first, *rest = heads.values()
+    for rec in rest:
+        rec["batch"] = share_equal_tensors(first["batch"], rec["batch"])
+        top = {k: v for k, v in rec.items() if torch.is_tensor(v)}
+        rec.update(share_equal_tensors({k: v for k, v in first.items() if torch.is_tensor(v)}, top))
+    return heads
+
+
+def write_fixtures(prefix: str, configs: Any, make: Callable[[str], Any], out: Path) -> None:
+    """``ref_<prefix>_<config>.pt`` in ``out`` for every config (``save_deterministic``), one line each with its
+    SHA-256."""
+    for name in configs:
+        path = Path(out) / f"ref_{prefix}_{name}.pt"
+        print(f"{path.name}  sha256 {save_deterministic(make(name), path)}")

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from common import REFERENCES, detached, import_path, quiet_warnings, refs_argument, save_deterministic, verify_checkout
-from make_mora import CONTEXT, hf_config, hf_state, loguru_stand_in, openai_shapes, reference_loss
+from common import (REFERENCES, classification_loss, detached, import_path, quiet_warnings, refs_argument,
+                    verify_checkout, write_fixtures)
+from make_mora import CONTEXT, hf_config, hf_state, loguru_stand_in, openai_shapes
 
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402  (tests/ is on sys.path through make_mora)
 
@@ -170,7 +171,7 @@ def make_fixture(module: types.ModuleType, name: str) -> dict[str, Any]:
     missing_masks = torch.stack([types_ == 1, types_ == 2], dim=1)
     out = model(input_ids=ids, pixel_values=batch["image"], attention_mask=(ids != 0).long(),
                 missing_masks=missing_masks)
-    task = reference_loss(spec["dataset"], out["logits"], batch["label"])
+    task = classification_loss(spec["dataset"], out["logits"], batch["label"])
     total, _ = model.cal_loss(out["logits"], out["probs"], aux_loss=out["aux_loss"], label=batch["label"])
     total.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -195,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = refs_argument(__doc__.splitlines()[0], argv)
     torch.set_num_threads(1)              # one summation order on every machine
     module = import_reference(args.refs)
-    for name in CONFIGS:
-        path = args.out / f"ref_aoept_{name}.pt"
-        print(f"{path.name}  sha256 {save_deterministic(make_fixture(module, name), path)}")
+    write_fixtures("aoept", CONFIGS, lambda name: make_fixture(module, name), args.out)
     return 0
 
 

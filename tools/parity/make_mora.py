@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from common import (REFERENCES, detached, import_path, quiet_warnings, refs_argument, repo_root, save_deterministic,
-                    verify_checkout)
+from common import (REFERENCES, classification_loss, detached, import_path, quiet_warnings, refs_argument, repo_root,
+                    verify_checkout, write_fixtures)
 
 sys.path.insert(0, str(repo_root() / "tests"))
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
@@ -248,11 +248,6 @@ def make_batch(name: str, spec: dict[str, Any]) -> dict[str, torch.Tensor]:
             "label": label}
 
 
-def reference_loss(dataset: str, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The reference trainer's losses: BCE-with-logits (MM-IMDb) or cross-entropy, both means."""
-    if dataset == "mmimdb":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
-    return torch.nn.functional.cross_entropy(logits, label)
 
 
 # ------------------------------------------------------------------------------------------- fixture
@@ -274,7 +269,7 @@ def make_fixture(clip_mora: types.ModuleType, name: str) -> dict[str, Any]:
     pixels = batch["image"].float()
     inputs = Inputs(ids, (ids != 0).long(), pixels)
     out = model({"inputs": inputs})
-    loss = reference_loss(spec["dataset"], out["logits"], batch["label"])
+    loss = classification_loss(spec["dataset"], out["logits"], batch["label"])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
@@ -300,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = refs_argument(__doc__.splitlines()[0], argv)
     torch.set_num_threads(1)              # one summation order on every machine
     clip_mora = import_reference(args.refs)
-    for name in CONFIGS:
-        path = args.out / f"ref_mora_{name}.pt"
-        print(f"{path.name}  sha256 {save_deterministic(make_fixture(clip_mora, name), path)}")
+    write_fixtures("mora", CONFIGS, lambda name: make_fixture(clip_mora, name), args.out)
     return 0
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from common import (detached, import_path, quiet_warnings, refs_argument, save_deterministic, share_equal_tensors,
-                    silenced_stdout, verify_checkout)
+from common import (classification_loss, detached, import_path, quiet_warnings, refs_argument, sampled_grad,
+                    share_heads, silenced_stdout, verify_checkout, write_fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("mmimdb", "food101", "hatememes")
@@ -98,19 +97,8 @@ def fake_batch(name: str, experiment: str, cfg: dict, task: str) -> dict:
             "missing_mask": [ENCODING[experiment][m] for m, _ in rows]}
 
 
-def reference_loss(task: str, logits: torch.Tensor, label: torch.Tensor, ortho: torch.Tensor) -> torch.Tensor:
-    """The reference's ``compute_loss``: BCE-with-logits (MM-IMDb) or cross-entropy, plus ``ortho_loss``."""
-    task_loss = (F.binary_cross_entropy_with_logits(logits, label) if task == "mmimdb"
-                 else F.cross_entropy(logits, label.long()))
-    return task_loss + ortho
 
 
-def sampled_grad(name: str, grad: torch.Tensor) -> dict:
-    """A gradient too large to store: `SAMPLED` hash-chosen flat indices with their values, and the float64 norm."""
-    flat = grad.reshape(-1)
-    g = torch.Generator().manual_seed(sum(name.encode()))
-    idx = torch.randperm(flat.numel(), generator=g)[:SAMPLED].sort().values
-    return {"idx": idx, "val": flat[idx].clone(), "norm": flat.double().norm()}
 
 
 def prompt_channels(width: int) -> torch.Tensor:
@@ -161,10 +149,10 @@ def run_head(ref: Any, name: str, task: str) -> dict:
                     pixel_mask=torch.ones(batch["image"].shape[0], *batch["image"].shape[-2:], dtype=torch.long),
                     token_type_ids=torch.zeros_like(batch["text_ids"]), attention_mask=batch["text_masks"],
                     missing_mask=batch["missing_mask"])
-    loss = reference_loss(task, out["output"], batch["label"], out["ortho_loss"])
+    loss = classification_loss(task, out["output"], batch["label"]) + out["ortho_loss"]
     loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = {n: {"full": p.grad.clone()} if p.grad.numel() <= FULL_GRAD_LIMIT else sampled_grad(n, p.grad)
+    grads = {n: {"full": p.grad.clone()} if p.grad.numel() <= FULL_GRAD_LIMIT else sampled_grad(n, p.grad, SAMPLED)
              for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     keys = sorted(shapes)
     return detached({
@@ -184,14 +172,7 @@ def make_fixture(ref: Any, name: str) -> dict:
     import transformers
     meta = {"repository": "Jian-Lang/RAGPT", "class": "baselines.msps.model.msps",
             "stack": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}}
-    heads = {task: run_head(ref, name, task) for task in DATASETS}
-    first = heads[DATASETS[0]]
-    for task in DATASETS[1:]:       # torch.save stores a tensor equal to the first head's once
-        rec = heads[task]
-        rec["batch"] = share_equal_tensors(first["batch"], rec["batch"])
-        top = {k: v for k, v in rec.items() if torch.is_tensor(v)}
-        rec.update(share_equal_tensors({k: v for k, v in first.items() if torch.is_tensor(v)}, top))
-    return {"meta": meta, **heads}
+    return {"meta": meta, **share_heads({task: run_head(ref, name, task) for task in DATASETS})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     torch.set_num_threads(1)                      # one summation order, run after run
     ref = import_reference(path)
-    for name in CONFIGS:
-        out = args.out / f"ref_msps_{name}.pt"
-        save_deterministic(make_fixture(ref, name), out)
-        print(f"wrote {out}")
+    write_fixtures("msps", CONFIGS, lambda name: make_fixture(ref, name), args.out)
     return 0
 
 

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from common import (detached, import_path, quiet_warnings, refs_argument, save_deterministic, share_equal_tensors,
-                    silenced_stdout, verify_checkout)
+from common import (classification_loss, detached, import_path, quiet_warnings, refs_argument, sampled_grad,
+                    share_heads, silenced_stdout, verify_checkout, write_fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("mmimdb", "food101", "hatememes")
@@ -184,18 +183,8 @@ def pixels(levels: torch.Tensor) -> torch.Tensor:
     return levels.repeat_interleave(PIXEL_BLOCK, -1).repeat_interleave(PIXEL_BLOCK, -2).float() / PIXEL_LEVELS
 
 
-def reference_loss(task: str, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The reference's ``compute_loss``: BCE-with-logits (MM-IMDb) or cross-entropy."""
-    return (F.binary_cross_entropy_with_logits(logits, label) if task == "mmimdb"
-            else F.cross_entropy(logits, label.long()))
 
 
-def sampled_grad(name: str, grad: torch.Tensor) -> dict:
-    """A gradient too large to store: `SAMPLED` hash-chosen flat indices with their values, and the float64 norm."""
-    flat = grad.reshape(-1)
-    g = torch.Generator().manual_seed(sum(name.encode()))
-    idx = torch.randperm(flat.numel(), generator=g)[:SAMPLED].sort().values
-    return {"idx": idx, "val": flat[idx].clone(), "norm": flat.double().norm()}
 
 
 def real_state(model: Any) -> dict[str, torch.Tensor]:
@@ -235,14 +224,14 @@ def run_head(ref: Any, name: str, task: str, retrieved: dict) -> dict:
                     token_type_ids=torch.zeros_like(batch["text_ids"]), attention_mask=batch["text_masks"],
                     r_t_list=inputs["r_t"], r_i_list=inputs["r_i"], r_l_list=inputs["r_l"],
                     missing_mask=batch["missing_mask"])
-    loss = reference_loss(task, out["output"], batch["label"])
+    loss = classification_loss(task, out["output"], batch["label"])
     loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = {}
     for n, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
             grad = torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad
-            grads[n] = {"full": grad.clone()} if grad.numel() <= FULL_GRAD_LIMIT else sampled_grad(n, grad)
+            grads[n] = {"full": grad.clone()} if grad.numel() <= FULL_GRAD_LIMIT else sampled_grad(n, grad, SAMPLED)
     keys = sorted(shapes)
     return detached({
         "config": {**COMMON, **spec["vilt"], "max_text_len": spec["max_text_len"], "prompt_pos": spec["prompt_pos"],
@@ -264,13 +253,7 @@ def make_fixture(ref: Any, name: str) -> dict:
             "stack": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
             "memory": MEMORY, "retrieved": CONFIGS[name]["retrieved"]}
     retrieved = retrieval(ref, name)
-    heads = {task: run_head(ref, name, task, retrieved) for task in DATASETS}
-    first = heads[DATASETS[0]]
-    for task in DATASETS[1:]:       # torch.save stores a tensor equal to the first head's once
-        rec = heads[task]
-        rec["batch"] = share_equal_tensors(first["batch"], rec["batch"])
-        top = {k: v for k, v in rec.items() if torch.is_tensor(v)}
-        rec.update(share_equal_tensors({k: v for k, v in first.items() if torch.is_tensor(v)}, top))
+    heads = share_heads({task: run_head(ref, name, task, retrieved) for task in DATASETS})
     return {"meta": meta, "retrieval": detached(retrieved), **heads}
 
 
@@ -280,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     torch.set_num_threads(1)                      # one summation order, run after run
     ref = import_reference(path)
-    for name in CONFIGS:
-        out = args.out / f"ref_ragpt_{name}.pt"
-        save_deterministic(make_fixture(ref, name), out)
-        print(f"wrote {out}")
+    write_fixtures("ragpt", CONFIGS, lambda name: make_fixture(ref, name), args.out)
     return 0
 
 
