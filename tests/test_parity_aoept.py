@@ -13,19 +13,17 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from golden import fixture_loader, hashed_backbone
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
 
 from mdpl.engine.losses import task_loss  # noqa: E402
 from mdpl.models import build_classifier  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = ("A", "B")
 ATOL = 1e-5
 LOSS_RTOL = 1e-5
@@ -52,13 +50,7 @@ TRANSPOSED = ("model.text_projection.weight", "model.visual_projection.weight") 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
-def fixture(config: str) -> dict:
-    path = FIXTURES / f"ref_aoept_{config}.pt"
-    if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: make it with tools/parity/make_aoept.py under "
-                    f"transformers 4.x (tests/fixtures/README.md)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+fixture = fixture_loader("ref_aoept_{}.pt", "make it with tools/parity/make_aoept.py under transformers 4.x")
 
 
 def mdpl_name(reference_name: str, dataset: str) -> str:
@@ -74,13 +66,9 @@ def as_mdpl(name: str, value: torch.Tensor) -> torch.Tensor:
     return value.T if name in TRANSPOSED else value
 
 
-@lru_cache(maxsize=None)
 def backbone_state(config: str) -> dict[str, torch.Tensor]:
-    rec = fixture(config)
-    state = {k: hashed_tensor(k, rec["shapes"][k]) for k in rec["keys"]}
-    sums = torch.stack([checksum(state[k]) for k in rec["keys"]])
-    assert torch.allclose(sums, rec["checksums"], rtol=1e-12, atol=0), "regenerated weights differ from the fixture's"
-    return state
+    """The OpenAI-layout backbone regenerated from the hash init, checked against the fixture's checksums."""
+    return hashed_backbone(fixture(config))
 
 
 def build(config: str, **over) -> torch.nn.Module:

@@ -20,19 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from golden import LOGITS_ATOL, LOSS_RTOL, assert_grad_matches, fixture_loader, state_loader
+from golden import LOGITS_ATOL, LOSS_RTOL, assert_grad_matches, fixture_loader, load_ragpt_vilt, state_loader
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vilt_hashinit import hashed_msps_state  # noqa: E402
 
-from mdpl.backbones.vilt_weights import load_vilt_checkpoint  # noqa: E402
 from mdpl.engine.losses import task_loss  # noqa: E402
 from mdpl.models import build_classifier  # noqa: E402
 from mdpl.prompts import PromptContext  # noqa: E402
 from mdpl.prompts.msps import ModalitySpecificPrompts  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = ("A", "B")
 HEADS = ("mmimdb", "food101", "hatememes")
 CASES = [pytest.param(c, h, id=f"{c}-{h}") for c in CONFIGS for h in HEADS]
@@ -74,10 +72,7 @@ def build(config: str, head: str, **over):
         warnings.simplefilter("ignore", UserWarning)
         model = build_classifier(cfg)
     state = reference_state(config, head)
-    hf = {k.replace("embedding_layer.", "embeddings.", 1).replace("encoder_layer.", "encoder.layer.", 1): v
-          for k, v in state.items() if k.startswith(("embedding_layer.", "encoder_layer.", "layernorm.", "pooler."))}
-    report = load_vilt_checkpoint(model, hf, interpolate_text_positions=True)
-    assert not report.unexpected and not report.missing
+    hf = load_ragpt_vilt(model, state)
     rest = {mdpl_name(k, head): v for k, v in state.items() if k.startswith(("classifier.", "text_prompt", "img_prompt"))}
     own = model.state_dict()
     assert set(rest) <= set(own)

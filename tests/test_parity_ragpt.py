@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from golden import fixture_loader, load_ragpt_vilt
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vilt_hashinit import checksum, hashed_ragpt_bank, hashed_ragpt_state  # noqa: E402
 
-from mdpl.backbones.vilt_weights import load_vilt_checkpoint  # noqa: E402
 from mdpl.engine.losses import task_loss  # noqa: E402
 from mdpl.engine.topk import exact_topk  # noqa: E402
 from mdpl.models import build_classifier  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = ("A", "B")
 HEADS = ("mmimdb", "food101", "hatememes")
 CASES = [pytest.param(c, h, id=f"{c}-{h}") for c in CONFIGS for h in HEADS]
@@ -59,13 +58,7 @@ GENERATORS = {"text": ["text"], "image": ["image"], "both": ["text", "image"]}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
-def fixture(config: str) -> dict:
-    path = FIXTURES / f"ref_ragpt_{config}.pt"
-    if not path.is_file():
-        pytest.fail(f"golden fixture {path.name} is missing: python tools/parity/make_ragpt.py --refs REFS_DIR "
-                    "(tests/fixtures/README.md)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+fixture = fixture_loader("ref_ragpt_{}.pt", "python tools/parity/make_ragpt.py --refs REFS_DIR")
 
 
 @lru_cache(maxsize=None)
@@ -115,10 +108,7 @@ def build(config: str, head: str, **over):
         warnings.simplefilter("ignore", UserWarning)
         model = build_classifier(cfg)
     state = reference_state(config, head)
-    hf = {k.replace("embedding_layer.", "embeddings.", 1).replace("encoder_layer.", "encoder.layer.", 1): v
-          for k, v in state.items() if k.startswith(("embedding_layer.", "encoder_layer.", "layernorm.", "pooler."))}
-    report = load_vilt_checkpoint(model, hf, interpolate_text_positions=True)
-    assert not report.unexpected and not report.missing
+    hf = load_ragpt_vilt(model, state)
     rest = {mdpl_name(k, head, ref["missing_type"]): v for k, v in state.items() if k not in hf
             and not k.startswith(("embedding_layer.", "encoder_layer."))}
     own = model.state_dict()

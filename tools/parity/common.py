@@ -391,3 +391,20 @@ def write_fixtures(prefix: str, configs: Any, make: Callable[[str], Any], out: P
     for name in configs:
         path = Path(out) / f"ref_{prefix}_{name}.pt"
         print(f"{path.name}  sha256 {save_deterministic(make(name), path)}")
+
+
+DATASET_CLASSES = {"mmimdb": 23, "food101": 101, "hatememes": 2}
+"""The three datasets' head widths, in the references' order."""
+
+
+def prepare_tf4_reference(refs_dir: Path | str, key: str, script: str, defect: str) -> Path:
+    """The checkout of reference ``key`` put on ``sys.path``, after checking that this interpreter has transformers
+    4.x (one ``error:`` line otherwise: ``defect`` names why the reference needs it) and silencing the old stack."""
+    import transformers
+    if int(transformers.__version__.split(".")[0]) != 4:
+        raise SystemExit(f"error: {script} needs transformers 4.x ({defect}), this interpreter has "
+                         f"{transformers.__version__}: run it with a transformers-4.57.1 environment")
+    path = verify_checkout(refs_dir, key)
+    quiet_warnings()
+    import_path(path)
+    return path

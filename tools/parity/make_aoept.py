@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from common import (REFERENCES, classification_loss, detached, import_path, quiet_warnings, refs_argument,
-                    verify_checkout, write_fixtures)
+from common import (REFERENCES, classification_loss, detached, prepare_tf4_reference, refs_argument,
+                    write_fixtures)
 from make_mora import CONTEXT, hf_config, hf_state, loguru_stand_in, openai_shapes
 
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402  (tests/ is on sys.path through make_mora)
@@ -61,14 +61,8 @@ width, AOEPT-D14)."""
 # ------------------------------------------------------------------------------------------- reference
 def import_reference(refs: Path) -> types.ModuleType:
     """The reference's ``core.model.AOEPT.AOEPT_CLIP_model`` (transformers 4.x checked first)."""
-    import transformers
-    if int(transformers.__version__.split(".")[0]) != 4:
-        raise SystemExit(f"error: make_aoept.py needs transformers 4.x (AOEPT-D13), this interpreter has "
-                         f"{transformers.__version__}: run it with a transformers-4.57.1 environment")
-    path = verify_checkout(refs, "aoept")
-    quiet_warnings()
+    prepare_tf4_reference(refs, "aoept", "make_aoept.py", "AOEPT-D13")
     loguru_stand_in()
-    import_path(path)
     import core.model.AOEPT.AOEPT_CLIP_model as model_module
     return model_module
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from common import (REFERENCES, classification_loss, detached, import_path, quiet_warnings, refs_argument, repo_root,
-                    verify_checkout, write_fixtures)
+from common import (REFERENCES, classification_loss, detached, prepare_tf4_reference, refs_argument, repo_root,
+                    write_fixtures)
 
 sys.path.insert(0, str(repo_root() / "tests"))
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
@@ -76,14 +76,8 @@ def loguru_stand_in() -> None:
 
 def import_reference(refs: Path) -> types.ModuleType:
     """The reference's ``src.models.clip_mora`` (transformers 4.x checked first: one clear line otherwise)."""
-    import transformers
-    if int(transformers.__version__.split(".")[0]) != 4:
-        raise SystemExit(f"error: make_mora.py needs transformers 4.x (MoRA-D16), this interpreter has "
-                         f"{transformers.__version__}: run it with a transformers-4.57.1 environment")
-    path = verify_checkout(refs, "mora")
-    quiet_warnings()
+    prepare_tf4_reference(refs, "mora", "make_mora.py", "MoRA-D16")
     loguru_stand_in()
-    import_path(path)
     import src.models.clip_mora as clip_mora
     return clip_mora
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from common import (classification_loss, detached, import_path, quiet_warnings, refs_argument, sampled_grad,
+from common import (DATASET_CLASSES, classification_loss, detached, import_path, quiet_warnings, refs_argument, sampled_grad,
                     share_heads, silenced_stdout, verify_checkout, write_fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASETS = ("mmimdb", "food101", "hatememes")
-CLASSES = {"mmimdb": 23, "food101": 101, "hatememes": 2}
+CLASSES = DATASET_CLASSES
+DATASETS = tuple(CLASSES)
 FULL_GRAD_LIMIT = 4096
 """Gradients of at most this many values are stored in full; larger ones (prompts, pooler, head) as `SAMPLED` values."""
 SAMPLED = 512
