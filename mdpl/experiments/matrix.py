@@ -16,11 +16,12 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mdpl.backbones.registry import backbone_card
 from mdpl.data.missing import MISSING_TYPES
-from mdpl.data.registry import resolve
+from mdpl.data.registry import BUILTIN_DATASETS, resolve
 from mdpl.backbones.registry import method_backbone
 from mdpl.prompts.keys import method_presets
 from mdpl.prompts.registry import available_methods, method_class
@@ -102,6 +103,15 @@ def make_cell(label, dataset, method, train, tests=None, **kw) -> Cell:
     if lr is not None and not any(k == "learning_rate" for k, _ in keys):
         keys += (("learning_rate", lr),)
     return Cell(label, dataset, method, train, tuple(types), tuple(float(r) for r in ratios), keys=keys, **kw)
+
+
+def scenario_cells(variants: Sequence[tuple[str, str, Mapping | Callable[[str, str], Mapping]]],
+                   ratio: float = 0.7) -> list[Cell]:
+    """The cells of a paper's main table: every ``(label, method, keywords)`` variant on each of the papers' three
+    datasets x missing text / image / both at ``ratio``, trained and tested at that setting, in dataset, type, variant
+    order. ``keywords``: ``make_cell``'s, or a function ``(dataset, missing type) -> keywords``."""
+    return [make_cell(label, ds, method, (t, ratio), **(kw(ds, t) if callable(kw) else kw))
+            for ds in BUILTIN_DATASETS for t in MISSING_TYPES for label, method, kw in variants]
 
 
 @functools.cache

@@ -1,9 +1,7 @@
 """The MSPs paper's main comparison as experiment cells (its card: ``ModalitySpecificPrompts.paper_tables``)."""
 from __future__ import annotations
 
-from mdpl.data.missing import MISSING_TYPES
-from mdpl.data.registry import BUILTIN_DATASETS as PAPER_DATASETS
-from mdpl.experiments.matrix import Table, make_cell
+from mdpl.experiments.matrix import Table, scenario_cells
 
 SECOND_HAND = {("hatememes", "text"): "ragpt/t1/hatememes/text/msps"}
 """(dataset, missing type) -> the paper_results.csv id of the one published MSPs number on the metric mdpl reports
@@ -13,17 +11,16 @@ SECOND_HAND_NOTE = ("paper: MSPs as re-run by RAGPT (its Table 1, second-hand), 
                     "earlier state of its MSPs code; orientation only")
 
 
-def _msps_main() -> Table:
-    variants = [("baseline", "none", ()), ("MAP input", "map", ()),
-                ("MAP attention", "map", (("prompt_type", "attention"),)), ("MSPs", "msps", ())]
-    cells = []
-    for ds in PAPER_DATASETS:
-        for t in MISSING_TYPES:
-            for label, method, keys in variants:
-                paper = SECOND_HAND.get((ds, t), "") if method == "msps" else ""
-                cells.append(make_cell(label, ds, method, (t, 0.7), keys=keys, paper=paper,
-                                       note=SECOND_HAND_NOTE if paper else ""))
-    return Table("msps_main", "MSPs main comparison (ICASSP 2024): ViLT, baseline / MAP input / MAP attention / MSPs, "
+def tables() -> list[Table]:
+    """Baseline and MAP (both prompt levels) beside MSPs on ViLT at 70 % missing text / image / both."""
+    def second_hand(ds: str, t: str) -> dict:
+        paper = SECOND_HAND.get((ds, t), "")
+        return {"paper": paper, "note": SECOND_HAND_NOTE if paper else ""}
+
+    cells = scenario_cells([("baseline", "none", {}), ("MAP input", "map", {}),
+                            ("MAP attention", "map", {"keys": (("prompt_type", "attention"),)}),
+                            ("MSPs", "msps", second_hand)])
+    return [Table("msps_main", "MSPs main comparison (ICASSP 2024): ViLT, baseline / MAP input / MAP attention / MSPs, "
                  "70 % missing text / image / both, train = test setting", "table", cells,
                  notes=["The MSPs paper's result tables were not found in the sources (only its abstract): no column "
                         "of the paper's own numbers.",
@@ -36,8 +33,4 @@ def _msps_main() -> Table:
                         "weight 1.0) on MAP's ViLT; the reference's backbone numerics are `--set vilt_variant=hf "
                         "drop_rate=0` (a separate set of runs).",
                         "MAP is compared at both prompt levels (MSPs' prompts are attention-level). The baseline and "
-                        "MAP cells are the map_main runs (same settings: shared)."])
-
-
-def tables() -> list[Table]:
-    return [_msps_main()]
+                        "MAP cells are the map_main runs (same settings: shared)."])]

@@ -1,9 +1,7 @@
 """The RAGPT paper's main table as experiment cells (its card: ``Ragpt.paper_tables``)."""
 from __future__ import annotations
 
-from mdpl.data.missing import MISSING_TYPES
-from mdpl.data.registry import BUILTIN_DATASETS as PAPER_DATASETS
-from mdpl.experiments.matrix import Table, make_cell
+from mdpl.experiments.matrix import Table, scenario_cells
 
 HF_VILT = (("vilt_variant", "hf"), ("drop_rate", 0.0), ("max_text_len", 128))
 """RAGPT's and its baselines' backbone: the Hugging Face ViltModel copy (LayerNorm eps 1e-12, no dropout), texts of
@@ -33,13 +31,14 @@ def _paper(dataset: str, missing: str, slug: str) -> str:
     return f"ragpt/t1/{dataset}/{missing}/{slug}" + ("/f1m" if dataset == "mmimdb" else "")
 
 
-def _ragpt_main() -> Table:
-    variants = [("MAP", "map", "maps", ()), ("MSPs", "msps", "msps", HF_VILT),
-                ("RAGPT", "ragpt", "ragpt", HF_VILT + RETRIEVER)]
-    tiny = {"map": (), "msps": TINY, "ragpt": TINY + _tiny_retriever()}
-    cells = [make_cell(label, ds, m, (t, 0.7), keys=keys, tiny_keys=tiny[m], paper=_paper(ds, t, slug))
-             for ds in PAPER_DATASETS for t in MISSING_TYPES for label, m, slug, keys in variants]
-    return Table("ragpt_main", "RAGPT main table (AAAI 2025): ViLT, MAP / MSPs / RAGPT, 70 % missing text / image / "
+def tables() -> list[Table]:
+    """MAP and MSPs beside RAGPT on ViLT at 70 % missing text / image / both (RAGPT's Table 1 layout)."""
+    def variant(label: str, method: str, slug: str, keys: tuple, tiny: tuple) -> tuple:
+        return label, method, lambda ds, t: {"keys": keys, "tiny_keys": tiny, "paper": _paper(ds, t, slug)}
+
+    cells = scenario_cells([variant("MAP", "map", "maps", (), ()), variant("MSPs", "msps", "msps", HF_VILT, TINY),
+                            variant("RAGPT", "ragpt", "ragpt", HF_VILT + RETRIEVER, TINY + _tiny_retriever())])
+    return [Table("ragpt_main", "RAGPT main table (AAAI 2025): ViLT, MAP / MSPs / RAGPT, 70 % missing text / image / "
                  "both, train = test setting", "table", cells,
                  notes=["Paper column: RAGPT's Table 1 is known second-hand only (a third-party reproduction report, "
                         "paper_results.csv `ragpt/t1/*`): MM-IMDb (all three cases) and Hateful Memes with the text "
@@ -52,8 +51,4 @@ def _ragpt_main() -> Table:
                         "`--set ragpt_retriever_path=PATH`; empty: a random retriever). Selection on the validation "
                         "split, mdpl's metrics (docs/methods.md §17.4).",
                         "The published numbers predate the pinned code (RAGPT-D1); MM-IMDb with the image missing is "
-                        "known to be below the paper with the released code (RAGPT-D22)."])
-
-
-def tables() -> list[Table]:
-    return [_ragpt_main()]
+                        "known to be below the paper with the released code (RAGPT-D22)."])]

@@ -1,15 +1,12 @@
 """The SCP paper's main table as experiment cells (its card: ``SemanticallyConditionedPrompts.paper_tables``)."""
 from __future__ import annotations
 
-from mdpl.data.missing import MISSING_TYPES
-from mdpl.data.registry import BUILTIN_DATASETS as PAPER_DATASETS
-from mdpl.experiments.matrix import Table, make_cell
+from mdpl.experiments.matrix import Table, scenario_cells
 
 
 def tables() -> list[Table]:
     """The main table: baseline, MAP and SCP on ViLT at 70 % missing text / image / both."""
-    variants = [("baseline", "none"), ("MAP", "map"), ("SCP", "scp")]
-    cells = [make_cell(label, ds, m, (t, 0.7)) for ds in PAPER_DATASETS for t in MISSING_TYPES for label, m in variants]
+    cells = scenario_cells([("baseline", "none", {}), ("MAP", "map", {}), ("SCP", "scp", {})])
     return [Table("scp_main", "SCP main table (WACV 2025): ViLT, baseline / MAP / SCP, 70 % missing, train = test "
                  "setting", "table", cells,
                  notes=["SCP's result tables were not found in the sources (only its repository's README): no paper "
