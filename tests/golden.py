@@ -89,3 +89,22 @@ def load_ragpt_vilt(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     report = load_vilt_checkpoint(model, hf, interpolate_text_positions=True)
     assert not report.unexpected and not report.missing
     return hf
+
+
+def two_tower_model(record: dict, method: str, rename: Callable[[str], str],
+                    value: Callable[[str, torch.Tensor], torch.Tensor] = lambda _, v: v, **over):
+    """mdpl's classifier from a two-tower fixture ``record``'s flat config (+ ``over``) with its hash-init backbone and
+    the reference's trainable tensors (``rename``: reference name -> mdpl's; ``value``: layout changes), eval mode."""
+    import warnings
+
+    from mdpl.models import build_classifier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_classifier({**record["config"], "prompt_method": method, **over})
+    model.backbone.load_openai_state_dict(hashed_backbone(record))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in record["trainable"].items():
+            params[rename(name)].copy_(value(name, tensor))
+    return model.eval()

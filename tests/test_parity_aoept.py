@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
-from golden import fixture_loader, hashed_backbone
+from golden import fixture_loader, two_tower_model
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mdpl.engine.losses import task_loss  # noqa: E402
-from mdpl.models import build_classifier  # noqa: E402
 
 CONFIGS = ("A", "B")
 ATOL = 1e-5
@@ -66,25 +64,14 @@ def as_mdpl(name: str, value: torch.Tensor) -> torch.Tensor:
     return value.T if name in TRANSPOSED else value
 
 
-def backbone_state(config: str) -> dict[str, torch.Tensor]:
-    """The OpenAI-layout backbone regenerated from the hash init, checked against the fixture's checksums."""
-    return hashed_backbone(fixture(config))
-
-
 def build(config: str, **over) -> torch.nn.Module:
     """mdpl's classifier with the reference's backbone, memory and trainable tensors, in eval mode."""
     rec = fixture(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = build_classifier({**rec["config"], "prompt_method": "aoept", **over})
-    model.backbone.load_openai_state_dict(backbone_state(config))
-    params = dict(model.named_parameters())
+    model = two_tower_model(rec, "aoept", lambda name: mdpl_name(name, rec["config"]["dataset"]), as_mdpl, **over)
     with torch.no_grad():
-        for name, value in rec["trainable"].items():
-            params[mdpl_name(name, rec["config"]["dataset"])].copy_(as_mdpl(name, value))
         model.prompt.text_memory.copy_(rec["memory"]["text"])
         model.prompt.image_memory.copy_(rec["memory"]["image"])
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
-from golden import hashed_backbone
+from golden import two_tower_model
 from golden import golden
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mdpl.engine.losses import task_loss  # noqa: E402
-from mdpl.models import build_classifier  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = ("A", "B")
@@ -57,24 +55,11 @@ def mdpl_name(reference_name: str, dataset: str) -> str:
     return site if leaf is None else f"{site}.{leaf}"
 
 
-def backbone_state(config: str) -> dict[str, torch.Tensor]:
-    """The OpenAI-layout backbone regenerated from the hash init, checked against the fixture's checksums."""
-    return hashed_backbone(fixture(config))
-
-
 def build(config: str, **over) -> torch.nn.Module:
     """mdpl's classifier from the fixture's flat config (+ `over`), with the reference's backbone and trainable
     tensors, in eval mode."""
     rec = fixture(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = build_classifier({**rec["config"], "prompt_method": "mora", **over})
-    model.backbone.load_openai_state_dict(backbone_state(config))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in rec["trainable"].items():
-            params[mdpl_name(name, rec["config"]["dataset"])].copy_(value)
-    return model.eval()
+    return two_tower_model(rec, "mora", lambda name: mdpl_name(name, rec["config"]["dataset"]), **over)
 
 
 def batch_of(rec: dict) -> dict[str, torch.Tensor]:

@@ -408,3 +408,15 @@ def prepare_tf4_reference(refs_dir: Path | str, key: str, script: str, defect: s
     quiet_warnings()
     import_path(path)
     return path
+
+
+def generator_main(description: str, prefix: str, configs: Any, load: Callable[[Path], Any],
+                   make: Callable[[Any, str], Any], argv: list[str] | None = None) -> int:
+    """A generator's command line: ``--refs`` / ``--out``, one thread (one summation order on every machine), the
+    reference ``load(refs_dir)``, then ``ref_<prefix>_<config>.pt`` = ``make(reference, config)`` for every config."""
+    args = refs_argument(description, argv)
+    sys.path.insert(0, str(repo_root() / "tests"))
+    torch.set_num_threads(1)
+    reference = load(args.refs)
+    write_fixtures(prefix, configs, lambda name: make(reference, name), args.out)
+    return 0

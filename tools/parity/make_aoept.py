@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from common import (REFERENCES, classification_loss, detached, prepare_tf4_reference, refs_argument,
-                    write_fixtures)
+from common import (REFERENCES, classification_loss, detached, generator_main, prepare_tf4_reference)
 from make_mora import CONTEXT, hf_config, hf_state, loguru_stand_in, openai_shapes
 
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402  (tests/ is on sys.path through make_mora)
@@ -187,11 +186,7 @@ def make_fixture(module: types.ModuleType, name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = refs_argument(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(1)              # one summation order on every machine
-    module = import_reference(args.refs)
-    write_fixtures("aoept", CONFIGS, lambda name: make_fixture(module, name), args.out)
-    return 0
+    return generator_main(__doc__.splitlines()[0], "aoept", CONFIGS, import_reference, make_fixture, argv)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from common import (REFERENCES, classification_loss, detached, prepare_tf4_reference, refs_argument, repo_root,
-                    write_fixtures)
+from common import (REFERENCES, classification_loss, detached, generator_main, prepare_tf4_reference, repo_root)
 
 sys.path.insert(0, str(repo_root() / "tests"))
 from dcp_hashinit import checksum, hashed_tensor  # noqa: E402
@@ -286,11 +285,7 @@ def make_fixture(clip_mora: types.ModuleType, name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = refs_argument(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(1)              # one summation order on every machine
-    clip_mora = import_reference(args.refs)
-    write_fixtures("mora", CONFIGS, lambda name: make_fixture(clip_mora, name), args.out)
-    return 0
+    return generator_main(__doc__.splitlines()[0], "mora", CONFIGS, import_reference, make_fixture, argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 
-from common import (DATASET_CLASSES, classification_loss, detached, import_path, quiet_warnings, refs_argument, sampled_grad,
-                    share_heads, silenced_stdout, verify_checkout, write_fixtures)
+from common import (DATASET_CLASSES, classification_loss, detached, generator_main, import_path, quiet_warnings,
+                    sampled_grad, share_heads, silenced_stdout, verify_checkout)
 
-ROOT = Path(__file__).resolve().parents[2]
 CLASSES = DATASET_CLASSES
 DATASETS = tuple(CLASSES)
 FULL_GRAD_LIMIT = 4096
@@ -176,13 +175,8 @@ def make_fixture(ref: Any, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = refs_argument(__doc__.split("\n\n")[0], argv)
-    path = verify_checkout(args.refs, "ragpt")
-    sys.path.insert(0, str(ROOT / "tests"))
-    torch.set_num_threads(1)                      # one summation order, run after run
-    ref = import_reference(path)
-    write_fixtures("msps", CONFIGS, lambda name: make_fixture(ref, name), args.out)
-    return 0
+    return generator_main(__doc__.split("\n\n")[0], "msps", CONFIGS,
+                          lambda refs: import_reference(verify_checkout(refs, "ragpt")), make_fixture, argv)
 
 
 if __name__ == "__main__":
