@@ -420,3 +420,10 @@ def generator_main(description: str, prefix: str, configs: Any, load: Callable[[
     reference = load(args.refs)
     write_fixtures(prefix, configs, lambda name: make(reference, name), args.out)
     return 0
+
+
+PIXEL_LEVELS = 127
+"""Fixture pixels are multiples of 1/127 (stored as int8; 1.0, the dummy image, is 127): exact in float32 on both
+sides."""
+CLS, SEP = 3, 4
+"""[CLS] / [SEP] of the tiny WordPiece vocabularies of the RAGPT-ViLT fixtures."""

@@ -23,19 +23,15 @@ from typing import Any
 
 import torch
 
-from common import (DATASET_CLASSES, classification_loss, detached, generator_main, import_path, quiet_warnings,
-                    sampled_grad, share_heads, silenced_stdout, verify_checkout)
+from common import (CLS, DATASET_CLASSES as CLASSES, PIXEL_LEVELS, SEP, classification_loss, detached, generator_main,
+                    import_path, quiet_warnings, sampled_grad, share_heads, silenced_stdout, verify_checkout)
 
-CLASSES = DATASET_CLASSES
 DATASETS = tuple(CLASSES)
 FULL_GRAD_LIMIT = 4096
 """Gradients of at most this many values are stored in full; larger ones (prompts, pooler, head) as `SAMPLED` values."""
 SAMPLED = 512
 CHANNELS = 16
 """Prompt channels stored per row, block and token (hash-chosen), besides each token's float64 sum over all channels."""
-PIXEL_LEVELS = 127
-"""Pixels are multiples of 1/127 (stored as int8; 1.0, the dummy, is 127): exact in float32 on both sides."""
-CLS, SEP = 3, 4
 
 COMMON = dict(hidden_size=768, max_position_embeddings=40, vocab_size=128, image_size=32, pad_token_id=0)
 """ViltConfig of every model (the copy's text embedding hard-codes width 768 and 40 position rows)."""
@@ -125,14 +121,19 @@ def record_layer_inputs(model: Any) -> tuple[list, list]:
     return prompts, masks
 
 
+def tiny_vilt(vilt_config: Any, vilt_model: Any, common: dict, spec: dict) -> Any:
+    """RAGPT's copy of the Hugging Face ViLT at a fixture's sizes (``common`` + the config's ``vilt``), built after
+    seeding 0 (its random init is overwritten by the hashed state; seeding keeps any leftover deterministic)."""
+    torch.manual_seed(0)
+    return vilt_model(vilt_config(**common, **spec["vilt"]))
+
+
 def run_head(ref: Any, name: str, task: str) -> dict:
     """One reference model (config `name`, head `task`): weights, batch, prompts and masks, outputs, gradients."""
     from vilt_hashinit import checksum, hashed_msps_state
     msps, vilt_config, vilt_model = ref
-    spec = CONFIGS[name]
-    experiment = EXPERIMENT[name][task]
-    torch.manual_seed(0)
-    vilt = vilt_model(vilt_config(**COMMON, **spec["vilt"]))
+    spec, experiment = CONFIGS[name], EXPERIMENT[name][task]
+    vilt = tiny_vilt(vilt_config, vilt_model, COMMON, spec)
     model = msps(vilt=vilt, dataset_name=task, max_text_len=spec["max_text_len"], missing_type=experiment,
                  learnt_p=True, prompt_type="attention", prompt_num=spec["prompt_num"], prompt_len=spec["prompt_len"],
                  device="cpu").eval()

@@ -37,19 +37,16 @@ from typing import Any, Iterator
 
 import torch
 
-from common import (DATASET_CLASSES, classification_loss, detached, generator_main, import_path, quiet_warnings,
-                    sampled_grad, share_heads, silenced_stdout, verify_checkout)
+from common import (CLS, DATASET_CLASSES as CLASSES, PIXEL_LEVELS, SEP, classification_loss, detached, generator_main,
+                    import_path, quiet_warnings, sampled_grad, share_heads, silenced_stdout, verify_checkout)
+from make_msps import tiny_vilt
 
-CLASSES = DATASET_CLASSES
 DATASETS = tuple(CLASSES)
 FULL_GRAD_LIMIT = 1024
 """Gradients of at most this many values are stored in full; larger ones as `SAMPLED` values and the norm."""
 SAMPLED = 192
-PIXEL_LEVELS = 127
-"""Pixels are multiples of 1/127 (stored as int8): exact in float32 on both sides."""
 PIXEL_BLOCK = 8
 """Pixels are stored at 1/8 resolution and repeated in 8x8 blocks (one value per patch: a small fixture)."""
-CLS, SEP = 3, 4
 IMAGE_TOKENS = 145
 MEMORY, TEST_ITEMS, RETRIEVAL_DIM = 10, 4, 8
 
@@ -202,10 +199,8 @@ def run_head(ref: Any, name: str, task: str, retrieved: dict) -> dict:
     """One reference model (config `name`, head `task`): weights, batch, neighbours, outputs, gradients."""
     from vilt_hashinit import checksum, hashed_ragpt_bank, hashed_ragpt_state
     ragpt, vilt_config, vilt_model, _ = ref
-    spec = CONFIGS[name]
-    experiment = EXPERIMENT[name][task]
-    torch.manual_seed(0)
-    vilt = vilt_model(vilt_config(**COMMON, **spec["vilt"]))
+    spec, experiment = CONFIGS[name], EXPERIMENT[name][task]
+    vilt = tiny_vilt(vilt_config, vilt_model, COMMON, spec)
     model = ragpt(vilt=vilt, dataset_name=task, max_text_len=spec["max_text_len"], max_image_len=IMAGE_TOKENS,
                   missing_type=experiment, device="cpu", prompt_pos=spec["prompt_pos"], prompt_len=spec["prompt_len"],
                   dropout_rate=0.2).eval()
