@@ -134,13 +134,19 @@ def run_step(step: Step) -> None:
     print(f"[gpu_check] {step.name}: {status} in {step.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
 
 
+def _both_ok(steps: dict[str, Step]) -> bool:
+    return all(name in steps and steps[name].result.get("status") == "ok"
+               for name in ("real_run_short", "real_run_long"))
+
+
 def real_run_rate(steps: dict[str, Step]) -> float | None:
     """Training samples/s of the real run: extra samples of the long run over its extra wall time."""
-    short, long = steps.get("real_run_short"), steps.get("real_run_long")
-    if not (short and long and short.result.get("status") == "ok" and long.result.get("status") == "ok"):
+    if not _both_ok(steps):
         return None
+    short, long = steps["real_run_short"], steps["real_run_long"]
     extra_s = long.result["wall_s"] - short.result["wall_s"]
     extra_samples = (long.result["max_steps"] - short.result["max_steps"]) * long.result["batch"]
+    # a non-positive difference means start-up noise swamped the extra steps: no rate rather than a wrong one
     return extra_samples / extra_s if extra_s > 0 else None
 
 
@@ -200,9 +206,12 @@ def report(steps: dict[str, Step], meta: dict[str, Any]) -> str:
               for s in steps.values()]
     lines += ["", *method_table(steps), "", *loader_table(steps), ""]
     predicted = f"{statistics.median(bench_rate):.1f}" if bench_rate else "–"
+    measured = "–" if rate is None else f"{rate:.1f}"
     lines.append(f"Real `run.py` training ({meta['real_run_method']}, {meta['real_run_dataset']}, "
-                 f"{meta['real_run_precision']}): {'–' if rate is None else f'{rate:.1f}'} samples/s; the bench row "
-                 f"predicts {predicted} samples/s.")
+                 f"{meta['real_run_precision']}): {measured} samples/s; the bench row predicts {predicted} samples/s.")
+    if rate is None and _both_ok(steps):
+        lines.append("The longer run was not slower than the shorter one: start-up time varied by more than the "
+                     "extra steps took, so no rate is given (give the long run more steps).")
     return "\n".join(lines) + "\n"
 
 
