@@ -5,8 +5,9 @@
 REFS_DIR holds the checkouts of the references at their pinned commits (tools/parity/common.py lists them; a
 missing or moved checkout is reported with the ``git clone`` / ``git checkout`` lines to run). Each generator runs in
 its own process, so the references' generic package names (``vilt``, ``src``, ``clip``) never meet. Generators
-marked ``TF4`` (MoRA: its vendored CLIP fails on transformers 5, MoRA-D16; AOEPT: AOEPT-D13) run under ``--tf4-python``, an interpreter
-with transformers 4.x and this project's other packages; the others under this one.
+marked ``TF4`` (MoRA: its vendored CLIP fails on transformers 5, MoRA-D16; AOEPT: AOEPT-D13, and its clustering
+needs scikit-learn) run under ``--tf4-python``, an interpreter with transformers 4.x, scikit-learn and this project's
+other packages; the others under this one.
 ``--check`` writes into a temporary folder and compares byte for byte with the committed files instead.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ GENERATORS = (
     ("make_msps.py", [], [f"ref_msps_{c}.pt" for c in "AB"]),
     ("make_ragpt.py", [], [f"ref_ragpt_{c}.pt" for c in "AB"]),
     ("make_aoept.py", [], [f"ref_aoept_{c}.pt" for c in "AB"], TF4),
+    ("make_aoept_prototypes.py", [], [f"ref_aoept_prototypes_{c}.pt" for c in "AB"], TF4),
     *((("make_reference_checkpoints.py", ["--method", m], [f"ref_ckpt_{m}.pt"]) for m in ("map", "memprompt", "dcp"))),
 )
 
@@ -42,6 +44,7 @@ def tf4_problem(python: Path | None) -> str:
     if python is None:
         return "error: --tf4-python PYTHON is required: make_mora.py needs an interpreter with transformers 4.x"
     probe = [str(python), "-c", "import transformers; print(transformers.__version__)"]
+    sklearn = [str(python), "-c", "import sklearn"]
     try:
         done = subprocess.run(probe, capture_output=True, text=True)
     except OSError as err:
@@ -50,6 +53,9 @@ def tf4_problem(python: Path | None) -> str:
     if done.returncode != 0 or not version.startswith("4."):
         found = f"transformers {version}" if done.returncode == 0 else "no importable transformers"
         return f"error: --tf4-python {python} has {found}; it needs transformers 4.x (4.57.1 tested)"
+    if subprocess.run(sklearn, capture_output=True).returncode != 0:
+        return f"error: --tf4-python {python} has no scikit-learn; make_aoept_prototypes.py needs it (the reference " \
+               f"clusters with it)"
     return ""
 
 
