@@ -228,7 +228,7 @@ def _first_test_item(dataset: str, root: Path) -> str:
 
 def corrupt_image(dataset, root):
     if dataset == "mmimdb":
-        path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
+        path = _first_test_file(dataset, root, "images", ".jpeg")
     elif dataset == "food101":
         name = _first_test_item(dataset, root)
         path = root / "images" / "test" / name.rsplit("_", 1)[0] / name
@@ -238,40 +238,42 @@ def corrupt_image(dataset, root):
     return path.name
 
 
-def garbage_image(dataset, root):
-    path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
-    path.write_bytes(b"this is not an image")
+def _first_test_file(dataset, root, folder: str, suffix: str) -> Path:
+    return root / folder / f"{_first_test_item(dataset, root)}{suffix}"
+
+
+def _damaged(dataset, root, folder: str, suffix: str, content: bytes | None) -> str:
+    """The first test item's file in `folder` rewritten with `content` (None: deleted); its name."""
+    path = _first_test_file(dataset, root, folder, suffix)
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
     return path.name
+
+
+def garbage_image(dataset, root):
+    return _damaged(dataset, root, "images", ".jpeg", b"this is not an image")
 
 
 def missing_image(dataset, root):
-    path = root / "images" / f"{_first_test_item(dataset, root)}.jpeg"
-    path.unlink()
-    return path.name
+    return _damaged(dataset, root, "images", ".jpeg", None)
 
 
 def missing_label(dataset, root):
-    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
-    path.unlink()
-    return path.name
+    return _damaged(dataset, root, "labels", ".json", None)
 
 
 def malformed_json(dataset, root):
-    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
-    path.write_text('{"plot": ["unterminated"')
-    return path.name
+    return _damaged(dataset, root, "labels", ".json", b'{"plot": ["unterminated"')
 
 
 def json_without_genres(dataset, root):
-    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
-    path.write_text('{"plot": ["a plot"]}')
-    return path.name
+    return _damaged(dataset, root, "labels", ".json", b'{"plot": ["a plot"]}')
 
 
 def non_utf8_json(dataset, root):
-    path = root / "labels" / f"{_first_test_item(dataset, root)}.json"
-    path.write_bytes(b'{"plot": ["caf\xe9"], "genres": ["Drama"]}')
-    return path.name
+    return _damaged(dataset, root, "labels", ".json", b'{"plot": ["caf\xe9"], "genres": ["Drama"]}')
 
 
 def no_text(dataset, root):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from common import refs_argument, save_deterministic
+from common import generator_main
 from vilt_fixture import load_vilt_reference, make_fixture
 
 MAP_KEYS = ("prompt_type", "prompt_length", "prompt_layers", "learnt_p", "multi_layer_prompt")
@@ -36,14 +36,10 @@ def initial_prompts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = refs_argument(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(1)              # one summation order on every machine
-    ref = load_vilt_reference(args.refs, "map", "vilt", "ViLTransformerSS", MAP_KEYS)
-    for (prompt_type, config), updates in VARIANTS.items():
-        fixture = make_fixture(ref, config, updates, init_prompts=initial_prompts)
-        path = args.out / f"ref_map_{prompt_type}_{config}.pt"
-        print(f"{path.name}  sha256 {save_deterministic(fixture, path)}")
-    return 0
+    variants = {f"{prompt_type}_{config}": (config, updates) for (prompt_type, config), updates in VARIANTS.items()}
+    return generator_main(__doc__.splitlines()[0], "map", variants,
+                          lambda refs: load_vilt_reference(refs, "map", "vilt", "ViLTransformerSS", MAP_KEYS),
+                          lambda ref, name: make_fixture(ref, *variants[name], init_prompts=initial_prompts), argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from common import refs_argument, save_deterministic
+from common import generator_main
 from vilt_fixture import load_vilt_reference, make_fixture
 
 MEMPROMPT_KEYS = ("prompt_type", "learnt_p", "multi_layer_prompt", "gen_prompt_length", "gen_prompt_layers",
@@ -63,14 +63,10 @@ def retrieval_recorder(model: torch.nn.Module) -> Callable[[], dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = refs_argument(__doc__.splitlines()[0], argv)
-    torch.set_num_threads(1)              # one summation order on every machine
-    ref = load_vilt_reference(args.refs, "memprompt", "src", "MemPromptTransformer", MEMPROMPT_KEYS)
-    for config, updates in VARIANTS.items():
-        fixture = make_fixture(ref, config, updates, debug=retrieval_recorder)
-        path = args.out / f"ref_memprompt_{config}.pt"
-        print(f"{path.name}  sha256 {save_deterministic(fixture, path)}")
-    return 0
+    return generator_main(__doc__.splitlines()[0], "memprompt", VARIANTS,
+                          lambda refs: load_vilt_reference(refs, "memprompt", "src", "MemPromptTransformer",
+                                                           MEMPROMPT_KEYS),
+                          lambda ref, name: make_fixture(ref, name, VARIANTS[name], debug=retrieval_recorder), argv)
 
 
 if __name__ == "__main__":
