@@ -303,21 +303,16 @@ def non_utf8_jsonl(dataset, root):
     return _append_line(root, f'{{"id": 2, "img": "{first["img"]}", "label": 0, "text": "caf'.encode() + b'\xe9"}')
 
 
-BAD_CASES = [  # (dataset, mutation, reason, rows lost from test)
-    ("mmimdb", corrupt_image, common.CORRUPT_IMAGE, 1),
-    ("mmimdb", garbage_image, common.CORRUPT_IMAGE, 1),
-    ("mmimdb", missing_image, common.MISSING_IMAGE, 1),
-    ("mmimdb", missing_label, common.MISSING_LABEL, 1),
-    ("mmimdb", malformed_json, common.MALFORMED_JSON, 1),
-    ("mmimdb", json_without_genres, common.MALFORMED_JSON, 1),
-    ("mmimdb", non_utf8_json, common.NON_UTF8, 1),
-    ("food101", corrupt_image, common.CORRUPT_IMAGE, 1),
-    ("food101", no_text, common.NO_TEXT, 1),
-    ("hatememes", corrupt_image, common.CORRUPT_IMAGE, 1),
-    ("hatememes", bad_jsonl, common.BAD_JSONL, 0),
-    ("hatememes", bad_jsonl_label, common.BAD_JSONL, 0),
-    ("hatememes", non_utf8_jsonl, common.NON_UTF8, 0),
-]
+BAD_BY_DATASET = {  # dataset -> (mutation, reason, rows lost from test)
+    "mmimdb": [(corrupt_image, common.CORRUPT_IMAGE, 1), (garbage_image, common.CORRUPT_IMAGE, 1),
+               (missing_image, common.MISSING_IMAGE, 1), (missing_label, common.MISSING_LABEL, 1),
+               (malformed_json, common.MALFORMED_JSON, 1), (json_without_genres, common.MALFORMED_JSON, 1),
+               (non_utf8_json, common.NON_UTF8, 1)],
+    "food101": [(corrupt_image, common.CORRUPT_IMAGE, 1), (no_text, common.NO_TEXT, 1)],
+    "hatememes": [(corrupt_image, common.CORRUPT_IMAGE, 1), (bad_jsonl, common.BAD_JSONL, 0),
+                  (bad_jsonl_label, common.BAD_JSONL, 0), (non_utf8_jsonl, common.NON_UTF8, 0)],
+}
+BAD_CASES = [(dataset, *case) for dataset, cases in BAD_BY_DATASET.items() for case in cases]
 
 
 @pytest.mark.parametrize("dataset,mutate,reason,lost", BAD_CASES, ids=[f"{d}-{m.__name__}" for d, m, _, _ in BAD_CASES])
