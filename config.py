@@ -120,6 +120,9 @@ def base_config():
     # "" = the backbone's image transform (ViLT 'pixelbert', CLIP/CoCa 'clip') | 'square': both sides to image_size,
     # aspect ratio not kept; default: the method's (RAGPT: 'square', every image gives the full patch grid)
     image_transform = method_image_transform(prompt_method)
+    # the split the validation loop reads (logged as val/..., so checkpoint selection and early stopping follow it):
+    # 'val' | 'test' (only to reproduce a reference protocol that selects on the test split)
+    selection_split = DATA.selection_split
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = MISSING.missing_ratio
