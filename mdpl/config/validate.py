@@ -378,6 +378,13 @@ def check_data_options(config: Mapping) -> None:
         _fail(f"image_transform={transform!r} must be '' (the backbone's) or one of {', '.join(sorted(TRANSFORMS))}")
     if config.get("test_types") is not None or config.get("test_ratios") is not None:
         sweep_specs(MissingConfig.from_flat(dict(config)), int(config.get("seed", 0)))
+    from mdpl.engine.metrics import METRIC_INPUTS, metric_names
+    if config.get("metric_inputs", "probabilities") not in METRIC_INPUTS:
+        _fail(f"metric_inputs={config['metric_inputs']!r} must be one of {', '.join(METRIC_INPUTS)}")
+    primary, names = config.get("primary_metric") or "", metric_names(config.get("dataset", "mmimdb"))
+    if primary and primary not in names:
+        _fail(f"primary_metric={primary!r} is not a metric of dataset={config.get('dataset', 'mmimdb')!r}; choose "
+              f"one of {', '.join(names)} (or '' for the dataset's)")
     selection = config.get("selection_split", "val")
     if selection not in SELECTION_SPLITS:
         _fail(f"selection_split={selection!r} must be one of {', '.join(SELECTION_SPLITS)} (the split the validation "
