@@ -2,7 +2,9 @@
 
 Reference: ``Jian-Lang/RAGPT`` (``src/model/ragpt.py``, ``src/model/modules.py``) on its own copy of the Hugging Face
 ``ViltModel`` (mdpl: ``vilt_variant=hf``, ``drop_rate=0``). Per sample, the k nearest *training* items of the same
-modality (retrieved with a frozen retriever, the preparation stage) give:
+modality (retrieved with a frozen retriever, the preparation stage; the reference's memory of training and
+validation items, its self-exclusion by list position and its retriever text features are ``ragpt_memory``,
+``ragpt_self_exclusion`` and ``ragpt_retriever_text``, RAGPT-D2, D6) give:
 
 * **Missing-modality generator** (MMG, §17.2): the neighbours' ViLT embeddings (the memory bank, [k, n, D]) averaged
   over the neighbours, filtered along the token axis by a learned complex spectrum
