@@ -1,4 +1,4 @@
-"""``selection_split`` (docs/methods.md §7, "Selection split"): the validation loop reads the configured split, so
+"""``selection_split`` (docs/methods.md §8): the validation loop reads the configured split, so
 checkpoint selection and early stopping follow it; ``test`` reproduces references that select on the test split."""
 from __future__ import annotations
 
