@@ -120,6 +120,9 @@ def base_config():
     # "" = the backbone's image transform (ViLT 'pixelbert', CLIP/CoCa 'clip') | 'square': both sides to image_size,
     # aspect ratio not kept; default: the method's (RAGPT: 'square', every image gives the full patch grid)
     image_transform = method_image_transform(prompt_method)
+    # the split the validation loop reads (logged as val/..., so checkpoint selection and early stopping follow it):
+    # 'val' | 'test' (only to reproduce a reference protocol that selects on the test split)
+    selection_split = DATA.selection_split
 
     # --- missing modalities (docs/methods.md §1.4) -------------------------------------------------------
     missing_ratio = MISSING.missing_ratio
@@ -170,6 +173,10 @@ def base_config():
     find_unused_parameters = TRAINER.find_unused_parameters  # DDP: True only for methods whose forward skips trainable parameters
     resume_from = TRAINER.resume_from  # a last.ckpt/any .ckpt of a killed run: restores model, optimizer, scheduler, step, RNG
     resume = TRAINER.resume       # True: resume from <latest version of this run's base dir>/checkpoints/last.ckpt
+    # 'probabilities' (mdpl: F1 at sigmoid >= 0.5, AUROC of softmax[:, 1]) | 'logits' (torchmetrics 0.9.3 fed raw logits,
+    # as some references did: F1 at logit >= 0.5, AUROC = macro over the two raw logit columns)
+    metric_inputs = TRAINER.metric_inputs
+    primary_metric = TRAINER.primary_metric  # the_metric (selection): "" = the dataset's (F1_Macro, accuracy, AUROC) | e.g. F1_Micro
     checkpoint_every_n_steps = TRAINER.checkpoint_every_n_steps  # > 0: also save last.ckpt every n optimizer steps (mid-epoch resume); 0 = epoch ends only
     # loggers, a name or a list: tensorboard, csv, wandb, mlflow (e.g. logger=csv or logger=[csv,wandb]); wandb / mlflow
     # need their package; wandb runs offline (<run_dir>/wandb, `wandb sync` later) unless WANDB_MODE is set, mlflow

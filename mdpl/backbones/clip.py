@@ -360,6 +360,19 @@ class ClipTextTower(_Tower):
             x = self.run_block(i, x)
         return self.pool(x, text_ids)
 
+    def unordered(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """The ``unordered`` text feature [B, E]: every token gets position embedding 1 and attends to every real
+        token (up to EOT, no causal mask), then ``ln_final`` -> EOT -> @ ``text_projection``. What a Hugging Face
+        ``CLIPTextModel`` gives when its embeddings receive the all-ones attention mask as ``position_ids`` and its
+        encoder runs without the causal mask (a retriever's text features in RAGPT's reference, RAGPT-D6): a
+        function of the token multiset and the EOT."""
+        eot = text_ids.argmax(dim=-1, keepdim=True)
+        real = torch.arange(text_ids.shape[1], device=text_ids.device) <= eot
+        x = self.token_embedding(text_ids) + self.positional_embedding[1].to(self.token_embedding.weight.dtype)
+        for block in self.blocks:
+            x = residual_block(block, x, real[:, None, None, :])
+        return self.pool(x, text_ids)
+
 
 def batch_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
@@ -413,6 +426,14 @@ class ClipBackbone(TwoTowerBackbone):
     """The two CLIP towers (``image_encoder``, ``text_encoder``) and ``logit_scale`` (used by no classifier)."""
 
     described_as = "the CLIP backbone (clip_vision_layers, clip_text_layers)"
+    text_feature_variants = ("unordered",)
+    """Text features besides the tower's own, for retrieval (``RetrievalRequest.text_features``)."""
+
+    def text_feature(self, batch: Batch, variant: str) -> torch.Tensor:
+        """The text feature `variant` [B, E] of the batch's complete texts (``ClipTextTower.unordered``)."""
+        if variant != "unordered":
+            raise ValueError(f"text feature {variant!r}: one of {self.text_feature_variants}")
+        return self.text_encoder.unordered(batch["text_ids"])
 
     def __init__(self, sizes: ClipSizes) -> None:
         super().__init__()

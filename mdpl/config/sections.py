@@ -85,6 +85,8 @@ class TrainerConfig(Section):
     resume_from: str = ""
     resume: bool = False
     checkpoint_every_n_steps: int = 0
+    metric_inputs: str = "probabilities"   # what the metrics threshold / rank (mdpl.engine.metrics.METRIC_INPUTS)
+    primary_metric: str = ""      # the logged value used as the_metric; "" = the dataset's
 
 
 @dataclass(frozen=True)

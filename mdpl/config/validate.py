@@ -35,7 +35,7 @@ from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
 from mdpl.data.pixel_cache import pixel_cache_folder
 from mdpl.data.scenarios import sweep_specs
-from mdpl.data.settings import DataConfig, MissingConfig
+from mdpl.data.settings import SELECTION_SPLITS, DataConfig, MissingConfig
 from mdpl.errors import UserInputError
 from mdpl.prompts.keys import (METHOD_SIZES, complete_method_keys, key_readers,  # noqa: F401 (re-exported)
                                method_default, method_defaults, method_presets)
@@ -378,6 +378,17 @@ def check_data_options(config: Mapping) -> None:
         _fail(f"image_transform={transform!r} must be '' (the backbone's) or one of {', '.join(sorted(TRANSFORMS))}")
     if config.get("test_types") is not None or config.get("test_ratios") is not None:
         sweep_specs(MissingConfig.from_flat(dict(config)), int(config.get("seed", 0)))
+    from mdpl.engine.metrics import METRIC_INPUTS, metric_names
+    if config.get("metric_inputs", "probabilities") not in METRIC_INPUTS:
+        _fail(f"metric_inputs={config['metric_inputs']!r} must be one of {', '.join(METRIC_INPUTS)}")
+    primary, names = config.get("primary_metric") or "", metric_names(config.get("dataset", "mmimdb"))
+    if primary and primary not in names:
+        _fail(f"primary_metric={primary!r} is not a metric of dataset={config.get('dataset', 'mmimdb')!r}; choose "
+              f"one of {', '.join(names)} (or '' for the dataset's)")
+    selection = config.get("selection_split", "val")
+    if selection not in SELECTION_SPLITS:
+        _fail(f"selection_split={selection!r} must be one of {', '.join(SELECTION_SPLITS)} (the split the validation "
+              "loop reads: checkpoint selection and early stopping; 'test' only to reproduce a paper protocol)")
 
 
 def _checkpoint_problem(path: Path) -> str:

@@ -1,6 +1,7 @@
 """LightningDataModule of mdpl (docs/methods.md §1.3-1.7; fixes D-8, D-12, D-14).
 
-* ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test), each with
+* ``setup`` builds only the splits a stage needs (fit: train+val, validate: val, test: test; "val" is the
+  ``selection_split``: the validation loop reads the test split with ``selection_split=test``), each with
   its own deterministic missing table (train/val/test specs from the config, ``test_ratio`` /
   ``test_type`` overrides applied to copies) and, with ``pixel_cache`` (opt-in), its pixel cache: the resized
   uint8 images, written on first use and memory-mapped after (mdpl/data/pixel_cache.py). Items and batches then
@@ -38,6 +39,7 @@ from mdpl.data.transforms import build_transform
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
                  None: SPLITS}
+"""Stage -> the splits it builds; ``val`` stands for the configured ``selection_split``."""
 
 
 def eval_sampler(dataset) -> torch.utils.data.Sampler | None:
@@ -93,6 +95,7 @@ class MDPLDataModule(pl.LightningDataModule):
     # --------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
         for split in _STAGE_SPLITS.get(stage, SPLITS):
+            split = self.selection_split if split == "val" and stage in ("fit", "validate") else split
             if split not in self.datasets:
                 self.datasets[split] = self.build_dataset(split)
 
@@ -158,8 +161,13 @@ class MDPLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    @property
+    def selection_split(self) -> str:
+        """The split the validation loop reads (``selection_split``: ``val``, or ``test`` for a paper protocol)."""
+        return self.data.selection_split
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader(self.selection_split, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
@@ -211,7 +219,7 @@ class MDPLDataModule(pl.LightningDataModule):
         if getattr(trainer, "testing", False):
             return "test"
         if getattr(trainer, "validating", False) or getattr(trainer, "sanity_checking", False):
-            return "val"
+            return self.selection_split
         return None
 
     def _resolved_types(self, batch: Mapping) -> torch.Tensor:

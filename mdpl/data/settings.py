@@ -11,6 +11,10 @@ from typing import Any
 
 from mdpl.section import Section, per_split
 
+SELECTION_SPLITS = ("val", "test")
+"""``selection_split``: the split the validation loop evaluates (logged as ``val/...``; checkpoint selection and early
+stopping follow it). ``test`` reproduces references that select on the test split (a paper protocol only)."""
+
 
 @dataclass(frozen=True)
 class DataConfig(Section):
@@ -27,6 +31,7 @@ class DataConfig(Section):
     mmimdb_items: str = "plot"
     pixel_cache: Any = ""
     image_transform: str = ""            # "" = the backbone card's transform; else a name in TRANSFORMS ("square")
+    selection_split: str = "val"         # the split the validation loop reads (SELECTION_SPLITS)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ every training step; here the -100 mask is arithmetic (sync-free).
 `build_task_metrics(dataset)` returns a `TaskMetrics` bundle built from the dataset's spec
 (mdpl/data/registry.py: `metrics` kinds of `METRIC_KINDS` or own factories, `primary_metric`) with the
 metric names logged by the engine and the name of the primary metric (`the_metric`).
+
+`metric_inputs="logits"` (config key; default "probabilities") gives the scores the legacy torchmetrics 0.9.3
+classes see when a reference hands them raw logits: F1 thresholds the raw logit (logit >= 0.5, i.e. p >= 0.622)
+and AUROC is the macro one-vs-rest AUROC over the raw logit columns, ½[AUC(z_1, y = 1) + AUC(z_0, y = 0)], not the
+binary AUROC of softmax[:, 1] (`LOGIT_KINDS`). `primary_metric` (config key; "" = the dataset's) picks another
+logged value as `the_metric` (e.g. F1_Micro).
 """
 from __future__ import annotations
 
@@ -75,9 +81,10 @@ class MultilabelF1(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_labels: int, threshold: float = 0.5, **kwargs) -> None:
+    def __init__(self, num_labels: int, threshold: float = 0.5, on_logits: bool = False, **kwargs) -> None:
+        """`on_logits`: threshold the raw logit instead of sigmoid(logit) (``metric_inputs="logits"``)."""
         super().__init__(**kwargs)
-        self.num_labels, self.threshold = num_labels, threshold
+        self.num_labels, self.threshold, self.on_logits = num_labels, threshold, on_logits
         for name in ("tp", "fp", "fn"):
             self.add_state(name, torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("samples_f1_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -88,7 +95,8 @@ class MultilabelF1(Metric):
         if logits.shape != target.shape or logits.shape[-1] != self.num_labels:
             raise ValueError(f"MultilabelF1 expects logits and targets [N, {self.num_labels}], got "
                              f"{tuple(logits.shape)} and {tuple(target.shape)}")
-        preds = torch.sigmoid(logits.detach().float()) >= self.threshold
+        scores = logits.detach().float()
+        preds = (scores if self.on_logits else torch.sigmoid(scores)) >= self.threshold
         target = target.detach() > 0.5
         self.tp += (preds & target).sum(dim=0)
         self.fp += (preds & ~target).sum(dim=0)
@@ -150,6 +158,24 @@ class BinaryAUROC(Metric):
         return binary_auroc(probs[keep], targets[keep], thresholds=None).float()
 
 
+class LogitColumnsAUROC(BinaryAUROC):
+    """Macro one-vs-rest AUROC over the raw logit columns of 2-class logits: ½[AUC(z_1, y = 1) + AUC(z_0, y = 0)]
+    (torchmetrics 0.9.3 ``AUROC(num_classes=2)`` fed raw logits; ``metric_inputs="logits"``)."""
+
+    def update(self, logits: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ValueError(f"LogitColumnsAUROC expects 2-class logits [N, 2], got {tuple(logits.shape)}")
+        self.probs.append(logits.detach().float())      # both columns, raw
+        self.targets.append(target.detach().long())
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        scores, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
+        keep = targets != IGNORE_INDEX
+        scores, targets = scores[keep], targets[keep]
+        per_class = [binary_auroc(scores[:, c], (targets == c).long(), thresholds=None) for c in (0, 1)]
+        return torch.stack(per_class).mean().float()
+
+
 #: metric kind (``DatasetSpec.metrics``) -> factory ``(num_classes) -> Metric``; the kind is also the
 #: metric's key, i.e. its logged name when it computes one tensor.
 METRIC_KINDS: dict[str, Callable[[int], Metric]] = {
@@ -159,12 +185,23 @@ METRIC_KINDS: dict[str, Callable[[int], Metric]] = {
 }
 
 
+LOGIT_KINDS: dict[str, Callable[[int], Metric]] = {
+    "f1": lambda num_classes: MultilabelF1(num_classes, on_logits=True),
+    "AUROC": lambda num_classes: LogitColumnsAUROC(),
+}
+"""The kinds that differ with ``metric_inputs="logits"`` (the others are the same on logits and probabilities)."""
+METRIC_INPUTS = ("probabilities", "logits")
+
+
 def _metric_key(kind: str | Callable[[int], Metric]) -> str:
     return kind if isinstance(kind, str) else kind.__name__
 
 
-def _build_metric(kind: str | Callable[[int], Metric], num_classes: int) -> Metric:
-    """A kind of :data:`METRIC_KINDS` or a spec's own factory -> a fresh metric."""
+def _build_metric(kind: str | Callable[[int], Metric], num_classes: int, inputs: str = "probabilities") -> Metric:
+    """A kind of :data:`METRIC_KINDS` (:data:`LOGIT_KINDS` with `inputs` "logits") or a spec's own factory -> a
+    fresh metric."""
+    if inputs == "logits" and isinstance(kind, str) and kind in LOGIT_KINDS:
+        return LOGIT_KINDS[kind](num_classes)
     if isinstance(kind, str):
         if kind not in METRIC_KINDS:
             raise ValueError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_KINDS)} or a callable")
@@ -178,13 +215,18 @@ class TaskMetrics(nn.Module):
     `primary` names the value used as `the_metric` (docs/methods.md §8).
     """
 
-    def __init__(self, dataset: str, num_classes: int | None = None) -> None:
+    def __init__(self, dataset: str, num_classes: int | None = None, inputs: str = "probabilities",
+                 primary: str = "") -> None:
+        """`inputs`: ``METRIC_INPUTS`` (``metric_inputs``); `primary`: the logged value used as `the_metric`
+        ("" = the dataset's ``primary_metric``)."""
         super().__init__()
+        if inputs not in METRIC_INPUTS:
+            raise ValueError(f"metric inputs {inputs!r}: one of {METRIC_INPUTS}")
         spec = dataset_spec(dataset)
         self.dataset = dataset
         n_classes = spec.num_classes if num_classes is None else num_classes
-        self.metrics = nn.ModuleDict({_metric_key(m): _build_metric(m, n_classes) for m in spec.metrics})
-        self.primary = spec.primary_metric
+        self.metrics = nn.ModuleDict({_metric_key(m): _build_metric(m, n_classes, inputs) for m in spec.metrics})
+        self.primary = primary or spec.primary_metric
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         for metric in self.metrics.values():
@@ -206,7 +248,18 @@ class TaskMetrics(nn.Module):
             metric.reset()
 
 
-def build_task_metrics(dataset: str) -> TaskMetrics:
+def metric_names(dataset: str) -> list[str]:
+    """The values the dataset's metrics log (what ``primary_metric`` may name)."""
+    spec = dataset_spec(dataset)
+    names = []
+    for kind in spec.metrics:
+        key = _metric_key(kind)
+        names.extend(F1_NAMES if key == "f1" else [key])
+    return names
+
+
+def build_task_metrics(dataset: str, inputs: str = "probabilities", primary: str = "") -> TaskMetrics:
     """Metrics of ``dataset``'s spec (mmimdb: F1 x4, primary F1_Macro; food101: accuracy; hatememes: AUROC +
-    accuracy). An unknown dataset is a UserInputError naming the registered ones."""
-    return TaskMetrics(dataset)
+    accuracy), on ``metric_inputs`` `inputs`, `primary` overriding the spec's primary metric. An unknown dataset is a
+    UserInputError naming the registered ones."""
+    return TaskMetrics(dataset, inputs=inputs, primary=primary)

@@ -82,7 +82,9 @@ class MDPLModule(pl.LightningModule):
             model.compile()
         self.model = model
         # ModuleDict keys may not shadow nn.Module attributes ('train'), hence the '_phase' suffix.
-        self.metrics = nn.ModuleDict({f"{p}_phase": build_task_metrics(self.dataset) for p in PHASES})
+        trainer = self.config.trainer
+        self.metrics = nn.ModuleDict({f"{p}_phase": build_task_metrics(self.dataset, trainer.metric_inputs,
+                                                                       trainer.primary_metric) for p in PHASES})
         self.loss_means = nn.ModuleDict({f"{p}_phase": MeanMetric() for p in PHASES})
         self.total_steps: int | None = None
 

@@ -185,10 +185,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def dependencies(run, need: PreparationNeed, dataset, backbone: nn.Module) -> dict[str, Any]:
+def dependencies(run, need: PreparationNeed, dataset, backbone: nn.Module,
+                 more: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the artefact depends on: data (arrow file, items, missing table, pipeline), backbone (sizes,
-    frozen weights; all weights with ``finetune``) and the need. The run seed enters only through the missing table."""
-    table = None if need.missing == "complete" else tensor_digest([("table", dataset.missing_table)])
+    frozen weights; all weights with ``finetune``) and the need. The run seed enters only through the missing table.
+    `more`: split -> dataset of the splits collected after the training split (``PreparationNeed.splits``)."""
+    tables = [("table", dataset.missing_table)] + [(f"table/{s}", d.missing_table) for s, d in (more or {}).items()]
+    table = None if need.missing == "complete" else tensor_digest(tables)
     return _plain({
         "format": FORMAT, "dataset": run.data.dataset, "split": SPLIT, "items": len(dataset),
         "arrow": file_identity(Path(dataset.path)), "missing_table": table,
@@ -197,6 +200,8 @@ def dependencies(run, need: PreparationNeed, dataset, backbone: nn.Module) -> di
                      "weights_sha256": tensor_digest(frozen_state(backbone, not run.model.finetune))},
         "need": need.as_dict(),
         "retrieval": {req.name: retrieval_dependencies(run, req) for req in need.retrieval},
+    **({"memory_splits": {s: {"items": len(d), "arrow": file_identity(Path(d.path))} for s, d in more.items()}}
+       if more else {}),
     })
 
 
@@ -262,21 +267,22 @@ def _chunk_done(path: Path, key: str, items: list[int]) -> dict[str, torch.Tenso
 
 def collect_shard(model, need: PreparationNeed, datamodule, items: list[int], device: torch.device, key: str,
                   partial: Path, chunk_batches: int, progress: bool,
-                  on_chunk: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
-    """This rank's features (name -> [len(items), layers, width], in the order of `items`), chunk by chunk."""
+                  on_chunk: Callable[[int], None] | None, split: str = SPLIT) -> dict[str, torch.Tensor]:
+    """This rank's features (name -> [len(items), layers, width], in the order of `items` of `split`), chunk by
+    chunk."""
     from tqdm.auto import tqdm
 
     collector = Collector(need, model.backbone.info)
     size = max(1, chunk_batches * int(datamodule.data.per_gpu_batchsize))
     pieces = [items[i:i + size] for i in range(0, len(items), size)]
     batches = -(-len(items) // int(datamodule.data.per_gpu_batchsize))
-    bar = tqdm(total=batches, desc="preparation", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(total=batches, desc=f"preparation {split}", unit="batch", disable=not progress, leave=False)
     done: list[dict[str, torch.Tensor]] = []
     for index, piece in enumerate(pieces):
         path = partial / f"chunk{index:05d}.pt"
         features = _chunk_done(path, key, piece)
         if features is None:
-            features = _collect(model, collector, datamodule, piece, device, need, bar)
+            features = _collect(model, collector, datamodule, piece, device, need, bar, split)
             _save(path, {"key": key, "items": piece, "features": features})
         else:
             bar.update(-(-len(piece) // int(datamodule.data.per_gpu_batchsize)))
@@ -290,10 +296,10 @@ def collect_shard(model, need: PreparationNeed, datamodule, items: list[int], de
 
 @torch.no_grad()
 def _collect(model, collector: Collector, datamodule, items: list[int], device: torch.device,
-             need: PreparationNeed, bar) -> dict[str, torch.Tensor]:
+             need: PreparationNeed, bar, split: str = SPLIT) -> dict[str, torch.Tensor]:
     parts: list[dict[str, torch.Tensor]] = []
-    for batch in datamodule.items_loader(SPLIT, items):
-        batch = datamodule.device_batch(batch, device, SPLIT, complete=need.missing == "complete")
+    for batch in datamodule.items_loader(split, items):
+        batch = datamodule.device_batch(batch, device, split, complete=need.missing == "complete")
         dtypes = {f.name: getattr(torch, f.dtype) for f in need.features}
         parts.append({k: v.to("cpu", dtypes[k]) for k, v in pooled_batch(model.backbone, collector, batch).items()})
         bar.update(1)
@@ -352,15 +358,17 @@ def read_artifact(path: Path, deps: dict[str, Any], key: str) -> PreparedArtifac
                             labels=stored.get("labels"))
 
 
-def _build(run, need: PreparationNeed, parts, dataset, deps: dict[str, Any], key: str, path: Path,
-           device: torch.device, progress: bool) -> None:
-    """Rank 0: the artefact from the gathered shards and the retrievals, written atomically; the chunk folder
-    removed."""
-    n_items = len(dataset)
-    features = assemble(parts, n_items)
+def _build(run, need: PreparationNeed, parts: dict[str, list], datasets: dict[str, Any], deps: dict[str, Any],
+           key: str, path: Path, device: torch.device, progress: bool) -> None:
+    """Rank 0: the artefact from the gathered shards (split -> the ranks' parts) and the retrievals, written
+    atomically; the chunk folder removed. The rows are the need's splits in turn."""
+    per_split = [assemble(parts[s], len(datasets[s])) for s in need.splits]
+    features = {n: torch.cat([f[n] for f in per_split]) for n in per_split[0]}
+    n_items = sum(len(datasets[s]) for s in need.splits)
     centres, neighbours = compute(need, features, device)
     retrieved = {req.name: retrieve(run, req, device, progress) for req in need.retrieval}
-    labels = dataset.labels[dataset.item_rows] if need.keep_labels else None
+    labels = (torch.cat([datasets[s].labels[datasets[s].item_rows] for s in need.splits])
+              if need.keep_labels else None)
     _save(path, {"format": FORMAT, "key": key, "dependencies": deps, "item_index": torch.arange(n_items),
                  "features": features if need.keep_features else {}, "centres": centres, "neighbours": neighbours,
                  "retrieved": retrieved, "labels": labels})
@@ -383,23 +391,27 @@ def run_preparation(run, model, datamodule, device: torch.device | str = "cpu", 
         return None
     device = torch.device(device)
     group = Group()
-    if SPLIT not in datamodule.datasets:
-        datamodule.datasets[SPLIT] = datamodule.build_dataset(SPLIT)
-    dataset = datamodule.datasets[SPLIT]
-    deps = dependencies(run, need, dataset, model.backbone)
+    for split in need.splits:
+        if split not in datamodule.datasets:
+            datamodule.datasets[split] = datamodule.build_dataset(split)
+    datasets = {s: datamodule.datasets[s] for s in need.splits}
+    deps = dependencies(run, need, datasets[SPLIT], model.backbone, {s: d for s, d in datasets.items() if s != SPLIT})
     key = artefact_key(deps)
     path = artefact_path(run.data.data_root, run.data.dataset, key)
     if not group.broadcast(path.is_file()):
-        items = list(range(group.rank, len(dataset), group.world))
-        partial = partial_folder(path) / f"rank{group.rank}of{group.world}"
-        with evaluation_mode(model):
-            shard = collect_shard(model, need, datamodule, items, device, key, partial, chunk_batches,
-                                  progress and group.rank == 0, on_chunk)
-        parts = group.gather((items, shard))
+        parts = {}
+        for split, dataset in datasets.items():
+            items = list(range(group.rank, len(dataset), group.world))
+            rank = f"rank{group.rank}of{group.world}"
+            partial = partial_folder(path) / (rank if split == SPLIT else f"{split}-{rank}")
+            with evaluation_mode(model):
+                shard = collect_shard(model, need, datamodule, items, device, key, partial, chunk_batches,
+                                      progress and group.rank == 0, on_chunk, split)
+            parts[split] = group.gather((items, shard))
         error = None
         if group.rank == 0:
             try:
-                _build(run, need, parts, dataset, deps, key, path, device, progress)
+                _build(run, need, parts, datasets, deps, key, path, device, progress)
             except BaseException as err:   # tell the other ranks instead of leaving them waiting
                 error = err
         message = group.broadcast(None if error is None else f"{type(error).__name__}: {error}")

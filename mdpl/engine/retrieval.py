@@ -6,9 +6,12 @@ backbone, local weight file (empty: the card's random initialisation, tests only
 the run's keys of that backbone), no prompts, frozen,
 in evaluation mode, fp32, on the run's device, with its own data pipeline (its tokenizer and transform). Every item of
 every requested split is embedded **complete** (both modalities), one feature per tower (the backbone's own pooled
-feature: CLIP's projected image CLS and text EOT). Per split and modality the exact top-k
-(``mdpl.engine.topk``) among the training items' features of the same modality gives the neighbour lists; a training
-query never returns itself (by item index). Rank 0 only (the stage calls it while building the artefact).
+feature: CLIP's projected image CLS and text EOT, or a text-feature variant the retriever offers,
+``RetrievalRequest.text_features``). Per split and modality the exact top-k (``mdpl.engine.topk``) among the memory
+items' features of the same modality gives the neighbour lists. The memory is the training split (or the request's
+``memory`` splits, in turn); by default a query that is a memory item never returns itself (by item index),
+``self_exclusion="position"`` instead bars memory row p to query p of every split (:func:`excluded_rows`). Rank 0
+only (the stage calls it while building the artefact).
 """
 from __future__ import annotations
 
@@ -58,9 +61,26 @@ def retrieval_dependencies(run: RunConfig, req: RetrievalRequest) -> dict[str, A
             "splits": {s: file_identity(arrow_path(run.data.data_root, run.data.dataset, s)) for s in req.splits}}
 
 
+def excluded_rows(split: str, n_queries: int, sizes: dict[str, int], memory: tuple[str, ...],
+                  mode: str) -> torch.Tensor | None:
+    """Long [n_queries]: the memory row each query of `split` may not return (-1: none), or None. `sizes`: split ->
+    items; the memory is `memory`'s splits in turn. ``index``: a memory split's queries bar their own rows;
+    ``position``: query p bars memory row p whatever its split (rows past the memory: none)."""
+    total = sum(sizes[s] for s in memory)
+    if mode == "position":
+        rows = torch.arange(n_queries)
+        return torch.where(rows < total, rows, torch.full_like(rows, -1))
+    if split not in memory:
+        return None
+    offset = sum(sizes[s] for s in memory[:memory.index(split)])
+    return offset + torch.arange(n_queries)
+
+
 @torch.no_grad()
-def split_features(model, datamodule, split: str, device: torch.device, progress: bool) -> dict[str, torch.Tensor]:
-    """Modality -> [N_split, E]: each tower's feature of every item of `split`, complete, in item order."""
+def split_features(model, datamodule, split: str, device: torch.device, progress: bool,
+                   text_features: str = "") -> dict[str, torch.Tensor]:
+    """Modality -> [N_split, E]: each tower's feature of every item of `split`, complete, in item order
+    (`text_features`: a variant of the text tower's, ``TwoTowerBackbone.text_feature``)."""
     from tqdm.auto import tqdm
 
     dataset = datamodule.datasets.get(split) or datamodule.build_dataset(split)
@@ -72,7 +92,11 @@ def split_features(model, datamodule, split: str, device: torch.device, progress
         batch = datamodule.device_batch(batch, device, split, complete=True)
         types = batch["missing_type"].long()
         for stream in streams:
-            parts[stream.modalities[0]].append(model.encode(stream, batch, types, None).float().cpu())
+            if text_features and stream.modalities[0] == "text":
+                feature = model.backbone.text_feature(batch, text_features)
+            else:
+                feature = model.encode(stream, batch, types, None)
+            parts[stream.modalities[0]].append(feature.float().cpu())
     return {m: torch.cat(p) for m, p in parts.items()}
 
 
@@ -88,13 +112,18 @@ def retrieve(run: RunConfig, req: RetrievalRequest, device: torch.device,
         raise UserInputError(f"the retriever {req.backbone!r} has a joint stream; retrieval needs one tower per "
                              "modality (e.g. clip)")
     datamodule = MDPLDataModule(rrun.data, rrun.missing, rrun.pipeline, rrun.experiment.seed)
-    features = {s: split_features(model, datamodule, s, device, progress) for s in dict.fromkeys((TRAIN, *req.splits))}
+    if req.text_features and req.text_features not in getattr(model.backbone, "text_feature_variants", ()):
+        raise UserInputError(f"the retriever {req.backbone!r} has no text feature {req.text_features!r}")
+    features = {s: split_features(model, datamodule, s, device, progress, req.text_features)
+                for s in dict.fromkeys((*req.memory, *req.splits))}
+    sizes = {s: next(iter(f.values())).shape[0] for s, f in features.items()}
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for split in req.splits:
         out[split] = {}
-        for modality, memory in features[TRAIN].items():
+        for modality in features[TRAIN]:
+            memory = torch.cat([features[s][modality] for s in req.memory])
             queries = features[split][modality]
-            exclude = torch.arange(queries.shape[0]) if split == TRAIN else None
+            exclude = excluded_rows(split, queries.shape[0], sizes, req.memory, req.self_exclusion)
             indices, scores = exact_topk(queries.to(device), memory.to(device), req.k, req.metric,
                                          None if exclude is None else exclude.to(device))
             out[split][modality] = {"indices": indices.cpu(), "scores": scores.cpu()}

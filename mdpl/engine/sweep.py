@@ -51,7 +51,8 @@ class MissingSweep(nn.Module):
     """
 
     def __init__(self, dataset: str, specs: Sequence[MissingSpec], tables: Sequence[Tensor],
-                 dummy_ids: Tensor, dummy_masks: Tensor) -> None:
+                 dummy_ids: Tensor, dummy_masks: Tensor, metric_inputs: str = "probabilities",
+                 primary_metric: str = "") -> None:
         super().__init__()
         if len(specs) != len(tables) or not specs:
             raise ValueError(f"need one missing table per scenario (got {len(specs)} specs, {len(tables)} tables)")
@@ -60,7 +61,7 @@ class MissingSweep(nn.Module):
         self.host_tables = self.tables.clone()   # stays on the host: the rows' types without a device sync
         self.register_buffer("dummy_ids", dummy_ids.reshape(1, -1).clone(), persistent=False)
         self.register_buffer("dummy_masks", dummy_masks.reshape(1, -1).clone(), persistent=False)
-        self.metrics = nn.ModuleList([build_task_metrics(dataset) for _ in self.specs])
+        self.metrics = nn.ModuleList([build_task_metrics(dataset, metric_inputs, primary_metric) for _ in self.specs])
         self.losses = nn.ModuleList([MeanMetric() for _ in self.specs])
         self.primary: str = self.metrics[0].primary
         self.results: list[dict[str, float]] = []
@@ -117,7 +118,8 @@ def prepare_sweep(datamodule, config: RunConfig | Mapping) -> MissingSweep | Non
     complete = MissingSpec("both", 0.0, float(run.missing.both_ratio), int(run.experiment.seed))
     datamodule.set_missing_override("test", complete)   # ratio 0 -> all rows complete, no dummies
     ids, masks = datamodule.dummy_text()
-    sweep = MissingSweep(run.data.dataset, specs, tables, ids, masks)
+    sweep = MissingSweep(run.data.dataset, specs, tables, ids, masks, run.trainer.metric_inputs,
+                         run.trainer.primary_metric)
     print(f"[mdpl] evaluation sweep: {len(specs)} scenarios ({_describe(specs)}) in one pass over the test set")
     return sweep
 

@@ -26,6 +26,34 @@ MISSING_MODES = ("table", "complete")
 """``table``: the training split's missing table applies (dummies as in training, without ``simulate_missing``);
 ``complete``: every sample with both modalities."""
 METRICS = ("cosine", "l2")
+SELF_EXCLUSIONS = ("index", "position")
+"""``index``: a query that is itself a memory item never returns itself (the memory row of that item); ``position``:
+query ``p`` of *any* split may not return memory row ``p`` (a list position taken for the item's identity: right
+for the first memory split only)."""
+TRAIN = "train"
+OMIT_DEFAULT = {"omit_default": True}
+"""Field metadata: left out of :meth:`PreparationNeed.as_dict` at its default, so that artefacts computed before the
+field existed keep their key."""
+
+
+def _as_plain(obj: Any) -> Any:
+    """``dataclasses.asdict`` without the ``OMIT_DEFAULT`` fields that hold their default."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue
+            out[f.name] = _as_plain(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_plain(v) for v in obj)
+    return obj
+
+
+def _check_splits(key: str, splits: tuple[str, ...]) -> None:
+    if not splits or splits[0] != TRAIN or len(set(splits)) != len(splits):
+        raise ValueError(f"{key}={splits}: distinct splits, the training split first")
 
 
 @dataclass(frozen=True)
@@ -88,8 +116,12 @@ class RetrievalRequest:
     """Nearest training items of every item of ``splits``, per modality, by the features of another registered
     backbone (the *retriever*: a two-tower backbone such as CLIP, its frozen encoders from the local file
     ``weights``, at ``image_size``, its other sizes the run's keys of that backbone). Every item is embedded complete;
-    an image query is compared with the training images only, a text query with the training texts only; training
-    queries never return themselves. Result: split -> modality -> (indices long [N_split, k], scores)."""
+    an image query is compared with the memory's images only, a text query with its texts only. The memory is the
+    items of ``memory`` (default the training split; in that order, the row order of the artefact's features and
+    labels, ``PreparationNeed.splits``); ``self_exclusion`` (``SELF_EXCLUSIONS``) says which memory row a query may
+    not return. ``text_features``: ``""`` the retriever's own text feature, or a variant it offers
+    (``TwoTowerBackbone``'s ``text_feature_variants``). Result: split -> modality -> (indices long [N_split, k] into
+    the memory, scores)."""
 
     name: str
     backbone: str
@@ -98,11 +130,18 @@ class RetrievalRequest:
     k: int
     splits: tuple[str, ...] = ("train", "val", "test")
     metric: str = "cosine"
+    memory: tuple[str, ...] = field(default=(TRAIN,), metadata=OMIT_DEFAULT)
+    self_exclusion: str = field(default="index", metadata=OMIT_DEFAULT)
+    text_features: str = field(default="", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "splits", tuple(self.splits))
+        object.__setattr__(self, "memory", tuple(self.memory))
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r}: one of {METRICS}")
+        if self.self_exclusion not in SELF_EXCLUSIONS:
+            raise ValueError(f"self_exclusion={self.self_exclusion!r}: one of {SELF_EXCLUSIONS}")
+        _check_splits("memory", self.memory)
 
 
 @dataclass(frozen=True)
@@ -112,7 +151,8 @@ class PreparationNeed:
     ``mask_missing``: on a joint stream the missing modality's tokens are masked as keys from block 0 on (a
     collection pass that ignores the dummies); no effect on single-modality streams. ``keep_features``: the artefact
     keeps the pooled features themselves (otherwise only centres and neighbours), ``keep_labels`` the training items'
-    labels. ``version``: change it when the
+    labels. ``splits``: the items collected, split after split (the training split first; default only it): the rows
+    of the features and labels (a retrieval's ``memory`` must name the same). ``version``: change it when the
     method's use of the artefact changes, so older artefacts are not reused."""
 
     features: tuple[FeatureRequest, ...]
@@ -124,6 +164,7 @@ class PreparationNeed:
     keep_features: bool = False
     keep_labels: bool = False
     version: str = ""
+    splits: tuple[str, ...] = field(default=(TRAIN,), metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
@@ -134,20 +175,25 @@ class PreparationNeed:
             raise ValueError(f"k-means / neighbour requests name unknown features {unknown}")
         if self.missing not in MISSING_MODES:
             raise ValueError(f"missing={self.missing!r}: one of {MISSING_MODES}")
+        object.__setattr__(self, "splits", tuple(self.splits))
+        _check_splits("splits", self.splits)
+        if any(r.memory != self.splits for r in self.retrieval):
+            raise ValueError(f"a retrieval's memory must be the collected splits {self.splits}")
 
     def feature(self, name: str) -> FeatureRequest:
         return next(f for f in self.features if f.name == name)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (part of the artefact's dependencies)."""
-        return dataclasses.asdict(self)
+        return _as_plain(self)
 
 
 @dataclass
 class PreparedArtifact:
     """The preparation's result, as ``load_prepared`` receives it.
 
-    ``item_index`` long [N_train]: the training items in dataset order (row i of every per-item tensor).
+    ``item_index`` long [N_train]: the training items in dataset order (row i of every per-item tensor); with
+    ``PreparationNeed.splits`` the rows run over those splits in turn (N_train then means their total).
     ``features``: name -> [N_train, layers, width] (only with ``keep_features``). ``centres``: feature name ->
     [layers, k', width]. ``neighbours``: feature name -> (indices long [N_train, k], scores [N_train, k]).
     ``retrieved``: retrieval name -> split -> modality -> (indices long [N_split, k], scores). ``labels``: the

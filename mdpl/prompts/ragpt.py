@@ -2,7 +2,9 @@
 
 Reference: ``Jian-Lang/RAGPT`` (``src/model/ragpt.py``, ``src/model/modules.py``) on its own copy of the Hugging Face
 ``ViltModel`` (mdpl: ``vilt_variant=hf``, ``drop_rate=0``). Per sample, the k nearest *training* items of the same
-modality (retrieved with a frozen retriever, the preparation stage) give:
+modality (retrieved with a frozen retriever, the preparation stage; the reference's memory of training and
+validation items, its self-exclusion by list position and its retriever text features are ``ragpt_memory``,
+``ragpt_self_exclusion`` and ``ragpt_retriever_text``, RAGPT-D2, D6) give:
 
 * **Missing-modality generator** (MMG, §17.2): the neighbours' ViLT embeddings (the memory bank, [k, n, D]) averaged
   over the neighbours, filtered along the token axis by a learned complex spectrum
@@ -48,6 +50,11 @@ MEMORY = "ragpt_memory"
 """Name of the memory-bank feature (layer 0 = the embedding output, every token of the text and image segments)."""
 RETRIEVAL = "ragpt_retrieval"
 SPLITS = ("train", "val", "test")
+MEMORIES = {"train": ("train",), "train_val": ("train", "val")}
+"""``ragpt_memory`` -> the splits whose items form the memory (bank rows and retrieval candidates, in turn)."""
+SELF_EXCLUSIONS = ("index", "position")
+RETRIEVER_TEXTS = {"clip": "", "reference": "unordered"}
+"""``ragpt_retriever_text`` -> the retriever's text feature (``RetrievalRequest.text_features``)."""
 BATCH_KEYS = ("ragpt_text", "ragpt_image", "ragpt_labels")
 """Batch keys that carry the neighbours directly (tests, external retrieval)."""
 
@@ -67,6 +74,13 @@ class RagptConfig(MethodConfig):
     ragpt_retriever: str = field(default="clip", metadata={"structural": False})      # registered two-tower backbone
     ragpt_retriever_path: str = field(default="", metadata={"structural": False})     # its local weight file ("": random)
     ragpt_retriever_image_size: int = field(default=336, metadata={"structural": False})  # its image size
+    # the memory: 'train' (mdpl) | 'train_val' (the reference: training and validation items, RAGPT-D2)
+    ragpt_memory: str = field(default="train", metadata={"structural": False})
+    # which memory row a query may not return: 'index' (mdpl: its own item) | 'position' (the reference: row p for the
+    # p-th query of every split, RAGPT-D2)
+    ragpt_self_exclusion: str = field(default="index", metadata={"structural": False})
+    # retriever text feature: 'clip' (CLIP's) | 'reference' (every token at position 1, no causal mask, RAGPT-D6)
+    ragpt_retriever_text: str = field(default="clip", metadata={"structural": False})
     max_text_len: int = field(default=40, metadata={"shared_key": True})
     image_size: int = field(default=384, metadata={"shared_key": True})
     patch_size: int = field(default=32, metadata={"shared_key": True})
@@ -107,6 +121,10 @@ class RagptConfig(MethodConfig):
             raise UserInputError(f"ragpt_generators={gens} must name distinct modalities among text, image")
         if self.ragpt_bank_dtype not in BANK_DTYPES:
             raise UserInputError(f"ragpt_bank_dtype={self.ragpt_bank_dtype!r}; choose one of {sorted(BANK_DTYPES)}")
+        for key, choices in (("ragpt_memory", MEMORIES), ("ragpt_self_exclusion", SELF_EXCLUSIONS),
+                             ("ragpt_retriever_text", RETRIEVER_TEXTS)):
+            if getattr(self, key) not in choices:
+                raise UserInputError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(choices)}")
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -192,8 +210,8 @@ class Ragpt(PromptMethod):
         self.prompter = ContextPrompter(width, int(config.ragpt_prompt_len))
         self.label_embedding: nn.Parameter | None = None
         self.bank: dict[str, torch.Tensor] = {}
-        """Memory bank (preparation): ``text`` [N_train, Lt, D], ``image`` [N_train, Li, D] (``ragpt_bank_dtype``),
-        ``labels`` float [N_train, C]; ``<split>/<modality>`` long [N_split, K] neighbour lists."""
+        """Memory bank (preparation): ``text`` [N_mem, Lt, D], ``image`` [N_mem, Li, D] (``ragpt_bank_dtype``),
+        ``labels`` float [N_mem, C]; ``<split>/<modality>`` long [N_split, K] neighbour lists (rows of the bank)."""
 
     # --- head -----------------------------------------------------------------------------------------
     def build_head(self, num_classes: int) -> nn.Module:
@@ -299,16 +317,20 @@ class Ragpt(PromptMethod):
 
     # --- preparation ----------------------------------------------------------------------------------
     def preparation_needs(self) -> PreparationNeed:
-        """The memory bank (the ViLT embeddings of every training item, both segments, complete) and, for every
-        split, each item's nearest training items by the retriever's image and text features (an empty
-        ``ragpt_retriever_path``: a randomly initialised retriever, with the backbone's warning; tests only)."""
+        """The memory bank (the ViLT embeddings of every memory item, both segments, complete: the training items,
+        with ``ragpt_memory=train_val`` the validation items after them) and, for every split, each item's nearest
+        memory items by the retriever's image and text features (an empty ``ragpt_retriever_path``: a randomly
+        initialised retriever, with the backbone's warning; tests only)."""
         cfg = self.config
+        memory = MEMORIES[cfg.ragpt_memory]
         features = tuple(FeatureRequest(f"{MEMORY}_{m}", stream=self.info.streams[0].name, layers=(0,), segment=m,
                                         pooling="tokens", dtype=cfg.ragpt_bank_dtype) for m in (TEXT, IMAGE))
         retrieval = RetrievalRequest(RETRIEVAL, backbone=cfg.ragpt_retriever, weights=cfg.ragpt_retriever_path,
-                                     image_size=int(cfg.ragpt_retriever_image_size), k=cfg.retrieved, splits=SPLITS)
+                                     image_size=int(cfg.ragpt_retriever_image_size), k=cfg.retrieved, splits=SPLITS,
+                                     memory=memory, self_exclusion=cfg.ragpt_self_exclusion,
+                                     text_features=RETRIEVER_TEXTS[cfg.ragpt_retriever_text])
         return PreparationNeed(features=features, retrieval=(retrieval,), missing="complete", keep_features=True,
-                               keep_labels=True, version="1")
+                               keep_labels=True, version="1", splits=memory)
 
     def load_prepared(self, artifact: PreparedArtifact) -> None:
         """The bank and the neighbour lists, kept outside the state dict (large; a function of data and weights)."""
