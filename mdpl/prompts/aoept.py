@@ -241,9 +241,10 @@ class AOEPT(PromptMethod):
     def load_prepared(self, artifact: PreparedArtifact) -> None:
         """The prototypes into the memory buffers: k' = min(K, rows) of them per block and tower, or (AOEPT-D2
         ``reference``) for block i prototype i of every block input."""
+        depth = self.config.aoept_depth
         for i, (name, memory) in enumerate(((TEXT, self.text_memory), (IMAGE, self.image_memory))):
-            centres = reference_memory(artifact.centres[name], self.config.aoept_depth) if self.reference_memory \
-                else artifact.centres[name]
+            centres = artifact.centres[name]
+            centres = reference_memory(centres, depth) if self.reference_memory else centres[:depth]
             memory.zero_()
             memory[:, :centres.shape[1]].copy_(centres.to(memory))
             self.memory_rows[i] = centres.shape[1]
