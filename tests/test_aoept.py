@@ -1,9 +1,10 @@
 """AOEPT (mdpl/prompts/aoept.py, docs/methods.md §18): preparation, gates, switches, config, and a run through run.py.
 
-The reference parity is tests/test_parity_aoept.py; here: the clustering on a well-separated case (the prototypes do
-not depend on k-means seeding there), the gates' forced opening on rows whose source modality is missing, the defect
-switches acting, one-line config errors, the preset, and training + ``test_only`` through ``run.py`` with the
-preparation stage.
+The reference parity is tests/test_parity_aoept.py (CLIP) and tests/test_parity_aoept_vilt.py (ViLT); here: the
+clustering on a well-separated case (the prototypes do not depend on k-means seeding there), the gates' forced opening
+on rows whose source modality is missing, ViLT's prompt mixing and memory layouts (AOEPT-D2), the defect switches
+acting, one-line config errors, the preset, and training + ``test_only`` through ``run.py`` with the preparation stage
+on CLIP and on ViLT.
 """
 from __future__ import annotations
 
@@ -117,8 +118,81 @@ def test_the_term_is_a_consistency_loss_of_the_present_rows() -> None:
     assert model.prompt.logit_scale.grad is not None and model.prompt.text_query.grad.abs().sum() > 0
 
 
+def vilt_with_memory(**over):
+    model = tiny_model("aoept", "vilt", aoept_depth=2, **over).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.prompt.text_memory.normal_(generator=g)
+        model.prompt.image_memory.normal_(generator=g)
+        for p in model.prompt.gates.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_vilt_preparation_need_and_memory_layouts() -> None:
+    """ViLT: block inputs of the joint stream, the missing modality hidden; ``per_layer`` keeps block i's prototypes,
+    ``reference`` (AOEPT-D2) prototype i of every block, and needs at least d prototypes."""
+    from mdpl.prompts.preparation import PreparedArtifact
+    per_layer = tiny_model("aoept", "vilt", aoept_depth=2, aoept_prototypes=4)
+    reference = tiny_model("aoept", "vilt", aoept_depth=2, aoept_prototypes=4, aoept_vilt_memory_layout="reference")
+    blocks = reference.backbone.info.num_layers
+    for model, layers in ((per_layer, (0, 1)), (reference, tuple(range(blocks)))):
+        need = model.prompt.preparation_needs()
+        assert need.mask_missing
+        assert [(f.stream, f.layers, f.segment, f.pooling) for f in need.features] == [
+            ("joint", layers, "text", "mean"), ("joint", layers, "image", "mean")]
+    centres = {m: torch.randn(blocks, 4, 32) for m in ("text", "image")}
+    artifact = PreparedArtifact("k", {}, torch.arange(5), centres=centres)
+    per_layer.prompt.load_prepared(artifact)
+    reference.prompt.load_prepared(artifact)
+    assert torch.equal(per_layer.prompt.memory("text"), centres["text"][:2])
+    assert torch.equal(reference.prompt.memory("image"), centres["image"][:, :2].transpose(0, 1))
+    assert reference.prompt.memory_rows.tolist() == [blocks, blocks]
+    few = PreparedArtifact("k", {}, torch.arange(5), centres={m: c[:, :1] for m, c in centres.items()})
+    with pytest.raises(UserInputError, match="needs|prototypes"):
+        reference.prompt.load_prepared(few)
+
+
+def test_vilt_own_prompt_mixes_by_missing_type_and_gates_open() -> None:
+    """ViLT: the own slot holds p_t on text-missing rows, p_v on image-missing rows, (p_t + p_v) / 2 on complete ones;
+    p_t is the ungated T_i where the image is missing, p_v the ungated V_i where the text is missing; one gate per
+    role for every block (AOEPT-D12)."""
+    model = vilt_with_memory()
+    assert all(len(model.prompt.gates[k]) == 1 for k in ("text", "image", "shared"))
+    types = torch.tensor([0, 1, 2, 0, 2, 1])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        state = model.prompt.prepare(types)
+        state.means["text"][0], state.means["image"][0] = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+        prompts = model.prompt.joint_prompts(1, types, state)
+    p_t, p_v = state.gated["text"][0], state.gated["image"][0]
+    ls = model.prompt.config.aoept_shared_length
+    own = prompts[:, ls:]
+    torch.testing.assert_close(own[types == 1], p_t[types == 1])
+    torch.testing.assert_close(own[types == 2], p_v[types == 2])
+    torch.testing.assert_close(own[types == 0], (p_t[types == 0] + p_v[types == 0]) / 2)
+    torch.testing.assert_close(p_t[types == 2], state.proxies["text"][1].expand(2, -1, -1))
+    torch.testing.assert_close(p_v[types == 1], state.proxies["image"][1].expand(2, -1, -1))
+    assert not torch.allclose(p_t[types == 0], state.proxies["text"][1].expand(2, -1, -1))
+
+
+def test_vilt_forward_loss_and_head() -> None:
+    """ViLT: logits and a positive consistency term with gradients into the prompts and the pooler; the head is the
+    reference's Linear(D, 2D), LayerNorm, GELU, Linear(2D, C)."""
+    model = vilt_with_memory()
+    out = model(tiny_batch("vilt"))
+    term = out["aux_losses"]["aoept_consistency"]
+    assert term > 0
+    (out["logits"].sum() + term).backward()
+    assert model.prompt.shared_query.grad.abs().sum() > 0 and model.backbone.pooler.dense.weight.grad is not None
+    head = model.head
+    assert [type(m).__name__ for m in head] == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert head[0].out_features == 64 and head[1].eps == 1e-5
+
+
 @pytest.mark.parametrize("updates,message", [
-    ({"backbone": "vilt"}, "AOEPT is mapped onto CLIP's two towers only"),
+    ({"backbone": "vilt", "aoept_vilt_memory_layout": "rows"},
+     "aoept_vilt_memory_layout='rows' must be one of per_layer, reference"),
     ({"backbone": "clip", "aoept_depth": 2}, "aoept_depth=2 must be below the 2 blocks"),
     ({"backbone": "clip", "aoept_heads": 5}, "must divide the"),
     ({"backbone": "clip", "aoept_text_pool": "cls"}, "aoept_text_pool='cls' must be one of reference, eot"),
@@ -133,7 +207,7 @@ def test_config_errors_are_one_line(updates, message) -> None:
 def test_coca_is_refused_in_one_line() -> None:
     cfg = resolved_config(["task_finetune_food101", "aoept", "tiny"], {"backbone": "coca"})
     from mdpl.models import build_classifier
-    with pytest.raises(UserInputError, match="AOEPT is mapped onto CLIP's two towers only"):
+    with pytest.raises(UserInputError, match="AOEPT is mapped onto CLIP's two towers .* and ViLT's joint stream only"):
         build_classifier(cfg)
 
 
@@ -145,9 +219,10 @@ def test_preset_is_the_reference_config() -> None:
     assert (cfg["learning_rate"], cfg["seed"], cfg["backbone"]) == (2e-2, 2026, "clip")
 
 
-def test_trains_with_preparation_through_run_and_test_only_reproduces(tmp_path) -> None:
+@pytest.mark.parametrize("backbone", ["clip", "vilt"])
+def test_trains_with_preparation_through_run_and_test_only_reproduces(tmp_path, backbone) -> None:
     data = synthetic_arrows(tmp_path, "food101", 24, 8, 8)
-    config = resolved_config(["task_finetune_food101", "aoept", "tiny"], {
+    config = resolved_config(["task_finetune_food101", "aoept", "tiny"], {"backbone": backbone,
         "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]), "vocab_size": data["vocab_size"],
         "log_dir": str(tmp_path / "result"), "max_epoch": 1, "logger": "csv", "per_gpu_batchsize": 8,
         "batch_size": 8, "learning_rate": 1e-2, "val_check_interval": 1.0})

@@ -35,6 +35,7 @@ GENERATORS = (
     ("make_ragpt.py", [], [f"ref_ragpt_{c}.pt" for c in "AB"]),
     ("make_aoept.py", [], [f"ref_aoept_{c}.pt" for c in "AB"], TF4),
     ("make_aoept_prototypes.py", [], [f"ref_aoept_prototypes_{c}.pt" for c in "AB"], TF4),
+    ("make_aoept_vilt.py", [], [f"ref_aoept_vilt_{c}.pt" for c in "AB"], TF4),
     *((("make_reference_checkpoints.py", ["--method", m], [f"ref_ckpt_{m}.pt"]) for m in ("map", "memprompt", "dcp"))),
 )
 
