@@ -2,7 +2,9 @@
 
 Fixtures ``ref_aoept_prototypes_{A,B}.pt`` (tools/parity/make_aoept_prototypes.py) hold
 * ``collected``: the pooled input of every block per tower from the reference's token-collection pass, on the backbone
-  and batch of ``ref_aoept_{A,B}.pt`` (all three missing types; the missing modality zeroed);
+  and batch of ``ref_aoept_{A,B}.pt`` (all three missing types; the missing modality zeroed); ``collected_vilt``: the
+  same from its ViLT collection pass on those of ``ref_aoept_vilt_{A,B}.pt`` (the missing modality also hidden as keys,
+  but for a missing text's [CLS]: AOEPT-D22);
 * ``tokens`` / ``centres``: token tensors in the collection file's layout ([rows, layers, width], all-zero rows for
   samples without the modality) and the prototypes the reference's ``cluster_per_layer`` (scikit-learn k-means, seed 42,
   10 restarts) made of them after its ``filter_zero_tokens``.
@@ -24,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from golden import fixture_loader  # noqa: E402
 from test_parity_aoept import build  # noqa: E402
+from test_parity_aoept_vilt import batch_of, build as build_vilt, fixture as vilt_fixture  # noqa: E402
 
 from mdpl.engine.kmeans import assign  # noqa: E402
 from mdpl.engine.preparation import Collector, compute, pooled_batch  # noqa: E402
@@ -40,9 +43,10 @@ fixture = fixture_loader("ref_aoept_prototypes_{}.pt",
 model_fixture = fixture_loader("ref_aoept_{}.pt", "make it with tools/parity/make_aoept.py under transformers 4.x")
 
 
-def aoept_need(config: str, layers: int | None = None, k: int | None = None) -> PreparationNeed:
-    """AOEPT's own preparation need for the fixture's model, with every block input or another k when asked."""
-    need = build(config).prompt.preparation_needs()
+def aoept_need(config: str, layers: int | None = None, k: int | None = None, model=None) -> PreparationNeed:
+    """AOEPT's own preparation need for the fixture's (or the given) model, with every block input or another k when
+    asked."""
+    need = (model or build(config)).prompt.preparation_needs()
     features = tuple(dataclasses.replace(f, layers=tuple(range(layers))) for f in need.features) if layers else \
         need.features
     kmeans = tuple(dataclasses.replace(r, k=k) for r in need.kmeans) if k else need.kmeans
@@ -63,6 +67,40 @@ def test_collection_pass_pools_the_reference_features(config) -> None:
         assert ours[modality].shape == ref.shape
         assert bool((ref[missing == code] == 0).all()) and bool((ref[missing != code].abs().sum(-1) > 0).all())
         torch.testing.assert_close(ours[modality], ref, atol=FEATURE_ATOL, rtol=0, msg=modality)
+
+
+def vilt_features(config: str, collection_mask: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """mdpl's pooled ViLT features for ``ref_aoept_vilt_<config>``'s batch (AOEPT's need, every block) and the batch's
+    missing types."""
+    rec = vilt_fixture(config)
+    model = build_vilt(config, aoept_vilt_collection_mask=collection_mask)
+    need = aoept_need(config, model=model)
+    with torch.no_grad():
+        return pooled_batch(model.backbone, Collector(need, model.backbone.info), batch_of(rec)), \
+            rec["batch"]["missing_type"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_vilt_collection_pass_pools_the_reference_features(config) -> None:
+    """AOEPT-D22 ``reference``: the missing text's [CLS] stays a key, as in the reference's ViLT collection pass."""
+    ref = fixture(config)["collected_vilt"]
+    ours, missing = vilt_features(config, "reference")
+    for modality, code in (("text", 1), ("image", 2)):
+        assert ours[modality].shape == ref[modality].shape
+        assert bool((ref[modality][missing == code] == 0).all())
+        torch.testing.assert_close(ours[modality], ref[modality], atol=FEATURE_ATOL, rtol=0, msg=modality)
+
+
+def test_vilt_default_collection_hides_the_whole_missing_text() -> None:
+    """mdpl's default (``segment``) differs from the reference only in the image features of text-missing rows after
+    block 0."""
+    ref = fixture("A")["collected_vilt"]
+    ours, missing = vilt_features("A", "segment")
+    text_missing = missing == 1
+    torch.testing.assert_close(ours["text"], ref["text"], atol=FEATURE_ATOL, rtol=0)
+    torch.testing.assert_close(ours["image"][~text_missing], ref["image"][~text_missing], atol=FEATURE_ATOL, rtol=0)
+    # block input 0 (the embeddings) is the same; from block 1 on the [CLS] key has acted
+    assert (ours["image"][text_missing, 1:] - ref["image"][text_missing, 1:]).abs().amax(-1).min() > 1e-3
 
 
 def matched(ref: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ class Collector(PromptMethod):
     def before_block(self, stream: StreamInfo, index: int, x: torch.Tensor, mask: torch.Tensor,
                      layout: TokenLayout, ctx: PromptContext) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]:
         if index == 0 and self.need.mask_missing and stream.joint:
-            mask = mask_missing(mask, layout, ctx.missing_type)
+            mask = mask_missing(mask, layout, ctx.missing_type, self.need.mask_keeps_first)
         self.pool(stream, index, x, mask, layout, ctx.missing_type)
         if index >= self.last[stream.name]:
             raise _Collected
@@ -95,13 +95,18 @@ class Collector(PromptMethod):
         return {name: torch.stack(parts, 1) for name, parts in self.pooled.items()}
 
 
-def mask_missing(mask: torch.Tensor, layout: TokenLayout, missing_type: torch.Tensor) -> torch.Tensor:
-    """The key mask with the missing modality's segment masked in the rows that lack it."""
+def mask_missing(mask: torch.Tensor, layout: TokenLayout, missing_type: torch.Tensor,
+                 keeps_first: tuple[str, ...] = ()) -> torch.Tensor:
+    """The key mask with the missing modality's segment masked in the rows that lack it (from its second token on
+    for the segments in `keeps_first`)."""
     mask = mask.clone()
     for segment in (TEXT, IMAGE):
         if segment in layout:
             keep = (missing_type != MISSING_TYPE_OF[segment]).unsqueeze(1)
-            mask[:, layout.span(segment)] &= keep
+            span = layout.span(segment)
+            if segment in keeps_first:
+                span = slice(span.start + 1, span.stop)
+            mask[:, span] &= keep
     return mask
 
 

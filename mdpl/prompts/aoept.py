@@ -55,7 +55,8 @@ FORCED_OPEN = {TEXT: MISSING_IMAGE, IMAGE: MISSING_TEXT}
 """A tower's gates are 1 on rows where the other modality (their source) is missing."""
 SWITCHES = {"aoept_text_pool": ("reference", "eot"), "aoept_feature_pool": ("reference", "masked"),
             "aoept_text_positions": ("resized", "pretrained"), "aoept_gate_init": ("reference", "closed"),
-            "aoept_vilt_memory_layout": ("per_layer", "reference")}
+            "aoept_vilt_memory_layout": ("per_layer", "reference"),
+            "aoept_vilt_collection_mask": ("segment", "reference")}
 MIXING = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
 """ViLT: the weights (w_t, w_v) of the text and image prompt per missing type (complete, text missing, image missing)."""
 
@@ -80,6 +81,7 @@ class AOEPTConfig(MethodConfig):
     aoept_text_positions: str = "resized"  # AOEPT-D9: resized (bilinear 77 -> 77 + P) | pretrained
     aoept_gate_init: str = "reference"    # AOEPT-D6: reference (torch default, gates ≈ 0.5) | closed (σ(-5))
     aoept_vilt_memory_layout: str = "per_layer"   # AOEPT-D2 (ViLT): per_layer (block i's K prototypes) | reference
+    aoept_vilt_collection_mask: str = "segment"   # AOEPT-D22 (ViLT preparation): segment | reference (text [CLS] kept)
 
     TINY = {"aoept_length": 2, "aoept_shared_length": 2, "aoept_depth": 1, "aoept_reduction": 4, "aoept_heads": 2,
             "aoept_prototypes": 3, "aoept_kmeans_iters": 20, "aoept_kmeans_restarts": 1}
@@ -234,8 +236,9 @@ class AOEPT(PromptMethod):
                                         pooling="mean", zero_missing=True) for s in (TEXT, IMAGE))
         kmeans = tuple(KMeansRequest(s, k=c.aoept_prototypes, iters=c.aoept_kmeans_iters, seed=c.aoept_kmeans_seed,
                                      n_init=c.aoept_kmeans_restarts, tol=1e-4) for s in (TEXT, IMAGE))
+        keeps = (TEXT,) if self.joint and c.aoept_vilt_collection_mask == "reference" else ()
         return PreparationNeed(features=features, kmeans=kmeans, missing="table", mask_missing=self.joint,
-                               version="aoept-1")
+                               mask_keeps_first=keeps, version="aoept-1")
 
     @torch.no_grad()
     def load_prepared(self, artifact: PreparedArtifact) -> None:

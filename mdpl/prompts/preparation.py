@@ -149,7 +149,8 @@ class PreparationNeed:
     """Everything a method needs computed over the training split before it trains or tests.
 
     ``mask_missing``: on a joint stream the missing modality's tokens are masked as keys from block 0 on (a
-    collection pass that ignores the dummies); no effect on single-modality streams. ``keep_features``: the artefact
+    collection pass that ignores the dummies); no effect on single-modality streams. ``mask_keeps_first``: segments
+    whose first token (the text [CLS]) stays a key when the rest is masked that way. ``keep_features``: the artefact
     keeps the pooled features themselves (otherwise only centres and neighbours), ``keep_labels`` the training items'
     labels. ``splits``: the items collected, split after split (the training split first; default only it): the rows
     of the features and labels (a retrieval's ``memory`` must name the same). ``version``: change it when the
@@ -165,8 +166,10 @@ class PreparationNeed:
     keep_labels: bool = False
     version: str = ""
     splits: tuple[str, ...] = field(default=(TRAIN,), metadata=OMIT_DEFAULT)
+    mask_keeps_first: tuple[str, ...] = field(default=(), metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mask_keeps_first", tuple(self.mask_keeps_first))
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError(f"feature names must be unique, got {names}")

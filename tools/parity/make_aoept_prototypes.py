@@ -5,7 +5,9 @@
 **Collection.** The reference's plain CLIP model in its token-collection mode (``core/model/CLIP/CLIP_CLIP_model.py``
 with ``statis: collect_token``, mean pooling) runs on the batch and backbone of ``make_aoept.py``'s config of the same
 name (tiny CLIP, hashed weights) and records the pooled input of every block per tower, the missing modality zeroed;
-mdpl's preparation stage must pool the same features.
+its plain ViLT model (``core/model/ViLT/ViLT_ViLT_model.py``, the same mode) does the same on the batch and backbone of
+``make_aoept_vilt.py``'s config (the missing modality also hidden as keys, AOEPT-D22); mdpl's preparation stage must
+pool the same features.
 
 **Clustering.** The reference turns the pooled block inputs of the training split ([samples, layers, width] per modality, all-zero
 rows for a missing modality) into prototypes with its own functions ``filter_zero_tokens`` and ``cluster_per_layer``
@@ -31,6 +33,7 @@ import torch
 
 from common import REFERENCES, detached, generator_main, import_path, prepare_tf4_reference
 import make_aoept
+import make_aoept_vilt
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "A": dict(layers=3, prototypes=4, text=dict(width=16, groups=(9, 14, 5, 12), zero_rows=6),
@@ -98,15 +101,37 @@ def collected(name: str) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         model(input_ids=ids, pixel_values=batch["image"], attention_mask=(ids != 0).long(),
               missing_masks=torch.stack([types_ == 1, types_ == 2], dim=1), ids=[str(i) for i in range(len(ids))])
-    layers = model.token_collector[0]
-    return {"text": torch.stack([torch.cat(layers[i]["text_eos"]) for i in sorted(layers)], 1),
-            "image": torch.stack([torch.cat(layers[i]["vision_cls"]) for i in sorted(layers)], 1)}
+    return stacked(model.token_collector[0], "text_eos", "vision_cls")
+
+
+def collected_vilt(name: str) -> dict[str, torch.Tensor]:
+    """The same from the reference's ViLT collection pass on config `name` of make_aoept_vilt.py."""
+    from core.model.Base import base_model
+    from core.model.ViLT.ViLT_ViLT_model import ViLT
+
+    spec, shapes = make_aoept_vilt.CONFIGS[name], make_aoept_vilt.vilt_shapes()
+    state = {k: make_aoept_vilt.hashed_vilt_tensor(k, shapes[k]) for k in sorted(shapes)}
+    base_model.Base.get_pretrained_backbone = make_aoept_vilt.offline_backbone(state)
+    torch.manual_seed(0)
+    model = ViLT(seq_len=spec["seq_len"], embed_dim=make_aoept_vilt.VILT["hidden_size"], cls_num=spec["num_classes"],
+                 cfg={"statis": "collect_token"}, token_pooling="mean").eval()
+    batch = make_aoept_vilt.make_batch(name, spec)
+    with torch.no_grad(), make_aoept_vilt.ordered_patches():
+        model(**make_aoept_vilt.reference_inputs(batch), ids=[str(i) for i in range(len(batch["label"]))])
+    return stacked(model.token_collector[0], "text_token", "vision_token")
+
+
+def stacked(layers: dict[int, dict[str, list]], text: str, image: str) -> dict[str, torch.Tensor]:
+    """A token collector's per-layer lists as {"text", "image"}: [B, layers, width]."""
+    return {"text": torch.stack([torch.cat(layers[i][text]) for i in sorted(layers)], 1),
+            "image": torch.stack([torch.cat(layers[i][image]) for i in sorted(layers)], 1)}
 
 
 def make_fixture(module: types.ModuleType, name: str) -> dict[str, Any]:
     spec = CONFIGS[name]
     generator = torch.Generator().manual_seed(spec["seed"])
-    record: dict[str, Any] = {"collected": collected(name), "tokens": {}, "centres": {}}
+    record: dict[str, Any] = {"collected": collected(name), "collected_vilt": collected_vilt(name), "tokens": {},
+                              "centres": {}}
     for modality, key in (("text", "text_token"), ("image", "vision_token")):
         x = tokens(spec[modality], spec["layers"], generator)
         kept, _ = module.filter_zero_tokens(x)
