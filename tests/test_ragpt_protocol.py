@@ -147,3 +147,20 @@ def test_reference_memory_through_the_preparation_stage(tmp_path) -> None:
     assert default.key != artifact.key and default_bank[TEXT].shape[0] == 12
     torch.testing.assert_close(bank[TEXT][:12].float(), default_bank[TEXT].float())
     assert int(default.retrieved["ragpt_retrieval"]["val"][IMAGE][0].max()) < 12
+
+
+def test_a_random_retriever_on_a_pretrained_backbone_is_refused(tmp_path) -> None:
+    """An empty ``ragpt_retriever_path`` is a random retriever: allowed on a random backbone (tests), refused in one
+    line as soon as the backbone has pre-trained weights (the neighbours would be random, the numbers wrong)."""
+    from mdpl.config import RunConfig
+    from mdpl.engine.retrieval import retriever_run
+    from mdpl.errors import UserInputError
+    from mdpl.prompts.preparation import RetrievalRequest
+
+    request = RetrievalRequest("r", backbone="clip", weights="", image_size=32, k=2, weights_key="ragpt_retriever_path")
+    base = resolved_config(["task_finetune_hatememes", "ragpt", "tiny"], {})
+    assert retriever_run(RunConfig.coerce(base), request).backbone is not None
+    with pytest.raises(UserInputError) as err:
+        retriever_run(RunConfig.coerce({**base, "load_path": str(tmp_path / "vilt.ckpt")}), request)
+    assert str(err.value).startswith("ragpt_retriever_path is empty: the clip retriever would be random")
+    assert "\n" not in str(err.value)

@@ -481,6 +481,8 @@ def test_all_methods_table_is_built_from_the_registry():
     ctx = Context(out=Path("/x"))   # shared runs: MAP on ViLT is map_main's, DCP on CLIP dcp_main's
     assert matrix.run_key(cell_by("all_methods", method="map", dataset="food101", train=("image", 0.7)), ctx) == \
         matrix.run_key(cell_by("map_main", method="map", dataset="food101", train=("image", 0.7), keys={}), ctx)
+    papers = {matrix.run_key(c, ctx) for name, t in TABLES.items() if name != "all_methods" for c in t.cells}
+    assert {matrix.run_key(c, ctx) for c in table.cells} <= papers    # no training of its own (paper_cell keys)
 
     class Plugged(PromptMethod):
         title = "Plugged"
@@ -514,3 +516,14 @@ def test_all_methods_tiny_one_scenario_of_every_row(tmp_path):
         assert 0 <= float(r["ours_mean"]) <= 100 and r["paper"] == ""
     assert all(r["status"] == "pending" for r in rows if r not in done)
     assert (tmp_path / "all_methods.png").stat().st_size > 5_000
+
+
+def test_weight_files_of_cell_keys_resolve_in_the_weights_folder():
+    """A cell key naming a file of the weights folder (RAGPT's retriever): the command holds its path in --weights,
+    the run's identity only its name; --tiny uses a random retriever (no file)."""
+    cell = next(c for c in TABLES["ragpt_main"].cells if c.method == "ragpt")
+    ours, other = Context(out=Path("/x"), weights="/w1"), Context(out=Path("/x"), weights="/w2")
+    assert "ragpt_retriever_path=/w1/ViT-L-14-336px.pt" in matrix.train_command(cell, ours, 0, (["text"], [0.7]))
+    assert matrix.run_key(cell, ours) == matrix.run_key(cell, other)
+    tiny = matrix.train_command(cell, Context(out=Path("/x"), tiny=True), 0, (["text"], [0.7]))
+    assert "ragpt_retriever_path=" in tiny and not any("ViT-L" in a for a in tiny)

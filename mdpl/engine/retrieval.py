@@ -40,6 +40,11 @@ def retriever_run(run: RunConfig, req: RetrievalRequest) -> RunConfig:
         raise UserInputError(f"retriever weights {req.weights!r} ({req.backbone}) is not a file")
     card = backbone_card(req.backbone)
     flat = run.to_flat()
+    pretrained = flat.get(run.card.weights.key, "")
+    if pretrained and not req.weights:
+        raise UserInputError(f"{req.weights_key or 'the retriever weight file'} is empty: the {req.backbone} "
+                             f"retriever would be random (its neighbours too) while the backbone is pre-trained "
+                             f"({run.card.weights.key}={pretrained}); give the retriever's local weight file")
     flat.update({"backbone": req.backbone, "prompt_method": baseline_method(), "image_size": int(req.image_size),
                  "test_only": False, "finetune": False, "load_path": "", "dynamic_text_padding": False,
                  "image_transform": ""})

@@ -36,6 +36,17 @@ RESOURCE_KEYS = frozenset({"per_gpu_batchsize", "num_gpus", "num_nodes", "num_wo
 (``<backbone>_sha256``: a check of the weight file), see :func:`is_resource_key`."""
 
 
+@dataclass(frozen=True)
+class WeightsFile:
+    """A cell key's value naming a file of the weights folder (``--weights``): a run's identity holds the name only,
+    its command the path."""
+
+    name: str
+
+    def path(self, ctx: "Context") -> Path:
+        return Path(ctx.weights or "WEIGHTS") / self.name
+
+
 def is_resource_key(key: str) -> bool:
     """Whether --set `key` leaves a run's identity unchanged (:data:`RESOURCE_KEYS`, weight checksums)."""
     return key in RESOURCE_KEYS or key.endswith("_sha256")
@@ -149,6 +160,8 @@ class Context:
 
 def fmt(value) -> str:
     """A value as run.py's Sacred CLI reads it back (lists without spaces, floats in shortest form)."""
+    if isinstance(value, WeightsFile):
+        return f"WEIGHTS/{value.name}"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
@@ -228,9 +241,15 @@ def seed_dir(cell: Cell, ctx: Context, seed: int) -> Path:
     return ctx.runs / run_key(cell, ctx) / f"seed{seed}"
 
 
+def command_keys(cell: Cell, ctx: Context) -> list[tuple[str, object]]:
+    """The experiment keys with their weight files resolved in ``--weights``, then the data and weight paths."""
+    keys = [(k, v.path(ctx) if isinstance(v, WeightsFile) else v) for k, v in experiment_keys(cell, ctx)]
+    return keys + path_keys(cell, ctx)
+
+
 def train_command(cell: Cell, ctx: Context, seed: int, sweep: tuple[list[str], list[float]],
                   resume: bool = False) -> list[str]:
-    keys = experiment_keys(cell, ctx) + path_keys(cell, ctx)
+    keys = command_keys(cell, ctx)
     keys += [("seed", seed), ("log_dir", seed_dir(cell, ctx, seed)), ("test_types", sweep[0]),
              ("test_ratios", sweep[1])]
     if resume:
@@ -239,7 +258,7 @@ def train_command(cell: Cell, ctx: Context, seed: int, sweep: tuple[list[str], l
 
 
 def eval_command(cell: Cell, ctx: Context, seed: int, sweep: tuple[list[str], list[float]], checkpoint: str) -> list[str]:
-    keys = experiment_keys(cell, ctx) + path_keys(cell, ctx)
+    keys = command_keys(cell, ctx)
     keys = [(k, checkpoint if k == "load_path" else v) for k, v in keys]
     if not any(k == "load_path" for k, _ in keys):
         keys.append(("load_path", checkpoint))

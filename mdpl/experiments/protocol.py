@@ -3,7 +3,8 @@ from the registry, so a method registered by a plugin appears in it without an e
 
 Protocol: the three built-in datasets x missing text / image / both at 70 %, trained, validated and tested at the
 same setting (the protocol of MAP's, DCP's and MoRA's main tables). Backbone: each method on its paper's backbone
-(``paper_backbone``, else the default backbone), and the baseline on every backbone that appears, so that each
+(``paper_backbone``, else the default backbone) with what its card's ``paper_cell`` adds (e.g. RAGPT's backbone
+variant and retriever), and the baseline on every backbone that appears, so that each
 method has its frozen-backbone reference beside it. Runs are shared with the paper tables that train the same
 settings (e.g. MAP on ViLT with map_main, DCP on CLIP with dcp_main).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from mdpl.backbones.registry import method_backbone
 from mdpl.data.missing import MISSING_TYPES
-from mdpl.data.registry import BUILTIN_DATASETS
+from mdpl.data.registry import BUILTIN_DATASETS, resolve
 from mdpl.experiments.matrix import Table, make_cell
 from mdpl.prompts.registry import available_methods, baseline_method, method_class
 
@@ -31,6 +32,12 @@ def protocol_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
+def paper_cell(method: str) -> dict[str, tuple]:
+    """The keywords the method's card gives a cell (``paper_cell``: its paper's backbone variant, retriever, ...)."""
+    ref = method_class(method).paper_cell
+    return dict(resolve(ref)()) if ref else {}
+
+
 def scenarios() -> list[tuple[str, str]]:
     """(dataset, missing type) of every column: each row's cells in this order."""
     return [(ds, t) for ds in BUILTIN_DATASETS for t in MISSING_TYPES]
@@ -39,7 +46,7 @@ def scenarios() -> list[tuple[str, str]]:
 def all_methods_table() -> Table:
     """One cell per (row, dataset, missing type), row-major: shard i/N with N = len(scenarios()) runs one
     scenario of every row (``--cells``)."""
-    cells = [make_cell(label, ds, method, (t, PROTOCOL_RATIO), backbone=bb)
+    cells = [make_cell(label, ds, method, (t, PROTOCOL_RATIO), backbone=bb, **paper_cell(method))
              for label, method, bb in protocol_rows() for ds, t in scenarios()]
     return Table(TABLE_NAME, "All registered methods, one protocol: 3 datasets x missing text / image / both at "
                  f"{PROTOCOL_RATIO:.0%}, train = test setting, each method on its paper's backbone", "table", cells,

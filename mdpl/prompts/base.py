@@ -204,6 +204,10 @@ class PromptMethod(nn.Module):
     'square' gives every image the same full patch grid."""
     paper_tables: ClassVar[str | None] = None
     """``"module:function"`` returning the method's paper tables (``mdpl.experiments.matrix.Table``), or None."""
+    paper_cell: ClassVar[str | None] = None
+    """``"module:function"`` returning the keywords (``keys``, ``tiny_keys``) a table cell needs to run the method as
+    its paper does beyond its preset (e.g. another backbone variant, a retriever and its weight file); used by the
+    all-methods table. None: the preset alone."""
     reference_prompt_keys: ClassVar[tuple[str, ...]] = ()
     """Key prefixes of the method's prompt modules in checkpoints of its reference code on ViLT (empty: no such
     checkpoints are read; the baseline's have no prompt keys)."""

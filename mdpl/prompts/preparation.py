@@ -34,6 +34,8 @@ TRAIN = "train"
 OMIT_DEFAULT = {"omit_default": True}
 """Field metadata: left out of :meth:`PreparationNeed.as_dict` at its default, so that artefacts computed before the
 field existed keep their key."""
+NOT_IN_KEY = {"not_in_key": True}
+"""Field metadata: never in :meth:`PreparationNeed.as_dict` (what only words a message)."""
 
 
 def _as_plain(obj: Any) -> Any:
@@ -42,7 +44,7 @@ def _as_plain(obj: Any) -> Any:
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.metadata.get("omit_default") and value == f.default:
+            if f.metadata.get("not_in_key") or (f.metadata.get("omit_default") and value == f.default):
                 continue
             out[f.name] = _as_plain(value)
         return out
@@ -120,8 +122,9 @@ class RetrievalRequest:
     items of ``memory`` (default the training split; in that order, the row order of the artefact's features and
     labels, ``PreparationNeed.splits``); ``self_exclusion`` (``SELF_EXCLUSIONS``) says which memory row a query may
     not return. ``text_features``: ``""`` the retriever's own text feature, or a variant it offers
-    (``TwoTowerBackbone``'s ``text_feature_variants``). Result: split -> modality -> (indices long [N_split, k] into
-    the memory, scores)."""
+    (``TwoTowerBackbone``'s ``text_feature_variants``). An empty ``weights`` (a random retriever) is refused when the
+    run's backbone has pre-trained weights (its neighbours would be random; ``weights_key`` names the key to set).
+    Result: split -> modality -> (indices long [N_split, k] into the memory, scores)."""
 
     name: str
     backbone: str
@@ -133,6 +136,7 @@ class RetrievalRequest:
     memory: tuple[str, ...] = field(default=(TRAIN,), metadata=OMIT_DEFAULT)
     self_exclusion: str = field(default="index", metadata=OMIT_DEFAULT)
     text_features: str = field(default="", metadata=OMIT_DEFAULT)
+    weights_key: str = field(default="", metadata=NOT_IN_KEY)    # the config key naming `weights` (for messages)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "splits", tuple(self.splits))

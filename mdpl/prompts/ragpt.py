@@ -194,6 +194,7 @@ class Ragpt(PromptMethod):
     paper_run = (1e-3, 2024)
     paper_missing_type = "text"
     paper_backbone = "vilt"
+    paper_cell = "mdpl.experiments.papers.ragpt:paper_cell"
     padding_is_inert = False            # the prompter pools every text position, [PAD] included (RAGPT-D9)
     image_transform = "square"          # every image resized to image_size² (RAGPT-D7)
     fixed_segment_lengths = True        # the generators have max_text_len and 1 + grid² rows
@@ -320,12 +321,13 @@ class Ragpt(PromptMethod):
         """The memory bank (the ViLT embeddings of every memory item, both segments, complete: the training items,
         with ``ragpt_memory=train_val`` the validation items after them) and, for every split, each item's nearest
         memory items by the retriever's image and text features (an empty ``ragpt_retriever_path``: a randomly
-        initialised retriever, with the backbone's warning; tests only)."""
+        initialised retriever, with the backbone's warning, on a randomly initialised backbone only: tests)."""
         cfg = self.config
         memory = MEMORIES[cfg.ragpt_memory]
         features = tuple(FeatureRequest(f"{MEMORY}_{m}", stream=self.info.streams[0].name, layers=(0,), segment=m,
                                         pooling="tokens", dtype=cfg.ragpt_bank_dtype) for m in (TEXT, IMAGE))
         retrieval = RetrievalRequest(RETRIEVAL, backbone=cfg.ragpt_retriever, weights=cfg.ragpt_retriever_path,
+                                     weights_key="ragpt_retriever_path",
                                      image_size=int(cfg.ragpt_retriever_image_size), k=cfg.retrieved, splits=SPLITS,
                                      memory=memory, self_exclusion=cfg.ragpt_self_exclusion,
                                      text_features=RETRIEVER_TEXTS[cfg.ragpt_retriever_text])
