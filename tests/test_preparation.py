@@ -278,6 +278,51 @@ def test_two_process_gloo_equals_one_process(data, reference, tmp_path) -> None:
     same_artifact(one, two, atol=1e-5)   # other batches (every second item): equal up to float rounding
 
 
+def test_two_process_retrieval_equals_one_process(tmp_path) -> None:
+    """A retrieval (RAGPT's: bank + retriever neighbour lists of every split) under 2-process gloo: each rank embeds
+    every second item with the retriever, rank 0 gathers; the same neighbour ids and bank as one process."""
+    from runs import resolved_config, synthetic_arrows
+    from test_ragpt import retriever_file
+    from test_ragpt_protocol import TINY_CLIP
+
+    data = synthetic_arrows(tmp_path / "data", "hatememes", 13, 5, 6)      # odd sizes: unequal shares
+    flat = resolved_config(["task_finetune_hatememes", "ragpt", "tiny"], {
+        "data_root": str(data["arrow"]), "tokenizer": str(data["tok"]), "vocab_size": data["vocab_size"],
+        "vilt_variant": "hf", "drop_rate": 0.0, "num_workers": 0, "per_gpu_batchsize": BATCH,
+        **{k: v for k, v in TINY_CLIP.items() if k != "image_size"},
+        "ragpt_retriever_path": str(retriever_file(tmp_path / "clip.pt", TINY_CLIP))})
+    one = prepare(copy_root({"arrow": data["arrow"], "config": flat}, tmp_path / "one"))[1]
+    two_flat = copy_root({"arrow": data["arrow"], "config": flat}, tmp_path / "two")
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [subprocess_prepare(two_flat, tmp_path, "--rank", str(r), "--world", "2", "--init", init) for r in (0, 1)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert [json.loads(out)["key"] for out, _ in outputs] == [one.key, one.key]
+    from mdpl.engine.preparation import read_artifact
+    [path] = artefact_files(two_flat)
+    two = read_artifact(path, one.dependencies, one.key)
+    for split, lists in one.retrieved["ragpt_retrieval"].items():
+        assert lists.keys() == two.retrieved["ragpt_retrieval"][split].keys()
+        for modality, (indices, scores) in lists.items():
+            other = two.retrieved["ragpt_retrieval"][split][modality]
+            assert torch.equal(indices, other[0]), (split, modality)
+            torch.testing.assert_close(scores, other[1], atol=1e-5, rtol=0)
+    for name, bank in one.features.items():
+        torch.testing.assert_close(bank.float(), two.features[name].float(), atol=1e-3, rtol=0)
+
+    from mdpl.config import RunConfig
+    from mdpl.engine.retrieval import embed_shard
+    from mdpl.models import build_classifier
+    run = RunConfig.coerce(flat)
+    [request] = build_classifier(run).prompt.preparation_needs().retrieval
+    full, share = (embed_shard(run, request, torch.device("cpu"), rank, world) for rank, world in ((0, 1), (1, 2)))
+    for split, (items, features) in share.items():            # rank 1 of 2 embeds items 1, 3, 5, ... only
+        assert items == list(range(1, len(full[split][0]), 2))
+        for modality, f in features.items():
+            torch.testing.assert_close(f, full[split][1][modality][1::2], atol=1e-5, rtol=0)
+
+
 def test_run_py_prepares_before_fit_and_test_only(data, tmp_path) -> None:
     from runs import run_quiet
     flat = {**copy_root(data, tmp_path), "log_dir": str(tmp_path / "logs")}

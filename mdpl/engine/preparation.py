@@ -9,8 +9,11 @@ with the frozen backbone, stored beside the data and handed to ``load_prepared``
 * **Chunks**: each rank saves its pooled features every ``CHUNK_BATCHES`` batches (atomically) under
   ``<artefact>.partial/``; a killed preparation resumes from the chunks it finished (each chunk is recomputed with the
   same batches, so the result is identical to an uninterrupted run) and the folder is removed once the artefact exists.
-* **Artefact**: rank 0 computes k-means centres (``mdpl.engine.kmeans``), neighbour lists (``mdpl.engine.topk``) and
-  the retrievals with another backbone over every split (``mdpl.engine.retrieval``), and writes ``<data_root>/prepared/<dataset>-<key>.pt`` atomically; every rank then reads it and calls
+* **Retrieval**: with another backbone over every split (``mdpl.engine.retrieval``): each rank embeds its share of
+  every split (items r, r+W, ...), gathered on rank 0 (not chunked: a kill redoes it).
+* **Artefact**: rank 0 computes k-means centres (``mdpl.engine.kmeans``) and neighbour lists (``mdpl.engine.topk``),
+  within the features and over the retriever's, and writes ``<data_root>/prepared/<dataset>-<key>.pt`` atomically;
+  every rank then reads it and calls
   ``load_prepared``. ``key`` hashes everything the result depends on (:func:`dependencies`): the training arrow
   file's identity, the missing table, the data pipeline, the backbone's sizes and frozen weights, the need. Other
   inputs give another key, hence another file: an artefact is never reused for changed inputs. A file under the key
@@ -34,7 +37,7 @@ from torch import nn
 from mdpl.atomic import write_atomic
 from mdpl.errors import UserInputError
 from mdpl.engine.kmeans import kmeans
-from mdpl.engine.retrieval import retrieval_dependencies, retrieve
+from mdpl.engine.retrieval import embed_shard, neighbours, retrieval_dependencies
 from mdpl.engine.topk import exact_topk
 from mdpl.prompts.base import MISSING_TYPE_OF, MethodConfig, PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import IMAGE, TEXT, TokenLayout
@@ -363,21 +366,28 @@ def read_artifact(path: Path, deps: dict[str, Any], key: str) -> PreparedArtifac
                             labels=stored.get("labels"))
 
 
-def _build(run, need: PreparationNeed, parts: dict[str, list], datasets: dict[str, Any], deps: dict[str, Any],
-           key: str, path: Path, device: torch.device, progress: bool) -> None:
-    """Rank 0: the artefact from the gathered shards (split -> the ranks' parts) and the retrievals, written
-    atomically; the chunk folder removed. The rows are the need's splits in turn."""
+def _build(run, need: PreparationNeed, parts: dict[str, list], embedded: dict[str, list], datasets: dict[str, Any],
+           deps: dict[str, Any], key: str, path: Path, device: torch.device) -> None:
+    """Rank 0: the artefact from the gathered shards (split -> the ranks' parts) and the ranks' retriever features
+    (request -> the ranks' :func:`embed_shard`), written atomically; the chunk folder removed. The rows are the need's
+    splits in turn."""
     per_split = [assemble(parts[s], len(datasets[s])) for s in need.splits]
     features = {n: torch.cat([f[n] for f in per_split]) for n in per_split[0]}
     n_items = sum(len(datasets[s]) for s in need.splits)
-    centres, neighbours = compute(need, features, device)
-    retrieved = {req.name: retrieve(run, req, device, progress) for req in need.retrieval}
+    centres, neighbour_lists = compute(need, features, device)
+    retrieved = {req.name: neighbours(req, retriever_features(embedded[req.name]), device) for req in need.retrieval}
     labels = (torch.cat([datasets[s].labels[datasets[s].item_rows] for s in need.splits])
               if need.keep_labels else None)
     _save(path, {"format": FORMAT, "key": key, "dependencies": deps, "item_index": torch.arange(n_items),
-                 "features": features if need.keep_features else {}, "centres": centres, "neighbours": neighbours,
+                 "features": features if need.keep_features else {}, "centres": centres, "neighbours": neighbour_lists,
                  "retrieved": retrieved, "labels": labels})
     shutil.rmtree(partial_folder(path), ignore_errors=True)
+
+
+def retriever_features(shares: list[dict[str, tuple[list[int], dict[str, torch.Tensor]]]]) -> dict[str, dict]:
+    """Split -> modality -> features of every item in item order, from the ranks' :func:`embed_shard` shares."""
+    return {split: assemble([share[split] for share in shares],
+                            sum(len(share[split][0]) for share in shares)) for split in shares[0]}
 
 
 def partial_folder(path: Path) -> Path:
@@ -413,10 +423,12 @@ def run_preparation(run, model, datamodule, device: torch.device | str = "cpu", 
                 shard = collect_shard(model, need, datamodule, items, device, key, partial, chunk_batches,
                                       progress and group.rank == 0, on_chunk, split)
             parts[split] = group.gather((items, shard))
+        embedded = {req.name: group.gather(embed_shard(run, req, device, group.rank, group.world,
+                                                       progress and group.rank == 0)) for req in need.retrieval}
         error = None
         if group.rank == 0:
             try:
-                _build(run, need, parts, datasets, deps, key, path, device, progress)
+                _build(run, need, parts, embedded, datasets, deps, key, path, device)
             except BaseException as err:   # tell the other ranks instead of leaving them waiting
                 error = err
         message = group.broadcast(None if error is None else f"{type(error).__name__}: {error}")

@@ -10,8 +10,9 @@ feature: CLIP's projected image CLS and text EOT, or a text-feature variant the 
 ``RetrievalRequest.text_features``). Per split and modality the exact top-k (``mdpl.engine.topk``) among the memory
 items' features of the same modality gives the neighbour lists. The memory is the training split (or the request's
 ``memory`` splits, in turn); by default a query that is a memory item never returns itself (by item index),
-``self_exclusion="position"`` instead bars memory row p to query p of every split (:func:`excluded_rows`). Rank 0
-only (the stage calls it while building the artefact).
+``self_exclusion="position"`` instead bars memory row p to query p of every split (:func:`excluded_rows`). Under
+DDP every rank embeds its share of each split (:func:`embed_shard`); rank 0 gathers the shares and computes the lists
+(:func:`neighbours`) while building the artefact.
 """
 from __future__ import annotations
 
@@ -83,16 +84,16 @@ def excluded_rows(split: str, n_queries: int, sizes: dict[str, int], memory: tup
 
 @torch.no_grad()
 def split_features(model, datamodule, split: str, device: torch.device, progress: bool,
-                   text_features: str = "") -> dict[str, torch.Tensor]:
-    """Modality -> [N_split, E]: each tower's feature of every item of `split`, complete, in item order
-    (`text_features`: a variant of the text tower's, ``TwoTowerBackbone.text_feature``)."""
+                   text_features: str = "", items: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Modality -> [len(items), E]: each tower's feature of the items of `split` (default: every item, in order),
+    complete (`text_features`: a variant of the text tower's, ``TwoTowerBackbone.text_feature``)."""
     from tqdm.auto import tqdm
 
     dataset = datamodule.datasets.get(split) or datamodule.build_dataset(split)
     datamodule.datasets[split] = dataset
     streams = model.backbone.info.streams
     parts: dict[str, list[torch.Tensor]] = {s.modalities[0]: [] for s in streams}
-    loader = datamodule.items_loader(split, list(range(len(dataset))))
+    loader = datamodule.items_loader(split, list(range(len(dataset))) if items is None else items)
     for batch in tqdm(loader, desc=f"retrieval {split}", unit="batch", disable=not progress, leave=False):
         batch = datamodule.device_batch(batch, device, split, complete=True)
         types = batch["missing_type"].long()
@@ -102,12 +103,12 @@ def split_features(model, datamodule, split: str, device: torch.device, progress
             else:
                 feature = model.encode(stream, batch, types, None)
             parts[stream.modalities[0]].append(feature.float().cpu())
-    return {m: torch.cat(p) for m, p in parts.items()}
+    width = {s.modalities[0]: 0 for s in streams}
+    return {m: torch.cat(p) if p else torch.zeros(0, width[m]) for m, p in parts.items()}
 
 
-def retrieve(run: RunConfig, req: RetrievalRequest, device: torch.device,
-             progress: bool = False) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """Split -> modality -> {"indices" long [N_split, k], "scores" [N_split, k]}: the nearest training items."""
+def retriever(run: RunConfig, req: RetrievalRequest, device: torch.device):
+    """The frozen retriever (a classifier without prompts, eval mode, on `device`) and its data module."""
     from mdpl.data.datamodule import MDPLDataModule
     from mdpl.models import build_classifier
 
@@ -116,11 +117,29 @@ def retrieve(run: RunConfig, req: RetrievalRequest, device: torch.device,
     if any(s.joint for s in model.backbone.info.streams):
         raise UserInputError(f"the retriever {req.backbone!r} has a joint stream; retrieval needs one tower per "
                              "modality (e.g. clip)")
-    datamodule = MDPLDataModule(rrun.data, rrun.missing, rrun.pipeline, rrun.experiment.seed)
     if req.text_features and req.text_features not in getattr(model.backbone, "text_feature_variants", ()):
         raise UserInputError(f"the retriever {req.backbone!r} has no text feature {req.text_features!r}")
-    features = {s: split_features(model, datamodule, s, device, progress, req.text_features)
-                for s in dict.fromkeys((*req.memory, *req.splits))}
+    return model, MDPLDataModule(rrun.data, rrun.missing, rrun.pipeline, rrun.experiment.seed)
+
+
+def embed_shard(run: RunConfig, req: RetrievalRequest, device: torch.device, rank: int = 0, world: int = 1,
+                progress: bool = False) -> dict[str, tuple[list[int], dict[str, torch.Tensor]]]:
+    """Split -> (this rank's items: every `world`-th from `rank`, modality -> their features [n, E]), for the memory
+    splits and the query splits (a DDP rank's share; rank 0 gathers the shares)."""
+    model, datamodule = retriever(run, req, device)
+    out = {}
+    for split in dict.fromkeys((*req.memory, *req.splits)):
+        dataset = datamodule.datasets.get(split) or datamodule.build_dataset(split)
+        datamodule.datasets[split] = dataset
+        items = list(range(rank, len(dataset), world))
+        out[split] = (items, split_features(model, datamodule, split, device, progress, req.text_features, items))
+    return out
+
+
+def neighbours(req: RetrievalRequest, features: dict[str, dict[str, torch.Tensor]],
+               device: torch.device) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Split -> modality -> {"indices" long [N_split, k], "scores" [N_split, k]}: the nearest memory items by exact
+    top-k, from every item's features (split -> modality -> [N_split, E], in item order)."""
     sizes = {s: next(iter(f.values())).shape[0] for s, f in features.items()}
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for split in req.splits:
@@ -133,3 +152,9 @@ def retrieve(run: RunConfig, req: RetrievalRequest, device: torch.device,
                                          None if exclude is None else exclude.to(device))
             out[split][modality] = {"indices": indices.cpu(), "scores": scores.cpu()}
     return out
+
+
+def retrieve(run: RunConfig, req: RetrievalRequest, device: torch.device,
+             progress: bool = False) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """:func:`neighbours` of every item, embedded in this process."""
+    return neighbours(req, {s: f for s, (_, f) in embed_shard(run, req, device, progress=progress).items()}, device)
