@@ -1,6 +1,7 @@
 """Golden fixtures of the parity tests (tests/fixtures/README.md): a missing file fails the test, never skips it."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,31 @@ def assert_grad_matches(grad: torch.Tensor | None, ref: dict, name: str) -> None
         return
     torch.testing.assert_close(grad.reshape(-1)[ref["idx"]], ref["val"], atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=name)
     torch.testing.assert_close(grad.double().norm(), ref["norm"], atol=0, rtol=GRAD_RTOL, msg=name)
+
+
+def renamed(reference_name: str, dataset: str, renames: tuple[tuple[str, str], ...], head: str = "classifier.") -> str:
+    """mdpl's name of a reference parameter: the reference's head (`head` prefix) -> ``<dataset>_classifier``, else
+    the first ``(pattern, replacement)`` of `renames` that matches the whole name."""
+    if reference_name.startswith(head):
+        return f"{dataset}_classifier." + reference_name[len(head):]
+    for pattern, target in renames:
+        if re.fullmatch(pattern, reference_name):
+            return re.sub(pattern, target, reference_name)
+    raise AssertionError(f"unmapped reference parameter {reference_name}")
+
+
+def assert_trainable_grads(model: torch.nn.Module, grads: dict[str, torch.Tensor], rename: Callable[[str], str],
+                           rtol: float, as_mdpl: Callable[[str, torch.Tensor], torch.Tensor] = lambda n, g: g
+                           ) -> dict[str, torch.nn.Parameter]:
+    """After a backward: the trainable set is the reference's (renamed) and every gradient is within `rtol` of the
+    reference's norm (``as_mdpl`` maps a reference gradient to mdpl's layout). Returns the named parameters."""
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == {rename(n) for n in grads}
+    for name, ref in grads.items():
+        grad, ref = params[rename(name)].grad, as_mdpl(name, ref)
+        assert grad is not None and ref.norm() > 0, name
+        assert (grad - ref).norm() <= rtol * ref.norm(), name
+    return params
 
 
 @lru_cache(maxsize=None)

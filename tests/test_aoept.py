@@ -26,9 +26,10 @@ from mdpl.errors import UserInputError  # noqa: E402
 from mdpl.prompts.aoept import AOEPTState  # noqa: E402
 
 
-def model_with_memory(**over):
-    model = tiny_model("aoept", "clip", aoept_depth=2, **over).eval()
-    g = torch.Generator().manual_seed(0)
+def model_with_memory(backbone: str = "clip", seed: int = 0, **over):
+    """The tiny AOEPT model with random prototypes and gates moved off their init, in eval mode."""
+    model = tiny_model("aoept", backbone, aoept_depth=2, **over).eval()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.prompt.text_memory.normal_(generator=g)
         model.prompt.image_memory.normal_(generator=g)
@@ -119,14 +120,7 @@ def test_the_term_is_a_consistency_loss_of_the_present_rows() -> None:
 
 
 def vilt_with_memory(**over):
-    model = tiny_model("aoept", "vilt", aoept_depth=2, **over).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.prompt.text_memory.normal_(generator=g)
-        model.prompt.image_memory.normal_(generator=g)
-        for p in model.prompt.gates.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return model_with_memory("vilt", 1, **over)
 
 
 def test_vilt_preparation_need_and_memory_layouts() -> None:

@@ -10,12 +10,11 @@ trainable-parameter set and every gradient (1e-4 of its norm).
 """
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import pytest
-from golden import fixture_loader, two_tower_model
+from golden import assert_trainable_grads, renamed, fixture_loader, two_tower_model
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,12 +51,7 @@ fixture = fixture_loader("ref_aoept_{}.pt", "make it with tools/parity/make_aoep
 
 
 def mdpl_name(reference_name: str, dataset: str) -> str:
-    if reference_name.startswith("classifier."):
-        return f"{dataset}_classifier." + reference_name.split(".", 1)[1]
-    for pattern, target in RENAMES:
-        if re.fullmatch(pattern, reference_name):
-            return re.sub(pattern, target, reference_name)
-    raise AssertionError(f"unmapped reference parameter {reference_name}")
+    return renamed(reference_name, dataset, RENAMES)
 
 
 def as_mdpl(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -102,13 +96,7 @@ def test_every_trainable_gradient_matches_reference(config) -> None:
     model = build(config)
     out = model(rec["batch"])
     (task_loss(dataset, out["logits"], rec["batch"]["label"]) + out["aux_loss"]).backward()
-    params = dict(model.named_parameters())
-    assert {n for n, p in params.items() if p.requires_grad} == {mdpl_name(n, dataset) for n in rec["grads"]}
-    for name, ref in rec["grads"].items():
-        grad = params[mdpl_name(name, dataset)].grad
-        ref = as_mdpl(name, ref)
-        assert grad is not None and ref.norm() > 0, name
-        assert (grad - ref).norm() <= GRAD_RTOL * ref.norm(), name
+    assert_trainable_grads(model, rec["grads"], lambda n: mdpl_name(n, dataset), GRAD_RTOL, as_mdpl)
 
 
 def test_the_other_text_readout_changes_the_logits() -> None:

@@ -13,13 +13,12 @@ on CPU: memory (rows up to their order, which the reference shuffles), proxies a
 """
 from __future__ import annotations
 
-import re
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
-from golden import checked_state, fixture_loader
+from golden import assert_trainable_grads, renamed, checked_state, fixture_loader
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,12 +52,7 @@ fixture = fixture_loader("ref_aoept_vilt_{}.pt", "make it with tools/parity/make
 
 
 def mdpl_name(reference_name: str, dataset: str) -> str:
-    if reference_name.startswith("classifier."):
-        return f"{dataset}_classifier." + reference_name.split(".", 1)[1]
-    for pattern, target in RENAMES:
-        if re.fullmatch(pattern, reference_name):
-            return re.sub(pattern, target, reference_name)
-    raise AssertionError(f"unmapped reference parameter {reference_name}")
+    return renamed(reference_name, dataset, RENAMES)
 
 
 def mdpl_config(rec: dict, **over) -> dict:
@@ -150,12 +144,7 @@ def test_every_trainable_gradient_matches_reference(config) -> None:
     model = build(config)
     out = model(batch)
     (task_loss(dataset, out["logits"], batch["label"]) + out["aux_loss"]).backward()
-    params = dict(model.named_parameters())
-    assert {n for n, p in params.items() if p.requires_grad} == {mdpl_name(n, dataset) for n in rec["grads"]}
-    for name, ref in rec["grads"].items():
-        grad = params[mdpl_name(name, dataset)].grad
-        assert grad is not None and ref.norm() > 0, name
-        assert (grad - ref).norm() <= GRAD_RTOL * ref.norm(), name
+    assert_trainable_grads(model, rec["grads"], lambda n: mdpl_name(n, dataset), GRAD_RTOL)
 
 
 def test_switches_change_the_outputs() -> None:

@@ -422,6 +422,24 @@ def generator_main(description: str, prefix: str, configs: Any, load: Callable[[
     return 0
 
 
+@contextlib.contextmanager
+def ordered_patches(padding: bool = True) -> Iterator[None]:
+    """``torch.multinomial`` (the Hugging Face ViLT's random patch order) as the identity order: valid patches
+    row-major, padding draws the first padding patches (all equal: the zero patch at a zero position). `padding`
+    False: asserts that no padding is drawn (every patch valid)."""
+    original = torch.multinomial
+
+    def identity(weights: torch.Tensor, num_samples: int, replacement: bool = False, **_: Any) -> torch.Tensor:
+        assert num_samples <= weights.numel() and (padding or not replacement), "unexpected patch draw"
+        return torch.arange(num_samples)
+
+    torch.multinomial = identity
+    try:
+        yield
+    finally:
+        torch.multinomial = original
+
+
 PIXEL_LEVELS = 127
 """Fixture pixels are multiples of 1/127 (stored as int8; 1.0, the dummy image, is 127): exact in float32 on both
 sides."""

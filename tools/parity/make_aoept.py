@@ -180,9 +180,16 @@ def make_fixture(module: types.ModuleType, name: str) -> dict[str, Any]:
         "keys": keys, "shapes": {k: list(shapes[k]) for k in keys},
         "checksums": torch.stack([checksum(openai[k]) for k in keys]),
         "batch": batch, "trainable": initial,
-        "memory": {"text": model.text_init_tokens.detach().clone(), "image": model.vision_init_tokens.detach().clone()},
-        "proxies": proxies, "logits": out["logits"], "aux_loss": out["aux_loss"], "task_loss": task, "loss": total,
-        "grads": grads})
+        **reference_outputs(model, out, proxies, task, total, grads)})
+
+
+def reference_outputs(model: torch.nn.Module, out: dict, proxies: dict, task: torch.Tensor, total: torch.Tensor,
+                      grads: dict) -> dict[str, Any]:
+    """What every AOEPT fixture records of the reference's run: its memory, proxies, logits, losses and gradients."""
+    return {"memory": {"text": model.text_init_tokens.detach().clone(),
+                       "image": model.vision_init_tokens.detach().clone()},
+            "proxies": proxies, "logits": out["logits"], "aux_loss": out["aux_loss"], "task_loss": task,
+            "loss": total, "grads": grads}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from common import REFERENCES, detached, generator_main, import_path, prepare_tf4_reference
+from common import (REFERENCES, detached, generator_main, import_path, ordered_patches, prepare_tf4_reference,
+                    silenced_stdout)
 import make_aoept
 import make_aoept_vilt
 
@@ -94,8 +95,10 @@ def collected(name: str) -> dict[str, torch.Tensor]:
     openai = {k: make_aoept.hashed_tensor(k, shapes[k]) for k in sorted(shapes)}
     base_model.Base.get_pretrained_backbone = make_aoept.offline_backbone(spec, openai)
     torch.manual_seed(0)
-    model = CLIP(seq_len=make_aoept.CONTEXT, cls_num=spec["num_classes"], embed_dim=spec["sizes"]["clip_embed_dim"],
-                 cfg={"statis": "collect_token"}, token_pooling="mean").eval()
+    with silenced_stdout():                 # the reference prints its parameter counts
+        model = CLIP(seq_len=make_aoept.CONTEXT, cls_num=spec["num_classes"],
+                     embed_dim=spec["sizes"]["clip_embed_dim"], cfg={"statis": "collect_token"},
+                     token_pooling="mean").eval()
     batch = make_aoept.make_batch(name, spec)
     ids, types_ = batch["text_ids"], batch["missing_type"]
     with torch.no_grad():
@@ -113,10 +116,11 @@ def collected_vilt(name: str) -> dict[str, torch.Tensor]:
     state = {k: make_aoept_vilt.hashed_vilt_tensor(k, shapes[k]) for k in sorted(shapes)}
     base_model.Base.get_pretrained_backbone = make_aoept_vilt.offline_backbone(state)
     torch.manual_seed(0)
-    model = ViLT(seq_len=spec["seq_len"], embed_dim=make_aoept_vilt.VILT["hidden_size"], cls_num=spec["num_classes"],
-                 cfg={"statis": "collect_token"}, token_pooling="mean").eval()
+    with silenced_stdout():
+        model = ViLT(seq_len=spec["seq_len"], embed_dim=make_aoept_vilt.VILT["hidden_size"],
+                     cls_num=spec["num_classes"], cfg={"statis": "collect_token"}, token_pooling="mean").eval()
     batch = make_aoept_vilt.make_batch(name, spec)
-    with torch.no_grad(), make_aoept_vilt.ordered_patches():
+    with torch.no_grad(), ordered_patches():
         model(**make_aoept_vilt.reference_inputs(batch), ids=[str(i) for i in range(len(batch["label"]))])
     return stacked(model.token_collector[0], "text_token", "vision_token")
 

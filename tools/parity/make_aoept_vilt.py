@@ -26,18 +26,18 @@ task and total loss and the gradient of every trainable tensor. A second run wri
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import tempfile
 import types
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from common import (PIXEL_LEVELS, REFERENCES, classification_loss, detached, generator_main, prepare_tf4_reference)
-from make_aoept import perturb_trainable
+from common import (PIXEL_LEVELS, REFERENCES, classification_loss, detached, generator_main, ordered_patches,
+                    prepare_tf4_reference)
+from make_aoept import perturb_trainable, reference_outputs
 from make_mora import loguru_stand_in
 
 from vilt_hashinit import checksum, hashed_vilt_tensor  # noqa: E402  (tests/ is on sys.path through generator_main)
@@ -117,23 +117,6 @@ def build_reference(module: types.ModuleType, spec: dict[str, Any], state: dict[
     return model.eval()
 
 
-@contextlib.contextmanager
-def ordered_patches() -> Iterator[None]:
-    """``torch.multinomial`` as the identity order: valid patches row-major, padding draws the first padding patches
-    (all equal: the zero patch at a zero position)."""
-    original = torch.multinomial
-
-    def identity(weights: torch.Tensor, num_samples: int, replacement: bool = False, **_: Any) -> torch.Tensor:
-        assert num_samples <= weights.numel()
-        return torch.arange(num_samples)
-
-    torch.multinomial = identity
-    try:
-        yield
-    finally:
-        torch.multinomial = original
-
-
 # ------------------------------------------------------------------------------------------- batch
 def make_batch(name: str, spec: dict[str, Any]) -> dict[str, torch.Tensor]:
     """mdpl's batch: ``text_ids`` / ``text_masks`` [B, seq_len], ``pixels`` (int8 levels, image = pixels / 127, zero
@@ -200,9 +183,7 @@ def make_fixture(module: types.ModuleType, name: str) -> dict[str, Any]:
         "keys": keys, "shapes": {k: list(shapes[k]) for k in keys},
         "checksums": torch.stack([checksum(state[k]) for k in keys]),
         "batch": batch, "trainable": initial, "centres": {"text": centres["text_token"], "image": centres["vision_token"]},
-        "memory": {"text": model.text_init_tokens.detach().clone(), "image": model.vision_init_tokens.detach().clone()},
-        "proxies": proxies, "logits": out["logits"], "aux_loss": out["aux_loss"], "task_loss": task, "loss": total,
-        "grads": grads})
+        **reference_outputs(model, out, proxies, task, total, grads)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,17 +28,17 @@ A second run rewrites the files byte for byte.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from common import (CLS, DATASET_CLASSES as CLASSES, PIXEL_LEVELS, SEP, classification_loss, detached, generator_main,
-                    import_path, quiet_warnings, sampled_grad, share_heads, silenced_stdout, verify_checkout)
+                    import_path, ordered_patches, quiet_warnings, sampled_grad, share_heads, silenced_stdout,
+                    verify_checkout)
 from make_msps import tiny_vilt
 
 DATASETS = tuple(CLASSES)
@@ -87,22 +87,6 @@ def import_reference(path: Path) -> Any:
     from model.vilt.modeling_vilt import ViltModel
     from utils.core_tools import MCR
     return ragpt, ViltConfig, ViltModel, MCR
-
-
-@contextlib.contextmanager
-def ordered_patches() -> Iterator[None]:
-    """``torch.multinomial`` as the identity order (the copy draws a random patch permutation; RAGPT-D8)."""
-    original = torch.multinomial
-
-    def identity(weights: torch.Tensor, num_samples: int, replacement: bool = False, **_: Any) -> torch.Tensor:
-        assert not replacement, "every image patch is valid here: no padding draw"
-        return torch.arange(num_samples)
-
-    torch.multinomial = identity
-    try:
-        yield
-    finally:
-        torch.multinomial = original
 
 
 def memory_labels(task: str) -> torch.Tensor:
@@ -211,7 +195,7 @@ def run_head(ref: Any, name: str, task: str, retrieved: dict) -> dict:
     bank = {"text": hashed_ragpt_bank("text", (MEMORY, spec["max_text_len"], 768)),
             "image": hashed_ragpt_bank("image", (MEMORY, IMAGE_TOKENS, 768))}
     inputs = neighbour_inputs(name, task, retrieved, batch, bank)
-    with ordered_patches(), silenced_stdout():
+    with ordered_patches(padding=False), silenced_stdout():
         out = model(input_ids=batch["text_ids"], pixel_values=pixels(batch["pixels"]),
                     pixel_mask=torch.ones(len(batch["label"]), COMMON["image_size"], COMMON["image_size"],
                                           dtype=torch.long),
