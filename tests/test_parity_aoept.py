@@ -25,10 +25,12 @@ CONFIGS = ("A", "B")
 ATOL = 1e-5
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
-RENAMES = (   # reference parameter name pattern -> mdpl's
+PROMPT_RENAMES = (   # reference parameter name pattern -> mdpl's, on every backbone
     (r"text_query", "prompt.text_query"), (r"vision_query", "prompt.image_query"),
     (r"shared_query", "prompt.shared_query"), (r"logit_scale", "prompt.logit_scale"),
     (r"text_layer_norm\.(\w+)", r"prompt.text_norm.\1"), (r"vision_layer_norm\.(\w+)", r"prompt.image_norm.\1"),
+)
+RENAMES = PROMPT_RENAMES + (
     (r"shared_text_layer_norm\.(\w+)", r"prompt.shared_text_norm.\1"),
     (r"shared_vision_layer_norm\.(\w+)", r"prompt.shared_image_norm.\1"),
     (r"shared_text_proj\.(.+)", r"prompt.shared_text_proj.\1"),
@@ -81,9 +83,13 @@ def test_proxy_prompts_match_reference(config) -> None:
 def test_logits_and_losses_match_reference(config) -> None:
     rec = fixture(config)
     with torch.no_grad():
-        out = build(config)(rec["batch"])
+        assert_outputs_match(build(config)(rec["batch"]), rec, rec["batch"]["label"])
+
+
+def assert_outputs_match(out: dict, rec: dict, label: torch.Tensor) -> None:
+    """Logits (atol), the task, consistency and total losses (rtol) against an AOEPT fixture's."""
     torch.testing.assert_close(out["logits"], rec["logits"], atol=ATOL, rtol=0)
-    task = task_loss(rec["config"]["dataset"], out["logits"], rec["batch"]["label"])
+    task = task_loss(rec["config"]["dataset"], out["logits"], label)
     torch.testing.assert_close(task, rec["task_loss"], rtol=LOSS_RTOL, atol=0)
     torch.testing.assert_close(out["aux_losses"]["aoept_consistency"], rec["aux_loss"], rtol=LOSS_RTOL, atol=0)
     torch.testing.assert_close(task + out["aux_loss"], rec["loss"], rtol=LOSS_RTOL, atol=0)
