@@ -67,6 +67,11 @@ class OptimConfig(Section):
     warmup_steps: Any = 2500
 
 
+METRIC_INPUTS = ("probabilities", "logits")
+"""``metric_inputs``: the model's probabilities (mdpl's metrics) or its raw logits, as the references' torchmetrics 0.9.3
+classes received them (mdpl.engine.metrics)."""
+
+
 @dataclass(frozen=True)
 class TrainerConfig(Section):
     """Devices, precision, run length, resumption."""
@@ -85,7 +90,7 @@ class TrainerConfig(Section):
     resume_from: str = ""
     resume: bool = False
     checkpoint_every_n_steps: int = 0
-    metric_inputs: str = "probabilities"   # what the metrics threshold / rank (mdpl.engine.metrics.METRIC_INPUTS)
+    metric_inputs: str = "probabilities"   # what the metrics threshold / rank (METRIC_INPUTS)
     primary_metric: str = ""      # the logged value used as the_metric; "" = the dataset's
 
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mdpl.config.sections import METRIC_INPUTS
 from mdpl.data.registry import available_datasets, dataset_spec
 from mdpl.data.dataset import MMIMDB_ITEMS, arrow_path
 from mdpl.data.missing import MISSING_TYPES, SPLITS
@@ -378,10 +379,10 @@ def check_data_options(config: Mapping) -> None:
         _fail(f"image_transform={transform!r} must be '' (the backbone's) or one of {', '.join(sorted(TRANSFORMS))}")
     if config.get("test_types") is not None or config.get("test_ratios") is not None:
         sweep_specs(MissingConfig.from_flat(dict(config)), int(config.get("seed", 0)))
-    from mdpl.engine.metrics import METRIC_INPUTS, metric_names
     if config.get("metric_inputs", "probabilities") not in METRIC_INPUTS:
         _fail(f"metric_inputs={config['metric_inputs']!r} must be one of {', '.join(METRIC_INPUTS)}")
-    primary, names = config.get("primary_metric") or "", metric_names(config.get("dataset", "mmimdb"))
+    primary = config.get("primary_metric") or ""
+    names = dataset_spec(config.get("dataset", "mmimdb")).logged_metrics()
     if primary and primary not in names:
         _fail(f"primary_metric={primary!r} is not a metric of dataset={config.get('dataset', 'mmimdb')!r}; choose "
               f"one of {', '.join(names)} (or '' for the dataset's)")

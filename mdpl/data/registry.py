@@ -30,6 +30,10 @@ LOSS_KINDS = ("bce_with_logits", "cross_entropy")
 TEXT_ITEMS = ("per_text", "selectable")
 
 
+F1_NAMES = ("F1_Micro", "F1_Macro", "F1_Samples", "F1_Weighted")
+"""The values metric kind 'f1' logs (mdpl.engine.metrics.MultilabelF1)."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Everything mdpl needs to know about one dataset.
@@ -94,6 +98,15 @@ class DatasetSpec:
     bench_small_text_len: int | None = None
     demo: bool = False
     title: str | None = None
+
+    def logged_metrics(self) -> list[str]:
+        """The values the spec's metrics log (what ``primary_metric`` may name): kind 'f1' logs ``F1_NAMES``, the
+        others their kind (a factory: its name)."""
+        names: list[str] = []
+        for kind in self.metrics:
+            key = kind if isinstance(kind, str) else kind.__name__
+            names.extend(F1_NAMES if key == "f1" else [key])
+        return names
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

@@ -35,9 +35,9 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from mdpl.data.registry import dataset_spec
+from mdpl.config.sections import METRIC_INPUTS
+from mdpl.data.registry import F1_NAMES, dataset_spec
 
-F1_NAMES = ("F1_Micro", "F1_Macro", "F1_Samples", "F1_Weighted")
 IGNORE_INDEX = -100
 
 
@@ -190,7 +190,6 @@ LOGIT_KINDS: dict[str, Callable[[int], Metric]] = {
     "AUROC": lambda num_classes: LogitColumnsAUROC(),
 }
 """The kinds that differ with ``metric_inputs="logits"`` (the others are the same on logits and probabilities)."""
-METRIC_INPUTS = ("probabilities", "logits")
 
 
 def _metric_key(kind: str | Callable[[int], Metric]) -> str:
@@ -246,16 +245,6 @@ class TaskMetrics(nn.Module):
     def reset(self) -> None:
         for metric in self.metrics.values():
             metric.reset()
-
-
-def metric_names(dataset: str) -> list[str]:
-    """The values the dataset's metrics log (what ``primary_metric`` may name)."""
-    spec = dataset_spec(dataset)
-    names = []
-    for kind in spec.metrics:
-        key = _metric_key(kind)
-        names.extend(F1_NAMES if key == "f1" else [key])
-    return names
 
 
 def build_task_metrics(dataset: str, inputs: str = "probabilities", primary: str = "") -> TaskMetrics:

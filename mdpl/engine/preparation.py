@@ -37,6 +37,7 @@ from torch import nn
 from mdpl.atomic import write_atomic
 from mdpl.errors import UserInputError
 from mdpl.engine.kmeans import kmeans
+from mdpl.engine.identity import file_identity, frozen_state, tensor_digest
 from mdpl.engine.retrieval import embed_shard, neighbours, retrieval_dependencies
 from mdpl.engine.topk import exact_topk
 from mdpl.prompts.base import MISSING_TYPE_OF, MethodConfig, PromptContext, PromptMethod, StreamInfo
@@ -47,8 +48,6 @@ FORMAT = 1
 SPLIT = "train"
 CHUNK_BATCHES = 50
 """Batches per chunk file (what a killed preparation loses at most, per rank)."""
-HEAD_BYTES = 1 << 20
-"""Bytes hashed at each end of the arrow file (with its size and modification time: its identity)."""
 
 
 # ------------------------------------------------------------------------------------------------ collection
@@ -160,34 +159,6 @@ def pooled_batch(backbone, collector: Collector, batch: dict) -> dict[str, torch
 
 
 # ------------------------------------------------------------------------------------------------ identity
-def file_identity(path: Path) -> dict[str, Any]:
-    """Size, modification time and sha256 of the first and last ``HEAD_BYTES`` of a file."""
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(HEAD_BYTES))
-        if stat.st_size > HEAD_BYTES:
-            fh.seek(max(HEAD_BYTES, stat.st_size - HEAD_BYTES))
-            digest.update(fh.read(HEAD_BYTES))
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ends_sha256": digest.hexdigest()}
-
-
-def tensor_digest(tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of tensors."""
-    digest = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def frozen_state(module: nn.Module, frozen_only: bool = True) -> list[tuple[str, torch.Tensor]]:
-    """The module's state that training leaves alone: every buffer and frozen parameter (all of it otherwise)."""
-    return [(name, t) for name, t in module.state_dict(keep_vars=True).items()
-            if not (frozen_only and isinstance(t, nn.Parameter) and t.requires_grad)]
-
-
 def _plain(value: Any) -> Any:
     """JSON round trip: tuples become lists, keys strings (what a stored artefact records)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))

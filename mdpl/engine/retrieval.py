@@ -23,6 +23,7 @@ import torch
 
 from mdpl.config.run_config import RunConfig
 from mdpl.errors import UserInputError
+from mdpl.engine.identity import file_identity
 from mdpl.engine.topk import exact_topk
 from mdpl.prompts.preparation import RetrievalRequest
 
@@ -57,7 +58,6 @@ def retrieval_dependencies(run: RunConfig, req: RetrievalRequest) -> dict[str, A
     """What the retrieval depends on besides the need: the retriever's weight file and sizes, each split's arrow
     file."""
     from mdpl.data.dataset import arrow_path
-    from mdpl.engine.preparation import file_identity
     import dataclasses
 
     rrun = retriever_run(run, req)
