@@ -16,9 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mdpl.bench.gpu_check import gpu_check  # noqa: E402
-
-STEPS = ("bench", "bench_compile", "loader", "reference", "real_run_short", "real_run_long")
+from mdpl.bench.gpu_check import BUDGET_S, MIN_STEP_S, ORDER as STEPS, gpu_check  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refs", type=Path, help="folder of reference checkouts (tests/fixtures/README.md); "
                                                   "without it the reference step is left out")
     parser.add_argument("--only", help=f"comma list of steps to run ({', '.join(STEPS)})")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S,
+                        help=f"seconds for the whole check (default {BUDGET_S}); steps run in the order above, each "
+                             f"gets at most what is left, and one that would get under {MIN_STEP_S} s is skipped")
     args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        print("error: --budget-s must be positive", file=sys.stderr)
+        return 2
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     if only and set(only) - set(STEPS):
         print(f"error: unknown step(s) {', '.join(sorted(set(only) - set(STEPS)))}; choose from {', '.join(STEPS)}",
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda but CUDA is not available (the CPU dry run: --device cpu --tiny)",
                   file=sys.stderr)
             return 2
-    result = gpu_check(args.out, args.device, args.tiny, args.refs, only)
+    result = gpu_check(args.out, args.device, args.tiny, args.refs, only, args.budget_s)
     failed = [n for n, s in result["steps"].items() if s.result["status"] != "ok"]
     if failed:
         print(f"error: step(s) {', '.join(failed)} did not finish; see {args.out / 'gpu_check.json'}", file=sys.stderr)

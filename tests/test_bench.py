@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_small_run_writes_a_row_per_method_and_precision(tmp_path):
     assert seq["none"] < seq["map"] < seq["memprompt"]
     assert [(r["dataset"], r["backbone"]) for r in saved["loader"]] == [("hatememes", "vilt"), ("hatememes", "clip")]
     assert all(r["images_per_s"] > 0 and r["batches_timed"] == 2 for r in saved["loader"])
+    assert saved["meta"]["complete"] is True
 
 
 def test_fp16_is_skipped_on_cpu():
@@ -233,3 +235,29 @@ def test_preparation_times_a_declared_need():
     mixed, complete = (synthetic_batch(cfg, 6, "small", torch.device("cpu"), complete=c) for c in (False, True))
     assert set(mixed["missing_type"].tolist()) == {0, 1, 2} and complete["missing_type"].eq(0).all()
     assert torch.equal(mixed["label"], complete["label"])
+
+
+def test_a_stopped_run_leaves_the_rows_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row, so a run stopped by a time limit (here: at its second row) keeps the
+    first one, marked incomplete."""
+    import mdpl.bench.suite as suite
+
+    calls = []
+
+    def row(method, dataset, precision, bs, args, device):
+        if calls:
+            raise KeyboardInterrupt   # the stop, at the point the test chooses
+        calls.append(method)
+        return {"method": method, "dataset": dataset, "precision": precision, "batch": bs, "status": "skipped"}
+
+    monkeypatch.setattr(suite, "bench_row", row)
+    bench = importlib.util.spec_from_file_location("_bench_cli", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(module)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--small", "--device", "cpu", "--methods", "none,map", "--datasets", "hatememes", "--precisions",
+                     "fp32", "--no-loader", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["complete"] is False
+    assert [(r["method"], r["status"]) for r in saved["rows"]] == [("none", "skipped")]

@@ -96,6 +96,38 @@ def test_unknown_step_is_one_error_line(tmp_path: Path) -> None:
                            str(tmp_path), "--only", "benhc"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown step(s) benhc; choose from bench, bench_compile, loader, reference, real_run_short, "
-        "real_run_long"]
+        "error: unknown step(s) benhc; choose from bench, reference, loader, real_run_short, real_run_long, "
+        "bench_compile"]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_a_spent_budget_skips_every_step_and_still_writes_the_report(tmp_path: Path) -> None:
+    result = gc.gpu_check(tmp_path, "cpu", True, tmp_path / "refs", None, budget_s=1)
+    assert list(result["steps"]) == list(gc.ORDER)
+    assert all(s.result["status"] == "skipped (time budget spent)" for s in result["steps"].values())
+    assert not (tmp_path / "real_run_data").exists()            # nothing is prepared for a run that cannot start
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert written["meta"]["budget_s"] == 1 and written["meta"]["real_run_samples_per_s"] is None
+    assert "| bench_compile | skipped (time budget spent) | 0 |" in (tmp_path / "gpu_check.md").read_text()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--device", "cpu", "--tiny", "--out",
+                           str(tmp_path / "cli"), "--only", "bench", "--budget-s", "1"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 1 and "error: step(s) bench did not finish" in done.stderr
+
+
+def _stopped(tmp_path: Path, status: str, rows: list[dict]) -> gc.Step:
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": {"complete": False}, "rows": rows, "loader": [], "preparation": []}))
+    step = gc.Step("bench", [], 10, path, {"status": status})
+    gc.read_step_json(step)
+    return step
+
+
+def test_a_timed_out_bench_keeps_the_rows_it_finished(tmp_path: Path) -> None:
+    row = {"method": "none", "status": "ok"}
+    kept = _stopped(tmp_path, "timed out after 10 s", [row])
+    assert kept.result["status"] == "timed out after 10 s, partial" and kept.result["data"]["rows"] == [row]
+    empty = _stopped(tmp_path, "timed out after 10 s", [])
+    assert empty.result["status"] == "timed out after 10 s" and "data" not in empty.result
+    failed = _stopped(tmp_path, "failed (exit 1)", [row])
+    assert failed.result["status"] == "failed (exit 1)" and "data" not in failed.result

@@ -39,7 +39,7 @@ from mdpl.backbones.clip import (TwoTowerBackbone, TwoTowerSizes, batch_rows, bl
                                  open_clip_query_parts, residual_block)
 from mdpl.backbones.coca_weights import (backbone_to_open_clip_key, check_coca_state_dict, open_clip_to_backbone_key,
                                         read_coca_checkpoint)
-from mdpl.backbones.encoder import StreamEncoder
+from mdpl.backbones.encoder import BlocksOut, StreamEncoder
 from mdpl.backbones.registry import register_backbone
 from mdpl.data.tokenizers import CLIP_VOCAB_SIZE
 from mdpl.errors import UserInputError
@@ -189,10 +189,13 @@ class CocaVisionTower(StreamEncoder):
         all); with `readout` (the classifier's read-out request) the output is the pooler's [B, 1, E], which
         ``CocaBackbone.pool`` turns into the feature; without it, the last block's tokens [B, N, D] as on any
         stream."""
-        x, mask, layout = yield from super().block_steps(x, mask, layout, method, ctx, None, *args, **kwargs)
-        if readout is None:
-            return x, mask, layout
-        return self.attentional_pool(x, layout)[:, None], mask, layout
+        for item in super().block_steps(x, mask, layout, method, ctx, None, *args, **kwargs):
+            if isinstance(item, BlocksOut):
+                break
+            yield item
+        if readout is not None:
+            item = BlocksOut(self.attentional_pool(item.x, item.layout)[:, None], item.mask, item.layout)
+        yield item
 
     def pool(self, pooled: torch.Tensor) -> torch.Tensor:
         """The pooler output [B, E] -> ``ln_post`` -> @ ``proj`` -> [B, E]."""

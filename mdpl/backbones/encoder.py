@@ -11,7 +11,8 @@ adapters (:meth:`StreamEncoder.linear_map` names each block's linear maps).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,24 @@ from mdpl.errors import UserInputError
 from mdpl.prompts.adapters import WeightAdapter
 from mdpl.prompts.base import PromptContext, PromptMethod, StreamInfo
 from mdpl.prompts.layout import TokenLayout
+
+
+class BlocksOut(NamedTuple):
+    """The last item of :meth:`StreamEncoder.block_steps`: the last block's tokens, their mask and layout. (The loop
+    yields it rather than returning it: ``torch.compile`` of torch < 2.12 loses a generator's return value.)"""
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    layout: TokenLayout
+
+
+def run_to_end(steps: Iterator[int | BlocksOut]) -> BlocksOut:
+    """Advance a :meth:`StreamEncoder.block_steps` loop to its end; its :class:`BlocksOut`."""
+    item = None
+    for item in steps:
+        pass
+    assert isinstance(item, BlocksOut), "a block loop ends with its BlocksOut"
+    return item
 
 
 class StreamEncoder(nn.Module):
@@ -83,19 +102,14 @@ class StreamEncoder(nn.Module):
         last read-out token); the rest is dropped once the method has read every position for the last time.
         The loop itself is :meth:`block_steps`, run to its end.
         """
-        steps = self.block_steps(x, mask, layout, method, ctx, readout, needed)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return tuple(run_to_end(self.block_steps(x, mask, layout, method, ctx, readout, needed)))
 
     def block_steps(self, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, method: PromptMethod,
                     ctx: PromptContext, readout: Callable[[TokenLayout], torch.Tensor] | None = None,
-                    needed: int | None = None) -> Generator[int, None, tuple[torch.Tensor, torch.Tensor, TokenLayout]]:
+                    needed: int | None = None) -> Generator[int | BlocksOut, None, None]:
         """:meth:`forward_blocks` one block at a time: a generator that yields -1 once the method's ``after_block``
         has seen the embeddings, then the index of each block once it has run (and ``after_block`` has seen its
-        output), and returns ``(x, mask, layout)``. The classifier
+        output), and last a :class:`BlocksOut` (``run_to_end`` drives it to that). The classifier
         advances the streams of a method with a ``lock_step_order`` through it block by block, interleaved."""
         info = self.info
         if ctx.blocks is None:
@@ -120,7 +134,7 @@ class StreamEncoder(nn.Module):
                 x = self.run_block(index, x, mask, kv_prefix, query_index, **extra)
             method.after_block(info, index, x, mask, layout, ctx)
             yield index
-        return x, mask, layout
+        yield BlocksOut(x, mask, layout)
 
 
 def _drop_tail(x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, segment: str,

@@ -1,19 +1,24 @@
 """The GPU check: every figure the README's GPU table needs, from one command (``scripts/gpu_check.py``).
 
 GPU time comes in short slices, so the check is a fixed plan of steps, each a fresh process with its own time limit,
-run in order; a step that fails or runs out of time is reported in the table (its error tail kept in the JSON) and
-the next one runs. The same plan runs on the CPU at tiny sizes (``--device cpu --tiny``), which the test suite does,
-so a typo cannot cost GPU time. Steps:
+run in order of importance under one time budget for the whole check (``budget_s``): a step gets at most what is left
+of it, a step that finds too little left is skipped, and a step that fails or runs out of time is reported in the
+table (its error tail kept in the JSON; a bench step keeps the rows it finished, since ``scripts/bench.py`` writes its
+JSON after every row) while the next one runs. So one command always ends within the budget with its JSON and
+markdown written. The same plan runs on the CPU at tiny sizes (``--device cpu --tiny``), which the test suite does,
+so a typo cannot cost GPU time. Steps, in the order they run:
 
-* ``bench``: ``scripts/bench.py`` rows of every method on its paper backbone at the papers' sizes, bf16 and fp32
-  (TF32 allowed), batch 32: training and evaluation samples/s, peak memory, executed FLOPs and MFU;
-* ``bench_compile``: the same in bf16 with ``torch.compile``;
-* ``loader``: the data module's train loader on the machine's cores, decode path and pixel cache, per worker count;
+* ``bench``: ``scripts/bench.py`` rows of every method on its paper backbone at the papers' sizes on MM-IMDb (the
+  dataset every paper reports, with the longest texts), bf16 and fp32 (TF32 allowed), batch 32: training and
+  evaluation samples/s, peak memory, executed FLOPs and MFU;
 * ``reference``: ``tools/vs_reference.py`` (fp32, the same batches on both sides), when reference checkouts are given;
+* ``loader``: the data module's train loader on the machine's cores, decode path and pixel cache, per worker count;
 * ``real_run_short`` / ``real_run_long``: two ``run.py`` trainings on a synthetic dataset at full size (bf16, one
   device) that differ only in ``max_steps``; the difference of their wall times gives the samples/s of the steps
   between, without start-up, test and the first validation (the longer run validates a few more times on a
-  64-row split: under 2 % of its steps' time).
+  64-row split: under 2 % of its steps' time). The synthetic dataset is written just before them;
+* ``bench_compile``: the bench rows in bf16 with ``torch.compile``, in the registry's order (the baseline and the
+  seed methods first), last because each compilation takes tens of seconds: it gets whatever the budget has left.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 REAL_RUN_DATASET_ROWS = {"gpu": (2048, 64, 64), "tiny": (24, 8, 8)}
 REAL_RUN_STEPS = {"gpu": (64, 320), "tiny": (2, 40)}
+ORDER = ("bench", "reference", "loader", "real_run_short", "real_run_long", "bench_compile")
+BUDGET_S = 470          # the whole check: under 8 minutes, its own start and the report included
+MIN_STEP_S = 20         # a step that would get less is skipped: it could not even start its interpreter and model
 
 
 @dataclass
@@ -46,26 +54,36 @@ def _python(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
 
 
+def heaviest_dataset() -> str:
+    """The registered dataset with the longest texts (the built-ins: MM-IMDb, which every paper reports)."""
+    from mdpl.data.registry import available_datasets, dataset_spec
+
+    return max(available_datasets(), key=lambda name: dataset_spec(name).max_text_len or 0)
+
+
 def bench_steps(out: Path, device: str, tiny: bool) -> list[Step]:
     """The model rows (eager and compiled) and the loader rows of ``scripts/bench.py``."""
     from mdpl.prompts.registry import baseline_method
 
     from mdpl.data.registry import demo_dataset
 
-    size = ["--small", "--datasets", demo_dataset()] if tiny else []   # the real run's dataset
+    # the dry run: the real run's dataset; the check: every method on the heaviest dataset
+    size = ["--small", "--datasets", demo_dataset()] if tiny else ["--datasets", heaviest_dataset()]
     batch = "4" if tiny else "32"
     common = [*size, "--device", device, "--batch-size", batch, "--no-loader"]
     steps = ["--steps", "1", "--warmup", "1"] if tiny else ["--steps", "10", "--warmup", "3"]
     # compiling every row takes minutes on a CPU: the dry run compiles one row, which exercises the same path
     one = ["--methods", baseline_method()] if tiny else []
     eager = Step("bench", _python("scripts/bench.py", *common, *steps, "--precisions", "bf16-mixed,fp32", "--tf32",
-                                  "--json", str(out / "bench.json")), 240, out / "bench.json")
+                                  "--json", str(out / "bench.json")), 200, out / "bench.json")
     compiled = Step("bench_compile", _python("scripts/bench.py", *common, *steps, "--precisions", "bf16-mixed",
                                              "--compile", *one, "--json", str(out / "bench_compile.json")),
-                    240, out / "bench_compile.json")
+                    300, out / "bench_compile.json")
+    loader_size = ["--small", "--datasets", demo_dataset()] if tiny else []
     workers = ["0", "--loader-rows", "16", "--loader-batches", "2", "--loader-batch-size", "4"] if tiny else ["4,8,16"]
-    loader = Step("loader", _python("scripts/bench.py", *size, "--device", device, "--loader-only", "--loader-workers",
-                                    *workers, "--json", str(out / "loader.json")), 150, out / "loader.json")
+    loader = Step("loader", _python("scripts/bench.py", *loader_size, "--device", device, "--loader-only",
+                                    "--loader-workers", *workers, "--json", str(out / "loader.json")),
+                  90, out / "loader.json")
     return [eager, compiled, loader]
 
 
@@ -75,7 +93,7 @@ def reference_step(out: Path, device: str, tiny: bool, refs: Path) -> Step:
         ["--size", "full", "--batch-size", "32", "--dcp-batch-size", "20", "--repeats", "1", "--steps", "5",
          "--threads", "8"]
     return Step("reference", _python("tools/vs_reference.py", "--refs", str(refs), "--device", device, *size,
-                                     "--json", str(out / "reference.json")), 200, out / "reference.json")
+                                     "--json", str(out / "reference.json")), 120, out / "reference.json")
 
 
 def prepare_real_run_data(out: Path, tiny: bool) -> dict[str, str]:
@@ -114,24 +132,57 @@ def real_run_steps(out: Path, device: str, tiny: bool, data: dict[str, str]) -> 
         log_dir = out / f"real_run_{label}"
         steps.append(Step(f"real_run_{label}", _python("run.py", "with", *keys, f"max_steps={n}",
                                                         f"log_dir={log_dir}", f"exp_name=gpu_check_{label}"),
-                          150, None, {"max_steps": n, "batch": batch}))
+                          75, None, {"max_steps": n, "batch": batch}))
     return steps
 
 
-def run_step(step: Step) -> None:
-    """Run one step in a fresh process; record status, wall time, and its JSON or the tail of its error output."""
+def plan_real_runs(planned: dict[str, Step], out: Path, device: str, tiny: bool) -> dict[str, str]:
+    """Write the real runs' synthetic dataset and add both runs to ``planned`` (skipped where it could not be
+    written); return the dataset's description."""
+    try:
+        data = prepare_real_run_data(out, tiny)
+    except (RuntimeError, OSError) as exc:
+        for name in (n for n in ORDER if n.startswith("real_run")):
+            planned[name] = Step(name, [], 0)
+            skip_step(planned[name], f"synthetic data: {str(exc)[-300:]}")
+        return {"dataset": ""}
+    planned.update((s.name, s) for s in real_run_steps(out, device, tiny, data))
+    return data
+
+
+def run_step(step: Step, timeout_s: float | None = None) -> None:
+    """Run one step in a fresh process for at most ``timeout_s`` (default: its own limit); record status, wall time,
+    and its JSON (also what a timed-out step wrote before it was stopped) or the tail of its error output."""
+    limit = step.timeout_s if timeout_s is None else min(step.timeout_s, timeout_s)
     start = time.perf_counter()
     try:
-        done = subprocess.run(step.argv, capture_output=True, text=True, timeout=step.timeout_s, cwd=ROOT)
+        done = subprocess.run(step.argv, capture_output=True, text=True, timeout=limit, cwd=ROOT)
         status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         tail = done.stderr.strip().splitlines()[-8:] if done.returncode else []
     except subprocess.TimeoutExpired:
-        status, tail = f"timed out after {step.timeout_s} s", []
+        status, tail = f"timed out after {limit:.0f} s", []
     step.result.update(status=status, wall_s=time.perf_counter() - start, error_tail=tail,
                        command=" ".join(Path(a).name if a == sys.executable else a for a in step.argv))
-    if status == "ok" and step.json_path is not None and step.json_path.is_file():
-        step.result["data"] = json.loads(step.json_path.read_text(encoding="utf-8"))
-    print(f"[gpu_check] {step.name}: {status} in {step.result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    read_step_json(step)
+    print(f"[gpu_check] {step.name}: {step.result['status']} in {step.result['wall_s']:.0f} s", file=sys.stderr,
+          flush=True)
+
+
+def read_step_json(step: Step) -> None:
+    """Attach the step's JSON; a step stopped by its time limit keeps the rows it finished ("partial" in status)."""
+    if step.json_path is None or not step.json_path.is_file() or step.result["status"].startswith("failed"):
+        return
+    data = json.loads(step.json_path.read_text(encoding="utf-8"))
+    if step.result["status"] != "ok":
+        if not any(data.get(key) for key in ("rows", "loader", "preparation")):
+            return
+        step.result["status"] += ", partial"
+    step.result["data"] = data
+
+
+def skip_step(step: Step, why: str) -> None:
+    step.result.update(status=f"skipped ({why})", wall_s=0.0, error_tail=[])
+    print(f"[gpu_check] {step.name}: {step.result['status']}", file=sys.stderr, flush=True)
 
 
 def _both_ok(steps: dict[str, Step]) -> bool:
@@ -229,21 +280,35 @@ def machine_meta(device: str) -> dict[str, Any]:
     return {"device": device, "device_name": name, "driver": driver, "torch": torch.__version__}
 
 
-def gpu_check(out: Path, device: str, tiny: bool, refs: Path | None, only: list[str] | None = None) -> dict[str, Any]:
-    """Run the plan (``only``: a subset of step names), write ``gpu_check.json`` and ``gpu_check.md`` into ``out``."""
+def gpu_check(out: Path, device: str, tiny: bool, refs: Path | None, only: list[str] | None = None,
+              budget_s: float = BUDGET_S) -> dict[str, Any]:
+    """Run the plan (``only``: a subset of step names) in ``ORDER`` within ``budget_s`` seconds in all, write
+    ``gpu_check.json`` and ``gpu_check.md`` into ``out``."""
     from mdpl.atomic import write_text_atomic
     from mdpl.prompts.registry import baseline_method
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    real = not only or any(name.startswith("real_run") for name in only)
-    data = prepare_real_run_data(out, tiny) if real else {"dataset": ""}
-    plan = [*bench_steps(out, device, tiny), *([reference_step(out, device, tiny, refs)] if refs else []),
-            *(real_run_steps(out, device, tiny, data) if real else [])]
-    steps = {s.name: s for s in plan if not only or s.name in only}
-    for step in steps.values():
-        run_step(step)
-    meta = {**machine_meta(device), "tiny": tiny, "wall_s": time.perf_counter() - start,
+    planned = {s.name: s for s in bench_steps(out, device, tiny)}
+    if refs:
+        planned["reference"] = reference_step(out, device, tiny, refs)
+    names = [n for n in ORDER if (n in planned or n.startswith("real_run")) and (not only or n in only)]
+    steps: dict[str, Step] = {}
+    data: dict[str, str] = {"dataset": ""}
+    def left() -> float:
+        return budget_s - (time.perf_counter() - start)
+
+    for name in names:
+        if name.startswith("real_run") and name not in planned and left() >= MIN_STEP_S:
+            data = plan_real_runs(planned, out, device, tiny)
+        step = steps[name] = planned.get(name) or Step(name, [], 0)
+        if step.result.get("status"):
+            continue   # skipped while it was planned
+        if left() < MIN_STEP_S:
+            skip_step(step, "time budget spent")
+        else:
+            run_step(step, left())
+    meta = {**machine_meta(device), "tiny": tiny, "budget_s": budget_s, "wall_s": time.perf_counter() - start,
             "real_run_method": baseline_method(), "real_run_dataset": data["dataset"],
             "real_run_precision": "fp32" if device == "cpu" else "bf16-mixed",
             "real_run_samples_per_s": real_run_rate(steps)}

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mdpl.atomic import write_text_atomic
 from mdpl.backbones.registry import backbone_card
 from mdpl.bench.loader import bench_loader
 from mdpl.bench.preparation import format_rows, preparation_rows
@@ -94,7 +95,16 @@ def run_suite(args, device: torch.device) -> dict:
         raise SystemExit("--steps must be >= 1")
 
     only_preparation = getattr(args, "preparation_only", False)
-    rows = []
+    result = {"meta": _meta(args, device), "rows": [], "loader": [], "preparation": []}
+    rows, loader_rows, prep_rows = result["rows"], result["loader"], result["preparation"]
+
+    def save(complete: bool = False) -> None:
+        # after every row, so a run stopped by a time limit keeps the rows it finished ("complete": false)
+        result["meta"].update(complete=complete, wall_s=time.perf_counter() - started)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.json, json.dumps(result, indent=1))
+
     for method in ([] if args.loader_only or only_preparation else args.method_list):
         for dataset in args.dataset_list:
             for precision in precisions:
@@ -105,7 +115,7 @@ def run_suite(args, device: torch.device) -> dict:
                     print(f"[bench] {method}/{dataset}/{precision}/B{bs}: {r['status']}"
                           + (f" train {r['train_samples_per_s']:.1f}/s eval {r['eval_samples_per_s']:.1f}/s"
                              if r["status"] == "ok" else ""), file=sys.stderr, flush=True)
-    loader_rows = []
+                    save()
     if not (args.no_loader or only_preparation):
         workers = [int(w) for w in _csv(args.loader_workers or ("2" if args.small else "8"))]
         backbones = sorted({method_backbone(m) for m in args.method_list}, reverse=True)  # the joint-stream one first
@@ -116,39 +126,35 @@ def run_suite(args, device: torch.device) -> dict:
                 for dataset in (datasets if backbone_card(backbone).tokenizer_dir else datasets[:1]):
                     for w in workers:
                         loader_rows.append(bench_loader(dataset, backbone, w, args, Path(tmp)))
-    prep_rows = []
+                        save()
     if only_preparation or getattr(args, "preparation", False):
-        prep_rows = preparation_rows(args, device, batch_sizes, _log_preparation)
-    result = {
-        "meta": {
-            "command": "python scripts/bench.py " + " ".join(args.argv),
-            "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                   else platform.processor() or platform.machine()),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
-            "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
-            "text_padding": args.text_padding,
-            "flops": "torch.utils.flop_counter.FlopCounterMode on each row's evaluation forward and training "
-                     "forward + loss + backward (CPU fused attention counted with torch's fused-attention "
-                     "formulas); MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
-            "mem": "cuda: torch.cuda.max_memory_allocated over warm-up + timed steps (weights + optimizer "
-                   "state + activations); cpu: peak RSS minus RSS before the first step (activations + gradients + "
-                   "optimizer state; memory the allocator kept from the training steps hides most of the eval figure)",
-            "preparation": "collection pass (frozen backbone, fp32, no gradients) over synthetic batches + k-means / "
-                           "neighbours of the need (declared by the method, else the built-in need: every layer of "
-                           "every stream + k-means); samples/s over both, peak memory as 'mem' "
-                           "(mdpl/bench/preparation.py)",
-            "wall_s": time.perf_counter() - started,
-        },
-        "rows": rows,
-        "loader": loader_rows,
-        "preparation": prep_rows,
-    }
+        prep_rows.extend(preparation_rows(args, device, batch_sizes, _log_preparation))
+    save(complete=True)
     if rows or loader_rows or not prep_rows:
         print(format_table(rows, loader_rows))
     if prep_rows:
         print(("\n" if rows or loader_rows else "") + format_rows(prep_rows))
     print(f"[bench] wall time {result['meta']['wall_s']:.1f} s", file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
+
+
+def _meta(args, device: torch.device) -> dict[str, Any]:
+    """What a result says about how it was measured (the JSON's ``meta``; ``complete`` and ``wall_s`` come later)."""
+    return {
+        "command": "python scripts/bench.py " + " ".join(args.argv),
+        "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                               else platform.processor() or platform.machine()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "small": bool(args.small),
+        "steps": args.steps, "warmup": args.warmup, "compile": bool(args.compile), "tf32": bool(args.tf32),
+        "text_padding": args.text_padding,
+        "flops": "torch.utils.flop_counter.FlopCounterMode on each row's evaluation forward and training "
+                 "forward + loss + backward (CPU fused attention counted with torch's fused-attention "
+                 "formulas); MFU = FLOPs/step / step time / peak (see scripts/bench.py docstring)",
+        "mem": "cuda: torch.cuda.max_memory_allocated over warm-up + timed steps (weights + optimizer "
+               "state + activations); cpu: peak RSS minus RSS before the first step (activations + gradients + "
+               "optimizer state; memory the allocator kept from the training steps hides most of the eval figure)",
+        "preparation": "collection pass (frozen backbone, fp32, no gradients) over synthetic batches + k-means / "
+                       "neighbours of the need (declared by the method, else the built-in need: every layer of "
+                       "every stream + k-means); samples/s over both, peak memory as 'mem' "
+                       "(mdpl/bench/preparation.py)",
+    }

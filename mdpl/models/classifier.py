@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mdpl.backbones.base import Backbone
+from mdpl.backbones.encoder import BlocksOut, run_to_end
 from mdpl.backbones.registry import build_backbone
 from mdpl.data.registry import dataset_spec
 from mdpl.prompts.adapters import AdapterSite
@@ -172,14 +173,10 @@ class PromptedClassifier(nn.Module):
                prepared: Any) -> torch.Tensor:
         """The feature [B, F] of one stream."""
         steps, finish = self._stream_steps(stream, batch, missing_type, prepared)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return finish(done.value[0])
+        return finish(run_to_end(steps).x)
 
     def _stream_steps(self, stream: StreamInfo, batch: Mapping[str, Any], missing_type: torch.Tensor,
-                      prepared: Any) -> tuple[Iterator[int], Callable[[torch.Tensor], torch.Tensor]]:
+                      prepared: Any) -> tuple[Iterator[int | BlocksOut], Callable[[torch.Tensor], torch.Tensor]]:
         """The block loop of one stream as a generator (``StreamEncoder.block_steps``) and the function that turns its
         read-out token into the feature [B, F]."""
         dropped = MISSING_TYPE_OF[stream.modalities[0]]
@@ -225,10 +222,9 @@ class PromptedClassifier(nn.Module):
             for name in order:
                 if name in tokens:
                     continue
-                try:
-                    next(runs[name][0])
-                except StopIteration as done:
-                    tokens[name] = done.value[0]
+                item = next(runs[name][0])
+                if isinstance(item, BlocksOut):
+                    tokens[name] = item.x
         return [runs[s.name][1](tokens[s.name]) for s in self.backbone.info.streams]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
