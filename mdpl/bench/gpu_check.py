@@ -17,6 +17,8 @@ so a typo cannot cost GPU time. Steps, in the order they run:
   device) that differ only in ``max_steps``; the difference of their wall times gives the samples/s of the steps
   between, without start-up, test and the first validation (the longer run validates a few more times on a
   64-row split: under 2 % of its steps' time). The synthetic dataset is written just before them;
+* ``bench_datasets``: the bench rows in bf16 on the other datasets, so that ``gpu_check.json``, whose ``rows`` are
+  those of both eager bench steps, gives ``scripts/reproduce.py --list --bench`` the device-hours of every table;
 * ``bench_compile``: the bench rows in bf16 with ``torch.compile``, in the registry's order (the baseline and the
   seed methods first), last because each compilation takes tens of seconds: it gets whatever the budget has left.
 """
@@ -34,7 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 REAL_RUN_DATASET_ROWS = {"gpu": (2048, 64, 64), "tiny": (24, 8, 8)}
 REAL_RUN_STEPS = {"gpu": (64, 320), "tiny": (2, 40)}
-ORDER = ("bench", "reference", "loader", "real_run_short", "real_run_long", "bench_compile")
+ORDER = ("bench", "reference", "loader", "real_run_short", "real_run_long", "bench_datasets", "bench_compile")
+EAGER_BENCH = ("bench", "bench_datasets")   # their rows are the JSON's "rows": `scripts/reproduce.py --list --bench`
 BUDGET_S = 470          # the whole check: under 8 minutes, its own start and the report included
 MIN_STEP_S = 20         # a step that would get less is skipped: it could not even start its interpreter and model
 
@@ -62,29 +65,35 @@ def heaviest_dataset() -> str:
 
 
 def bench_steps(out: Path, device: str, tiny: bool) -> list[Step]:
-    """The model rows (eager and compiled) and the loader rows of ``scripts/bench.py``."""
+    """The model rows (eager on the heaviest dataset, eager bf16 on the others, compiled) and the loader rows of
+    ``scripts/bench.py``."""
+    from mdpl.data.registry import available_datasets, demo_dataset
     from mdpl.prompts.registry import baseline_method
 
-    from mdpl.data.registry import demo_dataset
-
     # the dry run: the real run's dataset; the check: every method on the heaviest dataset
-    size = ["--small", "--datasets", demo_dataset()] if tiny else ["--datasets", heaviest_dataset()]
+    first = demo_dataset() if tiny else heaviest_dataset()
+    others = ",".join(d for d in available_datasets() if d != first)
+    small = ["--small"] if tiny else []
     batch = "4" if tiny else "32"
-    common = [*size, "--device", device, "--batch-size", batch, "--no-loader"]
+    common = [*small, "--device", device, "--batch-size", batch, "--no-loader"]
     steps = ["--steps", "1", "--warmup", "1"] if tiny else ["--steps", "10", "--warmup", "3"]
     # compiling every row takes minutes on a CPU: the dry run compiles one row, which exercises the same path
     one = ["--methods", baseline_method()] if tiny else []
-    eager = Step("bench", _python("scripts/bench.py", *common, *steps, "--precisions", "bf16-mixed,fp32", "--tf32",
-                                  "--json", str(out / "bench.json")), 200, out / "bench.json")
-    compiled = Step("bench_compile", _python("scripts/bench.py", *common, *steps, "--precisions", "bf16-mixed",
-                                             "--compile", *one, "--json", str(out / "bench_compile.json")),
+    eager = Step("bench", _python("scripts/bench.py", *common, "--datasets", first, *steps, "--precisions",
+                                  "bf16-mixed,fp32", "--tf32", "--json", str(out / "bench.json")), 200,
+                 out / "bench.json")
+    rest = Step("bench_datasets", _python("scripts/bench.py", *common, "--datasets", others, *steps, "--precisions",
+                                          "bf16-mixed", *one, "--json", str(out / "bench_datasets.json")), 150,
+                out / "bench_datasets.json")
+    compiled = Step("bench_compile", _python("scripts/bench.py", *common, "--datasets", first, *steps, "--precisions",
+                                             "bf16-mixed", "--compile", *one, "--json", str(out / "bench_compile.json")),
                     300, out / "bench_compile.json")
     loader_size = ["--small", "--datasets", demo_dataset()] if tiny else []
     workers = ["0", "--loader-rows", "16", "--loader-batches", "2", "--loader-batch-size", "4"] if tiny else ["4,8,16"]
     loader = Step("loader", _python("scripts/bench.py", *loader_size, "--device", device, "--loader-only",
                                     "--loader-workers", *workers, "--json", str(out / "loader.json")),
                   90, out / "loader.json")
-    return [eager, compiled, loader]
+    return [eager, rest, compiled, loader]
 
 
 def reference_step(out: Path, device: str, tiny: bool, refs: Path) -> Step:
@@ -201,6 +210,11 @@ def real_run_rate(steps: dict[str, Step]) -> float | None:
     return extra_samples / extra_s if extra_s > 0 else None
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A figure of the tables, or "–" where the step that measures it did not run or finish."""
+    return "–" if value is None else format(value, spec)
+
+
 def _rows(step: Step | None, key: str = "rows") -> list[dict]:
     return [] if step is None else list((step.result.get("data") or {}).get(key, []))
 
@@ -223,8 +237,8 @@ def method_table(steps: dict[str, Step]) -> list[str]:
             f"{x['train_sps'][0]:.1f} / {x['train_sps'][1]:.1f}", f"{x['speedup']:.2f}×",
             f"{x['peak'][0] / x['peak'][1]:.2f}" if x["peak"][0] and x["peak"][1] else "–")
         lines.append(f"| {method} | {r['backbone']} | {dataset} | {r['train_samples_per_s']:.1f} | "
-                     f"{fp32.get('train_samples_per_s', float('nan')):.1f} | "
-                     f"{c.get('train_samples_per_s', float('nan')):.1f} | {r['eval_samples_per_s']:.1f} | "
+                     f"{_num(fp32.get('train_samples_per_s'), '.1f')} | "
+                     f"{_num(c.get('train_samples_per_s'), '.1f')} | {r['eval_samples_per_s']:.1f} | "
                      f"{'–' if mfu is None else f'{100 * mfu:.1f} %'} | {r['train_peak_mib'] or 0:.0f} | "
                      f"{vs[0]} | {vs[1]} | {vs[2]} |")
     return lines
@@ -241,7 +255,7 @@ def loader_table(steps: dict[str, Step]) -> list[str]:
     for r in _rows(steps.get("loader"), "loader"):
         cache = r.get("cache_images_per_s")
         lines.append(f"| {r['dataset']} | {r['backbone']} | {r['workers']} | {r['images_per_s']:.0f} | "
-                     f"{'–' if cache is None else f'{cache:.0f}'} | {appetite.get(r['backbone'], float('nan')):.0f} |")
+                     f"{_num(cache, '.0f')} | {_num(appetite.get(r['backbone']), '.0f')} |")
     return lines
 
 
@@ -313,8 +327,9 @@ def gpu_check(out: Path, device: str, tiny: bool, refs: Path | None, only: list[
             "real_run_precision": "fp32" if device == "cpu" else "bf16-mixed",
             "real_run_samples_per_s": real_run_rate(steps)}
     markdown = report(steps, meta)
+    rows = [r for name in EAGER_BENCH for r in _rows(steps.get(name))]
     write_text_atomic(out / "gpu_check.json", json.dumps(
-        {"meta": meta, "steps": {n: s.result for n, s in steps.items()}}, indent=1))
+        {"meta": meta, "steps": {n: s.result for n, s in steps.items()}, "rows": rows}, indent=1))
     write_text_atomic(out / "gpu_check.md", markdown)
     print(markdown)
     return {"meta": meta, "steps": steps}
