@@ -30,6 +30,8 @@ A fused attention backward computes the gradients of queries, keys and values ev
 (``needed_flops``): the computation the answer needs, against the executed "GF/smp" of the batched step (padding,
 rows of a dropped modality). For MemPrompt, whose faithful text query reads [PAD] positions, it is the
 padding-free answer. "cpu tr ms": process CPU time per training step (all threads), beside the wall time.
+``--profile N``: after a row's timed training steps, two more under ``torch.profiler`` (``mdpl.bench.profile``); the
+row keeps the N kernels (CUDA) or operators (CPU) with the most self time (``train_top_kernels``).
 Batches: missing types drawn 30 % complete / 35 % text missing / 35 % image missing (``missing_ratio`` 0.7,
 'both'), real texts of a uniform length in each dataset's ``bench_text_fill`` range (its ``DatasetSpec``), images at realistic aspects.
 
@@ -80,6 +82,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: GPU table)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 rows (peak becomes TF32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed training steps, profile two more and keep the N kernels (CUDA) or operators "
+                        "(CPU) with the most self time in the row (train_top_kernels)")
     p.add_argument("--text-padding", choices=("default", "dynamic", "full"), default="default",
                    help="ViLT rows: 'dynamic' pads each batch to its longest text, 'full' to max_text_len; 'default': "
                         "the config's default (dynamic where exact: baseline, MAP, DCP; full for MemPrompt)")

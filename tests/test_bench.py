@@ -261,3 +261,17 @@ def test_a_stopped_run_leaves_the_rows_it_finished(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["meta"]["complete"] is False
     assert [(r["method"], r["status"]) for r in saved["rows"]] == [("none", "skipped")]
+
+
+def test_profile_keeps_the_operators_with_the_most_self_time(tmp_path):
+    saved, _ = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "1", "--device", "cpu", "--methods", "map",
+                         "--datasets", "hatememes", "--precisions", "fp32", "--no-loader", "--profile", "4")
+    (row,) = saved["rows"]
+    top = row["train_top_kernels"]
+    assert len(top) == 4 and all(k["name"].startswith("aten::") for k in top)
+    times = [k["self_ms_per_step"] for k in top]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    assert 0 < sum(k["share"] for k in top) <= 1 and all(k["calls_per_step"] >= 0.5 for k in top)
+    plain, _ = bench_cli(tmp_path, "--small", "--steps", "1", "--warmup", "0", "--device", "cpu", "--methods", "map",
+                         "--datasets", "hatememes", "--precisions", "fp32", "--no-loader")
+    assert "train_top_kernels" not in plain["rows"][0]

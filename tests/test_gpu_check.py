@@ -35,7 +35,7 @@ def test_every_step_command_parses(tmp_path: Path, device: str, tiny: bool) -> N
     from runs import resolved_config
 
     plan = _plan(tmp_path, device, tiny)
-    assert [s.name for s in plan] == ["bench", "bench_datasets", "bench_compile", "loader", "reference",
+    assert [s.name for s in plan] == ["bench", "bench_datasets", "bench_compile", "loader", "profile", "reference",
                                       "real_run_short", "real_run_long"]
     for step in plan:
         script, args = Path(step.argv[1]).relative_to(ROOT).as_posix(), step.argv[2:]
@@ -56,9 +56,11 @@ def test_every_step_command_parses(tmp_path: Path, device: str, tiny: bool) -> N
     assert "--compile" in compiled.argv
     from mdpl.data.registry import available_datasets
 
-    datasets = {s.name: bench.parse_args(s.argv[2:]).dataset_list for s in plan if s.name.startswith("bench")}
+    datasets = {s.name: bench.parse_args(s.argv[2:]).dataset_list for s in plan
+                if s.name.startswith("bench") or s.name == "profile"}
     assert sorted(datasets["bench"] + datasets["bench_datasets"]) == sorted(available_datasets())
-    assert datasets["bench"] == datasets["bench_compile"] == (["food101"] if tiny else ["mmimdb"])
+    assert datasets["bench"] == datasets["bench_compile"] == datasets["profile"] == (["food101"] if tiny else ["mmimdb"])
+    assert bench.parse_args(next(s for s in plan if s.name == "profile").argv[2:]).profile == gc.TOP_KERNELS[0]
 
 
 def test_real_run_pair_measures_a_rate(tmp_path: Path) -> None:
@@ -102,7 +104,7 @@ def test_unknown_step_is_one_error_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: unknown step(s) benhc; choose from bench, reference, loader, real_run_short, real_run_long, "
-        "bench_datasets, bench_compile"]
+        "bench_datasets, profile, bench_compile"]
     assert not (tmp_path / "gpu_check.json").exists()
 
 
@@ -145,11 +147,15 @@ def test_the_report_rows_are_the_eager_bench_rows_for_device_hours(tmp_path: Pat
     def fake_run(step: gc.Step, timeout_s: float | None = None) -> None:
         row = {"method": "none", "backbone": "vilt", "dataset": step.name, "precision": "bf16-mixed", "status": "ok",
                "train_samples_per_s": 10.0, "eval_samples_per_s": 20.0, "train_mfu": None, "train_peak_mib": 1.0}
+        if step.name == "profile":
+            row["train_top_kernels"] = [{"name": "sm90_gemm|bf16", "self_ms_per_step": 1.5, "share": 0.25,
+                                         "calls_per_step": 4.0}]
         step.result.update(status="ok", wall_s=1.0, error_tail=[], data={"rows": [row]})
 
     monkeypatch.setattr(gc, "run_step", fake_run)
-    gc.gpu_check(tmp_path, "cpu", True, None, ["bench", "bench_datasets", "bench_compile"])
+    gc.gpu_check(tmp_path, "cpu", True, None, ["bench", "bench_datasets", "profile", "bench_compile"])
     rows = estimate.bench_rows(str(tmp_path / "gpu_check.json"))
     assert [r["dataset"] for r in rows] == ["bench", "bench_datasets"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| none | vilt | bench | 10.0 | – | – | 20.0 | – | 1 | – | – | – |" in table and "nan" not in table
+    assert "| none | vilt | profile | `sm90_gemm/bf16` | 1.50 | 25.0 % |" in table

@@ -19,6 +19,8 @@ so a typo cannot cost GPU time. Steps, in the order they run:
   64-row split: under 2 % of its steps' time). The synthetic dataset is written just before them;
 * ``bench_datasets``: the bench rows in bf16 on the other datasets, so that ``gpu_check.json``, whose ``rows`` are
   those of both eager bench steps, gives ``scripts/reproduce.py --list --bench`` the device-hours of every table;
+* ``profile``: where the time of a training step goes, fp32 (TF32) on the heaviest dataset as in the comparison
+  with the reference: the kernels with the most self time per method (``scripts/bench.py --profile``);
 * ``bench_compile``: the bench rows in bf16 with ``torch.compile``, in the registry's order (the baseline and the
   seed methods first), last because each compilation takes tens of seconds: it gets whatever the budget has left.
 """
@@ -36,7 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 REAL_RUN_DATASET_ROWS = {"gpu": (2048, 64, 64), "tiny": (24, 8, 8)}
 REAL_RUN_STEPS = {"gpu": (64, 320), "tiny": (2, 40)}
-ORDER = ("bench", "reference", "loader", "real_run_short", "real_run_long", "bench_datasets", "bench_compile")
+ORDER = ("bench", "reference", "loader", "real_run_short", "real_run_long", "bench_datasets", "profile",
+         "bench_compile")
+TOP_KERNELS = (12, 5)   # kept in the JSON, shown in the table
 EAGER_BENCH = ("bench", "bench_datasets")   # their rows are the JSON's "rows": `scripts/reproduce.py --list --bench`
 BUDGET_S = 470          # the whole check: under 8 minutes, its own start and the report included
 MIN_STEP_S = 20         # a step that would get less is skipped: it could not even start its interpreter and model
@@ -88,12 +92,15 @@ def bench_steps(out: Path, device: str, tiny: bool) -> list[Step]:
     compiled = Step("bench_compile", _python("scripts/bench.py", *common, "--datasets", first, *steps, "--precisions",
                                              "bf16-mixed", "--compile", *one, "--json", str(out / "bench_compile.json")),
                     300, out / "bench_compile.json")
+    profiled = Step("profile", _python("scripts/bench.py", *common, "--datasets", first, "--steps", "1", "--warmup", "1",
+                                       "--precisions", "fp32", "--tf32", "--profile", str(TOP_KERNELS[0]), *one,
+                                       "--json", str(out / "profile.json")), 120, out / "profile.json")
     loader_size = ["--small", "--datasets", demo_dataset()] if tiny else []
     workers = ["0", "--loader-rows", "16", "--loader-batches", "2", "--loader-batch-size", "4"] if tiny else ["4,8,16"]
     loader = Step("loader", _python("scripts/bench.py", *loader_size, "--device", device, "--loader-only",
                                     "--loader-workers", *workers, "--json", str(out / "loader.json")),
                   90, out / "loader.json")
-    return [eager, rest, compiled, loader]
+    return [eager, rest, compiled, loader, profiled]
 
 
 def reference_step(out: Path, device: str, tiny: bool, refs: Path) -> Step:
@@ -259,6 +266,17 @@ def loader_table(steps: dict[str, Step]) -> list[str]:
     return lines
 
 
+def kernel_table(steps: dict[str, Step]) -> list[str]:
+    """Per profiled row: the kernels with the most self time in a training step, their ms per step and share."""
+    lines = ["| method | backbone | dataset | kernel | self ms / step | share |", "|---|---|---|---|---:|---:|"]
+    for r in _rows(steps.get("profile")):
+        for k in (r.get("train_top_kernels") or [])[:TOP_KERNELS[1]]:
+            name = k["name"] if len(k["name"]) <= 80 else k["name"][:77] + "..."
+            lines.append(f"| {r['method']} | {r['backbone']} | {r['dataset']} | `{name.replace('|', '/')}` | "
+                         f"{k['self_ms_per_step']:.2f} | {100 * k['share']:.1f} % |")
+    return lines
+
+
 def report(steps: dict[str, Step], meta: dict[str, Any]) -> str:
     """The markdown report: the machine, each step's status, the method, loader and real-run figures."""
     rate = real_run_rate(steps)
@@ -269,7 +287,7 @@ def report(steps: dict[str, Step], meta: dict[str, Any]) -> str:
              f"{meta['wall_s']:.0f} s", "", "| step | status | wall s |", "|---|---|---:|"]
     lines += [f"| {s.name} | {s.result.get('status', 'not run')} | {s.result.get('wall_s', 0):.0f} |"
               for s in steps.values()]
-    lines += ["", *method_table(steps), "", *loader_table(steps), ""]
+    lines += ["", *method_table(steps), "", *loader_table(steps), "", *kernel_table(steps), ""]
     predicted = f"{statistics.median(bench_rate):.1f}" if bench_rate else "–"
     measured = "–" if rate is None else f"{rate:.1f}"
     lines.append(f"Real `run.py` training ({meta['real_run_method']}, {meta['real_run_dataset']}, "

@@ -13,6 +13,7 @@ from mdpl.bench.batches import synthetic_batch
 from mdpl.bench.flops import autocast, count_flops, needed_flops, peak_tflops, sequence_length
 from mdpl.bench.memory import MemoryMeter
 from mdpl.bench.models import build_model, resolve_config
+from mdpl.bench.profile import top_kernels
 from mdpl.config import RunConfig
 
 
@@ -115,6 +116,8 @@ def bench_row(method: str, dataset: str, precision: str, batch_size: int, args, 
             raw.set_frozen_modes()
         step, opt = make_train_step(model, run, device, precision)
         t_train, cpu_train, row["train_peak_mib"] = time_loop(step, batches, args.warmup, args.steps, device, meter)
+        if getattr(args, "profile", 0):   # after the timed loop: the profiler's overhead stays out of the figures
+            row["train_top_kernels"] = top_kernels(step, batches, device, args.profile)
         opt.zero_grad(set_to_none=True)
         del step, opt
         _free(device)
