@@ -327,6 +327,7 @@ def gpu_check(out: Path, device: str, tiny: bool, refs: Path | None, only: list[
     names = [n for n in ORDER if (n in planned or n.startswith("real_run")) and (not only or n in only)]
     steps: dict[str, Step] = {}
     data: dict[str, str] = {"dataset": ""}
+
     def left() -> float:
         return budget_s - (time.perf_counter() - start)
 
